@@ -1,0 +1,154 @@
+"""Iterative magnitude pruning with rewinding: ``python -m experiments.imp --flagfile=experiments/configs/X.cfg``.
+
+Writes to ``--workdir``: ``config.json``, ``level_k/`` (orbax checkpoint + ``level.json``), ``results.json``,
+``metrics.csv``, ``accuracy_vs_density.png``, ``layer_densities.png``. Re-running the same command resumes after
+the last finished level; a finished run is reported and skipped.
+
+Importable without side effects: :func:`train_and_evaluate` takes a config dict (keys = flag names, defaults in
+``DEFAULTS``); :func:`load_levels` reads a finished workdir back for analysis (similarity, LRP, …).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+from absl import app, logging
+
+from experiments import common
+from jaxprune import checkpoint, imp, masks, models, plots, train
+
+SPEC = [
+    ("dataset", "digits", "digits (embedded), mnist, fashion_mnist, moons, circles, spiral, or a TFDS name"),
+    ("data_dir", "", "data directory (default: $JAXPRUNE_DATA_DIR, else ~/tensorflow_datasets)"),
+    ("normalize", "none", "input scaling: [0,1] as loaded, train mean/std, or [-1,1]", common.NORMALIZATIONS),
+    ("max_train_examples", 0, "keep only the first N training examples (0: all)"),
+    ("max_test_examples", 0, "keep only the first N test examples (0: all)"),
+    ("model", "lenet300", "mlp, lenet300, lenet5, conv2, conv4, conv6, vgg11, vgg16, resnet20, resnet56"),
+    ("hidden", ["300", "100"], "hidden widths for --model=mlp"),
+    ("use_bias", True, "dense layers with biases (mlp/lenet300)"),
+    ("optimizer", "sgd", "optimizer", train.OPTIMIZERS),
+    ("lr", 0.1, "base learning rate"),
+    ("momentum", 0.9, "momentum for momentum/nesterov"),
+    ("weight_decay", 0.0, "L2 weight decay (decoupled for adamw)"),
+    ("schedule", "constant", "learning-rate schedule", train.SCHEDULES),
+    ("milestones", [], "step-schedule milestones, in steps ('500') or epochs ('80ep')"),
+    ("gamma", 0.1, "step-schedule factor"),
+    ("warmup", "0", "linear warm-up length, steps or epochs ('1ep')"),
+    ("training_steps", "16ep", "training length per level, steps ('2000') or epochs ('16ep')"),
+    ("batch_size", 128, "training batch size"),
+    ("levels", 3, "pruned levels after the dense level 0"),
+    ("prune_fraction", 0.2, "fraction of the remaining prunable weights removed per level"),
+    ("scope", "global", "rank magnitudes across all layers or per layer", masks.SCOPES),
+    ("prune_output", False, "also prune the output layer's kernel"),
+    ("rewind", "init", "where each pruned level starts training", imp.REWINDS),
+    ("rewind_step", "0", "for --rewind=step: steps ('500') or epochs ('1ep') into the dense run"),
+    ("branch", "none", "control branch trained beside every pruned level", imp.BRANCHES),
+    ("seed", 0, "seed for initialisation, data order, dropout and control branches"),
+    ("workdir", "runs/imp", "output directory (resumable)"),
+    ("loop", "auto", "epoch as lax.scan or a Python loop of jitted steps", ("auto", "scan", "python")),
+    ("eval_every_epoch", False, "evaluate on the test set after every epoch"),
+]
+DEFAULTS = common.defaults(SPEC)
+
+
+@dataclasses.dataclass(frozen=True)
+class Built:
+    model: object
+    task: imp.Task
+    imp: imp.ImpConfig
+    meta: dict
+
+
+def build(config: dict) -> Built:
+    """Data, model, optimizer and IMP settings from a config dict (missing keys take ``DEFAULTS``)."""
+    unknown = set(config) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"config: unknown keys {sorted(unknown)}; expected a subset of {sorted(DEFAULTS)}")
+    c = {**DEFAULTS, **config}
+    tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
+                              c["max_test_examples"], c["seed"])
+    model = models.build(c["model"], tr.num_classes, hidden=common.int_list(c["hidden"]), use_bias=c["use_bias"])
+    if not 1 <= c["batch_size"] <= len(tr.labels):
+        raise ValueError(f"batch_size={c['batch_size']}: expected 1..{len(tr.labels)} (the training set size)")
+    spe = train.steps_per_epoch(len(tr.labels), c["batch_size"])
+    num_steps = train.parse_duration(c["training_steps"], spe)
+    if num_steps < 1:
+        raise ValueError(f"training_steps={c['training_steps']!r}: expected at least one step")
+    optim = train.OptimConfig(
+        optimizer=c["optimizer"], lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"],
+        schedule=c["schedule"], milestones=tuple(train.parse_duration(m, spe) for m in c["milestones"]),
+        gamma=c["gamma"], warmup_steps=train.parse_duration(c["warmup"], spe))
+    exclude = () if c["prune_output"] else (f"^{model.output_layer}/",)
+    cfg = imp.ImpConfig(levels=c["levels"], fraction=c["prune_fraction"], scope=c["scope"], rewind=c["rewind"],
+                        rewind_step=train.parse_duration(c["rewind_step"], spe), branch=c["branch"], exclude=exclude)
+    task = imp.Task(model, *train.to_device(tr.images, tr.labels, te.images, te.labels), optim=optim,
+                    num_steps=num_steps, batch_size=c["batch_size"], seed=c["seed"], loop=c["loop"],
+                    eval_every_epoch=c["eval_every_epoch"])
+    meta = {"steps_per_epoch": spe, "training_steps": num_steps, "imp": dataclasses.asdict(cfg),
+            "optim": dataclasses.asdict(optim), "num_train": len(tr.labels), "num_test": len(te.labels),
+            "num_params": models.count_params(models.init(model, jax.random.PRNGKey(0), tr.images.shape)["params"])}
+    return Built(model, task, cfg, meta)
+
+
+def train_and_evaluate(config: dict, workdir: str | Path) -> dict:
+    """Run (or resume) IMP as described by ``config``; returns the ``results.json`` dict."""
+    workdir = Path(workdir)
+    b = build(config)
+    record = {**DEFAULTS, **config, "workdir": str(workdir)}
+
+    def write(levels: list[dict]) -> dict:
+        results = {"config": record, "derived": b.meta, "environment": common.environment(),
+                   "finished": len(levels) == b.imp.levels + 1,
+                   "levels": [{k: v for k, v in r.items() if k != "history"} for r in levels]}
+        checkpoint.write_json(workdir / "results.json", results)
+        rows = [{**r, "branch_test_accuracy": r.get("branch", {}).get("test_accuracy", "")} for r in levels]
+        common.write_csv(workdir / "metrics.csv", rows, ["level", "density", "test_accuracy", "test_loss",
+                                                          "train_loss", "train_accuracy", "steps", "seconds",
+                                                          "branch_test_accuracy"])
+        title = f"{record['model']} on {record['dataset']}, rewind={record['rewind']}"
+        plots.accuracy_vs_density(levels, workdir / "accuracy_vs_density.png", title)
+        plots.layer_densities(levels, workdir / "layer_densities.png", title)
+        return results
+
+    levels = imp.run(b.task, b.imp, workdir, config_record=record, on_level=write)
+    return write(levels)
+
+
+def load_levels(workdir: str | Path) -> tuple[Built, list[dict], list[dict]]:
+    """Read an IMP workdir back: ``(built, variables per finished level, level records)``.
+
+    ``variables[k]`` is ``{'params': …, ['batch_stats': …]}`` of level ``k``'s trained network (pruned weights
+    are exactly zero). Data are loaded as the run saw them (``built.task.x_test`` etc.).
+    """
+    workdir = Path(workdir)
+    if not (workdir / "config.json").exists():
+        raise FileNotFoundError(f"workdir={workdir}: no config.json; expected an experiments.imp output directory")
+    config = checkpoint.read_json(workdir / "config.json")
+    b = build({k: v for k, v in config.items() if k in DEFAULTS})
+    variables, records = [], []
+    for k in imp.finished_levels(workdir):
+        tree = imp.load_level(workdir, k, b.task)
+        variables.append(train.variables_of(tree["state"]))
+        records.append(checkpoint.read_json(workdir / f"level_{k}" / "level.json"))
+    if not variables:
+        raise FileNotFoundError(f"workdir={workdir}: no finished level yet")
+    return b, variables, records
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.quiet_orbax()
+    config = common.config_from_flags(SPEC)
+    results = train_and_evaluate(config, config["workdir"])
+    print(f"results: {Path(config['workdir']) / 'results.json'}")
+    for r in results["levels"]:
+        br = f"  {r['branch']['name']} {r['branch']['test_accuracy']:.4f}" if "branch" in r else ""
+        print(f"level {r['level']:2d}  density {r['density']:.4f}  test accuracy {r['test_accuracy']:.4f}{br}")
+    logging.info("done")
+
+
+if __name__ == "__main__":
+    common.define_flags(SPEC)
+    app.run(common.guarded(main))

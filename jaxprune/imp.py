@@ -1,0 +1,299 @@
+"""Iterative magnitude pruning with rewinding, and its control branches, resumable level by level.
+
+Level 0 trains the dense network. Level ``k ≥ 1`` prunes ``fraction`` of the remaining prunable weights of level
+``k−1``'s trained network, then trains again from a start point chosen by ``rewind``:
+
+* ``init``     — the original initial weights (Frankle & Carbin 2019), fresh optimizer, schedule from step 0;
+* ``step``     — the dense run's state at step ``rewind_step`` (weights, optimizer state, schedule position;
+  Frankle et al. 2020), trained on to the end;
+* ``lr``       — learning-rate rewinding (Renda et al. 2020): keep the trained surviving weights, fresh optimizer
+  and the *whole* schedule restarted from step 0 at every level;
+* ``finetune`` — keep the trained weights and optimizer state, train again at the schedule's final learning rate.
+
+Control branches (``branch``), trained beside every pruned level from the same start point:
+``random_mask`` (same per-layer densities, random positions) and ``reinit`` (the level's mask, fresh weights).
+
+Layout of ``workdir`` (OpenLTH-style): ``config.json``; ``level_k/{checkpoint/, level.json}``; ``results.json``;
+``metrics.csv``; plots. ``level.json`` is written last, so a level counts as finished only when its checkpoint is
+complete. Re-running resumes after the last finished level; every random stream is derived from ``seed`` and the
+level, so a resumed run equals an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+
+from jaxprune import checkpoint, masks, models, train
+
+PyTree = Any
+REWINDS = ("init", "step", "lr", "finetune")
+BRANCHES = ("none", "random_mask", "reinit")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImpConfig:
+    levels: int = 3  # pruned levels after the dense level 0
+    fraction: float = 0.2  # of the remaining prunable weights, per level
+    scope: str = "global"
+    rewind: str = "init"
+    rewind_step: int = 0  # for rewind="step"
+    branch: str = "none"
+    exclude: tuple[str, ...] = ()  # regexes of param paths never pruned (e.g. the output layer)
+
+    def __post_init__(self):
+        if self.levels < 0:
+            raise ValueError(f"levels={self.levels}: expected >= 0")
+        if not 0.0 < self.fraction < 1.0:
+            raise ValueError(f"fraction={self.fraction}: expected a fraction in (0, 1)")
+        if self.scope not in masks.SCOPES:
+            raise ValueError(f"scope={self.scope!r}: expected one of {masks.SCOPES}")
+        if self.rewind not in REWINDS:
+            raise ValueError(f"rewind={self.rewind!r}: expected one of {REWINDS}")
+        if self.branch not in BRANCHES:
+            raise ValueError(f"branch={self.branch!r}: expected one of {BRANCHES}")
+        if self.rewind_step < 0:
+            raise ValueError(f"rewind_step={self.rewind_step}: expected >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """Everything a level's training needs: the model, data (device arrays) and the training recipe."""
+
+    model: nn.Module
+    x_train: jax.Array
+    y_train: jax.Array
+    x_test: jax.Array
+    y_test: jax.Array
+    optim: train.OptimConfig
+    num_steps: int
+    batch_size: int
+    seed: int = 0
+    loop: str = "auto"
+    eval_every_epoch: bool = False
+
+
+def expected_density(level: int, fraction: float) -> float:
+    return (1.0 - fraction) ** level
+
+
+class _Keys:
+    """Every random stream, derived from the seed alone (resume-safe)."""
+
+    def __init__(self, seed: int):
+        root = jax.random.PRNGKey(seed)
+        self.init, self.data, self.branch = jax.random.split(root, 3)
+
+    def reinit(self, level: int) -> jax.Array:
+        return jax.random.fold_in(self.branch, 2 * level)
+
+    def random_mask(self, level: int) -> jax.Array:
+        return jax.random.fold_in(self.branch, 2 * level + 1)
+
+
+class _Setup:
+    """Optimizers and compiled trainers for a task, built once and shared by all levels."""
+
+    def __init__(self, task: Task, keys: _Keys):
+        self.task = task
+        self.schedule = train.make_schedule(task.optim, task.num_steps)
+        self.tx = masks.masked(train.make_optimizer(task.optim, self.schedule))
+        final_lr = float(self.schedule(task.num_steps))
+        self.tx_finetune = masks.masked(train.make_optimizer(task.optim, optax.constant_schedule(final_lr)))
+        self.trainer = train.make_trainer(task.model, self.tx)
+        self._trainer_ft = None
+        self.init_variables = models.init(task.model, keys.init, task.x_train.shape)
+
+    def trainer_for(self, rewind: str) -> tuple[train.Trainer, optax.GradientTransformation]:
+        if rewind == "finetune":
+            if self._trainer_ft is None:
+                self._trainer_ft = train.make_trainer(self.task.model, self.tx_finetune)
+            return self._trainer_ft, self.tx_finetune
+        return self.trainer, self.tx
+
+    def fresh(self, variables: dict, mask: PyTree, tx: optax.GradientTransformation) -> train.TrainState:
+        st = train.create_state(variables, tx)
+        return st._replace(params=masks.apply_mask(st.params, mask), opt_state=masks.with_mask(tx, st.opt_state, mask))
+
+
+def _masked_state(tx, st: train.TrainState, mask: PyTree, step: int | None = None) -> train.TrainState:
+    return train.TrainState(st.step if step is None else jnp.asarray(step, jnp.int32),
+                            masks.apply_mask(st.params, mask), st.batch_stats, masks.with_mask(tx, st.opt_state, mask))
+
+
+def _train_level(setup: _Setup, start: train.TrainState, rewind: str, label: str,
+                 snapshot_step: int | None = None) -> tuple[train.RunResult, dict]:
+    task = setup.task
+    trainer, _ = setup.trainer_for(rewind)
+    eval_fn = None
+    if task.eval_every_epoch:
+        eval_fn = lambda s: {f"test_{k}": v for k, v in train.evaluate(trainer, train.variables_of(s),
+                                                                       task.x_test, task.y_test).items()}
+    res = train.run(trainer, start, task.x_train, task.y_train, batch_size=task.batch_size,
+                    num_steps=task.num_steps, data_key=_Keys(task.seed).data, loop=task.loop,
+                    snapshot_step=snapshot_step, log_prefix=label, eval_fn=eval_fn)
+    ev = train.evaluate(trainer, train.variables_of(res.state), task.x_test, task.y_test)
+    return res, ev
+
+
+def _start_state(setup: _Setup, cfg: ImpConfig, mask: PyTree, prev: train.TrainState,
+                 rewind_point: train.TrainState, init_vars: dict | None = None) -> train.TrainState:
+    """Start point of a pruned level (``init_vars`` replaces the weights for the reinit branch)."""
+    _, tx = setup.trainer_for(cfg.rewind)
+    if init_vars is not None:
+        fresh = setup.fresh(init_vars, mask, tx)
+        if cfg.rewind == "step":
+            return fresh._replace(step=rewind_point.step)
+        return fresh
+    if cfg.rewind in ("init", "step"):
+        return _masked_state(tx, rewind_point, mask)
+    if cfg.rewind == "lr":
+        return setup.fresh({"params": prev.params, "batch_stats": prev.batch_stats}, mask, tx)
+    # finetune: trained weights and optimizer moments, the final learning rate, a full run of steps.
+    return _masked_state(tx, prev, mask, step=0)
+
+
+def _level_record(level: int, mask: PyTree, prunable: PyTree, res: train.RunResult, ev: dict) -> dict:
+    rep = masks.density_report(mask, prunable)
+    return {"level": level, "density": rep["density"], "kept_weights": rep["kept"], "prunable_weights": rep["total"],
+            "test_accuracy": ev["accuracy"], "test_loss": ev["loss"], "train_loss": res.train_loss,
+            "train_accuracy": res.train_accuracy, "steps": int(res.state.step), "seconds": res.seconds,
+            "layer_densities": rep["layers"], "history": res.history}
+
+
+def _ckpt_tree(state: train.TrainState, mask: PyTree, rewind_point: train.TrainState, level: int, seed: int):
+    return {"state": state, "mask": mask, "rewind_point": rewind_point, "level": jnp.asarray(level, jnp.int32),
+            "rng": jax.random.PRNGKey(seed)}
+
+
+def finished_levels(workdir: Path) -> list[int]:
+    done = []
+    k = 0
+    while (workdir / f"level_{k}" / "level.json").exists():
+        done.append(k)
+        k += 1
+    return done
+
+
+def _template(task: Task, seed: int) -> PyTree:
+    variables = models.init(task.model, _Keys(seed).init, task.x_train.shape)
+    tx = masks.masked(train.make_optimizer(task.optim, train.make_schedule(task.optim, task.num_steps)))
+    st = train.create_state(variables, tx)
+    return _ckpt_tree(st, masks.ones_like(st.params), st, 0, seed)
+
+
+def load_level(workdir: str | Path, level: int, task: Task) -> dict:
+    """The checkpoint of a finished level: ``{"state", "mask", "rewind_point", "level", "rng"}``."""
+    path = Path(workdir) / f"level_{level}"
+    if not (path / "level.json").exists():
+        raise FileNotFoundError(f"level {level} of {workdir} is not finished (no {path / 'level.json'})")
+    return checkpoint.restore(path / "checkpoint", _template(task, task.seed))
+
+
+def run(task: Task, cfg: ImpConfig, workdir: str | Path, *, config_record: dict | None = None,
+        on_level: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Run (or resume) IMP in ``workdir``; returns one record per level (see module docstring).
+
+    ``config_record``: the full settings, stored in ``config.json``; a workdir holding a run with other settings is
+    refused. ``on_level(records)`` is called after each finished level (results files, plots).
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _check_config(workdir, config_record)
+    if cfg.rewind == "step" and cfg.rewind_step > task.num_steps:
+        raise ValueError(f"rewind_step={cfg.rewind_step}: beyond the training length of {task.num_steps} steps")
+    keys = _Keys(task.seed)
+    setup = _Setup(task, keys)
+    prunable = masks.prunable_leaves(setup.init_variables["params"], exclude=cfg.exclude)
+    dense_mask = masks.ones_like(setup.init_variables["params"])
+    init_state = setup.fresh(setup.init_variables, dense_mask, setup.tx)
+
+    records: list[dict] = []
+    done = finished_levels(workdir)
+    for k in done:
+        records.append(checkpoint.read_json(workdir / f"level_{k}" / "level.json"))
+    if done:
+        logging.info("resuming %s: levels %s already finished", workdir, done)
+    if len(done) > cfg.levels:
+        logging.info("run in %s is complete (%d levels); nothing to do", workdir, len(done))
+        return records[: cfg.levels + 1]
+
+    if done:
+        ck = load_level(workdir, done[-1], task)
+        prev, mask, rewind_point = ck["state"], ck["mask"], ck["rewind_point"]
+    else:
+        prev, mask, rewind_point = None, dense_mask, init_state
+
+    for level in range(len(done), cfg.levels + 1):
+        t0 = time.perf_counter()
+        label = f"[level {level}] "
+        if level == 0:
+            snap = cfg.rewind_step if cfg.rewind == "step" else None
+            res, ev = _train_level(setup, init_state, "init", label, snapshot_step=snap)
+            if cfg.rewind == "step":
+                rewind_point = res.snapshot
+        else:
+            mask = masks.magnitude_prune(prev.params, mask, prunable, cfg.fraction, cfg.scope)
+            start = _start_state(setup, cfg, mask, prev, rewind_point)
+            res, ev = _train_level(setup, start, cfg.rewind, label)
+        rec = _level_record(level, mask, prunable, res, ev)
+        if level > 0 and cfg.branch != "none":
+            rec["branch"] = _run_branch(setup, cfg, keys, level, mask, prunable, prev, rewind_point)
+        rec["wall_seconds"] = time.perf_counter() - t0
+        _save_level(workdir / f"level_{level}", _ckpt_tree(res.state, mask, rewind_point, level, task.seed), rec)
+        logging.info("%sdensity %.4f test accuracy %.4f", label, rec["density"], rec["test_accuracy"])
+        records.append(rec)
+        prev = res.state
+        if on_level is not None:
+            on_level(records)
+    return records
+
+
+def _run_branch(setup: _Setup, cfg: ImpConfig, keys: _Keys, level: int, mask, prunable, prev, rewind_point) -> dict:
+    label = f"[level {level} {cfg.branch}] "
+    if cfg.branch == "random_mask":
+        bmask = masks.random_like(keys.random_mask(level), mask, prunable)
+        start = _start_state(setup, cfg, bmask, prev, rewind_point)
+    else:
+        bmask = mask
+        fresh = models.init(setup.task.model, keys.reinit(level), setup.task.x_train.shape)
+        start = _start_state(setup, cfg, bmask, prev, rewind_point, init_vars=fresh)
+    res, ev = _train_level(setup, start, cfg.rewind, label)
+    rec = _level_record(level, bmask, prunable, res, ev)
+    rec.pop("history")
+    return {"name": cfg.branch, **rec}
+
+
+def _save_level(d: Path, tree: PyTree, rec: dict) -> None:
+    if d.exists():  # a partial level from a crash: start it over
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    checkpoint.save(d / "checkpoint", tree)
+    checkpoint.write_json(d / "level.json", rec)  # the "finished" marker, written last
+
+
+_VOLATILE = ("workdir", "levels", "eval_every_epoch")  # may change between a run and its resumption
+
+
+def _check_config(workdir: Path, record: dict | None) -> None:
+    if record is None:
+        return
+    path = workdir / "config.json"
+    clean = {k: v for k, v in record.items() if k not in _VOLATILE}
+    if path.exists():
+        old = {k: v for k, v in checkpoint.read_json(path).items() if k not in _VOLATILE}
+        diff = {k: (old.get(k), clean.get(k)) for k in set(old) | set(clean) if old.get(k) != clean.get(k)}
+        if diff:
+            lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+            raise ValueError(f"workdir {workdir} holds a run with different settings ({lines}); "
+                             "use a new --workdir or delete the old one")
+    else:
+        checkpoint.write_json(path, clean)

@@ -1,0 +1,259 @@
+"""Flax models used as pure functions: ``model.apply(variables, x, train=False) -> logits (n, classes)``.
+
+Inputs are NHWC ``(n, h, w, c)`` (MLPs flatten them; ``(n, d)`` works too). Layer names are fixed and
+predictable, which the pruning code relies on:
+
+* ``MLP``: ``dense_0 … dense_{L-1}`` (the last is the output layer);
+* ``LeNet5``: ``conv_0, conv_1, dense_0, dense_1, dense_2``;
+* ``ConvNet`` (LTH Conv-2/4/6): ``conv_0 … conv_{k-1}``, ``dense_0, dense_1, dense_2``;
+* ``VGG``: ``conv_i`` each followed by ``bn_i``, then ``dense_0`` (after global average pooling);
+* ``ResNet``: ``stem_conv, stem_bn``, blocks ``block{stage}_{index}`` holding ``conv_0, bn_0, conv_1, bn_1``
+  (and ``shortcut_conv, shortcut_bn`` where the shape changes), then ``dense``.
+
+Every model sows its named intermediate representations (post-activation and pooling outputs, then ``logits``)
+into the ``"representations"`` collection; :func:`representations` returns them in forward order.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Variables = dict[str, Any]
+
+KERNEL_INIT = nn.initializers.kaiming_normal()  # He et al. 2015 (fan-in), as OpenLTH
+
+VGG_CFGS: dict[str, tuple] = {
+    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+    "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+              512, 512, 512, 512, "M"),
+}
+CONV_CFGS: dict[int, tuple] = {
+    2: (64, 64, "M"),
+    4: (64, 64, "M", 128, 128, "M"),
+    6: (64, 64, "M", 128, 128, "M", 256, 256, "M"),
+}
+
+
+def _merge(prev: dict, new: dict) -> dict:
+    return {**prev, **new}
+
+
+def _sow(module: nn.Module, name: str, value: Array) -> Array:
+    # One ordered dict per module (sow names may not collide with submodule names such as ``dense_0``).
+    module.sow("representations", "named", {name: value}, init_fn=dict, reduce_fn=_merge)
+    return value
+
+
+def _batchnorm(train: bool, name: str) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU net; ``features`` includes the output width, e.g. ``(300, 100, 10)``.
+
+    ``dropout``: a rate after every hidden activation, or one rate per hidden layer.
+    ``no_relu_after``: hidden layer indices whose ReLU is left out (reproduces buggy reference nets).
+    """
+
+    features: Sequence[int]
+    use_bias: bool = True
+    dropout: float | Sequence[float] = 0.0
+    no_relu_after: Sequence[int] = ()
+
+    @property
+    def output_layer(self) -> str:
+        return f"dense_{len(self.features) - 1}"
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        x = x.reshape((x.shape[0], -1))
+        hidden = len(self.features) - 1
+        rates = [self.dropout] * hidden if isinstance(self.dropout, (int, float)) else list(self.dropout)
+        if len(rates) != hidden:
+            raise ValueError(f"dropout: expected a float or {hidden} rates (one per hidden layer), got {rates}")
+        for i, width in enumerate(self.features):
+            x = nn.Dense(width, use_bias=self.use_bias, kernel_init=KERNEL_INIT, name=f"dense_{i}")(x)
+            if i == hidden:
+                break
+            if i not in self.no_relu_after:
+                x = nn.relu(x)
+            _sow(self, f"dense_{i}", x)
+            if rates[i] > 0:
+                x = nn.Dropout(rates[i], deterministic=not train)(x)
+        return _sow(self, "logits", x)
+
+
+def _pool(x: Array, kind: str) -> Array:
+    if kind == "max":
+        return nn.max_pool(x, (2, 2), strides=(2, 2))
+    if kind == "avg":
+        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+    raise ValueError(f"pool={kind!r}: expected 'max' or 'avg'")
+
+
+def _dense_head(module: nn.Module, x: Array, widths: Sequence[int], start: int = 0) -> Array:
+    """Flatten, then ReLU dense layers ``dense_{start}…``; the last one (the output) has no ReLU."""
+    x = x.reshape((x.shape[0], -1))
+    for j, width in enumerate(widths):
+        name = f"dense_{start + j}"
+        x = nn.Dense(width, kernel_init=KERNEL_INIT, name=name)(x)
+        if j < len(widths) - 1:
+            x = _sow(module, name, nn.relu(x))
+    return _sow(module, "logits", x)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5: conv6-k5 (same), pool, conv16-k5 (valid), pool, 120, 84, classes. For 28×28 inputs."""
+
+    num_classes: int = 10
+    pool: str = "max"
+    output_layer = "dense_2"
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        for i, (c, pad) in enumerate(((6, "SAME"), (16, "VALID"))):
+            x = nn.Conv(c, (5, 5), padding=pad, kernel_init=KERNEL_INIT, name=f"conv_{i}")(x)
+            x = _sow(self, f"conv_{i}", nn.relu(x))
+            x = _sow(self, f"pool_{i}", _pool(x, self.pool))
+        return _dense_head(self, x, (120, 84, self.num_classes))
+
+
+def _conv_stack(module: nn.Module, x: Array, cfg: Sequence, train: bool, batch_norm: bool) -> Array:
+    """3×3 same convs (``conv_i`` [+ ``bn_i``] + ReLU) and 2×2 max pools (``pool_j``) as listed in ``cfg``."""
+    i = j = 0
+    for v in cfg:
+        if v == "M":
+            x = _sow(module, f"pool_{j}", nn.max_pool(x, (2, 2), strides=(2, 2)))
+            j += 1
+            continue
+        x = nn.Conv(int(v), (3, 3), padding="SAME", use_bias=not batch_norm, kernel_init=KERNEL_INIT,
+                    name=f"conv_{i}")(x)
+        if batch_norm:
+            x = _batchnorm(train, f"bn_{i}")(x)
+        x = _sow(module, f"conv_{i}", nn.relu(x))
+        i += 1
+    return x
+
+
+class ConvNet(nn.Module):
+    """Frankle & Carbin's Conv-2/4/6: ``depth`` 3×3 convs (64, 64, M, 128, 128, M, 256, 256, M), then 256-256-C."""
+
+    depth: int = 4
+    num_classes: int = 10
+    output_layer = "dense_2"
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        if self.depth not in CONV_CFGS:
+            raise ValueError(f"depth={self.depth}: expected one of {tuple(CONV_CFGS)}")
+        x = _conv_stack(self, x, CONV_CFGS[self.depth], train, batch_norm=False)
+        return _dense_head(self, x, (256, 256, self.num_classes))
+
+
+class VGG(nn.Module):
+    """VGG with BatchNorm: ``cfg`` lists conv widths and ``"M"`` pools; global average pool, then ``dense_0``."""
+
+    cfg: Sequence = VGG_CFGS["vgg16"]
+    num_classes: int = 10
+    output_layer = "dense_0"
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        x = _conv_stack(self, x, self.cfg, train, batch_norm=True)
+        x = _sow(self, "gap", jnp.mean(x, axis=(1, 2)))
+        x = nn.Dense(self.num_classes, kernel_init=KERNEL_INIT, name="dense_0")(x)
+        return _sow(self, "logits", x)
+
+
+class BasicBlock(nn.Module):
+    """conv-bn-relu-conv-bn plus shortcut (1×1 conv + bn when the shape changes), then ReLU."""
+
+    features: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        y = nn.Conv(self.features, (3, 3), (self.stride, self.stride), padding="SAME", use_bias=False,
+                    kernel_init=KERNEL_INIT, name="conv_0")(x)
+        y = nn.relu(_batchnorm(train, "bn_0")(y))
+        y = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, kernel_init=KERNEL_INIT, name="conv_1")(y)
+        y = _batchnorm(train, "bn_1")(y)
+        if self.stride != 1 or x.shape[-1] != self.features:
+            x = nn.Conv(self.features, (1, 1), (self.stride, self.stride), use_bias=False,
+                        kernel_init=KERNEL_INIT, name="shortcut_conv")(x)
+            x = _batchnorm(train, "shortcut_bn")(x)
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet of depth 6n+2 (20, 56, 110): widths ``width, 2·width, 4·width``, n blocks per stage."""
+
+    depth: int = 20
+    num_classes: int = 10
+    width: int = 16
+    output_layer = "dense"
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        if (self.depth - 2) % 6 or self.depth < 8:
+            raise ValueError(f"depth={self.depth}: a CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110)")
+        n = (self.depth - 2) // 6
+        x = nn.Conv(self.width, (3, 3), padding="SAME", use_bias=False, kernel_init=KERNEL_INIT,
+                    name="stem_conv")(x)
+        x = _sow(self, "stem", nn.relu(_batchnorm(train, "stem_bn")(x)))
+        for s in range(3):
+            for b in range(n):
+                stride = 2 if (s > 0 and b == 0) else 1
+                x = BasicBlock(self.width * 2**s, stride, name=f"block{s}_{b}")(x, train)
+                x = _sow(self, f"block{s}_{b}", x)
+        x = _sow(self, "gap", jnp.mean(x, axis=(1, 2)))
+        x = nn.Dense(self.num_classes, kernel_init=KERNEL_INIT, name="dense")(x)
+        return _sow(self, "logits", x)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def build(name: str, num_classes: int, *, hidden: Sequence[int] = (300, 100), use_bias: bool = True,
+          dropout: float = 0.0) -> nn.Module:
+    """Model by name: ``mlp`` (``hidden`` widths), ``lenet300``, ``lenet5``, ``conv2|4|6``, ``vgg11|16|19``,
+    ``resnet20|32|44|56|110``."""
+    if name == "mlp":
+        return MLP(tuple(hidden) + (num_classes,), use_bias=use_bias, dropout=dropout)
+    if name == "lenet300":
+        return MLP((300, 100, num_classes), use_bias=use_bias, dropout=dropout)
+    if name == "lenet5":
+        return LeNet5(num_classes)
+    if name.startswith("conv") and name[4:].isdigit() and int(name[4:]) in CONV_CFGS:
+        return ConvNet(int(name[4:]), num_classes)
+    if name in VGG_CFGS:
+        return VGG(VGG_CFGS[name], num_classes)
+    if name.startswith("resnet") and name[6:].isdigit():
+        return ResNet(int(name[6:]), num_classes)
+    raise ValueError(f"model={name!r}: expected one of mlp, lenet300, lenet5, conv2, conv4, conv6, "
+                     f"{', '.join(VGG_CFGS)}, resnet20, resnet56 (any 6n+2)")
+
+
+def init(model: nn.Module, key: Array, input_shape: Sequence[int]) -> Variables:
+    """Variables ``{'params': …, ['batch_stats': …]}`` for inputs of shape ``(n, *input_shape[1:])``."""
+    x = jnp.zeros((1,) + tuple(input_shape[1:]), jnp.float32)
+    variables = model.init({"params": key, "dropout": key}, x, train=False)
+    return {k: v for k, v in variables.items() if k != "representations"}
+
+
+def representations(model: nn.Module, variables: Variables, x: Array) -> dict[str, Array]:
+    """Named intermediate representations in forward order, eval mode: ``{name: (n, …)}`` ending with ``logits``."""
+    _, state = model.apply(variables, x, train=False, mutable=["representations"])
+    return dict(state["representations"]["named"])
+
+
+def count_params(tree: Any) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+
+def apply_fn(model: nn.Module) -> Callable[[Variables, Array], Array]:
+    """``f(variables, x) -> logits`` in eval mode, for code that wants a plain function."""
+    return lambda variables, x: model.apply(variables, x, train=False)

@@ -1,0 +1,84 @@
+"""Matplotlib figures used by the experiments (Agg backend; files only, no windows)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def accuracy_vs_density(levels: Sequence[dict], path: str | Path, title: str = "") -> None:
+    """Test accuracy (%) against density (log scale, dense on the left); control branch dashed if present."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    d = [r["density"] for r in levels]
+    ax.plot(d, [100 * r["test_accuracy"] for r in levels], "o-", label="IMP")
+    br = [r["branch"] for r in levels if "branch" in r]
+    if br:
+        ax.plot([b["density"] for b in br], [100 * b["test_accuracy"] for b in br], "s--", label=br[0]["name"])
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("density (fraction of prunable weights kept)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def layer_densities(levels: Sequence[dict], path: str | Path, title: str = "") -> None:
+    """Per-layer density at every level."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = list(levels[0]["layer_densities"])
+    for name in names:
+        ax.plot([r["level"] for r in levels], [r["layer_densities"][name] for r in levels], "o-", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("IMP level")
+    ax.set_ylabel("density")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def curves(x: Sequence[float], ys: Mapping[str, Sequence[float]], path: str | Path, *, xlabel: str, ylabel: str,
+           title: str = "", errors: Mapping[str, Sequence[float]] | None = None, logx: bool = False) -> None:
+    """Several named curves over a shared x axis, optional ± error bands."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, y in ys.items():
+        y = np.asarray(y, float)
+        ax.plot(x, y, "o-", label=name)
+        if errors and name in errors:
+            e = np.asarray(errors[name], float)
+            ax.fill_between(x, y - e, y + e, alpha=0.2)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def heatmap(matrix: np.ndarray, path: str | Path, *, rows: Sequence[str], cols: Sequence[str], title: str = "",
+            vmin: float | None = 0.0, vmax: float | None = 1.0) -> None:
+    """A labelled matrix (e.g. layer × layer similarity)."""
+    m = np.asarray(matrix, float)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * len(cols), 1.0 + 0.45 * len(rows)))
+    im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap="viridis")
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    fig.colorbar(im, ax=ax)
+    ax.set_title(title)
+    _save(fig, path)

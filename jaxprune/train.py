@@ -1,0 +1,264 @@
+"""Jitted training and evaluation. Knows nothing about pruning: masks arrive inside the optimizer.
+
+Training is counted in steps; an epoch is ``n // batch_size`` steps (the remainder is dropped so shapes stay
+static). The order of examples in epoch ``e`` is ``permutation(fold_in(data_key, e))``, so a run that starts at
+step ``k`` (a rewind point, a resumed level) sees exactly the batches an uninterrupted run would.
+
+MLP epochs run as one ``lax.scan`` (about 20 % faster on CPU); convolutional models use a Python loop of jitted
+steps, because XLA's CPU convolutions are many times slower inside ``scan``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+Array = jax.Array
+PyTree = Any
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine")
+
+
+class TrainState(NamedTuple):
+    step: Array  # () int32, optimizer steps taken
+    params: PyTree
+    batch_stats: PyTree  # {} for models without BatchNorm
+    opt_state: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule. ``milestones`` are steps at which ``step`` multiplies by ``gamma``."""
+
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r}: expected one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r}: expected one of {SCHEDULES}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr={self.lr}: expected a positive finite learning rate")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay}: expected >= 0")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum={self.momentum}: expected a value in [0, 1)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps}: expected >= 0")
+
+
+def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Learning rate as a function of the optimizer step, over a run of ``total_steps``."""
+    if cfg.schedule == "constant":
+        main = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "step":
+        main = optax.piecewise_constant_schedule(cfg.lr, {int(m) - cfg.warmup_steps: cfg.gamma for m in cfg.milestones})
+    else:
+        main = optax.cosine_decay_schedule(cfg.lr, max(total_steps - cfg.warmup_steps, 1))
+    if cfg.warmup_steps:
+        warm = optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps)
+        return optax.join_schedules([warm, main], [cfg.warmup_steps])
+    return main
+
+
+def make_optimizer(cfg: OptimConfig, schedule: optax.Schedule | float) -> optax.GradientTransformation:
+    """SGD (coupled L2 weight decay, as PyTorch), momentum/Nesterov, Adam (coupled), AdamW (decoupled)."""
+    if cfg.optimizer == "adamw":
+        return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+    decay = [optax.add_decayed_weights(cfg.weight_decay)] if cfg.weight_decay else []
+    if cfg.optimizer == "adam":
+        core = optax.adam(schedule)
+    else:
+        mom = None if cfg.optimizer == "sgd" else cfg.momentum
+        core = optax.sgd(schedule, momentum=mom, nesterov=cfg.optimizer == "nesterov")
+    return optax.chain(*decay, core)
+
+
+def cross_entropy(logits: Array, labels: Array) -> Array:
+    """Mean softmax cross-entropy. ``logits: (n, c)``, ``labels: (n,) int``."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def create_state(variables: dict, tx: optax.GradientTransformation) -> TrainState:
+    params = variables["params"]
+    return TrainState(jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}), tx.init(params))
+
+
+def variables_of(state: TrainState) -> dict:
+    v = {"params": state.params}
+    if state.batch_stats:
+        v["batch_stats"] = state.batch_stats
+    return v
+
+
+def has_conv(params: PyTree) -> bool:
+    return any(leaf.ndim == 4 for leaf in jax.tree_util.tree_leaves(params))
+
+
+class Trainer(NamedTuple):
+    """Jitted functions for one (model, optimizer) pair; build once with :func:`make_trainer`, reuse across levels."""
+
+    step: Callable  # (state, x_all, y_all, idx (b,), key) -> (state, (loss, correct))
+    scan: Callable  # (state, x_all, y_all, idx (s, b), key) -> (state, (loss (s,), correct (s,)))
+    evaluate: Callable  # (variables, x (b, …), y (b,), weight (b,)) -> (sum loss, sum correct)
+
+
+def make_trainer(model: nn.Module, tx: optax.GradientTransformation) -> Trainer:
+    def step(state: TrainState, x_all: Array, y_all: Array, idx: Array, key: Array):
+        x, y = x_all[idx], y_all[idx]
+        dropout_key = jax.random.fold_in(key, state.step)
+
+        def loss_fn(params):
+            v = {"params": params, "batch_stats": state.batch_stats} if state.batch_stats else {"params": params}
+            logits, new = model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
+            return cross_entropy(logits, y), (logits, new.get("batch_stats", {}))
+
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        correct = jnp.sum(jnp.argmax(logits, -1) == y)
+        return TrainState(state.step + 1, params, batch_stats, opt_state), (loss, correct)
+
+    def scan(state, x_all, y_all, idx, key):
+        return jax.lax.scan(lambda s, i: step(s, x_all, y_all, i, key), state, idx)
+
+    def evaluate(variables, x, y, weight):
+        logits = model.apply(variables, x, train=False)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return jnp.sum(losses * weight), jnp.sum((jnp.argmax(logits, -1) == y) * weight)
+
+    return Trainer(jax.jit(step), jax.jit(scan), jax.jit(evaluate))
+
+
+def epoch_order(key: Array, epoch: int, n: int, batch_size: int) -> Array:
+    """Batch indices of one epoch: ``(n // batch_size, batch_size)`` int32."""
+    steps = n // batch_size
+    perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+    return perm[: steps * batch_size].reshape(steps, batch_size).astype(jnp.int32)
+
+
+@dataclasses.dataclass
+class RunResult:
+    state: TrainState
+    train_loss: float  # mean over the steps run in the last epoch segment
+    train_accuracy: float
+    snapshot: TrainState | None  # the state when ``state.step == snapshot_step`` (a rewind point), if asked
+    seconds: float
+    history: list[dict]
+
+
+def run(trainer: Trainer, state: TrainState, x: Array, y: Array, *, batch_size: int, num_steps: int,
+        data_key: Array, loop: str = "auto", snapshot_step: int | None = None, log_prefix: str = "",
+        eval_fn: Callable[[TrainState], dict] | None = None) -> RunResult:
+    """Train from ``state.step`` until ``state.step == num_steps``. ``x: (n, …)``, ``y: (n,)`` device arrays.
+
+    ``loop``: ``"scan"`` (an epoch per call), ``"python"`` (a jitted step per call) or ``"auto"`` (scan unless the
+    model has convolutions). ``snapshot_step``: return a copy of the state taken when that step is reached.
+    ``eval_fn(state) -> dict`` is called after each epoch and logged.
+    """
+    n = int(x.shape[0])
+    if batch_size < 1 or batch_size > n:
+        raise ValueError(f"batch_size={batch_size}: expected 1 <= batch_size <= number of examples ({n})")
+    if loop not in ("auto", "scan", "python"):
+        raise ValueError(f"loop={loop!r}: expected 'auto', 'scan' or 'python'")
+    use_scan = (loop == "scan") or (loop == "auto" and not has_conv(state.params))
+    spe = n // batch_size
+    start = int(state.step)
+    snapshot = state if snapshot_step is not None and start == snapshot_step else None
+    t0 = time.perf_counter()
+    history: list[dict] = []
+    loss = acc = float("nan")
+    s = start
+    while s < num_steps:
+        epoch, offset = divmod(s, spe)
+        order = epoch_order(data_key, epoch, n, batch_size)
+        stop = min(spe, offset + (num_steps - s))
+        cuts = [offset, stop]
+        if snapshot_step is not None and s < snapshot_step < epoch * spe + stop:
+            cuts.insert(1, snapshot_step - epoch * spe)
+        losses, corrects = [], []
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            if use_scan:
+                state, (l, c) = trainer.scan(state, x, y, order[a:b], data_key)
+                losses.append(l)
+                corrects.append(c)
+            else:
+                for i in range(a, b):
+                    state, (l, c) = trainer.step(state, x, y, order[i], data_key)
+                    losses.append(l[None])
+                    corrects.append(c[None])
+            if snapshot_step is not None and epoch * spe + b == snapshot_step:
+                snapshot = state
+        s = epoch * spe + stop
+        loss = float(jnp.mean(jnp.concatenate(losses)))
+        acc = float(jnp.sum(jnp.concatenate(corrects))) / ((stop - offset) * batch_size)
+        elapsed = time.perf_counter() - t0
+        rec = {"epoch": epoch + 1 if stop == spe else epoch + stop / spe, "step": s, "train_loss": loss,
+               "train_accuracy": acc, "examples_per_s": (s - start) * batch_size / max(elapsed, 1e-9)}
+        if eval_fn is not None:
+            rec.update(eval_fn(state))
+        history.append(rec)
+        eta = elapsed / (s - start) * (num_steps - s)
+        extra = "".join(f" {k}={v:.4f}" for k, v in rec.items() if k.startswith("test_"))
+        logging.info("%sepoch %.2f step %d/%d loss=%.4f acc=%.4f%s %.0f ex/s eta %.0fs", log_prefix, rec["epoch"],
+                     s, num_steps, loss, acc, extra, rec["examples_per_s"], eta)
+    return RunResult(state, loss, acc, snapshot, time.perf_counter() - t0, history)
+
+
+def evaluate(trainer: Trainer, variables: dict, x: Array, y: Array, batch_size: int = 1000) -> dict[str, float]:
+    """Mean loss and accuracy over ``(x, y)`` in fixed-size chunks (the last one padded and weighted out)."""
+    n = int(x.shape[0])
+    if n == 0:
+        raise ValueError("evaluate: empty evaluation set")
+    b = min(batch_size, n)
+    tot_loss = tot_correct = 0.0
+    for i in range(0, n, b):
+        xb, yb = x[i:i + b], y[i:i + b]
+        m = xb.shape[0]
+        w = jnp.ones((b,), jnp.float32)
+        if m < b:
+            pad = b - m
+            xb = jnp.concatenate([xb, jnp.zeros((pad,) + xb.shape[1:], xb.dtype)])
+            yb = jnp.concatenate([yb, jnp.zeros((pad,), yb.dtype)])
+            w = w.at[m:].set(0.0)
+        l, c = trainer.evaluate(variables, xb, yb, w)
+        tot_loss += float(l)
+        tot_correct += float(c)
+    return {"loss": tot_loss / n, "accuracy": tot_correct / n}
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return n // batch_size
+
+
+def parse_duration(spec: str | int, spe: int) -> int:
+    """``"16ep"`` → 16·spe steps, ``"500"`` or ``"500it"`` → 500 steps (OpenLTH notation)."""
+    s = str(spec).strip()
+    try:
+        if s.endswith("ep"):
+            return int(round(float(s[:-2]) * spe))
+        if s.endswith("it"):
+            return int(s[:-2])
+        return int(s)
+    except ValueError:
+        raise ValueError(f"duration {spec!r}: expected steps ('500', '500it') or epochs ('2ep')") from None
+
+
+def to_device(*arrays: np.ndarray) -> Sequence[Array]:
+    return tuple(jnp.asarray(a) for a in arrays)
