@@ -87,19 +87,23 @@ def prune_by_score(scores: PyTree, mask: PyTree, prunable: PyTree, fraction: flo
     else:
         groups = [[i] for i in idx]
     for group in groups:
-        flat_m = jnp.concatenate([jnp.ravel(m_leaves[i]) for i in group])
-        flat_s = jnp.concatenate([jnp.ravel(s_leaves[i]).astype(jnp.float32) for i in group])
-        remaining = int(jnp.sum(flat_m))
+        # Host-side numpy: one sort per level, no per-shape XLA compilation.
+        flat_m = np.concatenate([np.asarray(m_leaves[i], bool).ravel() for i in group])
+        flat_s = np.concatenate([np.asarray(s_leaves[i], np.float64).ravel() for i in group])
+        if np.isnan(flat_s[flat_m]).any():
+            raise ValueError("scores: NaN among the surviving weights; cannot rank them")
+        remaining = int(flat_m.sum())
         k = math.ceil(fraction * remaining - 1e-9)
         if k == 0:
             continue
         # Already-pruned weights rank last so they are never chosen again; stable sort = index tie-break.
-        order = jnp.argsort(jnp.where(flat_m, flat_s, jnp.inf), stable=True)
-        new_flat = flat_m.at[order[:k]].set(False)
+        order = np.argsort(np.where(flat_m, flat_s, np.inf), kind="stable")
+        flat_m = flat_m.copy()
+        flat_m[order[:k]] = False
         offset = 0
         for i in group:
-            size = int(np.prod(jnp.shape(m_leaves[i])))
-            out[i] = new_flat[offset:offset + size].reshape(jnp.shape(m_leaves[i]))
+            size = int(np.prod(np.shape(m_leaves[i])))
+            out[i] = jnp.asarray(flat_m[offset:offset + size].reshape(np.shape(m_leaves[i])))
             offset += size
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -128,9 +132,11 @@ def random_like(key: Array, mask: PyTree, prunable: PyTree) -> PyTree:
         if not p:
             out.append(m)
             continue
-        keep = int(jnp.sum(m))
-        order = jax.random.permutation(k, m.size)
-        out.append(jnp.zeros((m.size,), bool).at[order[:keep]].set(True).reshape(m.shape))
+        keep = int(np.sum(m))
+        order = np.argsort(np.asarray(jax.random.uniform(k, (m.size,))), kind="stable")
+        flat = np.zeros((m.size,), bool)
+        flat[order[:keep]] = True
+        out.append(jnp.asarray(flat.reshape(m.shape)))
     return treedef.unflatten(out)
 
 
@@ -142,7 +148,7 @@ def density_report(mask: PyTree, prunable: PyTree) -> dict:
                             jax.tree_util.tree_leaves(prunable)):
         if not p:
             continue
-        k = int(jnp.sum(m))
+        k = int(np.sum(m))
         layers[path_str(path)] = k / m.size
         kept += k
         total += m.size

@@ -112,15 +112,18 @@ class LeNet5(nn.Module):
 
     num_classes: int = 10
     pool: str = "max"
+    widths: Sequence[int] = (6, 16, 120, 84)  # conv_0, conv_1, dense_0, dense_1 (structured pruning shrinks them)
     output_layer = "dense_2"
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        for i, (c, pad) in enumerate(((6, "SAME"), (16, "VALID"))):
-            x = nn.Conv(c, (5, 5), padding=pad, kernel_init=KERNEL_INIT, name=f"conv_{i}")(x)
+        if len(self.widths) != 4:
+            raise ValueError(f"widths={self.widths}: expected 4 widths (conv_0, conv_1, dense_0, dense_1)")
+        for i, (c, pad) in enumerate(((self.widths[0], "SAME"), (self.widths[1], "VALID"))):
+            x = nn.Conv(int(c), (5, 5), padding=pad, kernel_init=KERNEL_INIT, name=f"conv_{i}")(x)
             x = _sow(self, f"conv_{i}", nn.relu(x))
             x = _sow(self, f"pool_{i}", _pool(x, self.pool))
-        return _dense_head(self, x, (120, 84, self.num_classes))
+        return _dense_head(self, x, (int(self.widths[2]), int(self.widths[3]), self.num_classes))
 
 
 def _conv_stack(module: nn.Module, x: Array, cfg: Sequence, train: bool, batch_norm: bool) -> Array:
@@ -145,14 +148,22 @@ class ConvNet(nn.Module):
 
     depth: int = 4
     num_classes: int = 10
+    widths: Sequence[int] | None = None  # conv widths overriding the depth's cfg (structured pruning)
+    hidden: Sequence[int] = (256, 256)  # dense_0, dense_1 widths
     output_layer = "dense_2"
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         if self.depth not in CONV_CFGS:
             raise ValueError(f"depth={self.depth}: expected one of {tuple(CONV_CFGS)}")
-        x = _conv_stack(self, x, CONV_CFGS[self.depth], train, batch_norm=False)
-        return _dense_head(self, x, (256, 256, self.num_classes))
+        cfg = CONV_CFGS[self.depth]
+        if self.widths is not None:
+            if len(self.widths) != self.depth:
+                raise ValueError(f"widths={self.widths}: expected {self.depth} conv widths for depth={self.depth}")
+            it = iter(self.widths)
+            cfg = tuple(v if v == "M" else int(next(it)) for v in cfg)
+        x = _conv_stack(self, x, cfg, train, batch_norm=False)
+        return _dense_head(self, x, tuple(int(h) for h in self.hidden) + (self.num_classes,))
 
 
 class VGG(nn.Module):
@@ -175,10 +186,11 @@ class BasicBlock(nn.Module):
 
     features: int
     stride: int = 1
+    inner: int | None = None  # width of conv_0/bn_0 (default ``features``; structured pruning shrinks it)
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        y = nn.Conv(self.features, (3, 3), (self.stride, self.stride), padding="SAME", use_bias=False,
+        y = nn.Conv(self.features if self.inner is None else int(self.inner), (3, 3), (self.stride, self.stride), padding="SAME", use_bias=False,
                     kernel_init=KERNEL_INIT, name="conv_0")(x)
         y = nn.relu(_batchnorm(train, "bn_0")(y))
         y = nn.Conv(self.features, (3, 3), padding="SAME", use_bias=False, kernel_init=KERNEL_INIT, name="conv_1")(y)
@@ -196,6 +208,7 @@ class ResNet(nn.Module):
     depth: int = 20
     num_classes: int = 10
     width: int = 16
+    block_widths: Sequence[int] | None = None  # internal (conv_0) width of each block in order, 3n entries
     output_layer = "dense"
 
     @nn.compact
@@ -203,13 +216,16 @@ class ResNet(nn.Module):
         if (self.depth - 2) % 6 or self.depth < 8:
             raise ValueError(f"depth={self.depth}: a CIFAR ResNet has depth 6n+2 (20, 32, 44, 56, 110)")
         n = (self.depth - 2) // 6
+        if self.block_widths is not None and len(self.block_widths) != 3 * n:
+            raise ValueError(f"block_widths={self.block_widths}: expected {3 * n} widths (one per block)")
         x = nn.Conv(self.width, (3, 3), padding="SAME", use_bias=False, kernel_init=KERNEL_INIT,
                     name="stem_conv")(x)
         x = _sow(self, "stem", nn.relu(_batchnorm(train, "stem_bn")(x)))
         for s in range(3):
             for b in range(n):
                 stride = 2 if (s > 0 and b == 0) else 1
-                x = BasicBlock(self.width * 2**s, stride, name=f"block{s}_{b}")(x, train)
+                inner = None if self.block_widths is None else self.block_widths[s * n + b]
+                x = BasicBlock(self.width * 2**s, stride, inner, name=f"block{s}_{b}")(x, train)
                 x = _sow(self, f"block{s}_{b}", x)
         x = _sow(self, "gap", jnp.mean(x, axis=(1, 2)))
         x = nn.Dense(self.num_classes, kernel_init=KERNEL_INIT, name="dense")(x)

@@ -82,3 +82,23 @@ def heatmap(matrix: np.ndarray, path: str | Path, *, rows: Sequence[str], cols: 
     fig.colorbar(im, ax=ax)
     ax.set_title(title)
     _save(fig, path)
+
+
+def decision_boundaries(panels: Sequence[tuple[str, np.ndarray]], xx: np.ndarray, yy: np.ndarray,
+                        points: np.ndarray, labels: np.ndarray, path: str | Path, *, title: str = "",
+                        num_classes: int | None = None) -> None:
+    """2-D decision regions side by side: ``panels = [(title, predicted class on the grid (gh, gw)), …]``,
+    ``points: (n, 2)`` with ``labels: (n,)`` drawn on top of each."""
+    k = int(num_classes or (max(int(np.max(labels)), *(int(np.max(p)) for _, p in panels)) + 1))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.1), squeeze=False)
+    cmap = plt.get_cmap("Set1", max(k, 2))
+    for ax, (name, pred) in zip(axes[0], panels):
+        ax.contourf(xx, yy, pred, levels=np.arange(-0.5, k), cmap=cmap, alpha=0.45)
+        ax.scatter(points[:, 0], points[:, 1], c=labels, cmap=cmap, vmin=-0.5, vmax=k - 0.5, s=4,
+                   edgecolors="none")
+        ax.set_title(name, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    _save(fig, path)

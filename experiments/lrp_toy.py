@@ -1,0 +1,258 @@
+"""Yeom et al.'s 2-D toy pruning experiment: ``python -m experiments.lrp_toy --flagfile=experiments/configs/X.cfg``.
+
+A 2-1000-1000-1000-C ReLU net (dropout 0.5 after the first layer) is trained once per dataset; then, for every
+number ``n`` of reference samples per class and every seed, ``n·C`` fresh samples are drawn, each criterion
+(weight, grad, taylor, lrp; :mod:`jaxprune.criteria`) scores the hidden units on them, the ``n_prune`` globally
+lowest-scoring units are physically removed (:func:`jaxprune.structured.remove_many`) and the network is
+evaluated, without fine-tuning, on the training set and on a held-out set with extra Gaussian input noise.
+
+Writes to ``--workdir``: ``<dataset>/model`` (the trained net, reused on a rerun), ``results.json``,
+``<dataset>_accuracy_vs_n.png`` (train and noisy test), ``<dataset>_boundaries.png``.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, logging
+
+from experiments import common
+from jaxprune import checkpoint, criteria, data, lrp, models, plots, structured, train
+
+SPEC = [
+    ("datasets", ["moons", "circles", "spiral"], "toy datasets (moons, circles, spiral)"),
+    ("num_train", 0, "training points per dataset (0: 2000 moons/circles, 4000 spiral)"),
+    ("hidden", ["1000", "1000", "1000"], "hidden widths"),
+    ("dropout", 0.5, "dropout rate after the first hidden layer"),
+    ("reference_bug", False, "leave out the ReLU after the last hidden layer, as the reference network does"),
+    ("optimizer", "adam", "optimizer", train.OPTIMIZERS),
+    ("lr", 1e-3, "learning rate"),
+    ("momentum", 0.9, "momentum for momentum/nesterov"),
+    ("training_steps", "30ep", "training length, steps ('2000') or epochs ('30ep')"),
+    ("batch_size", 64, "training batch size"),
+    ("model_seed", 0, "seed for the training data, initialisation, data order and dropout"),
+    ("criteria", list(criteria.CRITERIA), "pruning criteria"),
+    ("composite", "zplus", "LRP composite for the lrp criterion", tuple(lrp.composites.PRESETS)),
+    ("samples_per_class", ["1", "2", "5", "10", "20", "50", "100", "200"], "reference samples per class"),
+    ("seeds", 10, "repetitions (reference-sample seeds 0..seeds-1)"),
+    ("n_prune", 1000, "hidden units removed (globally lowest scores)"),
+    ("noise", 0.3, "std of the Gaussian noise added to the held-out test inputs"),
+    ("plot_n", 5, "samples per class of the decision-boundary figure (seed 0)"),
+    ("workdir", "runs/lrp_toy", "output directory"),
+]
+DEFAULTS = common.defaults(SPEC)
+REFERENCE_SEED_OFFSET = 1_000  # reference samples of seed s come from generator seed 1000 + s (train uses 2·model_seed)
+
+
+def _check(c: dict) -> None:
+    unknown = set(c) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"config: unknown keys {sorted(unknown)}; expected a subset of {sorted(DEFAULTS)}")
+    for d in c["datasets"]:
+        if d not in data.TOY_SIZES:
+            raise ValueError(f"datasets: {d!r} is not a toy dataset; expected some of {tuple(data.TOY_SIZES)}")
+    for k in c["criteria"]:
+        if k not in criteria.CRITERIA:
+            raise ValueError(f"criteria: {k!r} unknown; expected some of {criteria.CRITERIA}")
+    if c["seeds"] < 1 or not c["samples_per_class"]:
+        raise ValueError("seeds/samples_per_class: expected at least one seed and one n")
+    if c["composite"] not in lrp.composites.PRESETS:
+        raise ValueError(f"composite={c['composite']!r}: expected one of {sorted(lrp.composites.PRESETS)}")
+
+
+def build_model(c: dict, num_classes: int) -> models.MLP:
+    hidden = common.int_list(c["hidden"])
+    rates = (float(c["dropout"]),) + (0.0,) * (len(hidden) - 1)
+    return models.MLP(hidden + (num_classes,), dropout=rates,
+                      no_relu_after=(len(hidden) - 1,) if c["reference_bug"] else ())
+
+
+def train_model(c: dict, model: models.MLP, x: np.ndarray, y: np.ndarray, workdir: Path) -> tuple[dict, dict]:
+    """Train (or restore from ``workdir/model``) the network; ``(variables, info)``."""
+    key = jax.random.PRNGKey(c["model_seed"])
+    init_key, data_key = jax.random.split(key)
+    variables = models.init(model, init_key, x.shape)
+    ckpt = workdir / "model"
+    info_path = workdir / "train.json"
+    if ckpt.exists() and info_path.exists():
+        return checkpoint.restore(ckpt, variables), checkpoint.read_json(info_path)
+    spe = train.steps_per_epoch(len(y), c["batch_size"])
+    steps = train.parse_duration(c["training_steps"], spe)
+    optim = train.OptimConfig(optimizer=c["optimizer"], lr=c["lr"], momentum=c["momentum"])
+    tx = train.make_optimizer(optim, train.make_schedule(optim, steps))
+    xs, ys = train.to_device(x, y)
+    res = train.run(train.make_trainer(model, tx), train.create_state(variables, tx), xs, ys,
+                    batch_size=c["batch_size"], num_steps=steps, data_key=data_key, loop="scan")
+    variables = train.variables_of(res.state)
+    checkpoint.save(ckpt, variables)
+    info = {"steps": steps, "seconds": res.seconds, "final_train_loss": res.train_loss}
+    checkpoint.write_json(info_path, info)
+    return variables, info
+
+
+def logits_np(model: models.MLP, variables: dict, x: np.ndarray) -> np.ndarray:
+    """Eval-mode ``model.apply`` of an MLP in numpy: ``(n, d) -> (n, C)``. Every pruned network has new shapes, and
+    XLA would compile each of them; numpy evaluates them at once (tests check it equals ``model.apply``)."""
+    p = variables["params"]
+    last = len(model.features) - 1
+    h = np.asarray(x, np.float32).reshape(len(x), -1)
+    for i in range(last + 1):
+        h = h @ np.asarray(p[f"dense_{i}"]["kernel"])
+        if model.use_bias:
+            h = h + np.asarray(p[f"dense_{i}"]["bias"])
+        if i < last and i not in tuple(model.no_relu_after):
+            h = np.maximum(h, 0)
+    return h
+
+
+def accuracy(model, variables, x, y) -> float:
+    return float(np.mean(np.argmax(logits_np(model, variables, x), -1) == y))
+
+
+def reference_samples(name: str, per_class: int, num_classes: int, seed: int) -> data.Dataset:
+    """``per_class`` fresh samples of each class (``per_class · C`` in all, balanced by construction)."""
+    return data.make_toy(name, per_class * num_classes, REFERENCE_SEED_OFFSET + seed)
+
+
+def prune(model, variables, scores: dict, n_prune: int):
+    """Physically remove the ``n_prune`` globally lowest-scoring units: ``(model, variables, keep)``."""
+    keep = criteria.global_keep(scores, n_prune)
+    host = jax.tree_util.tree_map(np.asarray, variables)  # numpy leaves: slicing needs no compile per shape
+    small, small_vars = structured.remove_many(model, host, keep)
+    return small, small_vars, keep
+
+
+def _pruned_ids(keep: dict, widths: dict) -> frozenset:
+    out, start = set(), 0
+    for name, k in keep.items():
+        out |= {start + i for i in sorted(set(range(widths[name])) - set(np.asarray(k).tolist()))}
+        start += widths[name]
+    return frozenset(out)
+
+
+def _mean_std(v) -> dict:
+    v = np.asarray(v, float)
+    return {"mean": float(v.mean()), "std": float(v.std()), "values": [float(a) for a in v]}
+
+
+def _overlap(sets: list[frozenset]) -> dict:
+    """Mean ± std over seed pairs of ``|A ∩ B| / |A|`` (all sets have the same size)."""
+    vals = [len(a & b) / max(len(a), 1) for a, b in itertools.combinations(sets, 2)]
+    return _mean_std(vals) if vals else {"mean": 1.0, "std": 0.0, "values": []}
+
+
+def _grid(x: np.ndarray, steps: int = 150):
+    lo, hi = x.min(0) - 0.3, x.max(0) + 0.3
+    xx, yy = np.meshgrid(np.linspace(lo[0], hi[0], steps), np.linspace(lo[1], hi[1], steps))
+    return xx, yy, np.stack([xx.ravel(), yy.ravel()], 1).astype(np.float32)
+
+
+def _predict_grid(model, variables, grid, shape) -> np.ndarray:
+    return np.argmax(logits_np(model, variables, grid), -1).reshape(shape)
+
+
+def run_dataset(c: dict, name: str, workdir: Path) -> dict:
+    n_train = c["num_train"] or data.TOY_SIZES[name]
+    tr = data.load(name, "train", seed=c["model_seed"], num_examples=n_train)
+    te = data.load(name, "test", seed=c["model_seed"], num_examples=n_train)
+    rng = np.random.RandomState(c["model_seed"] + 12_345)
+    noisy = (te.images + rng.normal(0.0, c["noise"], te.images.shape)).astype(np.float32)
+    k = tr.num_classes
+    model = build_model(c, k)
+    variables, info = train_model(c, model, tr.images, tr.labels, workdir / name)
+    widths = structured.widths(model, variables)
+    hidden = [l for l in widths if l != model.output_layer]
+    if c["n_prune"] >= sum(widths[l] for l in hidden):
+        raise ValueError(f"n_prune={c['n_prune']}: expected fewer than the {sum(widths[l] for l in hidden)} hidden units")
+    before = {"train_accuracy": accuracy(model, variables, tr.images, tr.labels),
+              "noisy_test_accuracy": accuracy(model, variables, noisy, te.labels)}
+    logging.info("%s: trained in %.0fs, train acc %.4f, noisy test acc %.4f", name, info["seconds"],
+                 before["train_accuracy"], before["noisy_test_accuracy"])
+    xx, yy, grid = _grid(tr.images)
+    panels = [("unpruned", _predict_grid(model, variables, grid, xx.shape))]
+    out: dict = {crit: {} for crit in c["criteria"]}
+    t0 = time.perf_counter()
+    for n in common.int_list(c["samples_per_class"]):
+        rows = {crit: {"train": [], "noisy": [], "sets": [], "per_layer": []} for crit in c["criteria"]}
+        for s in range(c["seeds"]):
+            ref = reference_samples(name, n, k, s)
+            for crit in c["criteria"]:
+                sc = criteria.scores(crit, model, variables, ref.images, ref.labels, composite=c["composite"])
+                small, small_vars, keep = prune(model, variables, {l: sc[l] for l in hidden}, c["n_prune"])
+                r = rows[crit]
+                r["train"].append(accuracy(small, small_vars, tr.images, tr.labels))
+                r["noisy"].append(accuracy(small, small_vars, noisy, te.labels))
+                r["sets"].append(_pruned_ids(keep, widths))
+                r["per_layer"].append([widths[l] - int(keep[l].shape[0]) for l in hidden])
+                if n == c["plot_n"] and s == 0:
+                    panels.append((f"{crit} ({r['train'][-1]:.3f})", _predict_grid(small, small_vars, grid, xx.shape)))
+        for crit, r in rows.items():
+            out[crit][str(n)] = {
+                "train_accuracy": _mean_std(r["train"]), "noisy_test_accuracy": _mean_std(r["noisy"]),
+                "overlap": _overlap(r["sets"]),
+                "pruned_per_layer": dict(zip(hidden, np.mean(r["per_layer"], 0).tolist()))}
+        logging.info("%s n=%d: %s (%.0fs)", name, n, "  ".join(
+            f"{crit} {out[crit][str(n)]['train_accuracy']['mean']:.3f}" for crit in c["criteria"]),
+            time.perf_counter() - t0)
+    ns = common.int_list(c["samples_per_class"])
+    for split, key in (("train", "train_accuracy"), ("noisy test", "noisy_test_accuracy")):
+        ys = {crit: [out[crit][str(n)][key]["mean"] for n in ns] for crit in c["criteria"]}
+        ys["unpruned"] = [before[key]] * len(ns)
+        errs = {crit: [out[crit][str(n)][key]["std"] for n in ns] for crit in c["criteria"]}
+        plots.curves(ns, ys, workdir / f"{name}_{key}_vs_n.png", xlabel="reference samples per class",
+                     ylabel=f"{split} accuracy after pruning", logx=True, errors=errs,
+                     title=f"{name}: {c['n_prune']} of {sum(widths[l] for l in hidden)} hidden units removed")
+    if len(panels) > 1:
+        plots.decision_boundaries(panels, xx, yy, tr.images, tr.labels, workdir / f"{name}_boundaries.png",
+                                  title=f"{name}: n={c['plot_n']} per class, seed 0", num_classes=k)
+    return {"num_classes": k, "num_train": int(len(tr.labels)), "num_test": int(len(te.labels)),
+            "hidden_units": int(sum(widths[l] for l in hidden)), "training": info, "before": before,
+            "criteria": out, "seconds": time.perf_counter() - t0}
+
+
+def summary(results: dict, n: int) -> list[dict]:
+    """Rows ``{dataset, criterion, train_mean, train_std, noisy_mean, noisy_std}`` at ``n`` samples per class."""
+    rows = []
+    for name, d in results["datasets"].items():
+        for crit, per_n in d["criteria"].items():
+            if str(n) in per_n:
+                e = per_n[str(n)]
+                rows.append({"dataset": name, "criterion": crit, "train_mean": e["train_accuracy"]["mean"],
+                             "train_std": e["train_accuracy"]["std"], "noisy_mean": e["noisy_test_accuracy"]["mean"],
+                             "noisy_std": e["noisy_test_accuracy"]["std"], "overlap": e["overlap"]["mean"]})
+    return rows
+
+
+def run(config: dict, workdir: str | Path) -> dict:
+    """Run the experiment described by ``config`` (keys = flag names, missing ones from ``DEFAULTS``)."""
+    c = {**DEFAULTS, **config}
+    _check(c)
+    workdir = Path(workdir)
+    record = {**c, "workdir": str(workdir)}
+    results = {"config": record, "environment": common.environment(), "datasets": {}}
+    for name in c["datasets"]:
+        results["datasets"][name] = run_dataset(c, name, workdir)
+        checkpoint.write_json(workdir / "results.json", results)
+    return results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.quiet_orbax()
+    config = common.config_from_flags(SPEC)
+    results = run(config, config["workdir"])
+    print(f"results: {Path(config['workdir']) / 'results.json'}")
+    n = config["plot_n"]
+    print(f"accuracy after pruning at n={n} per class, mean ± std over {config['seeds']} seeds")
+    for r in summary(results, n):
+        print(f"{r['dataset']:8s} {r['criterion']:7s} train {r['train_mean']:.4f} ± {r['train_std']:.4f}  "
+              f"noisy test {r['noisy_mean']:.4f} ± {r['noisy_std']:.4f}  overlap {r['overlap']:.3f}")
+
+
+if __name__ == "__main__":
+    common.define_flags(SPEC)
+    app.run(common.guarded(main))

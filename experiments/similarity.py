@@ -1,0 +1,175 @@
+"""Layer similarity of IMP-pruned networks to the dense one: ``python -m experiments.similarity
+--flagfile=experiments/configs/similarity_lenet5_mnist.cfg``.
+
+Reads a finished ``experiments.imp`` workdir, takes the representations (``models.representations``) of a fixed
+set of test inputs (the first ``--num_inputs`` of the test split, as that run loaded it) for the dense network
+(level 0) and every level, and computes every chosen similarity
+
+* per layer, each level against the same layer of the dense network (``vs_dense``), and
+* the full layer × layer matrix, each level's layers against the dense layers (``matrix``, one jitted
+  ``similarity.pairwise`` call per metric over the stack of levels).
+
+Conv maps: the matrix always flattens them (``(n, h·w·c)``; layers of different spatial size stay comparable).
+For ``vs_dense`` the CCA family uses ``--cca_conv``: ``pixel`` (default; every position of every input is a
+sample, channels are features — svcca's and the pruned-layer-similarity study's choice) or ``flatten``. With
+``flatten``, a layer with ``h·w·c ≥ n`` makes plain CCA degenerate (all correlations 1); SVCCA's SVD step helps.
+
+Writes ``similarity.json`` (config, environment, levels, layers, results) and plots to ``--workdir`` (default
+``<imp_workdir>/similarity``): ``vs_density_<metric>.png`` and ``matrix_<metric>_level<k>.png``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from absl import app, logging
+
+from experiments import common
+from experiments import imp as imp_exp
+from jaxprune import checkpoint, models, plots, similarity
+
+# experiment metric name → (similarity name, options)
+METRICS: dict[str, tuple[str, dict]] = {
+    "mean_cca": ("mean_cca", {}),
+    "svcca": ("svcca", {}),
+    "pwcca": ("pwcca", {}),
+    "pwcca_svcca": ("pwcca", {"svcca_compatible": True}),
+    "linear_cka": ("linear_cka", {}),
+    "linear_cka_debiased": ("linear_cka", {"debiased": True}),
+    "rbf_cka": ("rbf_cka", {}),
+    "nbs": ("nbs", {}),
+}
+CCA_FAMILY = ("mean_cca", "svcca", "pwcca")
+
+SPEC = [
+    ("imp_workdir", "", "a finished (or partly finished) experiments.imp workdir"),
+    ("workdir", "", "output directory (default: <imp_workdir>/similarity)"),
+    ("metrics", list(METRICS), f"similarities to compute, any of {', '.join(METRICS)}"),
+    ("layers", [], "representation names to compare (default: all, in forward order)"),
+    ("num_inputs", 1000, "the first N test inputs are the fixed probe set"),
+    ("cca_conv", "pixel", "conv maps for the CCA family's per-layer comparison", ("pixel", "flatten")),
+    ("keep_variance", 0.99, "SVCCA: variance fraction kept by each side's SVD"),
+    ("truncate", 0.0, "mean CCA / SVCCA: average only the leading correlations holding this mass (svcca's 0.98); "
+                      "0 averages all"),
+    ("rbf_threshold", 1.0, "RBF CKA bandwidth as a fraction of the median distance"),
+]
+DEFAULTS = common.defaults(SPEC)
+
+
+def _options(name: str, c: dict) -> tuple[str, dict]:
+    sim, opts = METRICS[name]
+    opts = dict(opts)
+    if sim in ("mean_cca", "svcca") and c["truncate"]:
+        opts["truncate"] = c["truncate"]
+    if sim == "svcca":
+        opts["keep_variance"] = c["keep_variance"]
+    if sim == "rbf_cka":
+        opts["threshold"] = c["rbf_threshold"]
+    return sim, opts
+
+
+def check_config(config: dict) -> dict:
+    unknown = set(config) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"config: unknown keys {sorted(unknown)}; expected a subset of {sorted(DEFAULTS)}")
+    c = {**DEFAULTS, **config}
+    if not c["imp_workdir"]:
+        raise ValueError("imp_workdir: required (an experiments.imp output directory)")
+    bad = [m for m in c["metrics"] if m not in METRICS]
+    if bad or not c["metrics"]:
+        raise ValueError(f"metrics={c['metrics']}: expected a non-empty subset of {list(METRICS)}")
+    if c["num_inputs"] < 4:
+        raise ValueError(f"num_inputs={c['num_inputs']}: expected at least 4 (500 or more for stable estimates)")
+    if c["cca_conv"] not in ("pixel", "flatten"):
+        raise ValueError(f"cca_conv={c['cca_conv']!r}: expected 'pixel' or 'flatten'")
+    return c
+
+
+def representations(model, variables: list[dict], x: np.ndarray, names: list[str] | None
+                    ) -> tuple[list[str], list[dict]]:
+    """Per level ``{name: (n, …)}`` for the chosen layer names (all, in forward order, when ``names`` is empty)."""
+    reps = [models.representations(model, v, x) for v in variables]
+    avail = list(reps[0])
+    names = list(names) if names else avail
+    missing = [n for n in names if n not in avail]
+    if missing:
+        raise ValueError(f"layers: {missing} not among the model's representations {avail}")
+    return names, [{n: r[n] for n in names} for r in reps]
+
+
+def run(config: dict, workdir: str | Path | None = None) -> dict:
+    """Compute the similarities described by ``config``; writes ``similarity.json`` and plots to ``workdir``."""
+    c = check_config(config)
+    workdir = Path(workdir or c["workdir"] or Path(c["imp_workdir"]) / "similarity")
+    built, variables, records = imp_exp.load_levels(c["imp_workdir"])  # data as that run loaded them
+    x = np.asarray(built.task.x_test[: c["num_inputs"]])
+    names, reps = representations(built.model, variables, x, c["layers"])
+    logging.info("%d levels, %d inputs, layers %s", len(reps), len(x), names)
+
+    flat = [jnp.stack([similarity.flatten_conv(r[n], "flatten") for r in reps]) for n in names]  # (K, n, p)
+    dense = [f[0] for f in flat]
+    matrix, vs_dense = {}, {}
+    for name in c["metrics"]:
+        sim, opts = _options(name, c)
+        m = np.asarray(similarity.pairwise(sim, flat, dense, **opts))  # (K, L, L)
+        matrix[name] = m.tolist()
+        per_layer = {n: [float(v) for v in m[:, i, i]] for i, n in enumerate(names)}
+        if sim in CCA_FAMILY and c["cca_conv"] == "pixel":
+            for n in names:
+                if reps[0][n].ndim == 4:
+                    px = jnp.stack([similarity.flatten_conv(r[n], "pixel") for r in reps])
+                    per_layer[n] = [float(v) for v in similarity.pairwise(sim, [px], [px[0]], **opts)[:, 0, 0]]
+        vs_dense[name] = per_layer
+        logging.info("%s: %s", name, {n: [round(v, 4) for v in vals] for n, vals in per_layer.items()})
+
+    levels = [{"level": r["level"], "density": r["density"], "test_accuracy": r["test_accuracy"]} for r in records]
+    result = {
+        "config": {**c, "workdir": str(workdir)},
+        "environment": common.environment(),
+        "imp_config": checkpoint.read_json(Path(c["imp_workdir"]) / "config.json"),
+        "num_inputs": int(len(x)),
+        "levels": levels,
+        "layers": names,
+        "layer_shapes": {n: list(reps[0][n].shape[1:]) for n in names},
+        "conv": {"matrix": "flatten", "vs_dense_cca_family": c["cca_conv"], "vs_dense_kernel_metrics": "flatten"},
+        "vs_dense": vs_dense,
+        "matrix": matrix,
+    }
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_json(workdir / "similarity.json", result)
+    plot(result, workdir)
+    return result
+
+
+def plot(result: dict, workdir: Path) -> None:
+    """Per metric: similarity to the dense layer vs density (one curve per layer); heatmaps of every pruned level."""
+    density = [lv["density"] for lv in result["levels"]]
+    for name, per_layer in result["vs_dense"].items():
+        plots.curves(density, per_layer, workdir / f"vs_density_{name}.png", xlabel="density",
+                     ylabel=f"{name} similarity to dense", title=f"{name}: each layer vs the dense layer", logx=True)
+        for k, lv in enumerate(result["levels"][1:], start=1):
+            plots.heatmap(np.asarray(result["matrix"][name][k]), workdir / f"matrix_{name}_level{k}.png",
+                          rows=[f"{n} (lvl {k})" for n in result["layers"]], cols=result["layers"],
+                          title=f"{name}: level {k} (density {lv['density']:.3f}) vs dense",
+                          vmin=min(0.0, float(np.min(result["matrix"][name][k]))))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    common.quiet_orbax()
+    config = common.config_from_flags(SPEC)
+    result = run(config)
+    print(f"results: {Path(result['config']['workdir']) / 'similarity.json'}")
+    header = "layer".ljust(10) + "".join(m[:12].rjust(13) for m in result["vs_dense"])
+    for k, lv in enumerate(result["levels"]):
+        print(f"level {k} density {lv['density']:.4f} test accuracy {lv['test_accuracy']:.4f}")
+        print(header)
+        for n in result["layers"]:
+            print(n.ljust(10) + "".join(f"{result['vs_dense'][m][n][k]:13.4f}" for m in result["vs_dense"]))
+
+
+if __name__ == "__main__":
+    common.define_flags(SPEC)
+    app.run(common.guarded(main))

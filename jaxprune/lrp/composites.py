@@ -1,0 +1,111 @@
+"""Composites: which rule each linear layer uses, chosen by layer name or kind (as zennit's composites).
+
+Lookup order for a layer: an exact ``names`` entry, then its role (``"input"`` for the first linear layer,
+``"output"`` for the last), then its kind (``"dense"`` or ``"conv"``), then ``default``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+from jaxprune.lrp import rules as R
+
+__all__ = ["Composite", "epsilon_all", "zplus_all", "epsilon_plus", "epsilon_alpha2_beta1", "epsilon_gamma_box",
+           "epsilon_plus_flat", "PRESETS", "get"]
+
+KINDS = ("dense", "conv", "input", "output")
+
+
+@dataclasses.dataclass(frozen=True)
+class Composite:
+    """``default`` rule plus overrides ``kinds`` (``(("conv", ZPlus()), …)``) and ``names`` (``(("dense_0", …),)``)."""
+
+    default: R.Rule = R.Epsilon()
+    kinds: tuple[tuple[str, R.Rule], ...] = ()
+    names: tuple[tuple[str, R.Rule], ...] = ()
+
+    def __post_init__(self):
+        for k, rule in self.kinds:
+            if k not in KINDS:
+                raise ValueError(f"kinds: unknown layer kind {k!r}; expected one of {KINDS}")
+        for k, rule in (*self.kinds, *self.names, ("default", self.default)):
+            if not isinstance(rule, R.Rule):
+                raise TypeError(f"composite rule for {k!r}: expected a jaxprune.lrp.rules.Rule, got {rule!r}")
+
+    @classmethod
+    def of(cls, default: R.Rule = R.Epsilon(), *, kinds: Mapping[str, R.Rule] | None = None,
+           names: Mapping[str, R.Rule] | None = None) -> "Composite":
+        """Build from dicts: ``Composite.of(Epsilon(), kinds={"conv": ZPlus()}, names={"dense_0": Flat()})``."""
+        return cls(default, tuple((kinds or {}).items()), tuple((names or {}).items()))
+
+    def rule_for(self, name: str, kind: str, role: str | None = None) -> R.Rule:
+        by_name, by_kind = dict(self.names), dict(self.kinds)
+        if name in by_name:
+            return by_name[name]
+        if role is not None and role in by_kind:
+            return by_kind[role]
+        return by_kind.get(kind, self.default)
+
+    def assign(self, layers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, R.Rule], ...]:
+        """Rules for ``layers`` = ``((name, kind), …)`` in forward order: ``((name, rule), …)``."""
+        unknown = set(dict(self.names)) - {n for n, _ in layers}
+        if unknown:
+            raise ValueError(f"composite names {sorted(unknown)} match no linear layer; the model has "
+                             f"{[n for n, _ in layers]}")
+        last = len(layers) - 1
+        return tuple((n, self.rule_for(n, k, "input" if i == 0 else "output" if i == last else None))
+                     for i, (n, k) in enumerate(layers))
+
+
+def epsilon_all(epsilon: float = 1e-6) -> Composite:
+    """LRP-ε everywhere (ε → 0: gradient × input on ReLU nets)."""
+    return Composite(R.Epsilon(epsilon))
+
+
+def zplus_all() -> Composite:
+    """LRP-z⁺ everywhere (the rule of Yeom et al.'s toy experiment)."""
+    return Composite(R.ZPlus())
+
+
+def epsilon_plus(epsilon: float = 0.25) -> Composite:
+    """ε for dense layers, z⁺ for convolutions (zennit's EpsilonPlus)."""
+    return Composite(R.Epsilon(epsilon), kinds=(("conv", R.ZPlus()),))
+
+
+def epsilon_alpha2_beta1(epsilon: float = 0.25) -> Composite:
+    """ε for dense layers, α2β1 for convolutions (Yeom et al.'s image-model setting)."""
+    return Composite(R.Epsilon(epsilon), kinds=(("conv", R.ALPHA2_BETA1),))
+
+
+def epsilon_plus_flat(epsilon: float = 0.25) -> Composite:
+    """flat for the first layer, z⁺ for convolutions, ε for dense layers."""
+    return Composite(R.Epsilon(epsilon), kinds=(("input", R.Flat()), ("conv", R.ZPlus())))
+
+
+def epsilon_gamma_box(low: float | tuple = 0.0, high: float | tuple = 1.0, *, epsilon: float = 0.25,
+                      gamma: float = 0.25) -> Composite:
+    """z^B (box ``[low, high]``) for the first layer, γ for convolutions, ε for dense layers."""
+    return Composite(R.Epsilon(epsilon), kinds=(("input", R.ZBox(low, high)), ("conv", R.Gamma(gamma))))
+
+
+PRESETS = {
+    "epsilon": epsilon_all,
+    "zplus": zplus_all,
+    "epsilon_plus": epsilon_plus,
+    "epsilon_alpha2_beta1": epsilon_alpha2_beta1,
+    "epsilon_plus_flat": epsilon_plus_flat,
+    "epsilon_gamma_box": epsilon_gamma_box,
+    "alpha2_beta1": lambda: Composite(R.ALPHA2_BETA1),
+    "alpha1_beta0": lambda: Composite(R.ALPHA1_BETA0),
+}
+
+
+def get(composite: "Composite | R.Rule | str") -> Composite:
+    """A composite from a preset name, a single rule (used everywhere) or a composite."""
+    if isinstance(composite, Composite):
+        return composite
+    if isinstance(composite, R.Rule):
+        return Composite(composite)
+    if isinstance(composite, str) and composite in PRESETS:
+        return PRESETS[composite]()
+    raise ValueError(f"composite={composite!r}: expected a Composite, a Rule, or one of {sorted(PRESETS)}")

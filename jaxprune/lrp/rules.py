@@ -1,0 +1,292 @@
+"""LRP rules as layer functions whose backward pass is the rule (Montavon et al. 2019, "Layer-wise relevance
+propagation: an overview").
+
+A linear layer ``z = op(x, w) + b`` (``op`` a dense product or a convolution, linear in both arguments) is wrapped
+with :func:`linear`, a ``jax.custom_vjp`` whose forward is the exact layer and whose backward maps the relevance
+``r`` of the outputs to the relevance of the inputs. Writing ``c_ij`` for the contribution of input ``i`` to
+output ``j`` and ``z_j = Σ_i c_ij (+ bias)``, every rule here is
+
+    R_i = Σ_j c_ij / z_j · R_j
+
+with a rule-specific ``c`` (identity, positive part, γ-boosted, flat, squared weights, box-bounded). The sum over
+``j`` is the transposed linear map, i.e. the VJP of ``op`` with respect to its input, so dense and convolutional
+layers share one implementation. Parameters get zero cotangents (relevance is about inputs).
+
+Rules are frozen dataclasses (hashable, so they are static under ``jit``):
+
+* :class:`Epsilon` — ``c = x w``, ``z = Σ c + b + ε·sign(z)`` (sign(0) = +1); ε = 0 is LRP-0 (gradient × input).
+* :class:`ZPlus` — ``c = (x w)⁺``, bias ignored; conservative wherever ``z > 0``.
+* :class:`AlphaBeta` — ``α (x w)⁺ / z⁺ − β (x w)⁻ / z⁻`` with ``α − β = 1``; presets :data:`ALPHA2_BETA1`,
+  :data:`ALPHA1_BETA0` (= z⁺). Bias ignored.
+* :class:`Gamma` — ``c = x w + γ (x w)⁺``, bias ``b + γ b⁺``, ε-stabilised.
+* :class:`Flat` — ``c = 1`` for every connection (uniform over the receptive field).
+* :class:`WSquare` — ``c = w²``.
+* :class:`ZBox` — ``c = x w − l w⁺ − h w⁻`` for inputs bounded by ``l ≤ x ≤ h`` (the first layer).
+
+``(x w)⁺`` means ``x⁺ w⁺ + x⁻ w⁻`` (the positive part of each product), so the rules also hold for signed inputs.
+Weight-free linear maps (average pooling, global average pooling) redistribute in proportion to contributions
+(:func:`proportional`); max pooling needs no rule (its gradient already sends everything to the winner); ReLU passes
+relevance unchanged (:func:`relu`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Op = Callable[[Array, Array], Array]
+
+__all__ = ["DenseOp", "ConvOp", "AvgPoolOp", "MeanOp", "Rule", "Epsilon", "ZPlus", "AlphaBeta", "Gamma", "Flat",
+           "WSquare", "ZBox", "ALPHA2_BETA1", "ALPHA1_BETA0", "linear", "apply_linear", "proportional", "relu",
+           "stabilize", "safe_divide"]
+
+
+# ----------------------------------------------------------------------------------------------- linear maps
+@dataclasses.dataclass(frozen=True)
+class DenseOp:
+    """``x: (n, d_in) @ w: (d_in, d_out)``."""
+
+    def __call__(self, x: Array, w: Array) -> Array:
+        return x @ w
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvOp:
+    """NHWC convolution with an HWIO kernel, as ``flax.linen.Conv`` computes it."""
+
+    padding: str | tuple = "SAME"
+    strides: tuple[int, int] = (1, 1)
+
+    def __call__(self, x: Array, w: Array) -> Array:
+        return lax.conv_general_dilated(x, w, self.strides, self.padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@dataclasses.dataclass(frozen=True)
+class AvgPoolOp:
+    """Non-overlapping-or-not average pooling over H, W: ``(n, h, w, c) -> (n, h', w', c)``."""
+
+    window: tuple[int, int] = (2, 2)
+    strides: tuple[int, int] = (2, 2)
+
+    def __call__(self, x: Array) -> Array:
+        dims, strides = (1, *self.window, 1), (1, *self.strides, 1)
+        return lax.reduce_window(x, 0.0, lax.add, dims, strides, "VALID") / (self.window[0] * self.window[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanOp:
+    """Global average pooling ``(n, h, w, c) -> (n, c)``."""
+
+    def __call__(self, x: Array) -> Array:
+        return jnp.mean(x, axis=(1, 2))
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def stabilize(z: Array, epsilon: float) -> Array:
+    """``z + ε·sign(z)`` with sign(0) = +1, so the result is never smaller in magnitude than ``ε``."""
+    return z + epsilon * jnp.where(z >= 0, 1.0, -1.0).astype(z.dtype)
+
+
+def safe_divide(r: Array, z: Array) -> Array:
+    """``r / z`` where ``z ≠ 0``, else 0 (an output no input contributes to passes nothing back)."""
+    nz = z != 0
+    return jnp.where(nz, r / jnp.where(nz, z, 1.0), 0.0)
+
+
+def _back(op: Op, w: Array, s: Array, x_like: Array) -> Array:
+    """``Σ_j w_ij s_j``: the transpose of the linear map ``u ↦ op(u, w)`` applied to ``s``."""
+    return jax.vjp(lambda u: op(u, w), x_like)[1](s)[0]
+
+
+def _pos(a: Array) -> Array:
+    return jnp.maximum(a, 0)
+
+
+def _neg(a: Array) -> Array:
+    return jnp.minimum(a, 0)
+
+
+# ----------------------------------------------------------------------------------------------- rules
+class Rule:
+    """A rule maps output relevance ``r`` of ``z = op(x, w) + b`` to input relevance ``(same shape as x)``."""
+
+    def backward(self, op: Op, x: Array, w: Array, b: Array, r: Array) -> Array:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Epsilon(Rule):
+    """LRP-ε: ``R_i = Σ_j x_i w_ij / (z_j + ε sign z_j) R_j``; the bias absorbs its share."""
+
+    epsilon: float = 1e-6
+
+    def __post_init__(self):
+        if not self.epsilon >= 0:
+            raise ValueError(f"epsilon={self.epsilon}: expected a non-negative stabiliser")
+
+    def backward(self, op, x, w, b, r):
+        s = safe_divide(r, stabilize(op(x, w) + b, self.epsilon))
+        return x * _back(op, w, s, x)
+
+
+def _positive_part(op: Op, x: Array, w: Array, s: Array | None = None):
+    """``Σ_i (x_i w_ij)⁺`` and, given ``s``, the input relevance ``Σ_j (x_i w_ij)⁺ s_j``."""
+    xp, xn, wp, wn = _pos(x), _neg(x), _pos(w), _neg(w)
+    if s is None:
+        return op(xp, wp) + op(xn, wn)
+    return xp * _back(op, wp, s, x) + xn * _back(op, wn, s, x)
+
+
+def _negative_part(op: Op, x: Array, w: Array, s: Array | None = None):
+    """``Σ_i (x_i w_ij)⁻`` and, given ``s``, the input relevance ``Σ_j (x_i w_ij)⁻ s_j``."""
+    xp, xn, wp, wn = _pos(x), _neg(x), _pos(w), _neg(w)
+    if s is None:
+        return op(xp, wn) + op(xn, wp)
+    return xp * _back(op, wn, s, x) + xn * _back(op, wp, s, x)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZPlus(Rule):
+    """LRP-z⁺: only positive contributions, biases ignored: ``R_i = Σ_j (x_i w_ij)⁺ / Σ_i (x_i w_ij)⁺ R_j``."""
+
+    def backward(self, op, x, w, b, r):
+        return _positive_part(op, x, w, safe_divide(r, _positive_part(op, x, w)))
+
+
+@dataclasses.dataclass(frozen=True)
+class AlphaBeta(Rule):
+    """LRP-αβ: ``R_i = Σ_j (α (x_i w_ij)⁺ / z⁺_j − β (x_i w_ij)⁻ / z⁻_j) R_j``, ``α − β = 1``, biases ignored."""
+
+    alpha: float = 2.0
+    beta: float = 1.0
+
+    def __post_init__(self):
+        if self.beta < 0 or abs(self.alpha - self.beta - 1.0) > 1e-9:
+            raise ValueError(f"alpha={self.alpha}, beta={self.beta}: expected beta >= 0 and alpha - beta = 1")
+
+    def backward(self, op, x, w, b, r):
+        pos = _positive_part(op, x, w, self.alpha * safe_divide(r, _positive_part(op, x, w)))
+        if self.beta == 0:
+            return pos
+        return pos - _negative_part(op, x, w, self.beta * safe_divide(r, _negative_part(op, x, w)))
+
+
+ALPHA2_BETA1 = AlphaBeta(2.0, 1.0)
+ALPHA1_BETA0 = AlphaBeta(1.0, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gamma(Rule):
+    """LRP-γ: ``c_ij = x_i w_ij + γ (x_i w_ij)⁺``, bias ``b + γ b⁺``, denominator ε-stabilised."""
+
+    gamma: float = 0.25
+    epsilon: float = 1e-6
+
+    def __post_init__(self):
+        if not (self.gamma >= 0 and self.epsilon >= 0):
+            raise ValueError(f"gamma={self.gamma}, epsilon={self.epsilon}: expected non-negative values")
+
+    def backward(self, op, x, w, b, r):
+        z = op(x, w) + self.gamma * _positive_part(op, x, w) + b + self.gamma * _pos(b)
+        s = safe_divide(r, stabilize(z, self.epsilon))
+        return x * _back(op, w, s, x) + self.gamma * _positive_part(op, x, w, s)
+
+
+@dataclasses.dataclass(frozen=True)
+class Flat(Rule):
+    """Flat: every connected input gets an equal share, whatever ``x`` and ``w``."""
+
+    def backward(self, op, x, w, b, r):
+        ones_x, ones_w = jnp.ones_like(x), jnp.ones_like(w)
+        return _back(op, ones_w, safe_divide(r, op(ones_x, ones_w)), x)
+
+
+@dataclasses.dataclass(frozen=True)
+class WSquare(Rule):
+    """w²: shares in proportion to squared weights, whatever ``x``."""
+
+    def backward(self, op, x, w, b, r):
+        w2 = w * w
+        return _back(op, w2, safe_divide(r, op(jnp.ones_like(x), w2)), x)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZBox(Rule):
+    """z^B for inputs in a box ``low ≤ x ≤ high``: ``c_ij = x_i w_ij − l_i w⁺_ij − h_i w⁻_ij`` (biases ignored).
+
+    ``low``/``high``: a float, or one float per input channel (last axis of ``x``).
+    """
+
+    low: float | tuple[float, ...] = 0.0
+    high: float | tuple[float, ...] = 1.0
+
+    def __post_init__(self):
+        lo, hi = jnp.asarray(self.low, jnp.float32), jnp.asarray(self.high, jnp.float32)
+        if lo.ndim > 1 or hi.ndim > 1 or not bool(jnp.all(lo <= hi)):
+            raise ValueError(f"low={self.low}, high={self.high}: expected floats (or per-channel tuples) "
+                             "with low <= high")
+
+    def backward(self, op, x, w, b, r):
+        lo = jnp.broadcast_to(jnp.asarray(self.low, x.dtype), x.shape)
+        hi = jnp.broadcast_to(jnp.asarray(self.high, x.dtype), x.shape)
+        wp, wn = _pos(w), _neg(w)
+        s = safe_divide(r, op(x, w) - op(lo, wp) - op(hi, wn))
+        return x * _back(op, w, s, x) - lo * _back(op, wp, s, x) - hi * _back(op, wn, s, x)
+
+
+# ----------------------------------------------------------------------------------------------- custom VJPs
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def linear(rule: Rule, op: Op, x: Array, w: Array, b: Array) -> Array:
+    """``op(x, w) + b`` whose VJP is ``rule`` (cotangent in = output relevance, out = input relevance)."""
+    return op(x, w) + b
+
+
+def _linear_fwd(rule, op, x, w, b):
+    return op(x, w) + b, (x, w, b)
+
+
+def _linear_bwd(rule, op, res, r):
+    x, w, b = res
+    return rule.backward(op, x, w, b, r), jnp.zeros_like(w), jnp.zeros_like(b)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+def apply_linear(rule: Rule | None, op: Op, x: Array, w: Array, b: Array | None) -> Array:
+    """The layer under ``rule``; ``rule=None`` is the plain layer (ordinary gradients)."""
+    b = jnp.zeros((w.shape[-1],), x.dtype) if b is None else b
+    return op(x, w) + b if rule is None else linear(rule, op, x, w, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def proportional(f: Callable[[Array], Array], epsilon: float, x: Array) -> Array:
+    """A weight-free linear map ``f`` (average pooling) whose VJP shares relevance in proportion to ``x``."""
+    return f(x)
+
+
+def _prop_fwd(f, epsilon, x):
+    return f(x), x
+
+
+def _prop_bwd(f, epsilon, x, r):
+    s = safe_divide(r, stabilize(f(x), epsilon))
+    return (x * jax.vjp(f, x)[1](s)[0],)
+
+
+proportional.defvjp(_prop_fwd, _prop_bwd)
+
+
+@jax.custom_vjp
+def relu(x: Array) -> Array:
+    """ReLU whose VJP passes relevance through unchanged."""
+    return jnp.maximum(x, 0)
+
+
+relu.defvjp(lambda x: (jnp.maximum(x, 0), None), lambda _, r: (r,))

@@ -1,0 +1,222 @@
+"""Centred kernel alignment (Kornblith et al. 2019): linear, RBF, debiased, from Gram matrices, and the streaming
+minibatch estimator of Nguyen et al. 2021. All are *similarities* (1 for identical representations).
+
+``CKA(K, L) = ⟨HKH, HLH⟩_F / (‖HKH‖_F ‖HLH‖_F)``, ``H = I - 11ᵀ/n`` (both kernels centred on both sides).
+``debiased=True`` replaces the biased HSIC by the unbiased estimator HSIC₁ of Song et al. 2012, computed through
+U-centring (diagonal zeroed; needs n ≥ 4); debiased CKA can be slightly negative for unrelated representations.
+
+Linear CKA never forms an n × n matrix when ``p ≤ n``: with centred ``X`` (n, p), ``CKA = ‖XᵀY‖²_F / (‖XᵀX‖_F
+‖YᵀY‖_F)`` and HSIC₁ needs only ``‖XᵀY‖_F``, the row norms and their sums. For ``p > n`` a factor ``F`` with
+``FFᵀ = XXᵀ`` (thin SVD, n columns) is used instead, so the cost is ``O(n · min(n, p1) · min(n, p2))``.
+Inside ``jit``/``vmap`` (tracers) only shapes are checked; non-finite input gives NaN.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Iterable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxprune.similarity import _checks
+from jaxprune.similarity.cca import Metric, evaluate
+
+Array = jax.Array
+
+
+def gram_linear(x: Array) -> Array:
+    """``x: (n, p)`` → ``(n, n)`` linear kernel ``x xᵀ``."""
+    return x @ x.T
+
+
+def _sq_distances(x: Array) -> Array:
+    sq = jnp.sum(x * x, axis=1)
+    return jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)
+
+
+def gram_rbf(x: Array, threshold: float = 1.0) -> Array:
+    """``x: (n, p)`` → ``(n, n)`` Gaussian kernel ``exp(-‖x_i - x_j‖² / (2σ²))``, ``σ = threshold ·`` the median
+    distance between distinct samples (Kornblith et al.'s code takes the median over all n² entries, zero diagonal
+    included, which gives a slightly smaller σ for small n)."""
+    d2 = _sq_distances(x)
+    n = x.shape[0]
+    iu = jnp.triu_indices(n, 1)
+    med = jnp.median(d2[iu])
+    return jnp.exp(-d2 / (2.0 * threshold**2 * jnp.maximum(med, jnp.finfo(x.dtype).tiny)))
+
+
+def center_gram(k: Array, unbiased: bool = False) -> Array:
+    """``HKH`` (``unbiased=False``), or the U-centred matrix (zero diagonal) whose inner products give HSIC₁."""
+    if not unbiased:
+        k = k - jnp.mean(k, axis=0, keepdims=True)
+        return k - jnp.mean(k, axis=1, keepdims=True)
+    n = k.shape[0]
+    k = k * (1.0 - jnp.eye(n, dtype=k.dtype))
+    row = jnp.sum(k, axis=0) / (n - 2)
+    row = row - jnp.sum(row) / (2.0 * (n - 1))
+    return (k - row[:, None] - row[None, :]) * (1.0 - jnp.eye(n, dtype=k.dtype))
+
+
+def _cosine(kc: Array, lc: Array) -> Array:
+    den = jnp.sqrt(jnp.sum(kc * kc)) * jnp.sqrt(jnp.sum(lc * lc))
+    return jnp.where(den > 0, jnp.sum(kc * lc) / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+# ------------------------------------------------------------------------------ metrics as (prepare, compare)
+class _Linear(NamedTuple):
+    f: Array  # (n, k) centred factor with f fᵀ = X Xᵀ (X centred)
+    d: Array  # (n,) squared row norms = diag(X Xᵀ)
+    self_: Array  # () ‖XᵀX‖²_F (biased) or n(n-3)·HSIC₁(X, X) (debiased)
+
+
+def _linear_factor(x: Array) -> Array:
+    xc = x - jnp.mean(x, axis=0)
+    n, p = x.shape
+    if p <= n:
+        return xc
+    u, s, _ = jnp.linalg.svd(xc, full_matrices=False)  # (n, n) factor: same Gram, fewer columns
+    return u * s
+
+
+def _hsic(fx: Array, fy: Array, dx: Array, dy: Array, debiased: bool) -> Array:
+    """``n(n-3)·HSIC₁`` (debiased) or ``‖XᵀY‖²_F = tr(KHLH)`` (biased) from centred factors."""
+    cross = jnp.sum((fx.T @ fy) ** 2)
+    if not debiased:
+        return cross
+    n = fx.shape[0]
+    return (cross - dx @ dy + jnp.sum(dx) * jnp.sum(dy) / ((n - 1) * (n - 2)) - 2.0 * (dx @ dy) / (n - 2))
+
+
+def _ratio(num: Array, a: Array, b: Array) -> Array:
+    den = jnp.sqrt(jnp.maximum(a, 0.0) * jnp.maximum(b, 0.0))
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+@functools.lru_cache(maxsize=None)
+def linear_cka_metric(debiased: bool = False) -> Metric:
+    def prepare(x: Array) -> _Linear:
+        f = _linear_factor(x)
+        d = jnp.sum(f * f, axis=1)
+        return _Linear(f, d, _hsic(f, f, d, d, debiased))
+
+    def compare(a: _Linear, b: _Linear) -> Array:
+        return _ratio(_hsic(a.f, b.f, a.d, b.d, debiased), a.self_, b.self_)
+
+    return prepare, compare
+
+
+@functools.lru_cache(maxsize=None)
+def gram_cka_metric(debiased: bool = False) -> Metric:
+    """Prepare = a Gram matrix → its centred (or U-centred) version; compare = cosine of centred Grams."""
+    return functools.partial(center_gram, unbiased=debiased), _cosine
+
+
+@functools.lru_cache(maxsize=None)
+def rbf_cka_metric(threshold: float = 1.0, debiased: bool = False) -> Metric:
+    def prepare(x: Array) -> Array:
+        return center_gram(gram_rbf(x, threshold), unbiased=debiased)
+
+    return prepare, _cosine
+
+
+# ----------------------------------------------------------------------------------------------- public API
+def _min_n(debiased: bool) -> int:
+    return 4 if debiased else 2
+
+
+def linear_cka(x: Array, y: Array, *, debiased: bool = False) -> Array:
+    """Linear CKA similarity of ``x: (n, p1)`` and ``y: (n, p2)`` (n ≥ 4 when ``debiased``)."""
+    x, y = _checks.pair(x, y, min_n=_min_n(debiased))
+    return evaluate(linear_cka_metric(bool(debiased)), x, y)
+
+
+def rbf_cka(x: Array, y: Array, threshold: float = 1.0, *, debiased: bool = False) -> Array:
+    """RBF-kernel CKA similarity; bandwidth ``σ = threshold ×`` median pairwise distance (per layer)."""
+    x, y = _checks.pair(x, y, min_n=_min_n(debiased))
+    return evaluate(rbf_cka_metric(_checks.positive(threshold, "threshold"), bool(debiased)), x, y)
+
+
+def cka_from_grams(k: Array, l: Array, *, debiased: bool = False) -> Array:
+    """CKA similarity of two ``(n, n)`` Gram matrices of the same inputs (any kernel); centred here."""
+    k, l = _checks.gram_pair(k, l, min_n=_min_n(debiased))
+    return evaluate(gram_cka_metric(bool(debiased)), k, l)
+
+
+# ------------------------------------------------------------------------------------ streaming minibatch CKA
+class MinibatchCKA(NamedTuple):
+    """Running sums of per-batch HSIC₁ (Nguyen et al. 2021) for every layer pair."""
+
+    xy: Array  # (Lx, Ly)
+    xx: Array  # (Lx,)
+    yy: Array  # (Ly,)
+    batches: Array  # () number of batches seen
+
+
+def minibatch_cka_init(num_x: int, num_y: int | None = None, dtype=None) -> MinibatchCKA:
+    """Empty accumulator for ``num_x`` layers against ``num_y`` layers (``None``: the same network)."""
+    num_y = num_x if num_y is None else num_y
+    dtype = dtype or _checks.float_dtype()
+    return MinibatchCKA(jnp.zeros((num_x, num_y), dtype), jnp.zeros((num_x,), dtype), jnp.zeros((num_y,), dtype),
+                        jnp.zeros((), jnp.int32))
+
+
+def _ugrams(xs: Sequence[Array], dtype) -> Array:
+    """Per-layer U-centred linear Grams of one batch, stacked: ``(L, b, b)``."""
+    return jnp.stack([center_gram(gram_linear(x.reshape(x.shape[0], -1).astype(dtype)), unbiased=True)
+                      for x in xs])
+
+
+@jax.jit
+def _update(state: MinibatchCKA, xs: tuple, ys: tuple | None) -> MinibatchCKA:
+    dtype = state.xy.dtype
+    kx = _ugrams(xs, dtype)
+    ky = kx if ys is None else _ugrams(ys, dtype)
+    b = kx.shape[1]
+    scale = 1.0 / (b * (b - 3))
+    xy = jnp.einsum("aij,bij->ab", kx, ky) * scale
+    xx = jnp.einsum("aij,aij->a", kx, kx) * scale
+    yy = xx if ys is None else jnp.einsum("aij,aij->a", ky, ky) * scale
+    return MinibatchCKA(state.xy + xy, state.xx + xx, state.yy + yy, state.batches + 1)
+
+
+def minibatch_cka_update(state: MinibatchCKA, xs: Sequence[Array], ys: Sequence[Array] | None = None
+                         ) -> MinibatchCKA:
+    """Add one batch: ``xs[l]: (b, …)`` activations of layer ``l`` (trailing dims flattened), ``ys`` likewise for
+    the other network (``None``: ``xs`` against itself). Every layer must hold the same ``b ≥ 4`` inputs."""
+    def check(layers, name, count):
+        if not isinstance(layers, (list, tuple)) or len(layers) != count:
+            raise ValueError(f"{name}: expected a list of {count} arrays (one per layer), got "
+                             f"{type(layers).__name__} of length {len(layers) if hasattr(layers, '__len__') else '?'}")
+        out = []
+        for i, a in enumerate(layers):
+            a = jnp.asarray(a) if not isinstance(a, jax.core.Tracer) else a
+            out.append(_checks.activations(a.reshape(a.shape[0], -1) if a.ndim > 2 else a, f"{name}[{i}]", min_n=4))
+        if len({a.shape[0] for a in out}) != 1:
+            raise ValueError(f"{name}: all layers must hold the same batch of inputs, got sizes "
+                             f"{[a.shape[0] for a in out]}")
+        return tuple(out)
+
+    xs = check(xs, "xs", state.xx.shape[0])
+    ys = None if ys is None else check(ys, "ys", state.yy.shape[0])
+    if ys is not None:
+        _checks.same_n(xs[0], ys[0], ("xs", "ys"))
+    return _update(state, xs, ys)
+
+
+def minibatch_cka_result(state: MinibatchCKA) -> Array:
+    """``(Lx, Ly)`` minibatch CKA: ``Σ_b HSIC₁(K_b, L_b) / sqrt(Σ_b HSIC₁(K_b, K_b) · Σ_b HSIC₁(L_b, L_b))``."""
+    if int(state.batches) == 0:
+        raise ValueError("state: no batch added yet (call minibatch_cka_update first)")
+    return _ratio(state.xy, state.xx[:, None], state.yy[None, :])
+
+
+def minibatch_cka(batches: Iterable[tuple[Sequence[Array], Sequence[Array] | None]]) -> Array:
+    """Minibatch CKA over an iterable of ``(xs, ys)`` batches (``ys=None``: one network against itself)."""
+    state = None
+    for xs, ys in batches:
+        if state is None:
+            state = minibatch_cka_init(len(xs), None if ys is None else len(ys))
+        state = minibatch_cka_update(state, xs, ys)
+    if state is None:
+        raise ValueError("batches: empty; expected at least one (xs, ys) batch")
+    return minibatch_cka_result(state)

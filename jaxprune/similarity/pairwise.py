@@ -1,0 +1,112 @@
+"""Every layer of one network against every layer of another, in one jitted call.
+
+``pairwise("linear_cka", xs, ys)`` → ``(Lx, Ly)``. Each metric is a pair ``(prepare, compare)``: ``prepare``
+factorises one layer (centring, SVD, Gram …) and runs **once per layer**; ``compare`` maps two prepared layers to a
+scalar. Layers are grouped by shape; within a group ``prepare`` is ``vmap``-ed, and each (x-group, y-group) block is
+one ``vmap(vmap(compare))`` — the only Python loop is over the (few) distinct shapes, never over pairs.
+
+Stacks: a layer given as ``(s, n, p)`` is a stack of ``s`` networks (e.g. IMP levels). If ``xs`` is stacked and
+``ys`` is not, the result is ``(s, Lx, Ly)`` (every level against the same reference); if both are stacked (same
+``s``), entry ``[i]`` compares stack member ``i`` of both; ``ys=None`` compares ``xs`` with itself.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxprune.similarity import _checks
+from jaxprune.similarity.cca import Metric, mean_cca_metric, pwcca_metric, svcca_metric
+from jaxprune.similarity.cka import linear_cka_metric, rbf_cka_metric
+from jaxprune.similarity.nbs import nbs_metric
+
+Array = jax.Array
+
+# name → (factory, {option: (default, validator)}); every metric is a similarity (larger = more similar).
+_OPTIONS: dict[str, tuple[Callable[..., Metric], dict[str, tuple[Any, Callable]]]] = {
+    "mean_cca": (mean_cca_metric, {
+        "truncate": (None, lambda v: _checks.fraction(v, "truncate", allow_none=True)),
+        "epsilon": (None, _checks.epsilon)}),
+    "svcca": (svcca_metric, {
+        "keep_variance": (0.99, lambda v: _checks.fraction(v, "keep_variance")),
+        "truncate": (None, lambda v: _checks.fraction(v, "truncate", allow_none=True)),
+        "epsilon": (None, _checks.epsilon)}),
+    "pwcca": (pwcca_metric, {"svcca_compatible": (False, bool), "epsilon": (None, _checks.epsilon)}),
+    "linear_cka": (linear_cka_metric, {"debiased": (False, bool)}),
+    "rbf_cka": (rbf_cka_metric, {"threshold": (1.0, lambda v: _checks.positive(v, "threshold")),
+                                     "debiased": (False, bool)}),
+    "nbs": (nbs_metric, {}),
+}
+SIMILARITIES = tuple(_OPTIONS)
+
+
+def metric(name: str, **options) -> Metric:
+    """The ``(prepare, compare)`` pair of a named similarity, e.g. ``metric("rbf_cka", threshold=0.5)``."""
+    if name not in _OPTIONS:
+        raise ValueError(f"metric={name!r}: expected one of {SIMILARITIES}")
+    factory, spec = _OPTIONS[name]
+    unknown = set(options) - set(spec)
+    if unknown:
+        raise ValueError(f"metric {name!r}: unknown option(s) {sorted(unknown)}; expected a subset of {sorted(spec)}")
+    return factory(**{k: check(options.get(k, default)) for k, (default, check) in spec.items()})
+
+
+def _groups(layers: Sequence[Array]) -> list[tuple[tuple, np.ndarray]]:
+    """``[(shape, layer indices)]`` in first-appearance order."""
+    out: dict[tuple, list[int]] = {}
+    for i, a in enumerate(layers):
+        out.setdefault(tuple(a.shape), []).append(i)
+    return [(k, np.asarray(v)) for k, v in out.items()]
+
+
+def _prepare(prepare: Callable, layers: Sequence[Array], idx: np.ndarray, stacked: bool):
+    """Prepared features of the layers ``idx`` (equal shapes), leading axes ``(g,)`` or ``(g, s)``."""
+    f = jax.vmap(prepare)
+    return (jax.vmap(f) if stacked else f)(jnp.stack([layers[i] for i in idx]))
+
+
+def _block(compare: Callable, fx, fy, x_stacked: bool, y_stacked: bool) -> Array:
+    """``(g, h)`` or ``(s, g, h)`` block of ``compare`` between two prepared groups."""
+    grid = jax.vmap(jax.vmap(compare, in_axes=(None, 0)), in_axes=(0, None))
+    if not (x_stacked or y_stacked):
+        return grid(fx, fy)
+    return jax.vmap(grid, in_axes=(1 if x_stacked else None, 1 if y_stacked else None))(fx, fy)
+
+
+@functools.partial(jax.jit, static_argnames=("metric", "x_stacked", "y_stacked", "same"))
+def _pairwise(metric: Metric, xs: tuple, ys: tuple, x_stacked: bool, y_stacked: bool, same: bool) -> Array:
+    prepare, compare = metric
+    gx = [(idx, _prepare(prepare, xs, idx, x_stacked)) for _, idx in _groups(xs)]
+    gy = gx if same else [(idx, _prepare(prepare, ys, idx, y_stacked)) for _, idx in _groups(ys)]
+    stack = xs[0].shape[0] if x_stacked else (ys[0].shape[0] if y_stacked else None)
+    out = jnp.zeros(((stack,) if stack else ()) + (len(xs), len(ys)), xs[0].dtype)
+    for ix, fx in gx:
+        for iy, fy in gy:
+            out = out.at[..., ix[:, None], iy[None, :]].set(_block(compare, fx, fy, x_stacked, y_stacked))
+    return out
+
+
+def pairwise(metric_name: str | Metric, xs: Sequence[Array], ys: Sequence[Array] | None = None, **options
+             ) -> Array:
+    """Similarity of every layer in ``xs`` with every layer in ``ys`` → ``(Lx, Ly)`` (or ``(s, Lx, Ly)`` for stacks).
+
+    xs: list of ``(n, p_i)`` activations (or ``(s, n, p_i)`` stacks); ys: list of ``(n, q_j)`` (or stacks), or
+    ``None`` for ``xs`` against itself. ``metric_name``: one of :data:`SIMILARITIES` (options as in the single-pair
+    functions, e.g. ``debiased=True``), or a custom ``(prepare, compare)`` pair. Conv maps must be flattened first
+    (:func:`flatten_conv`).
+    """
+    m = metric(metric_name, **options) if isinstance(metric_name, str) else metric_name
+    if not isinstance(metric_name, str) and options:
+        raise ValueError("options: only for named metrics; bake them into a custom (prepare, compare) pair")
+    xs, sx = _checks.layers(xs, "xs")
+    same = ys is None
+    ys, sy = (xs, sx) if same else _checks.layers(ys, "ys")
+    if sx is not None and sy is not None and sx != sy:
+        raise ValueError(f"xs and ys are stacks of different sizes ({sx} vs {sy}); expected the same s")
+    _checks.same_n(xs[0], ys[0], ("xs", "ys"))
+    if options.get("debiased") and xs[0].shape[-2] < 4:
+        raise ValueError(f"xs: debiased=True needs at least 4 samples, got {xs[0].shape[-2]}")
+    return _pairwise(m, tuple(xs), tuple(ys), sx is not None, sy is not None, same)

@@ -1,0 +1,33 @@
+"""The experiment entry points as a user runs them: flagfiles, exit codes, one-line errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "experiments.imp", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_quickstart_flagfile_runs_and_resumes(tmp_path):
+    wd = tmp_path / "qs"
+    args = ["--flagfile=experiments/configs/quickstart.cfg", f"--workdir={wd}", "--levels=1", "--training_steps=20"]
+    p = _cli(*args)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "level  1  density 0.6000" in p.stdout
+    res = json.loads((wd / "results.json").read_text())
+    assert res["finished"] and res["config"]["dataset"] == "digits"
+    p2 = _cli(*args)
+    assert p2.returncode == 0 and "already finished" in p2.stderr
+
+
+def test_bad_flag_value_is_one_clear_line(tmp_path):
+    p = _cli("--lr=-1", f"--workdir={tmp_path / 'x'}")
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == "error: lr=-1.0: expected a positive finite learning rate"
+    p = _cli("--rewind=sideways", f"--workdir={tmp_path / 'x'}")
+    assert p.returncode != 0 and "rewind" in p.stderr and "Traceback" not in p.stderr

@@ -1,0 +1,191 @@
+"""jaxprune.imp: exact densities, zero pruned weights, each rewind mode's start point, branches, resumption."""
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from experiments import imp as imp_exp
+from jaxprune import imp, masks, models, train
+
+SMALL = dict(dataset="digits", model="mlp", hidden=["24"], optimizer="momentum", lr=0.05, schedule="step",
+             milestones=["30"], training_steps="40", batch_size=64, prune_fraction=0.5, seed=3)
+
+
+def _run(tmp_path, name, **kw):
+    cfg = {**SMALL, **kw}
+    return imp_exp.train_and_evaluate(cfg, tmp_path / name), tmp_path / name
+
+
+def _count(n_prunable, fraction, levels):
+    r = n_prunable
+    for _ in range(levels):
+        r -= math.ceil(fraction * r - 1e-9)
+    return r
+
+
+def _opt_count(opt_state):
+    return int(optax.tree_utils.tree_get(opt_state, "count"))
+
+
+@pytest.fixture(scope="module")
+def lottery(tmp_path_factory):
+    res, wd = _run(tmp_path_factory.mktemp("imp"), "lottery", levels=2, rewind="init", branch="random_mask")
+    b, variables, recs = imp_exp.load_levels(wd)
+    return res, wd, b, variables, recs
+
+
+def test_densities_are_exact_and_pruned_weights_stay_zero(lottery):
+    res, wd, b, variables, _ = lottery
+    n = 64 * 24  # dense_0 only: the output layer is excluded
+    for k, r in enumerate(res["levels"]):
+        assert r["kept_weights"] == _count(n, 0.5, k)
+        assert abs(r["density"] - 0.5 ** k) <= 1 / n
+        assert r["layer_densities"].keys() == {"dense_0/kernel"}
+        assert 0 <= r["test_accuracy"] <= 1 and np.isfinite(r["train_loss"])
+        tree = imp.load_level(wd, k, b.task)
+        mask = np.asarray(tree["mask"]["dense_0"]["kernel"])
+        kernel = np.asarray(variables[k]["params"]["dense_0"]["kernel"])
+        assert mask.sum() == r["kept_weights"]
+        assert (kernel[~mask] == 0).all() and (kernel[mask] != 0).all()
+        assert np.asarray(tree["mask"]["dense_1"]["kernel"]).all()
+        # the mask of level k is the magnitude-pruned mask of level k-1's trained weights
+        if k:
+            prev = imp.load_level(wd, k - 1, b.task)
+            pr = masks.prunable_leaves(prev["state"].params, exclude=("^dense_1/",))
+            expect = masks.magnitude_prune(prev["state"].params, prev["mask"], pr, 0.5)
+            np.testing.assert_array_equal(expect["dense_0"]["kernel"], mask)
+    assert res["finished"] and len(res["levels"]) == 3
+
+
+def test_random_mask_branch_has_the_same_layer_densities(lottery):
+    res = lottery[0]
+    for r in res["levels"][1:]:
+        br = r["branch"]
+        assert br["name"] == "random_mask" and br["layer_densities"] == r["layer_densities"]
+        assert br["kept_weights"] == r["kept_weights"]
+
+
+def test_init_rewinding_restores_initial_weights(lottery):
+    _, wd, b, variables, _ = lottery
+    init = models.init(b.model, imp._Keys(b.task.seed).init, b.task.x_train.shape)["params"]
+    tree = imp.load_level(wd, 2, b.task)
+    for a, c in zip(jax.tree_util.tree_leaves(tree["rewind_point"].params), jax.tree_util.tree_leaves(init)):
+        np.testing.assert_array_equal(a, c)
+    setup = imp._Setup(b.task, imp._Keys(b.task.seed))
+    prev = imp.load_level(wd, 1, b.task)
+    start = imp._start_state(setup, b.imp, tree["mask"], prev["state"], tree["rewind_point"])
+    m = np.asarray(tree["mask"]["dense_0"]["kernel"])
+    np.testing.assert_array_equal(np.asarray(start.params["dense_0"]["kernel"]),
+                                  np.where(m, np.asarray(init["dense_0"]["kernel"]), 0))
+    assert int(start.step) == 0 and _opt_count(start.opt_state) == 0
+
+
+def _start_of_level1(tmp_path, rewind, **kw):
+    res, wd = _run(tmp_path, rewind, levels=1, rewind=rewind, **kw)
+    b, _, _ = imp_exp.load_levels(wd)
+    l0, l1 = imp.load_level(wd, 0, b.task), imp.load_level(wd, 1, b.task)
+    setup = imp._Setup(b.task, imp._Keys(b.task.seed))
+    start = imp._start_state(setup, b.imp, l1["mask"], l0["state"], l1["rewind_point"])
+    return res, b, setup, l0, l1, start
+
+
+def test_lr_rewinding_keeps_trained_weights_and_restarts_the_schedule(tmp_path):
+    res, b, setup, l0, l1, start = _start_of_level1(tmp_path, "lr")
+    m = np.asarray(l1["mask"]["dense_0"]["kernel"])
+    np.testing.assert_array_equal(np.asarray(start.params["dense_0"]["kernel"]),
+                                  np.where(m, np.asarray(l0["state"].params["dense_0"]["kernel"]), 0))
+    assert int(start.step) == 0 and _opt_count(start.opt_state) == 0
+    assert _opt_count(l0["state"].opt_state) == 40 and _opt_count(l1["state"].opt_state) == 40
+    assert float(setup.schedule(0)) == pytest.approx(0.05) and float(setup.schedule(39)) == pytest.approx(0.005)
+    assert res["levels"][1]["steps"] == 40
+
+
+def test_step_rewinding_restarts_from_step_k(tmp_path):
+    res, b, setup, l0, l1, start = _start_of_level1(tmp_path, "step", rewind_step="10")
+    assert int(start.step) == 10 and _opt_count(start.opt_state) == 10
+    assert int(l1["rewind_point"].step) == 10
+    assert res["levels"][1]["steps"] == 40
+
+
+def test_finetune_continues_at_the_final_learning_rate(tmp_path):
+    res, b, setup, l0, l1, start = _start_of_level1(tmp_path, "finetune")
+    m = np.asarray(l1["mask"]["dense_0"]["kernel"])
+    np.testing.assert_array_equal(np.asarray(start.params["dense_0"]["kernel"]),
+                                  np.where(m, np.asarray(l0["state"].params["dense_0"]["kernel"]), 0))
+    assert float(setup.tx_finetune.update is not None) and float(setup.schedule(40)) == pytest.approx(0.005)
+    # moments carried over from the dense run, zeroed where the mask prunes
+    mu = optax.tree_utils.tree_get(start.opt_state, "trace")["dense_0"]["kernel"]
+    assert (np.asarray(mu)[~m] == 0).all() and (np.asarray(mu)[m] != 0).any()
+
+
+def test_reinit_branch_uses_fresh_weights(tmp_path):
+    res, wd = _run(tmp_path, "reinit", levels=1, branch="reinit")
+    br = res["levels"][1]["branch"]
+    assert br["name"] == "reinit" and br["kept_weights"] == res["levels"][1]["kept_weights"]
+    assert br["test_accuracy"] != res["levels"][1]["test_accuracy"]
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, lottery):
+    full = lottery[0]
+    wd = tmp_path / "lottery"
+    imp_exp.train_and_evaluate({**SMALL, "levels": 1, "branch": "random_mask"}, wd)
+    (wd / "level_2").mkdir()  # a level that crashed half-way: no level.json
+    (wd / "level_2" / "junk").write_text("partial")
+    resumed = imp_exp.train_and_evaluate({**SMALL, "levels": 2, "branch": "random_mask"}, wd)
+    assert [r["kept_weights"] for r in resumed["levels"]] == [r["kept_weights"] for r in full["levels"]]
+    for a, c in zip(resumed["levels"], full["levels"]):
+        assert a["test_accuracy"] == pytest.approx(c["test_accuracy"], abs=1e-6)
+        assert a["branch"]["test_accuracy"] == pytest.approx(c["branch"]["test_accuracy"], abs=1e-6) if "branch" in a else True
+    b = imp_exp.load_levels(wd)[0]
+    np.testing.assert_array_equal(imp.load_level(wd, 2, b.task)["mask"]["dense_0"]["kernel"],
+                                  imp.load_level(lottery[1], 2, b.task)["mask"]["dense_0"]["kernel"])
+    # a finished run is skipped: nothing is retrained or rewritten
+    stamp = (wd / "level_2" / "level.json").stat().st_mtime_ns
+    again = imp_exp.train_and_evaluate({**SMALL, "levels": 2, "branch": "random_mask"}, wd)
+    assert (wd / "level_2" / "level.json").stat().st_mtime_ns == stamp
+    assert [r["test_accuracy"] for r in again["levels"]] == [r["test_accuracy"] for r in resumed["levels"]]
+
+
+def test_results_files(lottery):
+    _, wd, *_ = lottery
+    res = json.loads((wd / "results.json").read_text())
+    assert res["config"]["model"] == "mlp" and res["config"]["rewind"] == "init"
+    assert {"level", "density", "test_accuracy", "train_loss", "layer_densities"} <= set(res["levels"][0])
+    lines = (wd / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("level,density,test_accuracy") and len(lines) == 4
+    assert (wd / "accuracy_vs_density.png").stat().st_size > 1000
+    assert (wd / "layer_densities.png").stat().st_size > 1000
+
+
+def test_other_settings_in_an_existing_workdir_are_refused(tmp_path, lottery):
+    _, wd, *_ = lottery
+    with pytest.raises(ValueError, match=r"different settings \(lr: 0.05 -> 0.1\)"):
+        imp_exp.train_and_evaluate({**SMALL, "levels": 2, "branch": "random_mask", "lr": 0.1}, wd)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(prune_fraction=1.0), r"fraction=1.0"),
+    (dict(rewind="late"), r"rewind='late'"),
+    (dict(batch_size=5000), r"batch_size=5000"),
+    (dict(model="mlp2"), r"model='mlp2'"),
+    (dict(training_steps="x"), r"duration 'x'"),
+    (dict(rewind="step", rewind_step="100"), r"rewind_step=100"),
+    (dict(colour="red"), r"unknown keys \['colour'\]"),
+])
+def test_bad_settings_give_clear_errors(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        _run(tmp_path, "bad", **bad)
+
+
+def test_lenet300_learns_real_mnist(tmp_path, data_dir):
+    res = imp_exp.train_and_evaluate(dict(dataset="mnist", data_dir=str(data_dir), model="lenet300",
+                                          max_train_examples=6000, max_test_examples=2000, training_steps="3ep",
+                                          batch_size=64, levels=1, prune_fraction=0.8), tmp_path / "mnist")
+    assert res["levels"][0]["test_accuracy"] > 0.9
+    assert res["levels"][1]["density"] == pytest.approx(0.2, abs=1e-5)
+    assert res["levels"][1]["test_accuracy"] > 0.88

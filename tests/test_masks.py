@@ -1,0 +1,143 @@
+"""jaxprune.masks: exact counts, deterministic ties, global vs layerwise, random masks, the masked optimizer."""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxprune import masks
+
+
+def _params(seed=0, shapes=((20, 10), (10, 5), (5, 3))):
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
+    return {f"dense_{i}": {"kernel": jax.random.normal(k, s), "bias": jnp.ones(s[-1])}
+            for i, (k, s) in enumerate(zip(keys, shapes))}
+
+
+def test_prunable_selection_and_exclusion():
+    p = _params()
+    pr = masks.prunable_leaves(p)
+    assert pr["dense_0"]["kernel"] and not pr["dense_0"]["bias"]
+    pr = masks.prunable_leaves(p, exclude=("^dense_2/",))
+    assert not pr["dense_2"]["kernel"] and pr["dense_1"]["kernel"]
+    with pytest.raises(ValueError, match="no leaf is prunable"):
+        masks.prunable_leaves(p, exclude=("dense",))
+
+
+def test_counts_follow_ceil_recurrence_over_levels():
+    p = _params()
+    pr = masks.prunable_leaves(p)
+    m = masks.ones_like(p)
+    remaining = 200 + 50 + 15
+    for level in range(1, 8):
+        m = masks.magnitude_prune(p, m, pr, 0.2)
+        remaining -= math.ceil(0.2 * remaining)
+        rep = masks.density_report(m, pr)
+        assert rep["kept"] == remaining
+        assert abs(rep["density"] - 0.8 ** level) < 3 / 265 * level  # (1-p)^k up to rounding
+        assert all(bool(b.all()) for b in (m["dense_0"]["bias"], m["dense_1"]["bias"]))  # biases never pruned
+
+
+def test_global_compares_raw_magnitudes_across_layers():
+    p = {"a": {"kernel": jnp.array([[1.0, 2.0], [3.0, 4.0]])}, "b": {"kernel": jnp.array([[0.5, 10.0], [-0.1, 5.0]])}}
+    pr = masks.prunable_leaves(p)
+    m = masks.magnitude_prune(p, masks.ones_like(p), pr, 0.5)  # remove 4 of 8: |w| 0.1, 0.5, 1, 2
+    np.testing.assert_array_equal(m["a"]["kernel"], [[False, False], [True, True]])
+    np.testing.assert_array_equal(m["b"]["kernel"], [[False, True], [False, True]])
+    lw = masks.magnitude_prune(p, masks.ones_like(p), pr, 0.5, scope="layerwise")
+    np.testing.assert_array_equal(lw["a"]["kernel"], [[False, False], [True, True]])
+    np.testing.assert_array_equal(lw["b"]["kernel"], [[False, True], [False, True]])
+    lw = masks.magnitude_prune(p, masks.ones_like(p), pr, 0.25, scope="layerwise")  # one per layer
+    assert int(lw["a"]["kernel"].sum()) == 3 and int(lw["b"]["kernel"].sum()) == 3
+    assert not bool(lw["b"]["kernel"][1, 0])
+
+
+def test_ties_are_broken_by_flattening_order():
+    p = {"a": {"kernel": jnp.ones((2, 3))}, "b": {"kernel": jnp.ones((2, 2))}}
+    m = masks.magnitude_prune(p, masks.ones_like(p), masks.prunable_leaves(p), 0.5)
+    np.testing.assert_array_equal(m["a"]["kernel"], [[False, False, False], [False, False, True]])
+    np.testing.assert_array_equal(m["b"]["kernel"], [[True, True], [True, True]])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), min_size=1, max_size=4),
+       st.floats(0.0, 1.0), st.sampled_from(masks.SCOPES), st.integers(0, 10_000), st.integers(1, 3))
+def test_pruning_property(shapes, fraction, scope, seed, levels):
+    p = _params(seed, shapes)
+    pr = masks.prunable_leaves(p)
+    m = masks.ones_like(p)
+    for _ in range(levels):
+        before = m
+        m = masks.magnitude_prune(p, m, pr, fraction, scope)
+        groups = [[k] for k in p] if scope == "layerwise" else [list(p)]
+        for g in groups:
+            b = sum(int(before[k]["kernel"].sum()) for k in g)
+            a = sum(int(m[k]["kernel"].sum()) for k in g)
+            assert a == b - math.ceil(fraction * b - 1e-9)
+            kept = np.concatenate([np.abs(np.asarray(p[k]["kernel"]))[np.asarray(m[k]["kernel"])] for k in g])
+            gone = np.concatenate([np.abs(np.asarray(p[k]["kernel"]))[np.asarray(before[k]["kernel"] & ~m[k]["kernel"])]
+                                   for k in g])
+            if kept.size and gone.size:
+                assert gone.max() <= kept.min()
+        for k in p:  # pruning never revives a weight
+            assert not bool((m[k]["kernel"] & ~before[k]["kernel"]).any())
+
+
+def test_random_like_keeps_per_layer_counts():
+    p = _params()
+    pr = masks.prunable_leaves(p)
+    m = masks.magnitude_prune(p, masks.ones_like(p), pr, 0.7, scope="global")
+    r = masks.random_like(jax.random.PRNGKey(3), m, pr)
+    for k in p:
+        assert int(r[k]["kernel"].sum()) == int(m[k]["kernel"].sum())
+    assert not np.array_equal(r["dense_0"]["kernel"], m["dense_0"]["kernel"])
+    assert masks.density_report(r, pr)["layers"] == masks.density_report(m, pr)["layers"]
+    rp = masks.random_prune(jax.random.PRNGKey(4), masks.ones_like(p), pr, 0.5)
+    assert masks.density_report(rp, pr)["kept"] == 265 - math.ceil(0.5 * 265)
+
+
+def test_bad_arguments():
+    p = _params()
+    pr = masks.prunable_leaves(p)
+    with pytest.raises(ValueError, match=r"fraction=1.5"):
+        masks.magnitude_prune(p, masks.ones_like(p), pr, 1.5)
+    with pytest.raises(ValueError, match=r"scope='local'"):
+        masks.magnitude_prune(p, masks.ones_like(p), pr, 0.5, scope="local")
+
+
+@pytest.mark.parametrize("inner", [
+    optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(0.1, momentum=0.9)),
+    optax.adam(1e-2),
+    optax.adamw(1e-2, weight_decay=0.1),
+])
+def test_masked_optimizer_keeps_pruned_weights_and_moments_at_zero(inner):
+    p = _params()
+    pr = masks.prunable_leaves(p)
+    tx = masks.masked(inner)
+    state = tx.init(p)
+    # moments accumulated while dense, then prune: with_mask must zero them
+    g = jax.tree_util.tree_map(jnp.ones_like, p)
+    _, state = tx.update(g, state, p)
+    m = masks.magnitude_prune(p, masks.ones_like(p), pr, 0.6)
+    state = masks.with_mask(tx, state, m)
+    params = masks.apply_mask(p, m)
+    loss = lambda q: sum(jnp.sum(jnp.sin(x) ** 2 + x) for x in jax.tree_util.tree_leaves(q))
+    for _ in range(5):
+        grads = jax.grad(loss)(params)
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    for k in p:
+        pruned = ~np.asarray(m[k]["kernel"])
+        assert (np.asarray(params[k]["kernel"])[pruned] == 0).all()
+        assert (np.asarray(params[k]["kernel"])[~pruned] != np.asarray(p[k]["kernel"])[~pruned]).all()
+    moments = optax.tree_utils.tree_map_params(
+        masks._inner_of(tx), lambda x, mk: np.asarray(x)[~np.asarray(mk)], state.inner, m,
+        transform_non_params=lambda x: np.zeros(0))
+    for leaf in jax.tree_util.tree_leaves(moments):
+        assert (leaf == 0).all()
