@@ -302,7 +302,7 @@ def test_n_smaller_than_p(x64):
 
 
 def test_epsilon_truncates_small_directions(x64):
-    x, y = related(12)
+    x, y = related(12, p1=6, p2=9)
     xs = x.copy()
     xs[:, -1] = x[:, 0] + 1e-7 * np.random.default_rng(0).normal(size=len(x))  # nearly dependent column
     full = np.asarray(S.cca(xs, y))
@@ -321,7 +321,7 @@ def test_truncated_mean_matches_svcca_rule():
 @pytest.mark.parametrize("fn", [S.mean_cca, S.svcca, S.pwcca, S.linear_cka, S.rbf_cka, S.nbs, S.cca])
 def test_bad_input_names_the_argument(fn):
     x, y = related(13)
-    with pytest.raises(ValueError, match="y has 50 samples"):
+    with pytest.raises(ValueError, match="x has 120 samples but y has 50"):
         fn(x, y[:50])
     with pytest.raises(ValueError, match="x: expected a 2-D"):
         fn(x[:, :, None], y)

@@ -4,8 +4,6 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from jaxprune import similarity as S
 from tests.test_similarity import ALL, SINGLE, ref_hsic, related
@@ -37,9 +35,7 @@ def test_pairwise_options_and_self():
     np.testing.assert_allclose(got[0, 1], S.svcca(xs[0], xs[1], 0.9, truncate=0.98), atol=2e-5)
 
 
-@settings(max_examples=8, deadline=None)
-@given(seed=st.integers(0, 1000), widths=st.lists(st.integers(1, 8), min_size=1, max_size=4),
-       levels=st.integers(1, 3))
+@pytest.mark.parametrize("seed,widths,levels", [(0, (3, 5, 3), 3), (1, (4,), 1)])
 def test_pairwise_stack_of_levels(seed, widths, levels):
     """levels × layers against the dense layers = one matrix per level; both-stacked pairs level i with level i."""
     stack = [layers(seed + k, 24, widths) for k in range(levels)]
@@ -56,7 +52,7 @@ def test_pairwise_stack_of_levels(seed, widths, levels):
 
 def test_pairwise_validation():
     xs = layers(3, 30, (3, 4))
-    with pytest.raises(ValueError, match=r"xs\[1\]: expected a 2-D"):
+    with pytest.raises(ValueError, match="xs: expected every layer as"):
         S.pairwise("nbs", [xs[0], xs[1][None, :, :, None]], xs)
     with pytest.raises(ValueError, match="same n samples"):
         S.pairwise("nbs", [xs[0], xs[1][:20]], xs)

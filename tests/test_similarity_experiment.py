@@ -1,0 +1,56 @@
+"""experiments.similarity on a tiny IMP run (MLP on digits, one pruned level)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from experiments import imp as imp_exp
+from experiments import similarity as exp
+from jaxprune import similarity
+
+TINY_IMP = {"dataset": "digits", "model": "mlp", "hidden": ["16", "8"], "training_steps": "30", "batch_size": 32,
+            "levels": 1, "prune_fraction": 0.5, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def imp_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imp")
+    imp_exp.train_and_evaluate(TINY_IMP, d)
+    return d
+
+
+def test_run_writes_similarities_consistent_with_the_library(imp_dir, tmp_path):
+    metrics = ["svcca", "linear_cka", "nbs", "pwcca_svcca"]
+    r = exp.run({"imp_workdir": str(imp_dir), "num_inputs": 64, "metrics": metrics}, tmp_path)
+    assert r["layers"] == ["dense_0", "dense_1", "logits"]
+    assert [lv["level"] for lv in r["levels"]] == [0, 1]
+    assert r["levels"][1]["density"] == pytest.approx(0.5, abs=0.01)
+    assert (tmp_path / "similarity.json").exists() and (tmp_path / "vs_density_nbs.png").exists()
+    assert (tmp_path / "matrix_svcca_level1.png").exists()
+    for m in metrics:
+        mat = np.asarray(r["matrix"][m])
+        assert mat.shape == (2, 3, 3)
+        if m != "pwcca_svcca":  # svcca's PWCCA(X, X) < 1 with dead ReLU units: it weights their ρ = 0 directions
+            np.testing.assert_allclose(np.diag(mat[0]), 1.0, atol=1e-4)  # dense vs itself
+        assert all(0.0 <= v <= 1.0 + 1e-5 for vals in r["vs_dense"][m].values() for v in vals)
+    # recompute one entry directly from the representations
+    built, variables, _ = imp_exp.load_levels(imp_dir)
+    x = np.asarray(built.task.x_test[:64])
+    from jaxprune import models
+    a = models.representations(built.model, variables[1], x)["dense_1"]
+    b = models.representations(built.model, variables[0], x)["logits"]
+    np.testing.assert_allclose(r["matrix"]["linear_cka"][1][1][2], similarity.linear_cka(a, b), atol=1e-5)
+    np.testing.assert_allclose(r["vs_dense"]["nbs"]["dense_1"][1],
+                               similarity.nbs(a, models.representations(built.model, variables[0], x)["dense_1"]),
+                               atol=1e-5)
+
+
+def test_bad_config(imp_dir, tmp_path):
+    with pytest.raises(ValueError, match="imp_workdir: required"):
+        exp.run({}, tmp_path)
+    with pytest.raises(ValueError, match="metrics="):
+        exp.run({"imp_workdir": str(imp_dir), "metrics": ["cka"]}, tmp_path)
+    with pytest.raises(ValueError, match="layers:"):
+        exp.run({"imp_workdir": str(imp_dir), "layers": ["conv_0"], "num_inputs": 16}, tmp_path)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        exp.run({"imp_workdir": str(tmp_path)}, tmp_path)
