@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import csv
+import functools
 import logging as pylogging
 import platform
+import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import numpy as np
+import optax
 
-from jaxprune import data
+from jaxprune import checkpoint, data, models, train
 
 NORMALIZATIONS = ("none", "standardize", "unit")
 
@@ -126,3 +129,84 @@ def guarded(main_fn):
             sys.exit(2)
 
     return wrapper
+
+
+# ----------------------------------------------------------------------------------------------- train one network
+# Flags shared by the experiments that train a single network per seed (merge, filter_prune).
+TRAIN_SPEC = [
+    ("dataset", "fashion_mnist", "fashion_mnist, mnist, digits, or a TFDS name (e.g. cifar10)"),
+    ("data_dir", "", "data directory (default: $JAXPRUNE_DATA_DIR, else ~/tensorflow_datasets)"),
+    ("normalize", "unit", "input scaling: [0,1] as loaded, train mean/std, or [-1,1]", NORMALIZATIONS),
+    ("max_train_examples", 0, "keep only the first N training examples (0: all)"),
+    ("max_test_examples", 0, "keep only the first N test examples (0: all)"),
+    ("model", "lenet300", "lenet300, mlp, lenet5, conv2/4/6, vgg11/16/19, resnet20/56, or vgg (with --vgg_cfg)"),
+    ("hidden", ["300", "100"], "hidden widths for --model=mlp"),
+    ("vgg_cfg", [], "conv widths and M pools for --model=vgg, e.g. 16,16,M,32,32,M,64,64"),
+    ("optimizer", "momentum", "optimizer", train.OPTIMIZERS),
+    ("lr", 0.1, "base learning rate"),
+    ("momentum", 0.9, "momentum for momentum/nesterov"),
+    ("weight_decay", 1e-4, "L2 weight decay"),
+    ("schedule", "step", "learning-rate schedule", train.SCHEDULES),
+    ("milestones", ["15ep", "30ep", "45ep"], "step-schedule milestones, in steps ('500') or epochs ('15ep')"),
+    ("gamma", 0.1, "step-schedule factor"),
+    ("training_steps", "60ep", "training length, steps ('2000') or epochs ('60ep')"),
+    ("batch_size", 128, "training batch size"),
+    ("loop", "auto", "epoch as lax.scan or a Python loop of jitted steps", ("auto", "scan", "python")),
+]
+
+
+def build_model(c: dict, num_classes: int):
+    """The model named by a config with ``model``, ``hidden`` and ``vgg_cfg`` (``vgg`` = a custom VGG)."""
+    if c["model"] == "vgg":
+        if not c["vgg_cfg"]:
+            raise ValueError("vgg_cfg: --model=vgg needs conv widths and M pools, e.g. 16,16,M,32,32,M,64,64")
+        cfg = tuple("M" if str(v).upper() == "M" else int(v) for v in c["vgg_cfg"])
+        return models.VGG(cfg, num_classes)
+    return models.build(c["model"], num_classes, hidden=int_list(c["hidden"]))
+
+
+def optim_config(c: dict, spe: int) -> train.OptimConfig:
+    """The optimizer of a :data:`TRAIN_SPEC` config (``spe``: steps per epoch, for milestones in epochs)."""
+    return train.OptimConfig(optimizer=c["optimizer"], lr=c["lr"], momentum=c["momentum"],
+                             weight_decay=c["weight_decay"], schedule=c["schedule"],
+                             milestones=tuple(train.parse_duration(m, spe) for m in c["milestones"]),
+                             gamma=c["gamma"])
+
+
+def train_network(c: dict, model, x_train, y_train, seed: int, out: Path) -> tuple[dict, dict]:
+    """Train one network of a :data:`TRAIN_SPEC` config (or reload it from ``out``): ``(variables, record)``.
+
+    ``out`` holds ``checkpoint/`` and ``trained.json``, written last (the finished marker)."""
+    out = Path(out)
+    init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+    template = models.init(model, init_key, x_train.shape)
+    if (out / "trained.json").exists():
+        return checkpoint.restore(out / "checkpoint", template), checkpoint.read_json(out / "trained.json")
+    if out.exists():  # a partial run: start over
+        shutil.rmtree(out)
+    spe = train.steps_per_epoch(len(y_train), c["batch_size"])
+    steps = train.parse_duration(c["training_steps"], spe)
+    if steps < 1:
+        raise ValueError(f"training_steps={c['training_steps']!r}: expected at least one step")
+    optim = optim_config(c, spe)
+    tx = train.make_optimizer(optim, train.make_schedule(optim, steps))
+    res = train.run(train.make_trainer(model, tx), train.create_state(template, tx), x_train, y_train,
+                    batch_size=c["batch_size"], num_steps=steps, data_key=data_key, loop=c["loop"],
+                    log_prefix=f"[seed {seed}] ")
+    variables = train.variables_of(res.state)
+    rec = {"seed": seed, "steps": steps, "steps_per_epoch": spe, "train_loss": res.train_loss,
+           "train_accuracy": res.train_accuracy, "seconds": res.seconds}
+    out.mkdir(parents=True)
+    checkpoint.save(out / "checkpoint", variables)
+    checkpoint.write_json(out / "trained.json", rec)  # the "finished" marker, written last
+    return variables, rec
+
+
+@functools.lru_cache(maxsize=16)
+def _evaluator(model) -> train.Trainer:
+    return train.make_trainer(model, optax.identity())  # one compiled evaluation per (hashable) model definition
+
+
+def accuracy(model, variables: dict, x, y) -> float:
+    """Test accuracy (fraction) of ``model`` with ``variables`` on ``(x, y)``."""
+    return train.evaluate(_evaluator(model), variables, x, y)["accuracy"]

@@ -6,6 +6,11 @@ the last finished level; a finished run is reported and skipped.
 
 Importable without side effects: :func:`train_and_evaluate` takes a config dict (keys = flag names, defaults in
 ``DEFAULTS``); :func:`load_levels` reads a finished workdir back for analysis (similarity, LRP, …).
+
+``--num_replicas=K`` trains seeds ``seed … seed+K-1`` as one vmapped program; ``results.json`` then holds the mean
+over replicas under the usual keys, ``<key>_std`` and the per-replica records under ``replicas``. Training is
+data-parallel over all devices (``--batch_size`` must be a multiple of the device count); for several hosts see
+:mod:`jaxprune.distributed` (``--coordinator_address``, ``--num_processes``, ``--process_id``).
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import jax
 from absl import app, logging
 
 from experiments import common
-from jaxprune import checkpoint, imp, masks, models, plots, train
+from jaxprune import checkpoint, distributed, imp, masks, models, plots, replicas, train
 
 SPEC = [
     ("dataset", "digits", "digits (embedded), mnist, fashion_mnist, moons, circles, spiral, or a TFDS name"),
@@ -48,6 +53,9 @@ SPEC = [
     ("workdir", "runs/imp", "output directory (resumable)"),
     ("loop", "auto", "epoch as lax.scan or a Python loop of jitted steps", ("auto", "scan", "python")),
     ("eval_every_epoch", False, "evaluate on the test set after every epoch"),
+    ("num_replicas", 1, "train seeds seed, seed+1, … seed+K-1 as one vmapped program"),
+    ("replica_layout", "vmap", "how replicas share the program (see jaxprune.replicas)", replicas.LAYOUTS),
+    *distributed.FLAGS,
 ]
 DEFAULTS = common.defaults(SPEC)
 
@@ -79,12 +87,15 @@ def build(config: dict) -> Built:
         optimizer=c["optimizer"], lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"],
         schedule=c["schedule"], milestones=tuple(train.parse_duration(m, spe) for m in c["milestones"]),
         gamma=c["gamma"], warmup_steps=train.parse_duration(c["warmup"], spe))
+    mesh = distributed.data_mesh()
+    distributed.check_divisible(c["batch_size"], mesh)
     exclude = () if c["prune_output"] else (f"^{model.output_layer}/",)
     cfg = imp.ImpConfig(levels=c["levels"], fraction=c["prune_fraction"], scope=c["scope"], rewind=c["rewind"],
                         rewind_step=train.parse_duration(c["rewind_step"], spe), branch=c["branch"], exclude=exclude)
     task = imp.Task(model, *train.to_device(tr.images, tr.labels, te.images, te.labels), optim=optim,
                     num_steps=num_steps, batch_size=c["batch_size"], seed=c["seed"], loop=c["loop"],
-                    eval_every_epoch=c["eval_every_epoch"])
+                    eval_every_epoch=c["eval_every_epoch"], num_replicas=c["num_replicas"],
+                    replica_layout=c["replica_layout"], mesh=mesh)
     meta = {"steps_per_epoch": spe, "training_steps": num_steps, "imp": dataclasses.asdict(cfg),
             "optim": dataclasses.asdict(optim), "num_train": len(tr.labels), "num_test": len(te.labels),
             "num_params": models.count_params(models.init(model, jax.random.PRNGKey(0), tr.images.shape)["params"])}
@@ -100,7 +111,7 @@ def train_and_evaluate(config: dict, workdir: str | Path) -> dict:
     def write(levels: list[dict]) -> dict:
         results = {"config": record, "derived": b.meta, "environment": common.environment(),
                    "finished": len(levels) == b.imp.levels + 1,
-                   "levels": [{k: v for k, v in r.items() if k != "history"} for r in levels]}
+                   "levels": [_without_history(r) for r in levels]}
         checkpoint.write_json(workdir / "results.json", results)
         rows = [{**r, "branch_test_accuracy": r.get("branch", {}).get("test_accuracy", "")} for r in levels]
         common.write_csv(workdir / "metrics.csv", rows, ["level", "density", "test_accuracy", "test_loss",
@@ -115,11 +126,19 @@ def train_and_evaluate(config: dict, workdir: str | Path) -> dict:
     return write(levels)
 
 
-def load_levels(workdir: str | Path) -> tuple[Built, list[dict], list[dict]]:
+def _without_history(rec: dict) -> dict:
+    out = {k: v for k, v in rec.items() if k != "history"}
+    if "replicas" in out:
+        out["replicas"] = [_without_history(r) for r in out["replicas"]]
+    return out
+
+
+def load_levels(workdir: str | Path, replica: int | None = None) -> tuple[Built, list[dict], list[dict]]:
     """Read an IMP workdir back: ``(built, variables per finished level, level records)``.
 
     ``variables[k]`` is ``{'params': …, ['batch_stats': …]}`` of level ``k``'s trained network (pruned weights
-    are exactly zero). Data are loaded as the run saw them (``built.task.x_test`` etc.).
+    are exactly zero). Data are loaded as the run saw them (``built.task.x_test`` etc.). For a run with
+    ``num_replicas > 1`` the variables are stacked (leading replica axis) unless ``replica`` picks one.
     """
     workdir = Path(workdir)
     if not (workdir / "config.json").exists():
@@ -129,7 +148,12 @@ def load_levels(workdir: str | Path) -> tuple[Built, list[dict], list[dict]]:
     variables, records = [], []
     for k in imp.finished_levels(workdir):
         tree = imp.load_level(workdir, k, b.task)
-        variables.append(train.variables_of(tree["state"]))
+        state = tree["state"]
+        if replica is not None and b.task.num_replicas > 1:
+            if not 0 <= replica < b.task.num_replicas:
+                raise ValueError(f"replica={replica}: expected 0 <= replica < {b.task.num_replicas}")
+            state = replicas.index(state, replica)
+        variables.append(train.variables_of(state))
         records.append(checkpoint.read_json(workdir / f"level_{k}" / "level.json"))
     if not variables:
         raise FileNotFoundError(f"workdir={workdir}: no finished level yet")
@@ -141,11 +165,14 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_orbax()
     config = common.config_from_flags(SPEC)
+    distributed.initialize(config["coordinator_address"], config["num_processes"], config["process_id"],
+                           auto=config["distributed"])
     results = train_and_evaluate(config, config["workdir"])
     print(f"results: {Path(config['workdir']) / 'results.json'}")
     for r in results["levels"]:
-        br = f"  {r['branch']['name']} {r['branch']['test_accuracy']:.4f}" if "branch" in r else ""
-        print(f"level {r['level']:2d}  density {r['density']:.4f}  test accuracy {r['test_accuracy']:.4f}{br}")
+        std = lambda x: f" ± {x['test_accuracy_std']:.4f}" if "test_accuracy_std" in x else ""
+        br = f"  {r['branch']['name']} {r['branch']['test_accuracy']:.4f}{std(r['branch'])}" if "branch" in r else ""
+        print(f"level {r['level']:2d}  density {r['density']:.4f}  test accuracy {r['test_accuracy']:.4f}{std(r)}{br}")
     logging.info("done")
 
 

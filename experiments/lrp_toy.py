@@ -166,7 +166,8 @@ def run_dataset(c: dict, name: str, workdir: Path) -> dict:
     widths = structured.widths(model, variables)
     hidden = [l for l in widths if l != model.output_layer]
     if c["n_prune"] >= sum(widths[l] for l in hidden):
-        raise ValueError(f"n_prune={c['n_prune']}: expected fewer than the {sum(widths[l] for l in hidden)} hidden units")
+        total = sum(widths[l] for l in hidden)
+        raise ValueError(f"n_prune={c['n_prune']}: expected fewer than the {total} hidden units")
     before = {"train_accuracy": accuracy(model, variables, tr.images, tr.labels),
               "noisy_test_accuracy": accuracy(model, variables, noisy, te.labels)}
     logging.info("%s: trained in %.0fs, train acc %.4f, noisy test acc %.4f", name, info["seconds"],

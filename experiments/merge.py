@@ -12,40 +12,21 @@ Importable without side effects: :func:`run` takes a config dict (keys = flag na
 """
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 from absl import app, logging
 
 from experiments import common
 from jaxprune import checkpoint, merging, models, plots, structured, train
 
 SPEC = [
-    ("dataset", "fashion_mnist", "fashion_mnist, mnist, digits, or a TFDS name (e.g. cifar10)"),
-    ("data_dir", "", "data directory (default: $JAXPRUNE_DATA_DIR, else ~/tensorflow_datasets)"),
-    ("normalize", "unit", "input scaling: [0,1] as loaded, train mean/std, or [-1,1]", common.NORMALIZATIONS),
-    ("max_train_examples", 0, "keep only the first N training examples (0: all)"),
-    ("max_test_examples", 0, "keep only the first N test examples (0: all)"),
-    ("model", "lenet300", "lenet300, mlp, lenet5, conv2/4/6, vgg11/16/19, resnet20/56, or vgg (with --vgg_cfg)"),
-    ("hidden", ["300", "100"], "hidden widths for --model=mlp"),
-    ("vgg_cfg", [], "conv widths and M pools for --model=vgg, e.g. 16,16,M,32,32,M,64,64"),
-    ("optimizer", "momentum", "optimizer", train.OPTIMIZERS),
-    ("lr", 0.1, "base learning rate"),
-    ("momentum", 0.9, "momentum for momentum/nesterov"),
-    ("weight_decay", 1e-4, "L2 weight decay"),
-    ("schedule", "step", "learning-rate schedule", train.SCHEDULES),
-    ("milestones", ["15ep", "30ep", "45ep"], "step-schedule milestones, in steps ('500') or epochs ('15ep')"),
-    ("gamma", 0.1, "step-schedule factor"),
-    ("training_steps", "60ep", "training length, steps ('2000') or epochs ('60ep')"),
-    ("batch_size", 128, "training batch size"),
-    ("loop", "auto", "epoch as lax.scan or a Python loop of jitted steps", ("auto", "scan", "python")),
+    *common.TRAIN_SPEC,
     ("seeds", ["0", "1", "2"], "one trained network per seed (initialisation and data order)"),
-    ("source_workdir", "", "load the trained networks from experiments.imp workdirs (level 0) instead of "
-                           "training; '{seed}' in the path is replaced by each seed"),
+    ("source_workdir", "", "load the trained networks instead of training: an experiments.imp workdir (level 0) "
+                           "or a seed_<s> folder of an experiments.merge workdir; '{seed}' is replaced by each seed"),
     ("ratios", ["0.5", "0.6", "0.7", "0.8"], "fractions of units pruned in every merged layer"),
     ("pruned_cfg", [], "instead of --ratios, a VGG's target conv widths (e.g. the paper's pruned VGG-16 cfg); "
                        "'M' entries are ignored"),
@@ -56,12 +37,11 @@ SPEC = [
     ("lam", merging.LAMBDA, "conv+BN: weight of the cosine distance against the BN offset mismatch"),
     ("bn_scale", "exact", "conv+BN merge scale: the derived one or the authors' (inverted, raw variance)",
      merging.BN_SCALES),
+    ("scale", "norm", "merge scale: the paper's norm ratio, or the least-squares projection (cos × ratio)",
+     merging.SCALES),
     ("workdir", "runs/merge", "output directory (trained networks are reused on re-runs)"),
 ]
 DEFAULTS = common.defaults(SPEC)
-_TRAIN_KEYS = ("dataset", "data_dir", "normalize", "max_train_examples", "max_test_examples", "model", "hidden",
-               "vgg_cfg", "optimizer", "lr", "momentum", "weight_decay", "schedule", "milestones", "gamma",
-               "training_steps", "batch_size", "loop")
 
 
 def _config(config: dict) -> dict:
@@ -81,59 +61,20 @@ def _config(config: dict) -> dict:
     return c
 
 
-def build_model(c: dict, num_classes: int):
-    """The model named by the config (``vgg`` + ``vgg_cfg`` for a custom VGG)."""
-    if c["model"] == "vgg":
-        if not c["vgg_cfg"]:
-            raise ValueError("vgg_cfg: --model=vgg needs conv widths and M pools, e.g. 16,16,M,32,32,M,64,64")
-        cfg = tuple("M" if str(v).upper() == "M" else int(v) for v in c["vgg_cfg"])
-        return models.VGG(cfg, num_classes)
-    return models.build(c["model"], num_classes, hidden=common.int_list(c["hidden"]))
-
-
-def _optim(c: dict, spe: int) -> train.OptimConfig:
-    return train.OptimConfig(optimizer=c["optimizer"], lr=c["lr"], momentum=c["momentum"],
-                             weight_decay=c["weight_decay"], schedule=c["schedule"],
-                             milestones=tuple(train.parse_duration(m, spe) for m in c["milestones"]),
-                             gamma=c["gamma"])
-
-
-def train_network(c: dict, model, x_train, y_train, seed: int, out: Path) -> tuple[dict, dict]:
-    """Train (or reload from ``out``) one network: ``(variables, record)``."""
-    init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
-    template = models.init(model, init_key, x_train.shape)
-    if (out / "trained.json").exists():
-        return checkpoint.restore(out / "checkpoint", template), checkpoint.read_json(out / "trained.json")
-    if out.exists():  # a partial run: start over
-        shutil.rmtree(out)
-    spe = train.steps_per_epoch(len(y_train), c["batch_size"])
-    steps = train.parse_duration(c["training_steps"], spe)
-    if steps < 1:
-        raise ValueError(f"training_steps={c['training_steps']!r}: expected at least one step")
-    optim = _optim(c, spe)
-    tx = train.make_optimizer(optim, train.make_schedule(optim, steps))
-    res = train.run(train.make_trainer(model, tx), train.create_state(template, tx), x_train, y_train,
-                    batch_size=c["batch_size"], num_steps=steps, data_key=data_key, loop=c["loop"],
-                    log_prefix=f"[seed {seed}] ")
-    variables = train.variables_of(res.state)
-    rec = {"seed": seed, "steps": steps, "steps_per_epoch": spe, "train_loss": res.train_loss,
-           "train_accuracy": res.train_accuracy, "seconds": res.seconds}
-    out.mkdir(parents=True)
-    checkpoint.save(out / "checkpoint", variables)
-    checkpoint.write_json(out / "trained.json", rec)  # the "finished" marker, written last
-    return variables, rec
-
-
-def _load_source(path: str) -> tuple[object, dict, object, object, dict]:
+def _load_source(c: dict, path: str) -> tuple[object, dict, object, object, dict]:
+    """``(model, variables, x_test, y_test, record)`` of a network trained elsewhere."""
     from experiments import imp as imp_experiment
 
+    if (Path(path) / "trained.json").exists():  # a seed folder of an earlier experiments.merge run
+        _, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], 0, c["max_test_examples"], 0)
+        model = common.build_model(c, te.num_classes)
+        x_test, y_test = train.to_device(te.images, te.labels)
+        template = models.init(model, jax.random.PRNGKey(0), x_test.shape)
+        return (model, checkpoint.restore(Path(path) / "checkpoint", template), x_test, y_test,
+                {"source_workdir": path, **checkpoint.read_json(Path(path) / "trained.json")})
     built, variables, records = imp_experiment.load_levels(path)
     return built.model, variables[0], built.task.x_test, built.task.y_test, {"source_workdir": path,
                                                                             "level_0": records[0]}
-
-
-def _accuracy(model, variables, x, y) -> float:
-    return train.evaluate(train.make_trainer(model, optax.identity()), variables, x, y)["accuracy"]
 
 
 def _settings(c: dict, model, params) -> list[tuple[str, float | None, dict[str, int]]]:
@@ -148,7 +89,7 @@ def _settings(c: dict, model, params) -> list[tuple[str, float | None, dict[str,
 def evaluate_seed(c: dict, model, variables, x_test, y_test) -> dict:
     """Original, prune and merge accuracies for every criterion × pruning level."""
     threshold = None if c["threshold"] < 0 else c["threshold"]
-    original = _accuracy(model, variables, x_test, y_test)
+    original = common.accuracy(model, variables, x_test, y_test)
     n_orig = models.count_params(variables["params"])
     runs = []
     for label, ratio, widths in _settings(c, model, variables["params"]):
@@ -156,9 +97,10 @@ def evaluate_seed(c: dict, model, variables, x_test, y_test) -> dict:
             for mode in merging.MODES:
                 t0 = time.perf_counter()
                 out = merging.merge(model, variables, widths, mode=mode, criterion=crit, threshold=threshold,
-                                    lam=c["lam"], bn_scale=c["bn_scale"], key=jax.random.PRNGKey(0))
+                                    lam=c["lam"], bn_scale=c["bn_scale"], scale=c["scale"],
+                                    key=jax.random.PRNGKey(0))
                 seconds = time.perf_counter() - t0
-                acc = _accuracy(out.model, out.variables, x_test, y_test)
+                acc = common.accuracy(out.model, out.variables, x_test, y_test)
                 runs.append({"setting": label, "ratio": ratio, "criterion": crit, "mode": mode,
                              "test_accuracy": acc, "num_params": models.count_params(out.variables["params"]),
                              "param_fraction": models.count_params(out.variables["params"]) / n_orig,
@@ -204,8 +146,7 @@ def _write(workdir: Path, c: dict, per_seed: list[dict], meta: dict, finished: b
             errs[f"{m} {crit}"] = [100 * cells[s][m]["std"] for s in settings]
     plots.curves(x, ys, workdir / "accuracy_vs_ratio.png", xlabel="fraction of units pruned per layer",
                  ylabel="test accuracy (%)", errors=errs,
-                 title=f"{c['model']} on {c['dataset']}: prune vs merge, no fine-tuning "
-                       f"({len(per_seed)} seed{'s' if len(per_seed) > 1 else ''})")
+                 title=f"{c['model']} / {c['dataset']}, no fine-tuning ({len(per_seed)} seed(s))")
     return results
 
 
@@ -221,7 +162,7 @@ def run(config: dict, workdir: str | Path) -> dict:
     meta: dict = {}
     for seed in seeds:
         if c["source_workdir"]:
-            model, variables, x_test, y_test, src = _load_source(c["source_workdir"].replace("{seed}", str(seed)))
+            model, variables, x_test, y_test, src = _load_source(c, c["source_workdir"].replace("{seed}", str(seed)))
             trained = src
         else:
             if data is None:
@@ -230,10 +171,10 @@ def run(config: dict, workdir: str | Path) -> dict:
                 data = (*train.to_device(tr.images, tr.labels, te.images, te.labels), tr.num_classes)
                 meta.update(num_train=len(tr.labels), num_test=len(te.labels))
             x_train, y_train, x_test, y_test, num_classes = data
-            model = build_model(c, num_classes)
+            model = common.build_model(c, num_classes)
             if not 1 <= c["batch_size"] <= len(y_train):
                 raise ValueError(f"batch_size={c['batch_size']}: expected 1..{len(y_train)} (training set size)")
-            variables, trained = train_network(c, model, x_train, y_train, seed, workdir / f"seed_{seed}")
+            variables, trained = common.train_network(c, model, x_train, y_train, seed, workdir / f"seed_{seed}")
         res = evaluate_seed(c, model, variables, x_test, y_test)
         per_seed.append({"seed": seed, "trained": trained, **res})
         meta["mergeable_layers"] = list(merging.mergeable_layers(model))

@@ -24,7 +24,8 @@ import optax
 
 from jaxprune import lrp
 from jaxprune.lrp import composites as C
-from jaxprune.lrp.relevance import _canonical, forward, hidden_layers, linear_layers, program, split_variables
+from jaxprune.lrp.relevance import (canonical_params, forward, hidden_layers, linear_layers, program,
+                                     split_variables)
 
 Array = jax.Array
 Scores = dict[str, Array]
@@ -103,7 +104,7 @@ def _grad_taylor(z: dict, g: dict) -> tuple[dict, dict]:
 
 def _gradient_scores(which: int, model, variables, x, y, norm) -> Scores:
     prog = program(model)
-    params = _canonical(variables)
+    params = canonical_params(variables)
     x, y = _check_batch(x, y, _classes(prog, params))
     z, g = _pre_activation_grads_jit(prog, params, x, y)
     raw = _grad_taylor(z, g)[which]
@@ -126,7 +127,7 @@ def lrp_scores(model: nn.Module, variables: Any, x: Any, y: Any = None, *,
     pre-activation, as ReLU passes it through). ``y=None`` explains the predicted classes."""
     prog = program(model)
     if y is not None:
-        _check_batch(x, y, _classes(prog, _canonical(variables)))
+        _check_batch(x, y, _classes(prog, canonical_params(variables)))
     rel = lrp.relevance(model, variables, x, composite=composite, target=y)
     return {k: normalize(jnp.sum(rel.layers[k].reshape(-1, rel.layers[k].shape[-1]), axis=0), norm or "none")
             for k in hidden_layers(prog)}

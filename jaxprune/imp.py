@@ -17,6 +17,12 @@ Layout of ``workdir`` (OpenLTH-style): ``config.json``; ``level_k/{checkpoint/, 
 ``metrics.csv``; plots. ``level.json`` is written last, so a level counts as finished only when its checkpoint is
 complete. Re-running resumes after the last finished level; every random stream is derived from ``seed`` and the
 level, so a resumed run equals an uninterrupted one.
+
+Replicas (``Task.num_replicas = K > 1``): seeds ``seed, seed+1, …, seed+K-1`` run as one compiled program
+(:mod:`jaxprune.replicas`), each with its own initialisation, data order, masks and branch keys — replica ``r`` is
+the run with seed ``seed + r``. Checkpoints hold the stacked trees (a leading K axis on every leaf); a level record
+holds the mean over replicas under the usual keys, ``<key>_std`` (sample standard deviation) and the per-replica
+records under ``replicas``. ``Task.mesh``: train data-parallel over that mesh (:mod:`jaxprune.distributed`).
 """
 from __future__ import annotations
 
@@ -29,10 +35,11 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
 
-from jaxprune import checkpoint, masks, models, train
+from jaxprune import checkpoint, masks, models, replicas, train
 
 PyTree = Any
 REWINDS = ("init", "step", "lr", "finetune")
@@ -79,6 +86,15 @@ class Task:
     seed: int = 0
     loop: str = "auto"
     eval_every_epoch: bool = False
+    num_replicas: int = 1  # K seeds (seed, seed+1, …) trained as one vmapped program
+    replica_layout: str = "vmap"  # see jaxprune.replicas.LAYOUTS
+    mesh: Any = None  # jax.sharding.Mesh for data-parallel training (None: the default device)
+
+    def __post_init__(self):
+        if not (isinstance(self.num_replicas, int) and self.num_replicas >= 1):
+            raise ValueError(f"num_replicas={self.num_replicas!r}: expected an integer >= 1")
+        if self.replica_layout not in replicas.LAYOUTS:
+            raise ValueError(f"replica_layout={self.replica_layout!r}: expected one of {replicas.LAYOUTS}")
 
 
 def expected_density(level: int, fraction: float) -> float:
@@ -99,23 +115,53 @@ class _Keys:
         return jax.random.fold_in(self.branch, 2 * level + 1)
 
 
+class _Rep:
+    """Per-replica operations: plain calls for one replica (unstacked trees), vmap / host loops for K stacked."""
+
+    def __init__(self, seed: int, num_replicas: int = 1):
+        self.k = num_replicas
+        self.seeds = [seed + r for r in range(num_replicas)]
+
+    def seeded(self, fn: Callable[[int], PyTree]) -> PyTree:
+        """``fn(seed)`` for each replica's seed, stacked when K > 1."""
+        return fn(self.seeds[0]) if self.k == 1 else replicas.stack([fn(s) for s in self.seeds])
+
+    def device(self, fn: Callable, *trees: PyTree) -> PyTree:
+        """A jnp function of single-replica trees, applied per replica (``jax.vmap``)."""
+        return fn(*trees) if self.k == 1 else jax.vmap(fn)(*trees)
+
+    def host(self, fn: Callable, *trees: PyTree) -> PyTree:
+        """A host-side (numpy) function of single-replica trees, looped over replicas and stacked."""
+        return fn(*trees) if self.k == 1 else replicas.map_host(fn, *trees)
+
+    def first(self, tree: PyTree) -> PyTree:
+        return tree if self.k == 1 else replicas.index(tree, 0)
+
+
+def _make_trainer(task: Task, tx: optax.GradientTransformation) -> train.Trainer:
+    if task.num_replicas == 1:
+        return train.make_trainer(task.model, tx, task.mesh)
+    return replicas.make_trainer(task.model, tx, task.num_replicas, task.mesh, task.replica_layout)
+
+
 class _Setup:
     """Optimizers and compiled trainers for a task, built once and shared by all levels."""
 
-    def __init__(self, task: Task, keys: _Keys):
+    def __init__(self, task: Task, keys: _Keys | None = None):
         self.task = task
+        self.rep = _Rep(task.seed, task.num_replicas)
         self.schedule = train.make_schedule(task.optim, task.num_steps)
         self.tx = masks.masked(train.make_optimizer(task.optim, self.schedule))
         final_lr = float(self.schedule(task.num_steps))
         self.tx_finetune = masks.masked(train.make_optimizer(task.optim, optax.constant_schedule(final_lr)))
-        self.trainer = train.make_trainer(task.model, self.tx)
+        self.trainer = _make_trainer(task, self.tx)
         self._trainer_ft = None
-        self.init_variables = models.init(task.model, keys.init, task.x_train.shape)
+        self.init_variables = self.rep.seeded(lambda s: models.init(task.model, _Keys(s).init, task.x_train.shape))
 
     def trainer_for(self, rewind: str) -> tuple[train.Trainer, optax.GradientTransformation]:
         if rewind == "finetune":
             if self._trainer_ft is None:
-                self._trainer_ft = train.make_trainer(self.task.model, self.tx_finetune)
+                self._trainer_ft = _make_trainer(self.task, self.tx_finetune)
             return self._trainer_ft, self.tx_finetune
         return self.trainer, self.tx
 
@@ -138,7 +184,7 @@ def _train_level(setup: _Setup, start: train.TrainState, rewind: str, label: str
         eval_fn = lambda s: {f"test_{k}": v for k, v in train.evaluate(trainer, train.variables_of(s),
                                                                        task.x_test, task.y_test).items()}
     res = train.run(trainer, start, task.x_train, task.y_train, batch_size=task.batch_size,
-                    num_steps=task.num_steps, data_key=_Keys(task.seed).data, loop=task.loop,
+                    num_steps=task.num_steps, data_key=setup.rep.seeded(lambda s: _Keys(s).data), loop=task.loop,
                     snapshot_step=snapshot_step, log_prefix=label, eval_fn=eval_fn)
     ev = train.evaluate(trainer, train.variables_of(res.state), task.x_test, task.y_test)
     return res, ev
@@ -162,6 +208,10 @@ def _start_state(setup: _Setup, cfg: ImpConfig, mask: PyTree, prev: train.TrainS
 
 
 def _level_record(level: int, mask: PyTree, prunable: PyTree, res: train.RunResult, ev: dict) -> dict:
+    if isinstance(ev["accuracy"], list):  # K stacked replicas
+        k = len(ev["accuracy"])
+        return _summary(level, [_level_record(level, replicas.index(mask, r), prunable, _pick_result(res, r),
+                                              {m: v[r] for m, v in ev.items()}) for r in range(k)])
     rep = masks.density_report(mask, prunable)
     return {"level": level, "density": rep["density"], "kept_weights": rep["kept"], "prunable_weights": rep["total"],
             "test_accuracy": ev["accuracy"], "test_loss": ev["loss"], "train_loss": res.train_loss,
@@ -169,9 +219,38 @@ def _level_record(level: int, mask: PyTree, prunable: PyTree, res: train.RunResu
             "layer_densities": rep["layers"], "history": res.history}
 
 
-def _ckpt_tree(state: train.TrainState, mask: PyTree, rewind_point: train.TrainState, level: int, seed: int):
-    return {"state": state, "mask": mask, "rewind_point": rewind_point, "level": jnp.asarray(level, jnp.int32),
-            "rng": jax.random.PRNGKey(seed)}
+def _pick_result(res: train.RunResult, r: int) -> train.RunResult:
+    """Replica ``r`` of a stacked run's result."""
+    pick = lambda v: v[r] if isinstance(v, list) else v
+    return dataclasses.replace(res, state=replicas.index(res.state, r), train_loss=pick(res.train_loss),
+                               train_accuracy=pick(res.train_accuracy), snapshot=None,
+                               history=[{k: pick(v) for k, v in h.items()} for h in res.history])
+
+
+SUMMARY_KEYS = ("density", "test_accuracy", "test_loss", "train_loss", "train_accuracy")
+
+
+def _summary(level: int, reps: list[dict]) -> dict:
+    """One level over K replicas: means under the usual keys, ``<key>_std`` (ddof=1), per-replica records."""
+    out: dict = {"level": level, "num_replicas": len(reps)}
+    for key in SUMMARY_KEYS:
+        vals = np.asarray([r[key] for r in reps], np.float64)
+        out[key], out[f"{key}_std"] = float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+    for key in ("kept_weights", "prunable_weights", "steps"):  # equal across replicas (exact pruning counts)
+        vals = [r[key] for r in reps]
+        out[key] = vals[0] if len(set(vals)) == 1 else float(np.mean(vals))
+    out["seconds"] = reps[0]["seconds"]  # the replicas train together
+    out["layer_densities"] = {n: float(np.mean([r["layer_densities"][n] for r in reps]))
+                              for n in reps[0]["layer_densities"]}
+    out["replicas"] = reps
+    return out
+
+
+def _ckpt_tree(state: train.TrainState, mask: PyTree, rewind_point: train.TrainState, level: int, seed: int,
+               num_replicas: int = 1):
+    rep = _Rep(seed, num_replicas)
+    return {"state": state, "mask": mask, "rewind_point": rewind_point,
+            "level": rep.seeded(lambda s: jnp.asarray(level, jnp.int32)), "rng": rep.seeded(jax.random.PRNGKey)}
 
 
 def finished_levels(workdir: Path) -> list[int]:
@@ -184,14 +263,15 @@ def finished_levels(workdir: Path) -> list[int]:
 
 
 def _template(task: Task, seed: int) -> PyTree:
-    variables = models.init(task.model, _Keys(seed).init, task.x_train.shape)
     tx = masks.masked(train.make_optimizer(task.optim, train.make_schedule(task.optim, task.num_steps)))
-    st = train.create_state(variables, tx)
-    return _ckpt_tree(st, masks.ones_like(st.params), st, 0, seed)
+    init = lambda s: models.init(task.model, _Keys(s).init, task.x_train.shape)
+    st = _Rep(seed, task.num_replicas).seeded(lambda s: train.create_state(init(s), tx))
+    return _ckpt_tree(st, masks.ones_like(st.params), st, 0, seed, task.num_replicas)
 
 
 def load_level(workdir: str | Path, level: int, task: Task) -> dict:
-    """The checkpoint of a finished level: ``{"state", "mask", "rewind_point", "level", "rng"}``."""
+    """The checkpoint of a finished level: ``{"state", "mask", "rewind_point", "level", "rng"}`` (stacked trees,
+    a leading replica axis on every leaf, when ``task.num_replicas > 1``)."""
     path = Path(workdir) / f"level_{level}"
     if not (path / "level.json").exists():
         raise FileNotFoundError(f"level {level} of {workdir} is not finished (no {path / 'level.json'})")
@@ -212,9 +292,10 @@ def run(task: Task, cfg: ImpConfig, workdir: str | Path, *, config_record: dict 
         raise ValueError(f"rewind_step={cfg.rewind_step}: beyond the training length of {task.num_steps} steps")
     keys = _Keys(task.seed)
     setup = _Setup(task, keys)
-    prunable = masks.prunable_leaves(setup.init_variables["params"], exclude=cfg.exclude)
+    rep = setup.rep
+    prunable = masks.prunable_leaves(rep.first(setup.init_variables)["params"], exclude=cfg.exclude)
     dense_mask = masks.ones_like(setup.init_variables["params"])
-    init_state = setup.fresh(setup.init_variables, dense_mask, setup.tx)
+    init_state = rep.device(lambda v, m: setup.fresh(v, m, setup.tx), setup.init_variables, dense_mask)
 
     records: list[dict] = []
     done = finished_levels(workdir)
@@ -241,14 +322,16 @@ def run(task: Task, cfg: ImpConfig, workdir: str | Path, *, config_record: dict 
             if cfg.rewind == "step":
                 rewind_point = res.snapshot
         else:
-            mask = masks.magnitude_prune(prev.params, mask, prunable, cfg.fraction, cfg.scope)
-            start = _start_state(setup, cfg, mask, prev, rewind_point)
+            mask = rep.host(lambda p, m: masks.magnitude_prune(p, m, prunable, cfg.fraction, cfg.scope),
+                            prev.params, mask)
+            start = rep.device(lambda m, p, rp: _start_state(setup, cfg, m, p, rp), mask, prev, rewind_point)
             res, ev = _train_level(setup, start, cfg.rewind, label)
         rec = _level_record(level, mask, prunable, res, ev)
         if level > 0 and cfg.branch != "none":
             rec["branch"] = _run_branch(setup, cfg, keys, level, mask, prunable, prev, rewind_point)
         rec["wall_seconds"] = time.perf_counter() - t0
-        _save_level(workdir / f"level_{level}", _ckpt_tree(res.state, mask, rewind_point, level, task.seed), rec)
+        _save_level(workdir / f"level_{level}",
+                    _ckpt_tree(res.state, mask, rewind_point, level, task.seed, task.num_replicas), rec)
         logging.info("%sdensity %.4f test accuracy %.4f", label, rec["density"], rec["test_accuracy"])
         records.append(rec)
         prev = res.state
@@ -259,16 +342,20 @@ def run(task: Task, cfg: ImpConfig, workdir: str | Path, *, config_record: dict 
 
 def _run_branch(setup: _Setup, cfg: ImpConfig, keys: _Keys, level: int, mask, prunable, prev, rewind_point) -> dict:
     label = f"[level {level} {cfg.branch}] "
+    rep = setup.rep
     if cfg.branch == "random_mask":
-        bmask = masks.random_like(keys.random_mask(level), mask, prunable)
-        start = _start_state(setup, cfg, bmask, prev, rewind_point)
+        bkeys = rep.seeded(lambda s: _Keys(s).random_mask(level))
+        bmask = rep.host(lambda k, m: masks.random_like(k, m, prunable), bkeys, mask)
+        start = rep.device(lambda m, p, rp: _start_state(setup, cfg, m, p, rp), bmask, prev, rewind_point)
     else:
         bmask = mask
-        fresh = models.init(setup.task.model, keys.reinit(level), setup.task.x_train.shape)
-        start = _start_state(setup, cfg, bmask, prev, rewind_point, init_vars=fresh)
+        fresh = rep.seeded(lambda s: models.init(setup.task.model, _Keys(s).reinit(level), setup.task.x_train.shape))
+        start = rep.device(lambda m, p, rp, iv: _start_state(setup, cfg, m, p, rp, init_vars=iv),
+                           bmask, prev, rewind_point, fresh)
     res, ev = _train_level(setup, start, cfg.rewind, label)
     rec = _level_record(level, bmask, prunable, res, ev)
-    rec.pop("history")
+    for r in [rec, *rec.get("replicas", ())]:
+        r.pop("history", None)
     return {"name": cfg.branch, **rec}
 
 
@@ -280,7 +367,11 @@ def _save_level(d: Path, tree: PyTree, rec: dict) -> None:
     checkpoint.write_json(d / "level.json", rec)  # the "finished" marker, written last
 
 
-_VOLATILE = ("workdir", "levels", "eval_every_epoch")  # may change between a run and its resumption
+# May change between a run and its resumption (they do not change results).
+_VOLATILE = ("workdir", "levels", "eval_every_epoch", "replica_layout", "coordinator_address", "num_processes",
+             "process_id", "distributed")
+# Settings added after workdirs were first written: a config.json without them ran with these values.
+_ADDED_LATER = {"num_replicas": 1}
 
 
 def _check_config(workdir: Path, record: dict | None) -> None:
@@ -290,6 +381,7 @@ def _check_config(workdir: Path, record: dict | None) -> None:
     clean = {k: v for k, v in record.items() if k not in _VOLATILE}
     if path.exists():
         old = {k: v for k, v in checkpoint.read_json(path).items() if k not in _VOLATILE}
+        old.update({k: v for k, v in _ADDED_LATER.items() if k not in old and k in clean})
         diff = {k: (old.get(k), clean.get(k)) for k in set(old) | set(clean) if old.get(k) != clean.get(k)}
         if diff:
             lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))

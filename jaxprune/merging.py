@@ -43,6 +43,7 @@ PyTree = Any
 
 MODES = ("merge", "prune")
 BN_SCALES = ("exact", "paper")
+SCALES = ("norm", "projection")
 DENSE_THRESHOLD = 0.45  # the paper's LeNet-300-100 scripts
 CONV_BN_THRESHOLD = 0.1  # the paper's VGG-16 scripts
 LAMBDA = 0.85
@@ -80,9 +81,11 @@ class Decomposition(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------- validation
-def _check_common(n_units: int, n_keep: int, threshold: float, mode: str) -> None:
+def _check_common(n_units: int, n_keep: int, threshold: float, mode: str, scale: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    if scale not in SCALES:
+        raise ValueError(f"scale={scale!r}: expected one of {SCALES}")
     if isinstance(n_keep, bool) or not isinstance(n_keep, (int, np.integer)):
         raise TypeError(f"n_keep={n_keep!r}: expected an int (number of units kept)")
     if n_keep < 1:
@@ -124,8 +127,12 @@ def _cosines(v: Array, keep: Array) -> tuple[Array, Array]:
     return u @ u[keep].T, norms
 
 
-def _finish(keep: Array, best: Array, cos_best: Array, scale_best: Array, ok: Array) -> Decomposition:
+def _finish(keep: Array, best: Array, cos_best: Array, scale_best: Array, ok: Array,
+            projection: bool) -> Decomposition:
     n, k = best.shape[0], keep.shape[0]
+    if projection:  # least-squares s·w_k ≈ w_p over s >= 0: the norm ratio times max(cos, 0)
+        scale_best = scale_best * jnp.clip(cos_best, 0.0, 1.0)
+        ok &= scale_best > 0
     kept = jnp.zeros((n,), bool).at[keep].set(True)
     pos = jnp.zeros((n,), jnp.int32).at[keep].set(jnp.arange(k, dtype=jnp.int32))
     one = jnp.ones((), scale_best.dtype)
@@ -141,8 +148,8 @@ def _passes(threshold: Array, cos: Array) -> Array:
     return jnp.isfinite(cos) & ((threshold <= 0) | (cos >= threshold))
 
 
-@functools.partial(jax.jit, static_argnames="merge")
-def _assign_dense(v: Array, keep: Array, threshold: Array, merge: bool) -> Decomposition:
+@functools.partial(jax.jit, static_argnames=("merge", "projection"))
+def _assign_dense(v: Array, keep: Array, threshold: Array, merge: bool, projection: bool) -> Decomposition:
     cos, norms = _cosines(v, keep)
     nk = norms[keep]
     c = jnp.where((nk > 0)[None, :], cos, -jnp.inf)
@@ -150,12 +157,12 @@ def _assign_dense(v: Array, keep: Array, threshold: Array, merge: bool) -> Decom
     cb = jnp.take_along_axis(c, best[:, None], 1)[:, 0]
     scale = norms / jnp.where(nk[best] > 0, nk[best], 1.0)
     ok = _passes(threshold, cb) & (norms > 0) & merge
-    return _finish(keep, best, cb, scale, ok)
+    return _finish(keep, best, cb, scale, ok, projection)
 
 
-@functools.partial(jax.jit, static_argnames=("merge", "paper"))
+@functools.partial(jax.jit, static_argnames=("merge", "paper", "projection"))
 def _assign_conv_bn(v: Array, keep: Array, gamma: Array, beta: Array, mean: Array, var: Array, eps: Array,
-                    threshold: Array, lam: Array, merge: bool, paper: bool) -> Decomposition:
+                    threshold: Array, lam: Array, merge: bool, paper: bool, projection: bool) -> Decomposition:
     cos, norms = _cosines(v, keep)
     nk = norms[keep]
     s = norms[:, None] / jnp.where(nk > 0, nk, 1.0)[None, :]  # (n, k): ‖w_p‖ / ‖w_k‖
@@ -185,40 +192,43 @@ def _assign_conv_bn(v: Array, keep: Array, gamma: Array, beta: Array, mean: Arra
                    jnp.take_along_axis(cos, best[:, None], 1)[:, 0], -jnp.inf)
     sb = jnp.take_along_axis(scale, best[:, None], 1)[:, 0]
     ok = _passes(threshold, cb) & (norms > 0) & merge
-    return _finish(keep, best, cb, sb, ok)
+    return _finish(keep, best, cb, sb, ok, projection)
 
 
 # ----------------------------------------------------------------------------------------------- decompositions
 def decompose_dense(kernel: Array, n_keep: int, *, bias: Array | None = None, criterion: str = "l1",
-                    threshold: float = DENSE_THRESHOLD, mode: str = "merge", key: Array | None = None,
-                    keep: Any | None = None) -> Decomposition:
+                    threshold: float = DENSE_THRESHOLD, mode: str = "merge", scale: str = "norm",
+                    key: Array | None = None, keep: Any | None = None) -> Decomposition:
     """Algorithms 1–2 for a layer without BatchNorm.
 
     ``kernel``: dense ``(in, n)`` or conv ``(kh, kw, cin, n)``; ``bias``: ``(n,)`` or None (appended to the unit
     vectors for selection and similarity). ``criterion``: a :func:`jaxprune.structured.select_units` criterion;
     ``keep``: explicit kept indices ``(n_keep,)`` instead (e.g. from ``structured.select_by_scores``).
     ``threshold``: a pruned unit is merged when its best cosine is ``>= threshold``; 0 always merges, > 1 never.
+    ``scale``: ``"norm"`` (the paper: ``‖w_p‖/‖w_k‖``) or ``"projection"`` (``cos·‖w_p‖/‖w_k‖``, the
+    least-squares scale, which shrinks the compensation of poorly matched units).
     """
     kernel = jnp.asarray(kernel)
-    _check_common(kernel.shape[-1], n_keep, threshold, mode)
+    _check_common(kernel.shape[-1], n_keep, threshold, mode, scale)
     keep = _select(kernel, n_keep, criterion, bias, key, keep)
     v = structured.unit_vectors(kernel, bias)
-    return _assign_dense(v, keep, jnp.asarray(threshold, v.dtype), mode == "merge")
+    return _assign_dense(v, keep, jnp.asarray(threshold, v.dtype), mode == "merge", scale == "projection")
 
 
 def decompose_conv_bn(kernel: Array, n_keep: int, *, gamma: Array, beta: Array, mean: Array, var: Array,
                       eps: float = 1e-5, criterion: str = "l1", threshold: float = CONV_BN_THRESHOLD,
-                      lam: float = LAMBDA, bn_scale: str = "exact", mode: str = "merge", key: Array | None = None,
-                      keep: Any | None = None) -> Decomposition:
+                      lam: float = LAMBDA, bn_scale: str = "exact", mode: str = "merge", scale: str = "norm",
+                      key: Array | None = None, keep: Any | None = None) -> Decomposition:
     """Algorithm 3 for a conv ``(kh, kw, cin, n)`` (no bias) followed by BatchNorm (``gamma, beta, mean, var: (n,)``).
 
     ``lam`` weighs the cosine distance against the normalised BN offset mismatch; ``bn_scale`` is ``"exact"``
     (``s·(γ_p/γ_k)·(σ_k/σ_p)``, ``σ = √(var + eps)``) or ``"paper"`` (the authors' code: ``s·(γ_k/γ_p)·(v_p/v_k)``
     with raw variances ``v``). Exact mode never merges through a non-positive scale (``γ_p/γ_k < 0``).
+    ``scale="projection"`` multiplies the chosen scale by ``max(cos, 0)`` (see :func:`decompose_dense`).
     """
     kernel = jnp.asarray(kernel)
     n = kernel.shape[-1]
-    _check_common(n, n_keep, threshold, mode)
+    _check_common(n, n_keep, threshold, mode, scale)
     if bn_scale not in BN_SCALES:
         raise ValueError(f"bn_scale={bn_scale!r}: expected one of {BN_SCALES}")
     if not (isinstance(lam, (int, float, np.floating)) and 0 <= lam <= 1):
@@ -234,7 +244,7 @@ def decompose_conv_bn(kernel: Array, n_keep: int, *, gamma: Array, beta: Array, 
     dt = v.dtype
     return _assign_conv_bn(v, keep, *(jnp.asarray(stats[k], dt) for k in ("gamma", "beta", "mean", "var")),
                            jnp.asarray(eps, dt), jnp.asarray(threshold, dt), jnp.asarray(lam, dt),
-                           merge=mode == "merge", paper=bn_scale == "paper")
+                           merge=mode == "merge", paper=bn_scale == "paper", projection=scale == "projection")
 
 
 def summary(dec: Decomposition) -> dict:
@@ -264,6 +274,7 @@ def fold(w: Array, dec: Decomposition, axis: int = 0) -> Array:
     return jnp.moveaxis(y, 0, axis)
 
 
+@jax.jit
 def _fold_full(kernel: Array, dec: Decomposition) -> Array:
     """Fold into a consumer kernel at full size (kept rows replaced, pruned rows left for physical removal).
 
@@ -321,21 +332,22 @@ def _link(model: nn.Module, layer: str) -> tuple[str | None, str]:
 
 def decompose_layer(model: nn.Module, variables: PyTree, layer: str, n_keep: int, *, mode: str = "merge",
                     criterion: str = "l1", threshold: float | None = None, lam: float = LAMBDA,
-                    bn_scale: str = "exact", key: Array | None = None, keep: Any | None = None) -> Decomposition:
+                    bn_scale: str = "exact", scale: str = "norm", key: Array | None = None,
+                    keep: Any | None = None) -> Decomposition:
     """The decomposition of one mergeable layer of a library model (``threshold=None``: 0.45 without BatchNorm,
     0.1 with it, the paper's settings)."""
     bn_path, _ = _link(model, layer)
     p = structured.layer_params(variables, layer)
     if bn_path is None:
         return decompose_dense(p["kernel"], n_keep, bias=p.get("bias"), criterion=criterion,
-                               threshold=DENSE_THRESHOLD if threshold is None else threshold, mode=mode, key=key,
-                               keep=keep)
+                               threshold=DENSE_THRESHOLD if threshold is None else threshold, mode=mode,
+                               scale=scale, key=key, keep=keep)
     bn = structured.layer_params(variables, bn_path)
     st = structured._get(variables["batch_stats"], bn_path.split("/"))
     return decompose_conv_bn(p["kernel"], n_keep, gamma=bn["scale"], beta=bn["bias"], mean=st["mean"],
                              var=st["var"], eps=BN_EPSILON, criterion=criterion,
                              threshold=CONV_BN_THRESHOLD if threshold is None else threshold, lam=lam,
-                             bn_scale=bn_scale, mode=mode, key=key, keep=keep)
+                             bn_scale=bn_scale, mode=mode, scale=scale, key=key, keep=keep)
 
 
 def apply(model: nn.Module, variables: PyTree, layer: str, dec: Decomposition) -> tuple[nn.Module, PyTree]:
@@ -363,7 +375,7 @@ class Merged(NamedTuple):
 
 def merge(model: nn.Module, variables: PyTree, widths: Mapping[str, int], *, mode: str = "merge",
           criterion: str = "l1", threshold: float | None = None, lam: float = LAMBDA, bn_scale: str = "exact",
-          key: Array | None = None, keep: Mapping[str, Any] | None = None) -> Merged:
+          scale: str = "norm", key: Array | None = None, keep: Mapping[str, Any] | None = None) -> Merged:
     """Merge (or prune) several layers to the given widths ``{layer: n_keep}``, in forward order.
 
     ``keep``: optional explicit kept indices per layer (e.g. from data-driven scores); ``key`` is split per layer
@@ -378,7 +390,7 @@ def merge(model: nn.Module, variables: PyTree, widths: Mapping[str, int], *, mod
     for i, layer in enumerate(l for l in mergeable_layers(model) if l in widths):
         k = None if key is None else jax.random.fold_in(key, i)
         model, variables, dec = merge_layer(model, variables, layer, widths[layer], mode=mode, criterion=criterion,
-                                            threshold=threshold, lam=lam, bn_scale=bn_scale, key=k,
+                                            threshold=threshold, lam=lam, bn_scale=bn_scale, scale=scale, key=k,
                                             keep=(keep or {}).get(layer))
         decs[layer] = dec
     return Merged(model, variables, decs, {layer: summary(d) for layer, d in decs.items()})

@@ -6,6 +6,11 @@ step ``k`` (a rewind point, a resumed level) sees exactly the batches an uninter
 
 MLP epochs run as one ``lax.scan`` (about 20 % faster on CPU); convolutional models use a Python loop of jitted
 steps, because XLA's CPU convolutions are many times slower inside ``scan``.
+
+Data parallelism: ``make_trainer(model, tx, mesh=distributed.data_mesh())`` shards every batch over the mesh's
+devices and replicates the rest (:mod:`jaxprune.distributed`); ``run`` and ``evaluate`` place the arrays.
+Replicas: a :class:`Trainer` with ``replicas=K`` (built by :mod:`jaxprune.replicas`) trains K stacked states at
+once; ``run`` then takes ``data_key: (K, 2)`` and reports per-replica metrics as lists.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+
+from jaxprune import distributed
 
 Array = jax.Array
 PyTree = Any
@@ -107,8 +114,9 @@ def variables_of(state: TrainState) -> dict:
     return v
 
 
-def has_conv(params: PyTree) -> bool:
-    return any(leaf.ndim == 4 for leaf in jax.tree_util.tree_leaves(params))
+def has_conv(params: PyTree, lead: int = 0) -> bool:
+    """Whether any leaf is a conv kernel (``lead`` leading axes, e.g. 1 for stacked replicas)."""
+    return any(leaf.ndim == 4 + lead for leaf in jax.tree_util.tree_leaves(params))
 
 
 class Trainer(NamedTuple):
@@ -117,11 +125,15 @@ class Trainer(NamedTuple):
     step: Callable  # (state, x_all, y_all, idx (b,), key) -> (state, (loss, correct))
     scan: Callable  # (state, x_all, y_all, idx (s, b), key) -> (state, (loss (s,), correct (s,)))
     evaluate: Callable  # (variables, x (b, …), y (b,), weight (b,)) -> (sum loss, sum correct)
+    mesh: Any = None  # jax.sharding.Mesh: batches split over its devices, everything else replicated
+    replicas: int | None = None  # K: states, keys and batch indices carry a leading replica axis
 
 
-def make_trainer(model: nn.Module, tx: optax.GradientTransformation) -> Trainer:
+def step_functions(model: nn.Module, tx: optax.GradientTransformation, mesh=None) -> tuple[Callable, ...]:
+    """The un-jitted ``(step, scan, evaluate)`` of :func:`make_trainer` (for vmapping them into replicas)."""
+
     def step(state: TrainState, x_all: Array, y_all: Array, idx: Array, key: Array):
-        x, y = x_all[idx], y_all[idx]
+        x, y = distributed.constrain_batch((x_all[idx], y_all[idx]), mesh)
         dropout_key = jax.random.fold_in(key, state.step)
 
         def loss_fn(params):
@@ -139,11 +151,18 @@ def make_trainer(model: nn.Module, tx: optax.GradientTransformation) -> Trainer:
         return jax.lax.scan(lambda s, i: step(s, x_all, y_all, i, key), state, idx)
 
     def evaluate(variables, x, y, weight):
+        x, y, weight = distributed.constrain_batch((x, y, weight), mesh)
         logits = model.apply(variables, x, train=False)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return jnp.sum(losses * weight), jnp.sum((jnp.argmax(logits, -1) == y) * weight)
 
-    return Trainer(jax.jit(step), jax.jit(scan), jax.jit(evaluate))
+    return step, scan, evaluate
+
+
+def make_trainer(model: nn.Module, tx: optax.GradientTransformation, mesh=None) -> Trainer:
+    """Jitted step/scan/evaluate. ``mesh`` (see :func:`jaxprune.distributed.data_mesh`): data-parallel over its
+    devices (batch sizes must be multiples of the device count); ``None``: the default device."""
+    return Trainer(*(jax.jit(f) for f in step_functions(model, tx, mesh)), mesh=mesh)
 
 
 def epoch_order(key: Array, epoch: int, n: int, batch_size: int) -> Array:
@@ -170,16 +189,23 @@ def run(trainer: Trainer, state: TrainState, x: Array, y: Array, *, batch_size: 
 
     ``loop``: ``"scan"`` (an epoch per call), ``"python"`` (a jitted step per call) or ``"auto"`` (scan unless the
     model has convolutions). ``snapshot_step``: return a copy of the state taken when that step is reached.
-    ``eval_fn(state) -> dict`` is called after each epoch and logged.
+    ``eval_fn(state) -> dict`` is called after each epoch and logged. With ``trainer.replicas = K``: ``data_key:
+    (K, 2)``, every state leaf has a leading K axis and the metrics are lists of K floats.
     """
     n = int(x.shape[0])
     if batch_size < 1 or batch_size > n:
         raise ValueError(f"batch_size={batch_size}: expected 1 <= batch_size <= number of examples ({n})")
     if loop not in ("auto", "scan", "python"):
         raise ValueError(f"loop={loop!r}: expected 'auto', 'scan' or 'python'")
-    use_scan = (loop == "scan") or (loop == "auto" and not has_conv(state.params))
+    lead = 0 if trainer.replicas is None else 1
+    if lead and np.shape(data_key)[:1] != (trainer.replicas,):
+        raise ValueError(f"data_key: expected ({trainer.replicas}, 2) keys, one per replica; got {np.shape(data_key)}")
+    if trainer.mesh is not None:
+        distributed.check_divisible(batch_size, trainer.mesh)
+        x, y, state = distributed.replicate((x, y, state), trainer.mesh)
+    use_scan = (loop == "scan") or (loop == "auto" and not has_conv(state.params, lead))
     spe = n // batch_size
-    start = int(state.step)
+    start = int(np.asarray(state.step).reshape(-1)[0])  # replicas advance in lockstep
     snapshot = state if snapshot_step is not None and start == snapshot_step else None
     t0 = time.perf_counter()
     history: list[dict] = []
@@ -187,7 +213,12 @@ def run(trainer: Trainer, state: TrainState, x: Array, y: Array, *, batch_size: 
     s = start
     while s < num_steps:
         epoch, offset = divmod(s, spe)
-        order = epoch_order(data_key, epoch, n, batch_size)
+        if lead:
+            order = jax.vmap(lambda k: epoch_order(k, epoch, n, batch_size))(data_key)
+        else:
+            order = epoch_order(data_key, epoch, n, batch_size)
+        if trainer.mesh is not None:
+            order = distributed.put(order, distributed.batch_sharding(trainer.mesh, order.ndim - 1))
         stop = min(spe, offset + (num_steps - s))
         cuts = [offset, stop]
         if snapshot_step is not None and s < snapshot_step < epoch * spe + stop:
@@ -195,19 +226,19 @@ def run(trainer: Trainer, state: TrainState, x: Array, y: Array, *, batch_size: 
         losses, corrects = [], []
         for a, b in zip(cuts[:-1], cuts[1:]):
             if use_scan:
-                state, (l, c) = trainer.scan(state, x, y, order[a:b], data_key)
+                state, (l, c) = trainer.scan(state, x, y, order[..., a:b, :], data_key)
                 losses.append(l)
                 corrects.append(c)
             else:
                 for i in range(a, b):
-                    state, (l, c) = trainer.step(state, x, y, order[i], data_key)
-                    losses.append(l[None])
-                    corrects.append(c[None])
+                    state, (l, c) = trainer.step(state, x, y, order[..., i, :], data_key)
+                    losses.append(l[..., None])
+                    corrects.append(c[..., None])
             if snapshot_step is not None and epoch * spe + b == snapshot_step:
                 snapshot = state
         s = epoch * spe + stop
-        loss = float(jnp.mean(jnp.concatenate(losses)))
-        acc = float(jnp.sum(jnp.concatenate(corrects))) / ((stop - offset) * batch_size)
+        loss = _metric(jnp.mean(jnp.concatenate(losses, -1), -1))
+        acc = _metric(jnp.sum(jnp.concatenate(corrects, -1), -1) / ((stop - offset) * batch_size))
         elapsed = time.perf_counter() - t0
         rec = {"epoch": epoch + 1 if stop == spe else epoch + stop / spe, "step": s, "train_loss": loss,
                "train_accuracy": acc, "examples_per_s": (s - start) * batch_size / max(elapsed, 1e-9)}
@@ -215,19 +246,34 @@ def run(trainer: Trainer, state: TrainState, x: Array, y: Array, *, batch_size: 
             rec.update(eval_fn(state))
         history.append(rec)
         eta = elapsed / (s - start) * (num_steps - s)
-        extra = "".join(f" {k}={v:.4f}" for k, v in rec.items() if k.startswith("test_"))
+        extra = "".join(f" {k}={np.mean(v):.4f}" for k, v in rec.items() if k.startswith("test_"))
         logging.info("%sepoch %.2f step %d/%d loss=%.4f acc=%.4f%s %.0f ex/s eta %.0fs", log_prefix, rec["epoch"],
-                     s, num_steps, loss, acc, extra, rec["examples_per_s"], eta)
+                     s, num_steps, np.mean(loss), np.mean(acc), extra, rec["examples_per_s"], eta)
     return RunResult(state, loss, acc, snapshot, time.perf_counter() - t0, history)
 
 
-def evaluate(trainer: Trainer, variables: dict, x: Array, y: Array, batch_size: int = 1000) -> dict[str, float]:
-    """Mean loss and accuracy over ``(x, y)`` in fixed-size chunks (the last one padded and weighted out)."""
+def _metric(x: Array) -> float | list[float]:
+    """A scalar as a float; a per-replica vector ``(K,)`` as a list of K floats."""
+    x = np.asarray(x, np.float64)
+    return float(x) if x.ndim == 0 else x.tolist()
+
+
+def evaluate(trainer: Trainer, variables: dict, x: Array, y: Array,
+             batch_size: int = 1000) -> dict[str, float | list[float]]:
+    """Mean loss and accuracy over ``(x, y)`` in fixed-size chunks (the last one padded and weighted out).
+
+    Data-parallel trainers round the chunk up to a multiple of the device count; replica trainers (stacked
+    ``variables``) give lists of K values.
+    """
     n = int(x.shape[0])
     if n == 0:
         raise ValueError("evaluate: empty evaluation set")
     b = min(batch_size, n)
-    tot_loss = tot_correct = 0.0
+    if trainer.mesh is not None:
+        d = distributed.num_shards(trainer.mesh)
+        b = -(-b // d) * d
+        x, y, variables = distributed.replicate((x, y, variables), trainer.mesh)
+    tot_loss = tot_correct = np.float64(0.0)
     for i in range(0, n, b):
         xb, yb = x[i:i + b], y[i:i + b]
         m = xb.shape[0]
@@ -238,9 +284,9 @@ def evaluate(trainer: Trainer, variables: dict, x: Array, y: Array, batch_size: 
             yb = jnp.concatenate([yb, jnp.zeros((pad,), yb.dtype)])
             w = w.at[m:].set(0.0)
         l, c = trainer.evaluate(variables, xb, yb, w)
-        tot_loss += float(l)
-        tot_correct += float(c)
-    return {"loss": tot_loss / n, "accuracy": tot_correct / n}
+        tot_loss = tot_loss + np.asarray(l, np.float64)
+        tot_correct = tot_correct + np.asarray(c, np.float64)
+    return {"loss": _metric(tot_loss / n), "accuracy": _metric(tot_correct / n)}
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:

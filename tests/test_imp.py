@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from experiments import imp as imp_exp
-from jaxprune import imp, masks, models, train
+from jaxprune import imp, masks, models
 
 SMALL = dict(dataset="digits", model="mlp", hidden=["24"], optimizer="momentum", lr=0.05, schedule="step",
              milestones=["30"], training_steps="40", batch_size=64, prune_fraction=0.5, seed=3)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from jaxprune import merging, models, structured
 
 SETTINGS = settings(max_examples=10, deadline=None)
-NETWORK_SETTINGS = settings(max_examples=5, deadline=None)  # whole networks: fewer, slower examples
+NETWORK_SETTINGS = settings(max_examples=4, deadline=None)  # whole networks: fewer, slower examples
 
 
 # ----------------------------------------------------------------------------------------------- constructions
@@ -66,8 +66,27 @@ def _plant_conv_bn(variables: dict, layer: str, bn: str, n_base: int,
     return {**variables, "params": params, "batch_stats": stats}, base
 
 
+def _init(model, input_shape, rng: np.random.Generator) -> dict:
+    """Random variables of ``model`` built in numpy from the abstract shapes (no per-op XLA compiles)."""
+    shapes = jax.eval_shape(lambda: models.init(model, jax.random.PRNGKey(0), input_shape))
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            return rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+        if name in ("scale", "var"):
+            return rng.uniform(0.5, 1.5, leaf.shape)
+        return rng.normal(scale=0.3, size=leaf.shape)
+
+    tree = jax.tree_util.tree_map_with_path(fill, shapes)
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), tree)
+
+
+_apply = jax.jit(lambda model, v, x: model.apply(v, x, train=False), static_argnums=0)  # cached per model
+
+
 def _logits(model, variables, x):
-    return np.asarray(model.apply(variables, x, train=False))
+    return np.asarray(_apply(model, variables, x))
 
 
 def _close(a, b):
@@ -80,7 +99,7 @@ def _close(a, b):
 def test_dense_copies_merge_exactly(seed):
     rng = np.random.default_rng(seed)
     model = models.MLP((10, 8, 3))
-    variables = models.init(model, jax.random.PRNGKey(seed), (1, 6))
+    variables = _init(model, (1, 6), rng)
     variables, base0 = _plant_dense(variables, "dense_0", 4, rng)
     variables, base1 = _plant_dense(variables, "dense_1", 5, rng)
     x = jnp.asarray(rng.normal(size=(32, 6)), jnp.float32)
@@ -102,7 +121,7 @@ def test_dense_copies_merge_exactly(seed):
 def test_conv_bn_copies_merge_exactly_in_exact_mode(seed):
     rng = np.random.default_rng(seed)
     model = models.VGG((6, "M", 5), num_classes=3)
-    variables = models.init(model, jax.random.PRNGKey(seed), (1, 8, 8, 2))
+    variables = _init(model, (1, 8, 8, 2), rng)
     variables, base0 = _plant_conv_bn(variables, "conv_0", "bn_0", 3, rng)
     variables, base1 = _plant_conv_bn(variables, "conv_1", "bn_1", 2, rng)  # into dense_0 through the GAP
     x = jnp.asarray(rng.normal(size=(8, 8, 8, 2)), jnp.float32)
@@ -119,7 +138,7 @@ def test_conv_bn_copies_merge_exactly_in_exact_mode(seed):
 def test_resnet_block_conv_merges_exactly():
     rng = np.random.default_rng(0)
     model = models.ResNet(depth=8, num_classes=3, width=4)
-    variables = models.init(model, jax.random.PRNGKey(0), (1, 8, 8, 3))
+    variables = _init(model, (1, 8, 8, 3), rng)
     widths = {}
     for layer in merging.mergeable_layers(model):
         blk = layer.split("/")[0]
@@ -136,7 +155,7 @@ def test_resnet_block_conv_merges_exactly():
 def test_lenet5_conv_into_flattened_dense_merges_exactly():
     rng = np.random.default_rng(1)
     model = models.LeNet5(num_classes=4)
-    variables = models.init(model, jax.random.PRNGKey(1), (1, 28, 28, 1))
+    variables = _init(model, (1, 28, 28, 1), rng)
     variables, _ = _plant_dense(variables, "conv_1", 10, rng)  # conv with bias → flatten → dense_0
     variables, _ = _plant_dense(variables, "dense_0", 60, rng)
     x = jnp.asarray(rng.normal(size=(4, 28, 28, 1)), jnp.float32)
@@ -147,7 +166,7 @@ def test_lenet5_conv_into_flattened_dense_merges_exactly():
 
 def test_threshold_above_one_equals_prune():
     model = models.MLP((40, 20, 5))
-    variables = models.init(model, jax.random.PRNGKey(3), (1, 12))
+    variables = _init(model, (1, 12), np.random.default_rng(3))
     widths = {"dense_0": 15, "dense_1": 8}
     never = merging.merge(model, variables, widths, criterion="l1", threshold=1.01)
     pruned = merging.merge(model, variables, widths, criterion="l1", mode="prune")
@@ -161,8 +180,9 @@ def test_threshold_above_one_equals_prune():
 
 
 # ----------------------------------------------------------------------------------------------- float64 references
-def _ref_dense(v: np.ndarray, keep: np.ndarray, threshold: float):
-    """Algorithm 2 written as loops: (target index into keep, scale, cosine) per unit."""
+def _ref_dense(v: np.ndarray, keep: np.ndarray, threshold: float, projection: bool = False):
+    """Algorithm 2 written as loops: (target index into keep, scale, cosine) per unit; ``projection`` scales by
+    max(cos, 0) (the least-squares non-negative scale)."""
     n = v.shape[0]
     target, scale, cosine = np.zeros(n, int), np.zeros(n), np.ones(n)
     for j in range(n):
@@ -173,7 +193,7 @@ def _ref_dense(v: np.ndarray, keep: np.ndarray, threshold: float):
         b = int(np.argmax(cos))
         target[j], cosine[j] = b, cos[b]
         if threshold == 0 or cos[b] >= threshold:
-            scale[j] = np.linalg.norm(v[j]) / np.linalg.norm(v[keep[b]])
+            scale[j] = np.linalg.norm(v[j]) / np.linalg.norm(v[keep[b]]) * (max(cos[b], 0.0) if projection else 1)
     return target, scale, cosine
 
 
@@ -199,6 +219,9 @@ def _ref_conv_bn(v, keep, gamma, beta, mean, var, eps, threshold, lam, paper):
             cos.append(c), S.append(sc), dist.append(off / sc)
         cos, S, dist = map(np.array, (cos, S, dist))
         ok = np.ones(len(keep), bool) if paper else S > 0
+        if not ok.any():
+            target[j], cosine[j] = 0, -np.inf
+            continue
         d = dist[ok]
         span = d.max() - d.min()
         nd = (dist - d.min()) / span if span > 0 else np.zeros_like(dist)
@@ -219,16 +242,17 @@ def _compare(dec: merging.Decomposition, ref):
 
 
 @SETTINGS
-@given(seed=st.integers(0, 10_000), threshold=st.sampled_from([0.0, 0.1, 0.3]), with_bias=st.booleans())
-def test_dense_decomposition_matches_reference(seed, threshold, with_bias):
+@given(seed=st.integers(0, 10_000), threshold=st.sampled_from([0.0, 0.1, 0.3]), with_bias=st.booleans(),
+       scale=st.sampled_from(merging.SCALES))
+def test_dense_decomposition_matches_reference(seed, threshold, with_bias, scale):
     rng = np.random.default_rng(seed)
     kernel = rng.normal(size=(7, 16)).astype(np.float32)
     bias = rng.normal(size=16).astype(np.float32) if with_bias else None
-    dec = merging.decompose_dense(kernel, 6, bias=bias, criterion="l2", threshold=threshold)
+    dec = merging.decompose_dense(kernel, 6, bias=bias, criterion="l2", threshold=threshold, scale=scale)
     keep = np.asarray(structured.select_units(kernel, 6, "l2", bias=bias))
     np.testing.assert_array_equal(dec.keep, keep)
     v = np.asarray(structured.unit_vectors(kernel, bias), np.float64)
-    _compare(dec, _ref_dense(v, keep, threshold))
+    _compare(dec, _ref_dense(v, keep, threshold, projection=scale == "projection"))
 
 
 @SETTINGS
@@ -264,10 +288,11 @@ def test_bn_distance_tie_does_not_produce_nan():
 
 
 def test_threshold_zero_merges_anticorrelated_units():
-    kernel = np.array([[1.0, 0.0, -0.5], [0.0, 1.0, 0.0]], np.float32)  # unit 2 = -0.5 × unit 0
+    kernel = np.array([[1.0, 0.6, -1.0], [0.0, 0.8, -0.1]], np.float32)  # unit 2 points away from both
     always = merging.decompose_dense(kernel, 2, keep=[0, 1], threshold=0.0)
     small = merging.decompose_dense(kernel, 2, keep=[0, 1], threshold=1e-6)
-    assert float(always.scale[2]) == pytest.approx(0.5) and float(always.cosine[2]) < 0
+    assert int(always.target[2]) == 1 and float(always.cosine[2]) == pytest.approx(-0.68 / np.sqrt(1.01))
+    assert float(always.scale[2]) == pytest.approx(np.sqrt(1.01))
     assert float(small.scale[2]) == 0.0
 
 
@@ -303,7 +328,7 @@ def test_widths_helpers():
     w = merging.widths_from_cfg(model, cfg)
     assert list(w) == [f"conv_{i}" for i in range(13)] and w["conv_12"] == 256
     mlp = models.build("lenet300", 10)
-    params = models.init(mlp, jax.random.PRNGKey(0), (1, 784))["params"]
+    params = _init(mlp, (1, 784), np.random.default_rng(0))["params"]
     assert merging.widths_for_ratio(mlp, params, 0.7) == {"dense_0": 90, "dense_1": 30}
 
 
@@ -311,7 +336,7 @@ def test_widths_helpers():
 @pytest.fixture(scope="module")
 def mlp():
     model = models.MLP((8, 6, 3))
-    return model, models.init(model, jax.random.PRNGKey(0), (1, 5))
+    return model, _init(model, (1, 5), np.random.default_rng(0))
 
 
 def test_refuses_merging_a_layer_into_itself(mlp):
@@ -329,6 +354,7 @@ def test_refuses_merging_a_layer_into_itself(mlp):
     ({"layer": "dense_0", "n_keep": 4, "threshold": -0.1}, "threshold"),
     ({"layer": "dense_0", "n_keep": 4, "threshold": float("nan")}, "threshold"),
     ({"layer": "dense_0", "n_keep": 4, "mode": "fuse"}, "mode"),
+    ({"layer": "dense_0", "n_keep": 4, "scale": "ratio"}, "scale"),
     ({"layer": "dense_0", "n_keep": 4, "criterion": "l3"}, "criterion"),
     ({"layer": "dense_0", "n_keep": 2, "keep": [1, 1]}, "distinct"),
     ({"layer": "dense_0", "n_keep": 2, "keep": [1, 8]}, r"\[0, 8\)"),

@@ -29,6 +29,7 @@ Step = tuple
 Program = tuple[Step, ...]
 
 __all__ = ["Relevance", "program", "linear_layers", "hidden_layers", "forward", "relevance", "split_variables",
+           "canonical_params",
            "PROPORTIONAL_EPSILON"]
 
 PROPORTIONAL_EPSILON = 1e-9  # stabiliser of average pooling's proportional rule
@@ -164,7 +165,8 @@ def split_variables(variables: Any) -> tuple[dict, dict]:
     return variables, {}
 
 
-def _canonical(variables: Any) -> dict:
+def canonical_params(variables: Any) -> dict:
+    """Bare params with every BatchNorm folded into its layer (unchanged if there is none)."""
     params, stats = split_variables(variables)
     if canonizers.batchnorm_pairs(params):
         return canonizers.fold_batchnorm({"params": params, "batch_stats": stats})["params"]
@@ -217,6 +219,6 @@ def relevance(model: nn.Module, variables: Any, x: Any, *, composite: C.Composit
     prog = program(model)
     comp = C.get(composite)
     rules = comp.assign(linear_layers(prog))
-    params = _canonical(variables)
+    params = canonical_params(variables)
     x, t = _check_inputs(model, params, x, target)
     return _core_jit(prog, rules, params, x, t)

@@ -1,0 +1,221 @@
+"""One-shot weight vs unit pruning without retraining.
+
+Train a network once per seed (default: the bias-free MLP 784-1000-1000-500-200-10 on MNIST, inputs in [-1, 1],
+Adam 1e-3, 3 epochs, batch 100), then evaluate the test accuracy at each sparsity ``k`` for
+
+* **weight** pruning: zero the ``ceil(k·n)`` smallest-|w| weights of every hidden kernel (layerwise), or of all
+  hidden kernels ranked together (``--scope=global``);
+* **unit** pruning: zero the ``ceil(k·n)`` output units (kernel columns / conv filters, with their bias and
+  following BatchNorm scale/offset) with the smallest L2 norm in every shrinkable layer (layerwise), or ranked
+  across layers (``--scope=global``); ``--unit_criterion`` picks another :mod:`jaxprune.structured` criterion.
+
+The output layer is never pruned and nothing is retrained. Usage::
+
+    python -m experiments.oneshot --flagfile=experiments/configs/oneshot_mnist.cfg --seeds=0,1,2
+
+Writes to ``--workdir``: ``seed_{s}.json`` per finished seed (a rerun skips them), ``results.json`` (the full
+config, dense accuracy and, per method, a map sparsity → accuracy as mean/std/per-seed fractions) and
+``accuracy_vs_sparsity.png``.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, logging
+
+from experiments import common
+from jaxprune import checkpoint, masks, models, plots, structured, train
+
+METHODS = ("weight", "unit")
+SPEC = [
+    ("dataset", "digits", "digits (embedded), mnist, fashion_mnist, or a TFDS name"),
+    ("data_dir", "", "data directory (default: $JAXPRUNE_DATA_DIR, else ~/tensorflow_datasets)"),
+    ("normalize", "unit", "input scaling: [0,1] as loaded, train mean/std, or [-1,1]", common.NORMALIZATIONS),
+    ("max_train_examples", 0, "keep only the first N training examples (0: all)"),
+    ("max_test_examples", 0, "keep only the first N test examples (0: all)"),
+    ("model", "mlp", "mlp, lenet300, lenet5, conv2, conv4, conv6, vgg11, vgg16, resnet20"),
+    ("hidden", ["1000", "1000", "500", "200"], "hidden widths for --model=mlp"),
+    ("use_bias", False, "dense layers with biases (mlp/lenet300)"),
+    ("optimizer", "adam", "optimizer", train.OPTIMIZERS),
+    ("lr", 0.001, "learning rate (constant)"),
+    ("momentum", 0.9, "momentum for momentum/nesterov"),
+    ("training_steps", "3ep", "training length, steps ('2000') or epochs ('3ep')"),
+    ("batch_size", 100, "training batch size"),
+    ("sparsities", ["0", "25", "50", "60", "70", "80", "90", "95", "97", "99"], "sparsities in percent"),
+    ("methods", ["weight", "unit"], "pruning methods to evaluate: weight, unit"),
+    ("scope", "layerwise", "rank within each layer or across all pruned layers", masks.SCOPES),
+    ("unit_criterion", "l2", "unit score for unit pruning", structured.CRITERIA),
+    ("seeds", ["0"], "seeds (initialisation and data order); several give mean ± std"),
+    ("workdir", "runs/oneshot", "output directory (finished seeds are skipped on rerun)"),
+    ("loop", "auto", "epoch as lax.scan or a Python loop of jitted steps", ("auto", "scan", "python")),
+]
+DEFAULTS = common.defaults(SPEC)
+
+
+def _key(k: float) -> str:
+    return f"{k:g}"
+
+
+def weight_pruned(params: dict, output_layer: str, sparsity: float, scope: str) -> dict:
+    """Zero the ``ceil(sparsity·n)`` smallest-|w| weights of the kernels of every layer but the output layer."""
+    prunable = masks.prunable_leaves(params, exclude=(f"^{output_layer}/",))
+    mask = masks.magnitude_prune(params, masks.ones_like(params), prunable, sparsity, scope)
+    return masks.apply_mask(params, mask)
+
+
+def unit_pruned(model, variables: dict, sparsity: float, scope: str, criterion: str = "l2",
+                key: jax.Array | None = None) -> dict:
+    """Zero ``ceil(sparsity·n)`` units of every shrinkable layer (layerwise) or of all of them ranked together by
+    score (``scope='global'``; score-based criteria only). Shapes are unchanged."""
+    layers = structured.prunable_layers(model)
+    keys = {layer: None if key is None else jax.random.fold_in(key, i) for i, layer in enumerate(layers)}
+    keep: dict[str, np.ndarray] = {}
+    if scope == "layerwise":
+        for layer in layers:
+            p = structured.layer_params(variables, layer)
+            n_keep = structured.n_keep_for(int(p["kernel"].shape[-1]), sparsity)
+            keep[layer] = np.asarray(structured.select_units(p["kernel"], n_keep, criterion, key=keys[layer]))
+    else:
+        if criterion == "kmeans":
+            raise ValueError("unit_criterion='kmeans' has no per-unit score to rank globally; use --scope=layerwise")
+        scores = [np.asarray(structured.unit_scores(structured.layer_params(variables, layer)["kernel"], criterion,
+                                                    key=keys[layer]), np.float64) for layer in layers]
+        flat = np.concatenate(scores)
+        n_remove = math.ceil(sparsity * flat.size - 1e-9)
+        removed = np.zeros(flat.size, bool)
+        removed[np.argsort(flat, kind="stable")[:n_remove]] = True  # lowest first; ties: earlier layer/unit first
+        offset = 0
+        for layer, s in zip(layers, scores):
+            keep[layer] = np.flatnonzero(~removed[offset:offset + s.size])
+            offset += s.size
+    for layer, k in keep.items():
+        variables = structured.mask_units(model, variables, layer, k)
+    return variables
+
+
+def _build(c: dict):
+    unknown = set(c) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"config: unknown keys {sorted(unknown)}; expected a subset of {sorted(DEFAULTS)}")
+    bad = [m for m in c["methods"] if m not in METHODS]
+    if bad or not c["methods"]:
+        raise ValueError(f"methods={c['methods']}: expected a non-empty subset of {METHODS}")
+    sparsities = [float(s) / 100 for s in c["sparsities"]]
+    if not sparsities or any(not 0 <= s <= 1 for s in sparsities):
+        raise ValueError(f"sparsities={c['sparsities']}: expected percentages in [0, 100]")
+    seeds = common.int_list(c["seeds"])
+    if not seeds:
+        raise ValueError("seeds: expected at least one seed")
+    tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
+                              c["max_test_examples"])
+    model = models.build(c["model"], tr.num_classes, hidden=common.int_list(c["hidden"]), use_bias=c["use_bias"])
+    if not 1 <= c["batch_size"] <= len(tr.labels):
+        raise ValueError(f"batch_size={c['batch_size']}: expected 1..{len(tr.labels)} (the training set size)")
+    num_steps = train.parse_duration(c["training_steps"], train.steps_per_epoch(len(tr.labels), c["batch_size"]))
+    if num_steps < 1:
+        raise ValueError(f"training_steps={c['training_steps']!r}: expected at least one step")
+    return tr, te, model, sparsities, seeds, num_steps
+
+
+def run_seed(c: dict, seed: int, tr, te, model, sparsities: list[float], num_steps: int) -> dict:
+    """Train one network and evaluate every (method, sparsity); accuracies are fractions."""
+    key = jax.random.PRNGKey(seed)
+    init_key, data_key, prune_key = jax.random.split(key, 3)
+    x, y, xt, yt = train.to_device(tr.images, tr.labels, te.images, te.labels)
+    variables = models.init(model, init_key, x.shape)
+    optim = train.OptimConfig(optimizer=c["optimizer"], lr=c["lr"], momentum=c["momentum"])
+    tx = train.make_optimizer(optim, train.make_schedule(optim, num_steps))
+    trainer = train.make_trainer(model, tx)
+    result = train.run(trainer, train.create_state(variables, tx), x, y, batch_size=c["batch_size"],
+                       num_steps=num_steps, data_key=data_key, loop=c["loop"], log_prefix=f"seed {seed}: ")
+    trained = train.variables_of(result.state)
+    dense = train.evaluate(trainer, trained, xt, yt)["accuracy"]
+    out = {"seed": seed, "dense_accuracy": dense, "train_loss": result.train_loss,
+           "train_seconds": result.seconds, "accuracy": {}}
+    for method in c["methods"]:
+        accs = {}
+        for s in sparsities:
+            if method == "weight":
+                v = {**trained, "params": weight_pruned(trained["params"], model.output_layer, s, c["scope"])}
+            else:
+                v = unit_pruned(model, trained, s, c["scope"], c["unit_criterion"], prune_key)
+            accs[_key(s)] = train.evaluate(trainer, v, xt, yt)["accuracy"]
+            logging.info("seed %d %s sparsity %.2f: accuracy %.4f", seed, method, s, accs[_key(s)])
+        out["accuracy"][method] = accs
+    return out
+
+
+def summarize(per_seed: list[dict], methods, sparsities) -> dict:
+    """Mean and (population) std over seeds of the dense and pruned accuracies."""
+    dense = np.array([r["dense_accuracy"] for r in per_seed])
+    acc = {m: {_key(s): [r["accuracy"][m][_key(s)] for r in per_seed] for s in sparsities} for m in methods}
+    return {"dense_accuracy": {"mean": float(dense.mean()), "std": float(dense.std())},
+            "accuracy": {m: {k: float(np.mean(v)) for k, v in d.items()} for m, d in acc.items()},
+            "accuracy_std": {m: {k: float(np.std(v)) for k, v in d.items()} for m, d in acc.items()}}
+
+
+def run(config: dict, workdir: str | Path) -> dict:
+    """Run (or finish) the sweep for every seed; returns the ``results.json`` dict."""
+    c = {**DEFAULTS, **config}
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tr, te, model, sparsities, seeds, num_steps = _build(c)
+    record = {**c, "workdir": str(workdir)}
+    same = {k: v for k, v in record.items() if k not in ("seeds", "workdir", "methods", "sparsities")}
+    per_seed = []
+    for seed in seeds:
+        path = workdir / f"seed_{seed}.json"
+        if path.exists():
+            done = checkpoint.read_json(path)
+            have = set(done["accuracy"]) >= set(c["methods"]) and all(
+                set(map(_key, sparsities)) <= set(done["accuracy"][m]) for m in c["methods"])
+            if done.get("config") == same and have:
+                logging.info("seed %d: finished earlier, skipped", seed)
+                per_seed.append(done)
+                continue
+        r = run_seed(c, seed, tr, te, model, sparsities, num_steps)
+        r["config"] = same
+        checkpoint.write_json(path, r)
+        per_seed.append(r)
+    results = {"config": record, "environment": common.environment(), "sparsities": sparsities,
+               "training_steps": num_steps, "num_train": len(tr.labels), "num_test": len(te.labels),
+               **summarize(per_seed, c["methods"], sparsities),
+               "per_seed": [{k: v for k, v in r.items() if k != "config"} for r in per_seed]}
+    checkpoint.write_json(workdir / "results.json", results)
+    pct = [100 * s for s in sparsities]
+    plots.curves(pct, {m: [100 * results["accuracy"][m][_key(s)] for s in sparsities] for m in c["methods"]},
+                 workdir / "accuracy_vs_sparsity.png", xlabel="sparsity (%)", ylabel="test accuracy (%)",
+                 title=f"{c['model']} on {c['dataset']}, {c['scope']}, {len(seeds)} seed(s)",
+                 errors={m: [100 * results["accuracy_std"][m][_key(s)] for s in sparsities] for m in c["methods"]})
+    return results
+
+
+def format_table(results: dict) -> str:
+    """Markdown table: sparsity × method, mean ± std accuracy in percent."""
+    methods = list(results["accuracy"])
+    d = results["dense_accuracy"]
+    lines = [f"dense: {100 * d['mean']:.2f} ± {100 * d['std']:.2f} %", "",
+             "| sparsity % | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for s in results["sparsities"]:
+        k = _key(s)
+        cells = [f"{100 * results['accuracy'][m][k]:.2f} ± {100 * results['accuracy_std'][m][k]:.2f}"
+                 for m in methods]
+        lines.append(f"| {100 * s:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = common.config_from_flags(SPEC)
+    results = run(config, config["workdir"])
+    print(f"results: {Path(config['workdir']) / 'results.json'}")
+    print(format_table(results))
+
+
+if __name__ == "__main__":
+    common.define_flags(SPEC)
+    app.run(common.guarded(main))

@@ -1,0 +1,59 @@
+"""The toy pruning experiment end to end on a tiny configuration."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import lrp_toy
+from jaxprune import checkpoint, models
+
+TINY = {"datasets": ["moons", "spiral"], "num_train": 256, "hidden": ["24", "24", "24"], "training_steps": "4ep",
+        "batch_size": 32, "samples_per_class": ["1", "3"], "seeds": 3, "n_prune": 30, "plot_n": 3}
+
+
+@pytest.mark.parametrize("bug", [False, True])
+def test_numpy_forward_equals_model_apply(bug):
+    model = lrp_toy.build_model({**lrp_toy.DEFAULTS, "hidden": ["5", "6", "7"], "reference_bug": bug}, 3)
+    assert model.no_relu_after == ((2,) if bug else ())
+    v = models.init(model, jax.random.PRNGKey(0), (1, 2))
+    x = np.random.RandomState(0).normal(size=(10, 2)).astype(np.float32)
+    np.testing.assert_allclose(lrp_toy.logits_np(model, v, x), model.apply(v, x), rtol=1e-5, atol=1e-6)
+
+
+def test_reference_samples_are_balanced_and_seeded():
+    a = lrp_toy.reference_samples("spiral", 5, 4, seed=0)
+    assert np.bincount(a.labels).tolist() == [5, 5, 5, 5]
+    np.testing.assert_array_equal(a.images, lrp_toy.reference_samples("spiral", 5, 4, seed=0).images)
+    assert not np.array_equal(a.images, lrp_toy.reference_samples("spiral", 5, 4, seed=1).images)
+
+
+def test_tiny_run_writes_complete_results(tmp_path):
+    res = lrp_toy.run(TINY, tmp_path)
+    on_disk = checkpoint.read_json(tmp_path / "results.json")
+    assert on_disk["config"]["n_prune"] == 30 and "environment" in on_disk
+    for name in ("moons", "spiral"):
+        d = res["datasets"][name]
+        assert d["hidden_units"] == 72 and d["num_classes"] == (2 if name == "moons" else 4)
+        assert 0 <= d["before"]["train_accuracy"] <= 1 and 0 <= d["before"]["noisy_test_accuracy"] <= 1
+        assert set(d["criteria"]) == {"weight", "grad", "taylor", "lrp"}
+        for crit, per_n in d["criteria"].items():
+            assert set(per_n) == {"1", "3"}
+            for e in per_n.values():
+                assert len(e["train_accuracy"]["values"]) == 3
+                assert all(0 <= a <= 1 for a in e["train_accuracy"]["values"] + e["noisy_test_accuracy"]["values"])
+                assert 0 <= e["overlap"]["mean"] <= 1
+                assert sum(e["pruned_per_layer"].values()) == pytest.approx(30)
+        assert d["criteria"]["weight"]["1"]["overlap"]["mean"] == 1.0  # data-free: identical for every seed
+        for png in (f"{name}_train_accuracy_vs_n.png", f"{name}_noisy_test_accuracy_vs_n.png",
+                    f"{name}_boundaries.png"):
+            assert (tmp_path / png).stat().st_size > 0
+    rows = lrp_toy.summary(res, 3)
+    assert len(rows) == 8 and {r["criterion"] for r in rows} == {"weight", "grad", "taylor", "lrp"}
+
+
+def test_config_is_validated(tmp_path):
+    with pytest.raises(ValueError, match="datasets"):
+        lrp_toy.run({**TINY, "datasets": ["mnist"]}, tmp_path)
+    with pytest.raises(ValueError, match="unknown keys"):
+        lrp_toy.run({**TINY, "epochs": 3}, tmp_path)

@@ -1,0 +1,92 @@
+"""experiments.merge end to end on the embedded digits: outputs, invariants, reuse of trained networks."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from experiments import imp as imp_experiment
+from experiments import merge as merge_experiment
+from jaxprune import checkpoint
+
+BASE = dict(dataset="digits", model="mlp", hidden=["32", "16"], normalize="none", optimizer="momentum", lr=0.05,
+            weight_decay=0.0, schedule="constant", milestones=[], training_steps="3ep", batch_size=32,
+            ratios=["0.5", "0.75"], criteria=["l1", "l2"], seeds=["0"])
+
+
+def _acc(results, seed, setting, crit, mode):
+    s = next(s for s in results["seeds"] if s["seed"] == seed)
+    return next(r["test_accuracy"] for r in s["runs"]
+                if (r["setting"], r["criterion"], r["mode"]) == (setting, crit, mode))
+
+
+def test_run_writes_results_and_reuses_trained_networks(tmp_path):
+    cfg = {**BASE, "seeds": ["0", "1"], "criteria": ["l2"]}
+    res = merge_experiment.run(cfg, tmp_path)
+    for name in ("results.json", "metrics.csv", "accuracy_vs_ratio.png", "seed_0/trained.json",
+                 "seed_1/trained.json"):
+        assert (tmp_path / name).exists(), name
+    on_disk = checkpoint.read_json(tmp_path / "results.json")
+    assert on_disk["finished"] and on_disk["config"]["criteria"] == ["l2"]
+    assert on_disk["config"]["workdir"] == str(tmp_path) and "jax" in on_disk["environment"]
+    for s in res["seeds"]:
+        assert len(s["runs"]) == 2 * 2  # settings × modes
+        assert 0 <= s["original"]["test_accuracy"] <= 1
+        for r in s["runs"]:
+            assert 0 <= r["test_accuracy"] <= 1
+            expected = {"0.5": {"dense_0": 16, "dense_1": 8}, "0.75": {"dense_0": 8, "dense_1": 4}}[r["setting"]]
+            assert r["widths"] == expected
+            assert sum(layer["kept"] for layer in r["layers"].values()) == sum(expected.values())
+            if r["mode"] == "prune":
+                assert all(layer["merged"] == 0 for layer in r["layers"].values())
+    # mean over seeds in the summary
+    cell = res["summary"]["l2"]["0.5"]
+    mean = (_acc(res, 0, "0.5", "l2", "merge") + _acc(res, 1, "0.5", "l2", "merge")) / 2
+    assert cell["merge"]["mean"] == pytest.approx(mean)
+    assert cell["gain"]["mean"] == pytest.approx(cell["merge"]["mean"] - cell["prune"]["mean"])
+    with open(tmp_path / "metrics.csv") as f:
+        assert len(list(csv.DictReader(f))) == 8
+    # A re-run reloads the trained networks instead of training again.
+    trained = checkpoint.read_json(tmp_path / "seed_0" / "trained.json")
+    again = merge_experiment.run(cfg, tmp_path)
+    assert checkpoint.read_json(tmp_path / "seed_0" / "trained.json") == trained
+    assert again["seeds"][0]["original"] == res["seeds"][0]["original"]
+
+
+def test_threshold_above_one_merges_nothing(tmp_path):
+    res = merge_experiment.run({**BASE, "threshold": 1.5, "training_steps": "1ep"}, tmp_path)
+    for cells in res["summary"].values():
+        for cell in cells.values():
+            assert cell["gain"]["mean"] == 0.0
+
+
+def test_loads_level_0_of_an_imp_workdir(tmp_path):
+    imp_cfg = dict(dataset="digits", model="mlp", hidden=["32", "16"], training_steps="2ep", batch_size=32,
+                   levels=0)
+    imp_res = imp_experiment.train_and_evaluate(imp_cfg, tmp_path / "imp")
+    res = merge_experiment.run({**BASE, "source_workdir": str(tmp_path / "imp"), "ratios": ["0.5"]},
+                               tmp_path / "merge")
+    assert not (tmp_path / "merge" / "seed_0").exists()  # nothing trained
+    assert res["seeds"][0]["original"]["test_accuracy"] == pytest.approx(imp_res["levels"][0]["test_accuracy"])
+
+
+def test_vgg_with_batchnorm_to_a_pruned_cfg(tmp_path):
+    cfg = {**BASE, "model": "vgg", "vgg_cfg": ["4", "M", "6"], "pruned_cfg": ["2", "M", "3"], "ratios": [],
+           "training_steps": "1ep", "criteria": ["l2_gm"], "max_train_examples": 256, "batch_size": 64,
+           "max_test_examples": 100}
+    res = merge_experiment.run(cfg, tmp_path)
+    runs = res["seeds"][0]["runs"]
+    assert [r["setting"] for r in runs] == ["cfg", "cfg"]
+    assert runs[0]["widths"] == {"conv_0": 2, "conv_1": 3}
+    assert runs[0]["num_params"] < res["seeds"][0]["original"]["num_params"]
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"colour": 1}, "unknown keys"),
+    ({"criteria": ["l3"]}, "criteria"),
+    ({"model": "vgg", "vgg_cfg": []}, "vgg_cfg"),
+    ({"ratios": [], "pruned_cfg": []}, "ratios"),
+])
+def test_bad_config(tmp_path, config, match):
+    with pytest.raises(ValueError, match=match):
+        merge_experiment.run({**BASE, **config}, tmp_path)

@@ -1,0 +1,71 @@
+"""experiments.oneshot: exact weight/unit counts, the output layer untouched, end to end on digits."""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import oneshot
+from jaxprune import checkpoint, models
+
+MODEL = models.MLP((20, 12, 10), use_bias=False)
+BASE = dict(dataset="digits", model="mlp", hidden=["24", "12"], normalize="unit", training_steps="10ep",
+            batch_size=50, sparsities=["0", "50", "90"], seeds=["0"])
+
+
+def _vars(seed=0):
+    return models.init(MODEL, jax.random.PRNGKey(seed), (1, 16))
+
+
+@pytest.mark.parametrize("k", [0.0, 0.25, 0.5, 0.9])
+def test_weight_pruning_zeroes_exactly_ceil_k_n_smallest_per_hidden_layer(k):
+    params = _vars()["params"]
+    pruned = oneshot.weight_pruned(params, MODEL.output_layer, k, "layerwise")
+    for name in ("dense_0", "dense_1"):
+        w, p = np.asarray(params[name]["kernel"]), np.asarray(pruned[name]["kernel"])
+        zeros = p == 0
+        assert zeros.sum() == math.ceil(k * w.size - 1e-9)
+        if zeros.any() and (~zeros).any():  # every zeroed |w| is <= every kept |w|
+            assert np.abs(w[zeros]).max() <= np.abs(w[~zeros]).min()
+    np.testing.assert_array_equal(pruned["dense_2"]["kernel"], params["dense_2"]["kernel"])
+
+
+@pytest.mark.parametrize("scope", ["layerwise", "global"])
+def test_unit_pruning_zeroes_whole_columns_with_smallest_l2_norm(scope):
+    v = _vars(1)
+    out = oneshot.unit_pruned(MODEL, v, 0.5, scope, "l2")
+    zero_cols = {n: np.flatnonzero(np.all(np.asarray(out["params"][n]["kernel"]) == 0, axis=0))
+                 for n in ("dense_0", "dense_1")}
+    norms = {n: np.linalg.norm(np.asarray(v["params"][n]["kernel"]), axis=0) for n in zero_cols}
+    if scope == "layerwise":
+        assert len(zero_cols["dense_0"]) == 10 and len(zero_cols["dense_1"]) == 6
+        for n, cols in zero_cols.items():
+            assert set(cols) == set(np.argsort(norms[n], kind="stable")[:len(cols)])
+    else:  # the 16 smallest norms over both layers together
+        allnorms = np.concatenate([norms["dense_0"], norms["dense_1"]])
+        assert len(zero_cols["dense_0"]) + len(zero_cols["dense_1"]) == 16
+        cut = np.sort(allnorms)[15]
+        assert all(norms[n][c] <= cut for n, cols in zero_cols.items() for c in cols)
+    np.testing.assert_array_equal(out["params"]["dense_2"]["kernel"], v["params"]["dense_2"]["kernel"])
+
+
+def test_run_on_digits_and_skip_finished_seeds(tmp_path):
+    res = oneshot.run(BASE, tmp_path)
+    dense = res["dense_accuracy"]["mean"]
+    assert dense > 0.8 and res["dense_accuracy"]["std"] == 0.0
+    for method in ("weight", "unit"):
+        assert res["accuracy"][method]["0"] == pytest.approx(dense)  # k = 0 prunes nothing
+        assert 0.0 <= res["accuracy"][method]["0.9"] <= 1.0
+    assert (tmp_path / "accuracy_vs_sparsity.png").exists() and (tmp_path / "seed_0.json").exists()
+    table = oneshot.format_table(res)
+    assert "| 50 |" in table and f"{100 * dense:.2f}" in table
+    before = checkpoint.read_json(tmp_path / "seed_0.json")
+    again = oneshot.run(BASE, tmp_path)
+    assert checkpoint.read_json(tmp_path / "seed_0.json") == before and again["accuracy"] == res["accuracy"]
+
+
+def test_bad_sparsity_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="sparsities"):
+        oneshot.run({**BASE, "sparsities": ["120"]}, tmp_path)
