@@ -1,13 +1,14 @@
 """LRP relevance for 1000 MNIST test images: one batched jitted call vs a per-sample loop (same jitted function,
 batch of one) vs ``jax.vmap`` over samples, on LeNet5 and the 784-1000-1000-500-200-10 MLP (random weights).
 
-    python -m benchmarks.lrp [--data_dir=/work/shared/data] [--n=1000] [--repeats=3]
+    python -m benchmarks.lrp [--data_dir=../shared/data] [--n=1000] [--repeats=3]
 
 Prints a table; compile time is measured separately (first call) and excluded from the steady-state numbers.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
@@ -46,7 +47,7 @@ def bench(name: str, model, composite, x: jax.Array, repeats: int) -> list[dict]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data_dir", default="/work/shared/data")
+    ap.add_argument("--data_dir", default=os.environ.get("JAXPRUNE_DATA_DIR", "../shared/data"))
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()

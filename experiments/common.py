@@ -117,6 +117,25 @@ def quiet_orbax() -> None:
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, KeyError)
 
 
+def launch(spec: FlagSpec, run_fn, report_fn=None) -> None:
+    """The ``__main__`` of an experiment: define ``spec``'s flags, then ``run_fn(config, workdir)`` → results, print
+    where ``results.json`` went and ``report_fn(results, config)`` (a string) — user errors as one line, exit 2."""
+    from absl import app
+
+    def main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        quiet_orbax()
+        config = config_from_flags(spec)
+        results = run_fn(config, config["workdir"])
+        print(f"results: {Path(config['workdir']) / 'results.json'}")
+        if report_fn is not None:
+            print(report_fn(results, config))
+
+    define_flags(spec)
+    app.run(guarded(main))
+
+
 def guarded(main_fn):
     """Wrap an absl ``main`` so bad input ends with one clear line on stderr and exit code 2, not a traceback."""
     import sys

@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, logging
+from absl import logging
 
 from experiments import common
 from jaxprune import checkpoint, criteria, models, plots, structured, train
@@ -221,16 +221,9 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    common.quiet_orbax()
-    config = common.config_from_flags(SPEC)
-    results = run(config, config["workdir"])
-    print(f"results: {Path(config['workdir']) / 'results.json'}")
-    print(format_table(results))
+def report(results: dict, config: dict) -> str:
+    return format_table(results)
 
 
 if __name__ == "__main__":
-    common.define_flags(SPEC)
-    app.run(common.guarded(main))
+    common.launch(SPEC, run, report)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, logging
+from absl import logging
 
 from experiments import common
 from jaxprune import checkpoint, criteria, data, lrp, models, plots, structured, train
@@ -240,20 +240,14 @@ def run(config: dict, workdir: str | Path) -> dict:
     return results
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    common.quiet_orbax()
-    config = common.config_from_flags(SPEC)
-    results = run(config, config["workdir"])
-    print(f"results: {Path(config['workdir']) / 'results.json'}")
+def report(results: dict, config: dict) -> str:
     n = config["plot_n"]
-    print(f"accuracy after pruning at n={n} per class, mean ± std over {config['seeds']} seeds")
+    lines = [f"accuracy after pruning at n={n} per class, mean ± std over {config['seeds']} seeds"]
     for r in summary(results, n):
-        print(f"{r['dataset']:8s} {r['criterion']:7s} train {r['train_mean']:.4f} ± {r['train_std']:.4f}  "
-              f"noisy test {r['noisy_mean']:.4f} ± {r['noisy_std']:.4f}  overlap {r['overlap']:.3f}")
+        lines.append(f"{r['dataset']:8s} {r['criterion']:7s} train {r['train_mean']:.4f} ± {r['train_std']:.4f}  "
+                     f"noisy test {r['noisy_mean']:.4f} ± {r['noisy_std']:.4f}  overlap {r['overlap']:.3f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    common.define_flags(SPEC)
-    app.run(common.guarded(main))
+    common.launch(SPEC, run, report)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, logging
+from absl import logging
 
 from experiments import common
 from jaxprune import checkpoint, merging, models, plots, structured, train
@@ -182,22 +182,16 @@ def run(config: dict, workdir: str | Path) -> dict:
     return _write(workdir, c, per_seed, meta, finished=True)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    common.quiet_orbax()
-    config = common.config_from_flags(SPEC)
-    results = run(config, config["workdir"])
-    print(f"results: {Path(config['workdir']) / 'results.json'}")
+def report(results: dict, config: dict) -> str:
+    lines = []
     for crit, cells in results["summary"].items():
         for setting, cell in cells.items():
-            print(f"{crit:6s} {setting:>4s}  original {100 * cell['original']['mean']:.2f}  "
-                  f"prune {100 * cell['prune']['mean']:.2f}±{100 * cell['prune']['std']:.2f}  "
-                  f"merge {100 * cell['merge']['mean']:.2f}±{100 * cell['merge']['std']:.2f}  "
-                  f"gain {100 * cell['gain']['mean']:+.2f}")
-    logging.info("done")
+            lines.append(f"{crit:6s} {setting:>4s}  original {100 * cell['original']['mean']:.2f}  "
+                         f"prune {100 * cell['prune']['mean']:.2f}±{100 * cell['prune']['std']:.2f}  "
+                         f"merge {100 * cell['merge']['mean']:.2f}±{100 * cell['merge']['std']:.2f}  "
+                         f"gain {100 * cell['gain']['mean']:+.2f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    common.define_flags(SPEC)
-    app.run(common.guarded(main))
+    common.launch(SPEC, run, report)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, logging
+from absl import logging
 
 from experiments import common
 from jaxprune import checkpoint, masks, models, plots, structured, train
@@ -39,6 +39,8 @@ SPEC = [
     ("model", "mlp", "mlp, lenet300, lenet5, conv2, conv4, conv6, vgg11, vgg16, resnet20"),
     ("hidden", ["1000", "1000", "500", "200"], "hidden widths for --model=mlp"),
     ("use_bias", False, "dense layers with biases (mlp/lenet300)"),
+    ("weight_init", "he_normal", "kernel initialiser of the MLPs (Keras' default: glorot_uniform)",
+     tuple(models.INITS)),
     ("optimizer", "adam", "optimizer", train.OPTIMIZERS),
     ("lr", 0.001, "learning rate (constant)"),
     ("momentum", 0.9, "momentum for momentum/nesterov"),
@@ -111,7 +113,8 @@ def _build(c: dict):
         raise ValueError("seeds: expected at least one seed")
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                               c["max_test_examples"])
-    model = models.build(c["model"], tr.num_classes, hidden=common.int_list(c["hidden"]), use_bias=c["use_bias"])
+    model = models.build(c["model"], tr.num_classes, hidden=common.int_list(c["hidden"]), use_bias=c["use_bias"],
+                         weight_init=c["weight_init"])
     if not 1 <= c["batch_size"] <= len(tr.labels):
         raise ValueError(f"batch_size={c['batch_size']}: expected 1..{len(tr.labels)} (the training set size)")
     num_steps = train.parse_duration(c["training_steps"], train.steps_per_epoch(len(tr.labels), c["batch_size"]))
@@ -207,15 +210,9 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = common.config_from_flags(SPEC)
-    results = run(config, config["workdir"])
-    print(f"results: {Path(config['workdir']) / 'results.json'}")
-    print(format_table(results))
+def report(results: dict, config: dict) -> str:
+    return format_table(results)
 
 
 if __name__ == "__main__":
-    common.define_flags(SPEC)
-    app.run(common.guarded(main))
+    common.launch(SPEC, run, report)

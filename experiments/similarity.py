@@ -29,8 +29,19 @@ from experiments import common
 from experiments import imp as imp_exp
 from jaxprune import checkpoint, models, plots, similarity
 
-# experiment metric name → (similarity name, options)
-METRICS: dict[str, tuple[str, dict]] = {
+def _gram_cosine(k, l):
+    return jnp.vdot(k, l) / jnp.sqrt(jnp.vdot(k, k) * jnp.vdot(l, l))
+
+
+# Linear CKA computed the wrong ways seen in reference code, to explain published numbers (not similarities we
+# recommend): Gram matrices not centred at all, or centred on one side only (K − column means).
+STUDY_VARIANTS = {
+    "cka_no_centring": (lambda x: x @ x.T, _gram_cosine),
+    "cka_one_sided_centring": (lambda x: (lambda k: k - k.mean(0, keepdims=True))(x @ x.T), _gram_cosine),
+}
+
+# experiment metric name → (similarity name or (prepare, compare) pair, options)
+METRICS: dict[str, tuple] = {
     "mean_cca": ("mean_cca", {}),
     "svcca": ("svcca", {}),
     "pwcca": ("pwcca", {}),
@@ -39,6 +50,7 @@ METRICS: dict[str, tuple[str, dict]] = {
     "linear_cka_debiased": ("linear_cka", {"debiased": True}),
     "rbf_cka": ("rbf_cka", {}),
     "nbs": ("nbs", {}),
+    **{name: (pair, {}) for name, pair in STUDY_VARIANTS.items()},
 }
 CCA_FAMILY = ("mean_cca", "svcca", "pwcca")
 

@@ -16,7 +16,7 @@ Folding is a segment sum over the next layer's input axis (:func:`fold`), never 
   instead when that cosine is below ``threshold``.
 * Convolution + BatchNorm (Algorithm 3): :func:`decompose_conv_bn`. Candidates are ranked by
   ``λ·(1 − cos) + (1 − λ)·d`` with ``d`` the BN bias mismatch normalised to [0, 1] over the candidates; the scale is
-  ``s·(γ_p/γ_k)·(σ_k/σ_p)``, ``σ = √(var + eps)`` (``bn_scale="exact"``, derived in notes/merging.md), or the
+  ``s·(γ_p/γ_k)·(σ_k/σ_p)``, ``σ = √(var + eps)`` (``bn_scale="exact"``, derived in BUILD-notes.md), or the
   authors' inverted ratio with raw variances (``bn_scale="paper"``).
 * ``mode="prune"`` (the authors' ``--model-type prune``) makes the same selection and drops every pruned unit.
 
@@ -172,7 +172,7 @@ def _assign_conv_bn(v: Array, keep: Array, gamma: Array, beta: Array, mean: Arra
         sp, sk = var[:, None], var[keep][None, :]
         scale = s * (gk / gp) * (sp / sk)
         off = jnp.abs((gk / sk) * (s * (mp - sp * bp / gp) - mk) + bk)
-    else:  # BN_p(s·u) = S·BN_k(u) + b, see notes/merging.md
+    else:  # BN_p(s·u) = S·BN_k(u) + b, see BUILD-notes.md (neuron merging)
         sd = jnp.sqrt(var + eps)
         sp, sk = sd[:, None], sd[keep][None, :]
         scale = s * (gp / gk) * (sk / sp)

@@ -25,6 +25,9 @@ Array = jax.Array
 Variables = dict[str, Any]
 
 KERNEL_INIT = nn.initializers.kaiming_normal()  # He et al. 2015 (fan-in), as OpenLTH
+# Kernel initialisers an MLP can be built with (``MLP.weight_init``); Keras' default is glorot_uniform.
+INITS = {"he_normal": KERNEL_INIT, "glorot_uniform": nn.initializers.glorot_uniform(),
+         "lecun_normal": nn.initializers.lecun_normal()}
 
 VGG_CFGS: dict[str, tuple] = {
     "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -58,12 +61,14 @@ class MLP(nn.Module):
 
     ``dropout``: a rate after every hidden activation, or one rate per hidden layer.
     ``no_relu_after``: hidden layer indices whose ReLU is left out (reproduces buggy reference nets).
+    ``weight_init``: a key of :data:`INITS` (default He normal, as OpenLTH).
     """
 
     features: Sequence[int]
     use_bias: bool = True
     dropout: float | Sequence[float] = 0.0
     no_relu_after: Sequence[int] = ()
+    weight_init: str = "he_normal"
 
     @property
     def output_layer(self) -> str:
@@ -76,8 +81,10 @@ class MLP(nn.Module):
         rates = [self.dropout] * hidden if isinstance(self.dropout, (int, float)) else list(self.dropout)
         if len(rates) != hidden:
             raise ValueError(f"dropout: expected a float or {hidden} rates (one per hidden layer), got {rates}")
+        if self.weight_init not in INITS:
+            raise ValueError(f"weight_init={self.weight_init!r}: expected one of {sorted(INITS)}")
         for i, width in enumerate(self.features):
-            x = nn.Dense(width, use_bias=self.use_bias, kernel_init=KERNEL_INIT, name=f"dense_{i}")(x)
+            x = nn.Dense(width, use_bias=self.use_bias, kernel_init=INITS[self.weight_init], name=f"dense_{i}")(x)
             if i == hidden:
                 break
             if i not in self.no_relu_after:
@@ -234,13 +241,15 @@ class ResNet(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- helpers
 def build(name: str, num_classes: int, *, hidden: Sequence[int] = (300, 100), use_bias: bool = True,
-          dropout: float = 0.0) -> nn.Module:
+          dropout: float = 0.0, weight_init: str = "he_normal") -> nn.Module:
     """Model by name: ``mlp`` (``hidden`` widths), ``lenet300``, ``lenet5``, ``conv2|4|6``, ``vgg11|16|19``,
-    ``resnet20|32|44|56|110``."""
+    ``resnet20|32|44|56|110``. ``weight_init`` (a key of :data:`INITS`) applies to the MLPs only."""
+    if weight_init not in INITS:
+        raise ValueError(f"weight_init={weight_init!r}: expected one of {sorted(INITS)}")
     if name == "mlp":
-        return MLP(tuple(hidden) + (num_classes,), use_bias=use_bias, dropout=dropout)
+        return MLP(tuple(hidden) + (num_classes,), use_bias=use_bias, dropout=dropout, weight_init=weight_init)
     if name == "lenet300":
-        return MLP((300, 100, num_classes), use_bias=use_bias, dropout=dropout)
+        return MLP((300, 100, num_classes), use_bias=use_bias, dropout=dropout, weight_init=weight_init)
     if name == "lenet5":
         return LeNet5(num_classes)
     if name.startswith("conv") and name[4:].isdigit() and int(name[4:]) in CONV_CFGS:

@@ -16,6 +16,19 @@ Array = jax.Array
 CONV_MODES = ("flatten", "pixel")
 
 
+def after(x, token):
+    """``x``, made available only once ``token`` (any pytree) is computed — an ``optimization_barrier`` edge.
+
+    Used to run the LAPACK factorisations of independent layers one after another inside one jitted program:
+    jaxlib 0.10.2's CPU LAPACK kernels split a batched call over XLA's intra-op thread pool and block a pool
+    thread while waiting, so as many concurrent batched SVD/eigh calls as the pool has threads (2 on a 2-core
+    machine) deadlock the process. Each call stays internally parallel.
+    """
+    if token is None:
+        return x
+    return jax.lax.optimization_barrier((x, token))[0]
+
+
 def float_dtype() -> np.dtype:
     """The computation dtype: float32 by default, float64 when x64 is enabled (every input is cast to it)."""
     return jnp.dtype(jnp.result_type(float))

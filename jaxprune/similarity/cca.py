@@ -135,7 +135,8 @@ def pwcca_metric(svcca_compatible: bool = False, epsilon: float | None = None) -
 def evaluate(metric: Metric, x: Array, y: Array) -> Array:
     """``compare(prepare(x), prepare(y))`` in one jitted call (inputs already validated)."""
     prepare, compare = metric
-    return compare(prepare(x), prepare(y))
+    fx = prepare(x)
+    return compare(fx, prepare(_checks.after(y, fx)))  # one factorisation at a time (see _checks.after)
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -174,7 +175,7 @@ def pwcca(x: Array, y: Array, *, svcca_compatible: bool = False, epsilon: float 
     """Projection-weighted CCA similarity (Morcos et al. 2018): ``Σ_i α_i ρ_i`` with ``α_i ∝ Σ_j |⟨h_i, x_j⟩|``,
     ``h_i`` the canonical variates of the layer with fewer neurons (``x`` on ties) and ``x_j`` its centred neurons.
 
-    ``svcca_compatible=True`` reproduces google/svcca's ``compute_pwcca`` (see notes/similarity.md): directions
+    ``svcca_compatible=True`` reproduces google/svcca's ``compute_pwcca`` (BUILD-notes.md): directions
     ``U S a_i`` + neuron means orthonormalised by QR, weights from the uncentred activations. Where that code's
     second branch (``p1 > p2``) indexes the wrong layer, we apply its first-branch recipe to ``y``.
     """

@@ -62,10 +62,10 @@ def _groups(layers: Sequence[Array]) -> list[tuple[tuple, np.ndarray]]:
     return [(k, np.asarray(v)) for k, v in out.items()]
 
 
-def _prepare(prepare: Callable, layers: Sequence[Array], idx: np.ndarray, stacked: bool):
-    """Prepared features of the layers ``idx`` (equal shapes), leading axes ``(g,)`` or ``(g, s)``."""
+def _prepare(prepare: Callable, group: Array, stacked: bool):
+    """Prepared features of a group of equal-shape layers ``(g, …)``; leading axes ``(g,)`` or ``(g, s)``."""
     f = jax.vmap(prepare)
-    return (jax.vmap(f) if stacked else f)(jnp.stack([layers[i] for i in idx]))
+    return (jax.vmap(f) if stacked else f)(group)
 
 
 def _block(compare: Callable, fx, fy, x_stacked: bool, y_stacked: bool) -> Array:
@@ -79,13 +79,26 @@ def _block(compare: Callable, fx, fy, x_stacked: bool, y_stacked: bool) -> Array
 @functools.partial(jax.jit, static_argnames=("metric", "x_stacked", "y_stacked", "same"))
 def _pairwise(metric: Metric, xs: tuple, ys: tuple, x_stacked: bool, y_stacked: bool, same: bool) -> Array:
     prepare, compare = metric
-    gx = [(idx, _prepare(prepare, xs, idx, x_stacked)) for _, idx in _groups(xs)]
-    gy = gx if same else [(idx, _prepare(prepare, ys, idx, y_stacked)) for _, idx in _groups(ys)]
+    token = None  # groups and blocks run one after another (see _checks.after); each is one batched call
+
+    def prepared(layers, stacked):
+        nonlocal token
+        out = []
+        for _, idx in _groups(layers):
+            f = _prepare(prepare, _checks.after(jnp.stack([layers[i] for i in idx]), token), stacked)
+            token = f
+            out.append((idx, f))
+        return out
+
+    gx = prepared(xs, x_stacked)
+    gy = gx if same else prepared(ys, y_stacked)
     stack = xs[0].shape[0] if x_stacked else (ys[0].shape[0] if y_stacked else None)
     out = jnp.zeros(((stack,) if stack else ()) + (len(xs), len(ys)), xs[0].dtype)
     for ix, fx in gx:
         for iy, fy in gy:
-            out = out.at[..., ix[:, None], iy[None, :]].set(_block(compare, fx, fy, x_stacked, y_stacked))
+            block = _block(compare, *_checks.after((fx, fy), token), x_stacked, y_stacked)
+            token = block
+            out = out.at[..., ix[:, None], iy[None, :]].set(block)
     return out
 
 
