@@ -16,6 +16,7 @@ import argparse
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import similarity as S
@@ -122,6 +123,18 @@ def main() -> None:
         rows.append(("linear CKA", f"pairwise {'f64' if x64 else 'f32'} (first call {first:.1f}s)", t, t_ref / t,
                      float(np.max(np.abs(v - ref)))))
         rows[-1] = rows[-1][:4] + (rows[-1][4],) + (t_loop2 / t,)
+
+    # ---- what bounds it: the cross products X_iᵀY_j every pair needs, against this machine's GEMM rate
+    a = jnp.asarray(np.random.default_rng(2).normal(size=(args.n, max(widths))).astype(np.float32))
+    gemm = jax.jit(lambda u, v: u.T @ v)
+    gemm(a, a).block_until_ready()
+    t_gemm, _ = timed(lambda: gemm(a, a), 3)
+    peak = 2 * args.n * max(widths) ** 2 / t_gemm / 1e9
+    cross = 2 * args.n * sum(widths) ** 2 / 1e9
+    lin = next(r for r in rows if r[1].startswith("pairwise f32") and r[0] == "linear CKA")
+    print(f"\nbound: the {L * L} cross products X_iᵀY_j alone are {cross:.1f} GFLOP; f32 GEMM ({args.n}x{max(widths)})ᵀ "
+          f"on this machine runs {peak:.1f} GFLOP/s, so >= {cross / peak:.2f} s for any implementation that forms "
+          f"them; linear CKA pairwise f32 reached {cross / lin[2]:.1f} GFLOP/s overall")
 
     print(f"\n{'metric':<11} {'implementation':<58} {'seconds':>8} {'speed-up':>9} {'max |diff|':>11} "
           f"{'vs loop':>8}")
