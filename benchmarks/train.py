@@ -102,11 +102,16 @@ class TorchLevel:
         self.batch = batch
         self.masks = {n: torch.ones_like(p) for n, p in self.net.named_parameters() if n.endswith("weight")
                       and not n.startswith("5.")}
+        self.init = {k: v.clone() for k, v in self.net.state_dict().items()}  # rewind point, as the jax side
 
     def level(self, steps: int) -> float:
         t, net = self.t, self.net
+        net.load_state_dict(self.init)  # rewind to init every level, like JaxLevel
         opt = t.optim.SGD(net.parameters(), lr=0.1)
         params = dict(net.named_parameters())
+        with t.no_grad():
+            for name, m in self.masks.items():
+                params[name].mul_(m)
         n = len(self.y)
         spe = n // self.batch
         done = 0
