@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxprune import similarity as S
-from tests.test_similarity import ALL, SINGLE, ref_hsic, related
+from tests.test_similarity import ALL, SINGLE, ref_cka, ref_hsic, related, x64  # noqa: F401 (x64: fixture)
 
 
 def layers(seed: int, n: int, widths):
@@ -22,6 +22,16 @@ def test_pairwise_equals_per_pair_loop(name):
     want = np.array([[float(SINGLE[name](x, y)) for y in ys] for x in xs])
     assert got.shape == (4, 3)
     np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_linear_cka_single_gemm_path_against_float64_formula(debiased, x64):
+    """The all-pairs linear CKA (one GEMM over concatenated layers) against the HSIC formula per pair, with a layer
+    wider than n (its factor comes from an SVD) and layers of equal width (same block size)."""
+    xs, ys = layers(3, 30, (4, 45, 4, 9)), layers(4, 30, (6, 2))
+    got = np.asarray(S.pairwise("linear_cka", xs, ys, debiased=debiased))
+    want = [[ref_cka(x @ x.T, y @ y.T, debiased) for y in ys] for x in xs]
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_pairwise_options_and_self():

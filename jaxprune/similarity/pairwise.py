@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxprune.similarity import _checks
 from jaxprune.similarity.cca import Metric, mean_cca_metric, pwcca_metric, svcca_metric
-from jaxprune.similarity.cka import linear_cka_metric, rbf_cka_metric
+from jaxprune.similarity.cka import linear_cka_all_pairs, linear_cka_metric, rbf_cka_metric
 from jaxprune.similarity.nbs import nbs_metric
 
 Array = jax.Array
@@ -76,9 +76,27 @@ def _block(compare: Callable, fx, fy, x_stacked: bool, y_stacked: bool) -> Array
     return jax.vmap(grid, in_axes=(1 if x_stacked else None, 1 if y_stacked else None))(fx, fy)
 
 
+def _linear_cka(prepare: Callable, xs: tuple, ys: tuple, same: bool, debiased: bool) -> Array:
+    """Linear CKA of all pairs with every cross product in one GEMM (:func:`cka.linear_cka_all_pairs`)."""
+    token, px = None, []
+    for x in xs:  # factorisations (an SVD when p > n) one at a time, see _checks.after
+        token = prepare(_checks.after(x, token))
+        px.append(token)
+    py = px
+    if not same:
+        py = []
+        for y in ys:
+            token = prepare(_checks.after(y, token))
+            py.append(token)
+    return linear_cka_all_pairs(px, py, debiased)
+
+
 @functools.partial(jax.jit, static_argnames=("metric", "x_stacked", "y_stacked", "same"))
 def _pairwise(metric: Metric, xs: tuple, ys: tuple, x_stacked: bool, y_stacked: bool, same: bool) -> Array:
     prepare, compare = metric
+    linear = {linear_cka_metric(debiased=d): d for d in (False, True)}  # the cache keys metric() uses
+    if not (x_stacked or y_stacked) and metric in linear:
+        return _linear_cka(prepare, xs, ys, same, debiased=linear[metric])
     token = None  # groups and blocks run one after another (see _checks.after); each is one batched call
 
     def prepared(layers, stacked):
