@@ -9,7 +9,9 @@ Train a network (or reload it from the workdir), then run exactly ``--max_rounds
 2. physically remove ``ceil(fraction · current width)`` filters per layer (never going below
    ``ceil((1 − max_pruned_fraction) · original width)``, nor below one filter) — the pytree shrinks, the following
    BatchNorm and the next layer follow (:func:`jaxprune.structured.remove_many`);
-3. fine-tune for ``--finetune_steps`` at the constant ``--finetune_lr`` (a fresh optimizer: the shapes changed).
+3. optionally re-estimate the BatchNorm statistics (``--bn_recalibration_batches``; the downstream statistics are
+   stale once channels are gone), then fine-tune for ``--finetune_steps`` at the constant ``--finetune_lr`` (a
+   fresh optimizer: the shapes changed).
 
 Per round: widths, parameter count, FLOPs, test accuracy before and after fine-tuning. Writes to ``--workdir``:
 ``trained/`` (round 0), ``round_<r>/`` (checkpoint + ``round.json``, written last: a crash never loses a finished
@@ -43,6 +45,8 @@ SPEC = [
     ("max_pruned_fraction", 0.9, "no layer is pruned below (1 - this) of its original filters"),
     ("max_rounds", 4, "number of prune → fine-tune rounds"),
     ("layer_kind", "conv", "which layers are pruned", ("conv", "dense", "all")),
+    ("bn_recalibration_batches", 0, "after each removal, re-estimate BatchNorm statistics on this many training "
+                                    "batches before fine-tuning (0: keep the stale ones, as the reference loop)"),
     ("seed", 0, "initialisation, data order, random criterion"),
     ("workdir", "runs/filter_prune", "output directory (resumable)"),
 ]
@@ -186,6 +190,12 @@ def run(config: dict, workdir: str | Path) -> dict:
         keep = _keep(c, model, variables, target, x_ref, y_ref, key)
         model, variables = structured.remove_many(model, variables, keep)
         before = _measure(model, variables, xt, yt, x.shape)
+        removed_acc = before["accuracy"]
+        if c["bn_recalibration_batches"] > 0:
+            variables = train.recalibrate_batchnorm(model, variables, x, batch_size=c["batch_size"],
+                                                    num_batches=c["bn_recalibration_batches"],
+                                                    key=jax.random.fold_in(key, 2))
+            before["accuracy"] = common.accuracy(model, variables, xt, yt)
         optim = train.OptimConfig(optimizer=c["optimizer"], lr=float(c["finetune_lr"]), momentum=c["momentum"],
                                   weight_decay=c["weight_decay"])
         tx = train.make_optimizer(optim, float(c["finetune_lr"]))
@@ -197,7 +207,8 @@ def run(config: dict, workdir: str | Path) -> dict:
         pruned = 1.0 - sum(before["widths"][k] for k in layers) / sum(original.values())
         rec = {"round": r, "widths": before["widths"], "params": before["params"], "flops": before["flops"],
                "params_fraction": before["params"] / base["params"], "flops_fraction": before["flops"] / base["flops"],
-               "pruned_filter_fraction": pruned, "accuracy_before_finetune": before["accuracy"],
+               "pruned_filter_fraction": pruned, "accuracy_after_removal": removed_acc,
+               "accuracy_before_finetune": before["accuracy"],
                "accuracy_after_finetune": after, "finetune_seconds": res.seconds}
         d.mkdir(parents=True)
         checkpoint.save(d / "checkpoint", variables)
@@ -212,11 +223,12 @@ def run(config: dict, workdir: str | Path) -> dict:
 def format_table(results: dict) -> str:
     """Markdown table, one row per round."""
     base = results["rounds"][0]
-    lines = ["| round | filters pruned % | params | params % | MFLOPs | acc. before FT % | acc. after FT % |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| round | filters pruned % | params | params % | MFLOPs | acc. after removal % | acc. before FT % "
+             "| acc. after FT % |", "|---|---|---|---|---|---|---|---|"]
     for r in results["rounds"]:
+        removed = r.get("accuracy_after_removal", r["accuracy_before_finetune"])
         lines.append(f"| {r['round']} | {100 * r.get('pruned_filter_fraction', 0.0):.1f} | {r['params']} | "
-                     f"{100 * r['params'] / base['params']:.1f} | {r['flops'] / 1e6:.2f} | "
+                     f"{100 * r['params'] / base['params']:.1f} | {r['flops'] / 1e6:.2f} | {100 * removed:.2f} | "
                      f"{100 * r['accuracy_before_finetune']:.2f} | {100 * r['accuracy_after_finetune']:.2f} |")
     return "\n".join(lines)
 

@@ -52,8 +52,11 @@ def _sow(module: nn.Module, name: str, value: Array) -> Array:
     return value
 
 
+BN_MOMENTUM = 0.9  # running statistics: new = BN_MOMENTUM · old + (1 − BN_MOMENTUM) · batch
+
+
 def _batchnorm(train: bool, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=1e-5, name=name)
 
 
 class MLP(nn.Module):

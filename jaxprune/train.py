@@ -289,6 +289,47 @@ def evaluate(trainer: Trainer, variables: dict, x: Array, y: Array,
     return {"loss": _metric(tot_loss / n), "accuracy": _metric(tot_correct / n)}
 
 
+def recalibrate_batchnorm(model: nn.Module, variables: dict, x: Array, *, batch_size: int = 256,
+                          num_batches: int = 20, key: Array | None = None) -> dict:
+    """Re-estimate every BatchNorm's running mean and variance as population statistics over ``num_batches``
+    batches of ``x`` (the first ``num_batches · batch_size`` examples), forward in train mode.
+
+    After units are removed or merged upstream, the stored statistics no longer describe a layer's inputs; this
+    replaces them (exactly: the mean of the batch means, and the mean of ``var_b + mean_b²`` minus the squared
+    mean), leaving every parameter untouched. Returns ``variables`` unchanged for models without BatchNorm.
+    """
+    from jaxprune.models import BN_MOMENTUM
+
+    if not variables.get("batch_stats"):
+        return variables
+    n = int(x.shape[0])
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size={batch_size}: expected 1 <= batch_size <= number of examples ({n})")
+    num_batches = min(int(num_batches), n // batch_size)
+    if num_batches < 1:
+        raise ValueError(f"num_batches={num_batches}: expected >= 1")
+    key = jax.random.PRNGKey(0) if key is None else key
+    zero = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"])
+
+    @jax.jit
+    def batch_stats(xb, k):  # running stats start at 0, so one update is (1 − momentum) × the batch's own stats
+        _, new = model.apply({**variables, "batch_stats": zero}, xb, train=True, mutable=["batch_stats"],
+                             rngs={"dropout": k})
+        return jax.tree_util.tree_map(lambda v: v / (1.0 - BN_MOMENTUM), new["batch_stats"])
+
+    per = [batch_stats(x[i * batch_size:(i + 1) * batch_size], jax.random.fold_in(key, i))
+           for i in range(num_batches)]
+
+    def pool(*stats):  # per BatchNorm: {'mean': (c,), 'var': (c,)} of each batch → population statistics
+        mean = sum(s["mean"] for s in stats) / len(stats)
+        second = sum(s["var"] + s["mean"] ** 2 for s in stats) / len(stats)
+        return {"mean": mean, "var": jnp.maximum(second - mean ** 2, 0.0)}
+
+    is_bn = lambda t: isinstance(t, dict) and set(t) == {"mean", "var"}
+    pooled = jax.tree_util.tree_map(pool, *per, is_leaf=is_bn)
+    return {**variables, "batch_stats": pooled}
+
+
 def steps_per_epoch(n: int, batch_size: int) -> int:
     return n // batch_size
 

@@ -56,11 +56,13 @@ def test_stops_at_the_floor_and_refuses_a_changed_config(tmp_path):
         filter_prune.run({**BASE, "fraction": 0.5, "max_pruned_fraction": 0.5, "criterion": "l1"}, tmp_path)
 
 
-def test_data_driven_criterion_through_batchnorm(tmp_path):
+def test_data_driven_criterion_through_batchnorm_and_recalibration(tmp_path):
     cfg = {**BASE, "criterion": "taylor", "reference_examples": 32, "max_rounds": 1, "fraction": 0.5,
-           "training_steps": "1ep"}
+           "training_steps": "1ep", "bn_recalibration_batches": 3}
     res = filter_prune.run(cfg, tmp_path)
-    assert res["rounds"][1]["widths"] == {"conv_0": 3, "conv_1": 5}
+    r = res["rounds"][1]
+    assert r["widths"] == {"conv_0": 3, "conv_1": 5}
+    assert r["accuracy_before_finetune"] != r["accuracy_after_removal"]  # the statistics were re-estimated
 
 
 @pytest.mark.parametrize("bad,match", [({"fraction": 1.0}, "fraction"), ({"criterion": "nope"}, "criterion"),

@@ -100,3 +100,21 @@ def test_batchnorm_model_trains_with_python_loop():
     assert not np.allclose(r.state.batch_stats["bn_0"]["mean"], st.batch_stats["bn_0"]["mean"])
     with pytest.raises(ValueError, match="batch_size=1000"):
         train.run(train.make_trainer(model, tx), st, x, y, batch_size=1000, num_steps=1, data_key=jax.random.PRNGKey(0))
+
+
+def test_recalibrate_batchnorm_gives_population_statistics():
+    model = models.VGG((4, "M", 6), num_classes=3)
+    x = jax.random.normal(jax.random.PRNGKey(0), (12, 6, 6, 2)) * 2.0 + 1.0
+    v = models.init(model, jax.random.PRNGKey(1), x.shape)
+    v = {**v, "batch_stats": jax.tree_util.tree_map(lambda s: s + 7.0, v["batch_stats"])}  # stale statistics
+    out = train.recalibrate_batchnorm(model, v, x, batch_size=4, num_batches=3)
+    _, inter = model.apply(v, x, capture_intermediates=True, mutable=["intermediates"])
+    u = np.asarray(inter["intermediates"]["conv_0"]["__call__"][0], np.float64)  # bn_0's input, all 12 images
+    np.testing.assert_allclose(out["batch_stats"]["bn_0"]["mean"], u.mean((0, 1, 2)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["batch_stats"]["bn_0"]["var"], u.var((0, 1, 2)), rtol=1e-4, atol=1e-5)
+    assert np.all(np.abs(np.asarray(out["batch_stats"]["bn_1"]["mean"]) - 7.0) > 1e-3)  # replaced, not kept
+    jax.tree_util.tree_map(np.testing.assert_array_equal, out["params"], v["params"])
+    plain = models.init(models.MLP((4, 3)), jax.random.PRNGKey(0), (1, 5))
+    assert train.recalibrate_batchnorm(models.MLP((4, 3)), plain, jnp.ones((8, 5))) is plain
+    with pytest.raises(ValueError, match="batch_size"):
+        train.recalibrate_batchnorm(model, v, x, batch_size=20)
