@@ -67,6 +67,30 @@ class Bench:
                 "transpose/copy": sum(bool(re.search(r"\b(transpose|copy)\(", ln)) for ln in body)}
 
 
+def breakdown(b: "Bench", k: int, reps: int = 50) -> dict[str, float]:
+    """Milliseconds per step, K stacked replicas vs 1 (vmap): the whole train step, the gradient alone (forward +
+    backward), and the update alone (masked SGD applied to a given gradient)."""
+    out = {}
+    for kk in (1, k):
+        st = replicas.stack([b.state(s) for s in range(kk)])
+        x = jnp.stack([b.x[:b.batch]] * kk)
+        y = jnp.stack([b.y[:b.batch]] * kk)
+        loss = lambda p, xb, yb: train.cross_entropy(b.model.apply({"params": p}, xb), yb)
+        grad = jax.jit(jax.vmap(jax.grad(loss)))
+        g = grad(st.params, x, y)
+        upd = jax.jit(jax.vmap(lambda gr, o, p: b.tx.update(gr, o, p)))
+        full = b.multi.get((kk, "vmap")) or replicas.make_trainer(b.model, b.tx, kk)
+        idx = jnp.zeros((kk, b.batch), jnp.int32)
+        keys = replicas.stack([jax.random.PRNGKey(s) for s in range(kk)])
+        cases = {"step": lambda: full.step(st, b.x, b.y, idx, keys)[0].params,
+                 "grad": lambda: grad(st.params, x, y),
+                 "update": lambda: upd(g, st.opt_state, st.params)[0]}
+        for name, f in cases.items():
+            jax.block_until_ready(f())
+            out[f"{name} K={kk}"] = min(_timed(lambda: [f() for _ in range(reps)][-1]) for _ in range(3)) / reps * 1e3
+    return out
+
+
 def gemm_table(k: int, batch: int, reps: int = 20) -> list[tuple[str, float, float]]:
     """GFLOP/s of layer-1 GEMMs for K replicas: batched dot_general vs K plain GEMMs, same jit."""
     i, o = 784, 300
@@ -134,6 +158,13 @@ def main():
     print("| --- | --- | --- |")
     for name, gb, gu in gemm_table(kk, args.batch_size):
         print(f"| {name} | {gb:.1f} | {gu:.1f} |")
+    bd = breakdown(b, kk)
+    print(f"\nWhere a step's time goes, ms per step (vmap): K=1 vs K={kk} (per replica = K={kk} / {kk})\n")
+    print("| part | K=1 | K=%d | K=%d per replica / K=1 |" % (kk, kk))
+    print("| --- | --- | --- | --- |")
+    for part in ("step", "grad", "update"):
+        one, many = bd[f"{part} K=1"], bd[f"{part} K={kk}"]
+        print(f"| {part} | {one:.3f} | {many:.3f} | {many / kk / one:.2f} |")
     print(f"\nOps in the compiled K={kk} train step\n")
     print("| layout | dot | batched dot | transpose/copy |")
     print("| --- | --- | --- | --- |")
