@@ -136,6 +136,24 @@ def main() -> None:
           f"on this machine runs {peak:.1f} GFLOP/s, so >= {cross / peak:.2f} s for any implementation that forms "
           f"them; linear CKA pairwise f32 reached {cross / lin[2]:.1f} GFLOP/s overall")
 
+    # ---- where mean CCA's time goes: per-layer SVDs (prepare), cross products, per-pair k×k SVDs (compare)
+    prepare = S.metric("mean_cca")[0]
+    layers = [jnp.asarray(a, jnp.float32) for a in xs + ys]
+    prep = jax.jit(lambda ls: [prepare(a).u for a in ls])
+    prep(layers)
+    t_prep, us = timed(lambda: prep(layers), 2)
+    cross = jax.jit(lambda a, b: [[u.T @ v for v in b] for u in a])
+    cross(us[:L], us[L:])
+    t_cross, blocks = timed(lambda: cross(us[:L], us[L:]), 2)
+    # One SVD per program: independent LAPACK calls in one program can deadlock jaxlib 0.10.2 on few cores.
+    one = jax.jit(lambda c: jnp.linalg.svd(c, compute_uv=False))
+    for row in blocks:
+        for c in row:
+            one(c).block_until_ready()
+    t_svd, _ = timed(lambda: [one(c) for row in blocks for c in row], 2)
+    print(f"mean CCA f32 parts: {2 * L} per-layer SVDs {t_prep:.2f} s, {L * L} cross products {t_cross:.2f} s, "
+          f"{L * L} per-pair singular-value decompositions {t_svd:.2f} s")
+
     print(f"\n{'metric':<11} {'implementation':<58} {'seconds':>8} {'speed-up':>9} {'max |diff|':>11} "
           f"{'vs loop':>8}")
     for r in rows:
