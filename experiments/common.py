@@ -77,6 +77,14 @@ def defaults(spec: FlagSpec) -> dict[str, Any]:
     return {row[0]: row[1] for row in spec}
 
 
+def with_defaults(config: dict, defaults: dict) -> dict:
+    """``config`` completed with ``defaults``; a key that is not a flag of the experiment is refused."""
+    unknown = set(config) - set(defaults)
+    if unknown:
+        raise ValueError(f"config: unknown keys {sorted(unknown)}; expected a subset of {sorted(defaults)}")
+    return {**defaults, **config}
+
+
 def define_flags(spec: FlagSpec) -> None:
     from absl import flags
 

@@ -55,10 +55,7 @@ _VOLATILE = ("workdir", "max_rounds")  # a finished run can be extended by more 
 
 
 def _config(config: dict) -> dict:
-    unknown = set(config) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"config: unknown keys {sorted(unknown)}; expected a subset of {sorted(DEFAULTS)}")
-    c = {**DEFAULTS, **config}
+    c = common.with_defaults(config, DEFAULTS)
     if c["criterion"] not in ALL_CRITERIA:
         raise ValueError(f"criterion={c['criterion']!r}: expected one of {ALL_CRITERIA}")
     if not 0.0 < float(c["fraction"]) < 1.0:
@@ -81,6 +78,11 @@ def round_widths(current: dict[str, int], original: dict[str, int], fraction: fl
         floor = max(1, math.ceil((1.0 - max_pruned_fraction) * original[layer] - 1e-9))
         out[layer] = max(floor, min(w, structured.n_keep_for(w, fraction)))
     return out
+
+
+def _layer_widths(model, variables, layers) -> dict[str, int]:
+    all_widths = structured.widths(model, variables)
+    return {layer: all_widths[layer] for layer in layers}
 
 
 def _keep(c: dict, model, variables, widths: dict[str, int], x_ref, y_ref, key) -> dict[str, jax.Array]:
@@ -110,24 +112,12 @@ def _restore_shrunk(model, widths: dict[str, int], path: Path, input_shape):
     return model, checkpoint.restore(path, template)
 
 
-def _check_config(workdir: Path, record: dict) -> None:
-    path = workdir / "config.json"
-    clean = {k: v for k, v in record.items() if k not in _VOLATILE}
-    if path.exists():
-        old = {k: v for k, v in checkpoint.read_json(path).items() if k not in _VOLATILE}
-        diff = sorted(k for k in set(old) | set(clean) if old.get(k) != clean.get(k))
-        if diff:
-            raise ValueError(f"workdir={workdir}: holds a run with a different config ({', '.join(diff)}); "
-                             "use another --workdir or delete it")
-    checkpoint.write_json(path, record)
-
-
 def run(config: dict, workdir: str | Path) -> dict:
     """Train, then prune → fine-tune for the configured rounds; returns the ``results.json`` dict."""
     c = _config(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _check_config(workdir, {**c, "workdir": str(workdir)})
+    checkpoint.check_run_config(workdir, c, _VOLATILE)
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                               c["max_test_examples"])
     model = common.build_model(c, tr.num_classes)
@@ -140,7 +130,7 @@ def run(config: dict, workdir: str | Path) -> dict:
     ft_steps = train.parse_duration(c["finetune_steps"], spe)
     ref = np.random.default_rng(c["seed"]).permutation(len(tr.labels))[:c["reference_examples"]]
     x_ref, y_ref = x[ref], y[ref]
-    original = {layer: structured.widths(model, variables)[layer] for layer in layers}
+    original = _layer_widths(model, variables, layers)
 
     first = _measure(model, variables, xt, yt, x.shape)
     rounds = [{"round": 0, **first, "accuracy_before_finetune": first["accuracy"],
@@ -171,7 +161,7 @@ def run(config: dict, workdir: str | Path) -> dict:
     stopped = False
     for r in range(1, c["max_rounds"] + 1):
         d = workdir / f"round_{r}"
-        widths = {layer: structured.widths(model, variables)[layer] for layer in layers}
+        widths = _layer_widths(model, variables, layers)
         if (d / "round.json").exists():
             rec = checkpoint.read_json(d / "round.json")
             model, variables = _restore_shrunk(model, rec["widths"], d / "checkpoint", x.shape)

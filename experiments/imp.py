@@ -70,10 +70,7 @@ class Built:
 
 def build(config: dict) -> Built:
     """Data, model, optimizer and IMP settings from a config dict (missing keys take ``DEFAULTS``)."""
-    unknown = set(config) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"config: unknown keys {sorted(unknown)}; expected a subset of {sorted(DEFAULTS)}")
-    c = {**DEFAULTS, **config}
+    c = common.with_defaults(config, DEFAULTS)
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                               c["max_test_examples"], c["seed"])
     model = models.build(c["model"], tr.num_classes, hidden=common.int_list(c["hidden"]), use_bias=c["use_bias"])

@@ -48,9 +48,6 @@ REFERENCE_SEED_OFFSET = 1_000  # reference samples of seed s come from generator
 
 
 def _check(c: dict) -> None:
-    unknown = set(c) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"config: unknown keys {sorted(unknown)}; expected a subset of {sorted(DEFAULTS)}")
     for d in c["datasets"]:
         if d not in data.TOY_SIZES:
             raise ValueError(f"datasets: {d!r} is not a toy dataset; expected some of {tuple(data.TOY_SIZES)}")
@@ -229,7 +226,7 @@ def summary(results: dict, n: int) -> list[dict]:
 
 def run(config: dict, workdir: str | Path) -> dict:
     """Run the experiment described by ``config`` (keys = flag names, missing ones from ``DEFAULTS``)."""
-    c = {**DEFAULTS, **config}
+    c = common.with_defaults(config, DEFAULTS)
     _check(c)
     workdir = Path(workdir)
     record = {**c, "workdir": str(workdir)}

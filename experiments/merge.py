@@ -45,10 +45,7 @@ DEFAULTS = common.defaults(SPEC)
 
 
 def _config(config: dict) -> dict:
-    unknown = set(config) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"config: unknown keys {sorted(unknown)}; expected a subset of {sorted(DEFAULTS)}")
-    c = {**DEFAULTS, **config}
+    c = common.with_defaults(config, DEFAULTS)
     if not c["seeds"]:
         raise ValueError("seeds: expected at least one seed")
     if not c["criteria"]:

@@ -99,9 +99,6 @@ def unit_pruned(model, variables: dict, sparsity: float, scope: str, criterion: 
 
 
 def _build(c: dict):
-    unknown = set(c) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"config: unknown keys {sorted(unknown)}; expected a subset of {sorted(DEFAULTS)}")
     bad = [m for m in c["methods"] if m not in METHODS]
     if bad or not c["methods"]:
         raise ValueError(f"methods={c['methods']}: expected a non-empty subset of {METHODS}")
@@ -162,7 +159,7 @@ def summarize(per_seed: list[dict], methods, sparsities) -> dict:
 
 def run(config: dict, workdir: str | Path) -> dict:
     """Run (or finish) the sweep for every seed; returns the ``results.json`` dict."""
-    c = {**DEFAULTS, **config}
+    c = common.with_defaults(config, DEFAULTS)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tr, te, model, sparsities, seeds, num_steps = _build(c)

@@ -82,10 +82,7 @@ def _options(name: str, c: dict) -> tuple[str, dict]:
 
 
 def check_config(config: dict) -> dict:
-    unknown = set(config) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"config: unknown keys {sorted(unknown)}; expected a subset of {sorted(DEFAULTS)}")
-    c = {**DEFAULTS, **config}
+    c = common.with_defaults(config, DEFAULTS)
     if not c["imp_workdir"]:
         raise ValueError("imp_workdir: required (an experiments.imp output directory)")
     bad = [m for m in c["metrics"] if m not in METRICS]

@@ -59,3 +59,25 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+def check_run_config(workdir: str | os.PathLike, record: dict, volatile: tuple = (),
+                     added_later: dict | None = None) -> None:
+    """Record a run's settings in ``workdir/config.json``, or refuse to resume a run made with other settings.
+
+    ``volatile``: keys that may change between a run and its resumption (not recorded, not compared).
+    ``added_later``: settings introduced after workdirs were first written, with the value an older
+    ``config.json`` that lacks them ran with.
+    """
+    path = Path(workdir) / "config.json"
+    clean = {k: v for k, v in record.items() if k not in volatile}
+    if not path.exists():
+        write_json(path, clean)
+        return
+    old = {k: v for k, v in read_json(path).items() if k not in volatile}
+    old.update({k: v for k, v in (added_later or {}).items() if k not in old and k in clean})
+    diff = {k: (old.get(k), clean.get(k)) for k in set(old) | set(clean) if old.get(k) != clean.get(k)}
+    if diff:
+        lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ValueError(f"workdir {workdir} holds a run with a different config — different settings ({lines}); "
+                         "use a new --workdir or delete the old one")

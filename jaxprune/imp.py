@@ -287,7 +287,8 @@ def run(task: Task, cfg: ImpConfig, workdir: str | Path, *, config_record: dict 
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _check_config(workdir, config_record)
+    if config_record is not None:
+        checkpoint.check_run_config(workdir, config_record, _VOLATILE, _ADDED_LATER)
     if cfg.rewind == "step" and cfg.rewind_step > task.num_steps:
         raise ValueError(f"rewind_step={cfg.rewind_step}: beyond the training length of {task.num_steps} steps")
     keys = _Keys(task.seed)
@@ -372,20 +373,3 @@ _VOLATILE = ("workdir", "levels", "eval_every_epoch", "replica_layout", "coordin
              "process_id", "distributed")
 # Settings added after workdirs were first written: a config.json without them ran with these values.
 _ADDED_LATER = {"num_replicas": 1}
-
-
-def _check_config(workdir: Path, record: dict | None) -> None:
-    if record is None:
-        return
-    path = workdir / "config.json"
-    clean = {k: v for k, v in record.items() if k not in _VOLATILE}
-    if path.exists():
-        old = {k: v for k, v in checkpoint.read_json(path).items() if k not in _VOLATILE}
-        old.update({k: v for k, v in _ADDED_LATER.items() if k not in old and k in clean})
-        diff = {k: (old.get(k), clean.get(k)) for k in set(old) | set(clean) if old.get(k) != clean.get(k)}
-        if diff:
-            lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise ValueError(f"workdir {workdir} holds a run with different settings ({lines}); "
-                             "use a new --workdir or delete the old one")
-    else:
-        checkpoint.write_json(path, clean)

@@ -27,6 +27,7 @@ import optax
 from absl import logging
 
 from jaxprune import distributed
+from jaxprune.models import BN_MOMENTUM
 
 Array = jax.Array
 PyTree = Any
@@ -298,8 +299,6 @@ def recalibrate_batchnorm(model: nn.Module, variables: dict, x: Array, *, batch_
     replaces them (exactly: the mean of the batch means, and the mean of ``var_b + mean_b²`` minus the squared
     mean), leaving every parameter untouched. Returns ``variables`` unchanged for models without BatchNorm.
     """
-    from jaxprune.models import BN_MOMENTUM
-
     if not variables.get("batch_stats"):
         return variables
     n = int(x.shape[0])

@@ -146,7 +146,7 @@ def _min_n(debiased: bool) -> int:
 def linear_cka(x: Array, y: Array, *, debiased: bool = False) -> Array:
     """Linear CKA similarity of ``x: (n, p1)`` and ``y: (n, p2)`` (n ≥ 4 when ``debiased``)."""
     x, y = _checks.pair(x, y, min_n=_min_n(debiased))
-    return evaluate(linear_cka_metric(bool(debiased)), x, y)
+    return evaluate(linear_cka_metric(debiased=bool(debiased)), x, y)
 
 
 def rbf_cka(x: Array, y: Array, threshold: float = 1.0, *, debiased: bool = False) -> Array:

@@ -94,7 +94,7 @@ def _linear_cka(prepare: Callable, xs: tuple, ys: tuple, same: bool, debiased: b
 @functools.partial(jax.jit, static_argnames=("metric", "x_stacked", "y_stacked", "same"))
 def _pairwise(metric: Metric, xs: tuple, ys: tuple, x_stacked: bool, y_stacked: bool, same: bool) -> Array:
     prepare, compare = metric
-    linear = {linear_cka_metric(debiased=d): d for d in (False, True)}  # the cache keys metric() uses
+    linear = {linear_cka_metric(debiased=d): d for d in (False, True)}  # keyword calls, as metric() makes
     if not (x_stacked or y_stacked) and metric in linear:
         return _linear_cka(prepare, xs, ys, same, debiased=linear[metric])
     token = None  # groups and blocks run one after another (see _checks.after); each is one batched call
