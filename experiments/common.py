@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import optax
 
-from jaxprune import checkpoint, data, models, train
+from jaxprune import augment, checkpoint, data, models, train
 
 NORMALIZATIONS = ("none", "standardize", "unit")
 
@@ -159,6 +159,12 @@ def guarded(main_fn):
 
 
 # ----------------------------------------------------------------------------------------------- train one network
+# The MLP initialiser flag (shared by every experiment that builds MLPs).
+WEIGHT_INIT = ("weight_init", "he_normal", "initialiser of the MLPs (glorot_uniform: Keras' default; torch_default: "
+                                         "PyTorch's nn.Linear default, kernel and bias U(±1/√fan_in))",
+               tuple(models.INITS))
+AUGMENT = ("augment", "none", "training-batch augmentation (crop_flip: pad 4, random crop, random flip — the "
+                              "CIFAR recipe)", augment.NAMES)
 # Flags shared by the experiments that train a single network per seed (merge, filter_prune).
 TRAIN_SPEC = [
     ("dataset", "fashion_mnist", "fashion_mnist, mnist, digits, or a TFDS name (e.g. cifar10)"),
@@ -169,6 +175,7 @@ TRAIN_SPEC = [
     ("model", "lenet300", "lenet300, mlp, lenet5, conv2/4/6, vgg11/16/19, resnet20/56, or vgg (with --vgg_cfg)"),
     ("hidden", ["300", "100"], "hidden widths for --model=mlp"),
     ("vgg_cfg", [], "conv widths and M pools for --model=vgg, e.g. 16,16,M,32,32,M,64,64"),
+    WEIGHT_INIT,
     ("optimizer", "momentum", "optimizer", train.OPTIMIZERS),
     ("lr", 0.1, "base learning rate"),
     ("momentum", 0.9, "momentum for momentum/nesterov"),
@@ -178,6 +185,7 @@ TRAIN_SPEC = [
     ("gamma", 0.1, "step-schedule factor"),
     ("training_steps", "60ep", "training length, steps ('2000') or epochs ('60ep')"),
     ("batch_size", 128, "training batch size"),
+    AUGMENT,
     ("loop", "auto", "epoch as lax.scan or a Python loop of jitted steps", ("auto", "scan", "python")),
 ]
 
@@ -189,7 +197,7 @@ def build_model(c: dict, num_classes: int):
             raise ValueError("vgg_cfg: --model=vgg needs conv widths and M pools, e.g. 16,16,M,32,32,M,64,64")
         cfg = tuple("M" if str(v).upper() == "M" else int(v) for v in c["vgg_cfg"])
         return models.VGG(cfg, num_classes)
-    return models.build(c["model"], num_classes, hidden=int_list(c["hidden"]))
+    return models.build(c["model"], num_classes, hidden=int_list(c["hidden"]), weight_init=c["weight_init"])
 
 
 def optim_config(c: dict, spe: int) -> train.OptimConfig:
@@ -217,7 +225,8 @@ def train_network(c: dict, model, x_train, y_train, seed: int, out: Path) -> tup
         raise ValueError(f"training_steps={c['training_steps']!r}: expected at least one step")
     optim = optim_config(c, spe)
     tx = train.make_optimizer(optim, train.make_schedule(optim, steps))
-    res = train.run(train.make_trainer(model, tx), train.create_state(template, tx), x_train, y_train,
+    res = train.run(train.make_trainer(model, tx, augment=augment.by_name(c["augment"])),
+                    train.create_state(template, tx), x_train, y_train,
                     batch_size=c["batch_size"], num_steps=steps, data_key=data_key, loop=c["loop"],
                     log_prefix=f"[seed {seed}] ")
     variables = train.variables_of(res.state)

@@ -31,7 +31,7 @@ import numpy as np
 from absl import logging
 
 from experiments import common
-from jaxprune import checkpoint, criteria, models, plots, structured, train
+from jaxprune import augment, checkpoint, criteria, models, plots, structured, train
 
 DATA_CRITERIA = ("grad", "taylor", "lrp")
 ALL_CRITERIA = structured.CRITERIA + DATA_CRITERIA
@@ -117,7 +117,7 @@ def run(config: dict, workdir: str | Path) -> dict:
     c = _config(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint.check_run_config(workdir, c, _VOLATILE)
+    checkpoint.check_run_config(workdir, c, _VOLATILE, added_later={"weight_init": "he_normal", "augment": "none"})
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                               c["max_test_examples"])
     model = common.build_model(c, tr.num_classes)
@@ -189,7 +189,8 @@ def run(config: dict, workdir: str | Path) -> dict:
         optim = train.OptimConfig(optimizer=c["optimizer"], lr=float(c["finetune_lr"]), momentum=c["momentum"],
                                   weight_decay=c["weight_decay"])
         tx = train.make_optimizer(optim, float(c["finetune_lr"]))
-        res = train.run(train.make_trainer(model, tx), train.create_state(variables, tx), x, y,
+        res = train.run(train.make_trainer(model, tx, augment=augment.by_name(c["augment"])),
+                        train.create_state(variables, tx), x, y,
                         batch_size=c["batch_size"], num_steps=ft_steps, data_key=jax.random.fold_in(key, 1),
                         loop=c["loop"], log_prefix=f"[round {r}] ")
         variables = train.variables_of(res.state)

@@ -32,6 +32,7 @@ SPEC = [
     ("model", "lenet300", "mlp, lenet300, lenet5, conv2, conv4, conv6, vgg11, vgg16, resnet20, resnet56"),
     ("hidden", ["300", "100"], "hidden widths for --model=mlp"),
     ("use_bias", True, "dense layers with biases (mlp/lenet300)"),
+    common.WEIGHT_INIT,
     ("optimizer", "sgd", "optimizer", train.OPTIMIZERS),
     ("lr", 0.1, "base learning rate"),
     ("momentum", 0.9, "momentum for momentum/nesterov"),
@@ -42,6 +43,7 @@ SPEC = [
     ("warmup", "0", "linear warm-up length, steps or epochs ('1ep')"),
     ("training_steps", "16ep", "training length per level, steps ('2000') or epochs ('16ep')"),
     ("batch_size", 128, "training batch size"),
+    common.AUGMENT,
     ("levels", 3, "pruned levels after the dense level 0"),
     ("prune_fraction", 0.2, "fraction of the remaining prunable weights removed per level"),
     ("scope", "global", "rank magnitudes across all layers or per layer", masks.SCOPES),
@@ -73,7 +75,8 @@ def build(config: dict) -> Built:
     c = common.with_defaults(config, DEFAULTS)
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                               c["max_test_examples"], c["seed"])
-    model = models.build(c["model"], tr.num_classes, hidden=common.int_list(c["hidden"]), use_bias=c["use_bias"])
+    model = models.build(c["model"], tr.num_classes, hidden=common.int_list(c["hidden"]), use_bias=c["use_bias"],
+                         weight_init=c["weight_init"])
     if not 1 <= c["batch_size"] <= len(tr.labels):
         raise ValueError(f"batch_size={c['batch_size']}: expected 1..{len(tr.labels)} (the training set size)")
     spe = train.steps_per_epoch(len(tr.labels), c["batch_size"])
@@ -92,7 +95,7 @@ def build(config: dict) -> Built:
     task = imp.Task(model, *train.to_device(tr.images, tr.labels, te.images, te.labels), optim=optim,
                     num_steps=num_steps, batch_size=c["batch_size"], seed=c["seed"], loop=c["loop"],
                     eval_every_epoch=c["eval_every_epoch"], num_replicas=c["num_replicas"],
-                    replica_layout=c["replica_layout"], mesh=mesh)
+                    replica_layout=c["replica_layout"], mesh=mesh, augment=c["augment"])
     meta = {"steps_per_epoch": spe, "training_steps": num_steps, "imp": dataclasses.asdict(cfg),
             "optim": dataclasses.asdict(optim), "num_train": len(tr.labels), "num_test": len(te.labels),
             "num_params": models.count_params(models.init(model, jax.random.PRNGKey(0), tr.images.shape)["params"])}

@@ -27,6 +27,7 @@ SPEC = [
     ("num_train", 0, "training points per dataset (0: 2000 moons/circles, 4000 spiral)"),
     ("hidden", ["1000", "1000", "1000"], "hidden widths"),
     ("dropout", 0.5, "dropout rate after the first hidden layer"),
+    common.WEIGHT_INIT,
     ("reference_bug", False, "leave out the ReLU after the last hidden layer, as the reference network does"),
     ("optimizer", "adam", "optimizer", train.OPTIMIZERS),
     ("lr", 1e-3, "learning rate"),
@@ -63,7 +64,7 @@ def _check(c: dict) -> None:
 def build_model(c: dict, num_classes: int) -> models.MLP:
     hidden = common.int_list(c["hidden"])
     rates = (float(c["dropout"]),) + (0.0,) * (len(hidden) - 1)
-    return models.MLP(hidden + (num_classes,), dropout=rates,
+    return models.MLP(hidden + (num_classes,), dropout=rates, weight_init=c["weight_init"],
                       no_relu_after=(len(hidden) - 1,) if c["reference_bug"] else ())
 
 

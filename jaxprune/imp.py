@@ -39,6 +39,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from jaxprune import augment as augmentation
 from jaxprune import checkpoint, masks, models, replicas, train
 
 PyTree = Any
@@ -89,8 +90,10 @@ class Task:
     num_replicas: int = 1  # K seeds (seed, seed+1, …) trained as one vmapped program
     replica_layout: str = "vmap"  # see jaxprune.replicas.LAYOUTS
     mesh: Any = None  # jax.sharding.Mesh for data-parallel training (None: the default device)
+    augment: str = "none"  # training-batch augmentation, a name of jaxprune.augment.NAMES
 
     def __post_init__(self):
+        augmentation.by_name(self.augment)  # refuses unknown names
         if not (isinstance(self.num_replicas, int) and self.num_replicas >= 1):
             raise ValueError(f"num_replicas={self.num_replicas!r}: expected an integer >= 1")
         if self.replica_layout not in replicas.LAYOUTS:
@@ -139,9 +142,10 @@ class _Rep:
 
 
 def _make_trainer(task: Task, tx: optax.GradientTransformation) -> train.Trainer:
+    aug = augmentation.by_name(task.augment)
     if task.num_replicas == 1:
-        return train.make_trainer(task.model, tx, task.mesh)
-    return replicas.make_trainer(task.model, tx, task.num_replicas, task.mesh, task.replica_layout)
+        return train.make_trainer(task.model, tx, task.mesh, aug)
+    return replicas.make_trainer(task.model, tx, task.num_replicas, task.mesh, task.replica_layout, aug)
 
 
 class _Setup:
@@ -372,4 +376,4 @@ def _save_level(d: Path, tree: PyTree, rec: dict) -> None:
 _VOLATILE = ("workdir", "levels", "eval_every_epoch", "replica_layout", "coordinator_address", "num_processes",
              "process_id", "distributed")
 # Settings added after workdirs were first written: a config.json without them ran with these values.
-_ADDED_LATER = {"num_replicas": 1}
+_ADDED_LATER = {"num_replicas": 1, "weight_init": "he_normal", "augment": "none"}

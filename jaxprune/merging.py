@@ -308,7 +308,7 @@ def fold_params(params: PyTree, layer: str, consumer: str, dec: Decomposition) -
         raise ValueError(f"layer {layer!r} has {produced} units, the decomposition {dec.target.shape[0]}")
     cons = structured.layer_params(variables, consumer)
     cons["kernel"] = _fold_full(cons["kernel"], dec)
-    return structured._set(params, consumer.split("/"), cons)
+    return structured.set_path(params, consumer.split("/"), cons)
 
 
 # ----------------------------------------------------------------------------------------------- network level
@@ -326,7 +326,7 @@ def _link(model: nn.Module, layer: str) -> tuple[str | None, str]:
     if layer == getattr(model, "output_layer", None):
         raise ValueError(f"layer={layer!r} is the output layer: its units are the logits and no later layer "
                          f"could absorb them; mergeable layers: {mergeable_layers(model)}")
-    e = structured._edge(model, layer)
+    e = structured.edge(model, layer)
     return (None if e.bn is None else "/".join(e.bn)), "/".join(e.consumer)
 
 
@@ -343,7 +343,7 @@ def decompose_layer(model: nn.Module, variables: PyTree, layer: str, n_keep: int
                                threshold=DENSE_THRESHOLD if threshold is None else threshold, mode=mode,
                                scale=scale, key=key, keep=keep)
     bn = structured.layer_params(variables, bn_path)
-    st = structured._get(variables["batch_stats"], bn_path.split("/"))
+    st = structured.get_path(variables["batch_stats"], bn_path.split("/"))
     return decompose_conv_bn(p["kernel"], n_keep, gamma=bn["scale"], beta=bn["bias"], mean=st["mean"],
                              var=st["var"], eps=BN_EPSILON, criterion=criterion,
                              threshold=CONV_BN_THRESHOLD if threshold is None else threshold, lam=lam,

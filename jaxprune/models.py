@@ -25,9 +25,24 @@ Array = jax.Array
 Variables = dict[str, Any]
 
 KERNEL_INIT = nn.initializers.kaiming_normal()  # He et al. 2015 (fan-in), as OpenLTH
-# Kernel initialisers an MLP can be built with (``MLP.weight_init``); Keras' default is glorot_uniform.
+# Kernel initialisers an MLP can be built with (``MLP.weight_init``); Keras' default is glorot_uniform;
+# ``torch_default`` is PyTorch's ``nn.Linear`` default, U(±1/√fan_in) for the kernel *and* the bias (the
+# reference code of most pruning papers was trained from it; see :func:`bias_init`).
 INITS = {"he_normal": KERNEL_INIT, "glorot_uniform": nn.initializers.glorot_uniform(),
-         "lecun_normal": nn.initializers.lecun_normal()}
+         "lecun_normal": nn.initializers.lecun_normal(),
+         "torch_default": nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")}
+
+
+def bias_init(weight_init: str, fan_in: int) -> nn.initializers.Initializer:
+    """Bias initialiser that goes with ``weight_init``: U(±1/√fan_in) for ``torch_default``, else zeros."""
+    if weight_init != "torch_default":
+        return nn.initializers.zeros_init()
+    bound = 1.0 / float(fan_in) ** 0.5
+
+    def init(key: Array, shape: Sequence[int], dtype=jnp.float32) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
 
 VGG_CFGS: dict[str, tuple] = {
     "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -64,7 +79,7 @@ class MLP(nn.Module):
 
     ``dropout``: a rate after every hidden activation, or one rate per hidden layer.
     ``no_relu_after``: hidden layer indices whose ReLU is left out (reproduces buggy reference nets).
-    ``weight_init``: a key of :data:`INITS` (default He normal, as OpenLTH).
+    ``weight_init``: a key of :data:`INITS` (default He normal with zero biases, as OpenLTH).
     """
 
     features: Sequence[int]
@@ -87,7 +102,8 @@ class MLP(nn.Module):
         if self.weight_init not in INITS:
             raise ValueError(f"weight_init={self.weight_init!r}: expected one of {sorted(INITS)}")
         for i, width in enumerate(self.features):
-            x = nn.Dense(width, use_bias=self.use_bias, kernel_init=INITS[self.weight_init], name=f"dense_{i}")(x)
+            x = nn.Dense(width, use_bias=self.use_bias, kernel_init=INITS[self.weight_init],
+                         bias_init=bias_init(self.weight_init, x.shape[-1]), name=f"dense_{i}")(x)
             if i == hidden:
                 break
             if i not in self.no_relu_after:

@@ -257,7 +257,8 @@ def prunable_layers(model: nn.Module, kind: str = "all") -> tuple[str, ...]:
     return tuple(n for n in names if ("conv" in n.rsplit("/", 1)[-1]) == (kind == "conv"))
 
 
-def _edge(model: nn.Module, layer: str) -> Edge:
+def edge(model: nn.Module, layer: str) -> Edge:
+    """The :class:`Edge` of a shrinkable ``layer``; a ValueError naming the shrinkable layers otherwise."""
     edges = _edges(model)
     if layer not in edges:
         out = getattr(model, "output_layer", None)
@@ -268,23 +269,24 @@ def _edge(model: nn.Module, layer: str) -> Edge:
     return edges[layer]
 
 
-def _get(tree: Mapping, path: Sequence[str]) -> Any:
+def get_path(tree: Mapping, path: Sequence[str]) -> Any:
+    """``tree[path[0]]…[path[-1]]`` (a params/batch_stats subtree; ``path`` as ``'block0_0/conv_0'.split('/')``)."""
     for p in path:
         tree = tree[p]
     return tree
 
 
-def _set(tree: Mapping, path: Sequence[str], value: Any) -> dict:
+def set_path(tree: Mapping, path: Sequence[str], value: Any) -> dict:
     """Copy of ``tree`` with ``tree[path[0]]…[path[-1]] = value`` (untouched branches shared)."""
     new = dict(tree)
-    new[path[0]] = value if len(path) == 1 else _set(tree[path[0]], path[1:], value)
+    new[path[0]] = value if len(path) == 1 else set_path(tree[path[0]], path[1:], value)
     return new
 
 
 def layer_params(variables: Variables, layer: str) -> dict:
     """``{'kernel': …, ['bias': …]}`` of ``layer`` (``'conv_1'``, ``'block0_0/conv_0'``)."""
     try:
-        return dict(_get(variables["params"], layer.split("/")))
+        return dict(get_path(variables["params"], layer.split("/")))
     except KeyError:
         raise ValueError(f"layer={layer!r}: not found in variables['params']") from None
 
@@ -324,24 +326,24 @@ def remove_units(model: nn.Module, variables: Variables, layer: str, keep: Array
     scale/bias and mean/var, and the next layer's input dimension. Returns ``(smaller model, its variables)``;
     the smaller network computes the same logits as ``model`` with the removed units masked
     (:func:`mask_units`)."""
-    e = _edge(model, layer)
+    e = edge(model, layer)
     params = variables["params"]
     lp = layer_params(variables, layer)
     n = int(lp["kernel"].shape[-1])
     k = _check_keep(keep, n, layer)
-    new_params = _set(params, e.layer, {name: leaf[..., k] for name, leaf in lp.items()})
+    new_params = set_path(params, e.layer, {name: leaf[..., k] for name, leaf in lp.items()})
     new_vars = dict(variables)
     if e.bn is not None:
-        bn = dict(_get(params, e.bn))
-        new_params = _set(new_params, e.bn, {name: leaf[k] for name, leaf in bn.items()})
+        bn = dict(get_path(params, e.bn))
+        new_params = set_path(new_params, e.bn, {name: leaf[k] for name, leaf in bn.items()})
         if "batch_stats" not in variables:
             raise ValueError(f"variables: {layer!r} is followed by BatchNorm {'/'.join(e.bn)!r}; expected a "
                              "'batch_stats' collection")
-        stats = dict(_get(variables["batch_stats"], e.bn))
-        new_vars["batch_stats"] = _set(variables["batch_stats"], e.bn, {s: v[k] for s, v in stats.items()})
-    cons = dict(_get(params, e.consumer))
+        stats = dict(get_path(variables["batch_stats"], e.bn))
+        new_vars["batch_stats"] = set_path(variables["batch_stats"], e.bn, {s: v[k] for s, v in stats.items()})
+    cons = dict(get_path(params, e.consumer))
     cons["kernel"] = _consumer_take(cons["kernel"], k, n, f"next layer {'/'.join(e.consumer)!r}")
-    new_params = _set(new_params, e.consumer, cons)
+    new_params = set_path(new_params, e.consumer, cons)
     new_vars["params"] = new_params
     return e.rebuild(int(k.size)), new_vars
 
@@ -349,7 +351,7 @@ def remove_units(model: nn.Module, variables: Variables, layer: str, keep: Array
 def mask_units(model: nn.Module, variables: Variables, layer: str, keep: Array) -> Variables:
     """Same shapes, units outside ``keep`` silenced: their kernel columns/filters and bias zeroed and, when a
     BatchNorm follows, its scale and offset zeroed too (so the unit's post-BN activation is exactly 0)."""
-    e = _edge(model, layer)
+    e = edge(model, layer)
     lp = layer_params(variables, layer)
     n = int(lp["kernel"].shape[-1])
     k = np.asarray(keep, np.int64)
@@ -357,10 +359,10 @@ def mask_units(model: nn.Module, variables: Variables, layer: str, keep: Array) 
         raise ValueError(f"keep: expected a 1-D array of indices in [0, {n}) for {layer!r}, got {np.asarray(keep)}")
     on = jnp.zeros((n,), bool).at[k].set(True)
     zero = lambda leaf: jnp.where(on, leaf, jnp.zeros_like(leaf))
-    params = _set(variables["params"], e.layer, {name: zero(leaf) for name, leaf in lp.items()})
+    params = set_path(variables["params"], e.layer, {name: zero(leaf) for name, leaf in lp.items()})
     if e.bn is not None:
-        bn = dict(_get(params, e.bn))
-        params = _set(params, e.bn, {name: zero(leaf) for name, leaf in bn.items()})
+        bn = dict(get_path(params, e.bn))
+        params = set_path(params, e.bn, {name: zero(leaf) for name, leaf in bn.items()})
     return {**variables, "params": params}
 
 
@@ -382,7 +384,7 @@ def select_layers(model: nn.Module, variables: Variables, n_keep: Mapping[str, i
         raise ValueError("key: criterion='random' needs a jax.random key")
     keep = {}
     for i, (layer, nk) in enumerate(n_keep.items()):
-        _edge(model, layer)
+        edge(model, layer)
         lp = layer_params(variables, layer)
         lkey = None if key is None else jax.random.fold_in(key, i)
         if isinstance(criterion, str):
@@ -430,7 +432,7 @@ def count_flops(model: nn.Module, variables: Variables, input_shape: Sequence[in
         if names[-1] != "kernel" or leaf.ndim not in (2, 4):
             continue
         try:
-            out = _get(inter["intermediates"], names[:-1])["__call__"][0]
+            out = get_path(inter["intermediates"], names[:-1])["__call__"][0]
         except (KeyError, TypeError):
             continue
         positions = int(np.prod(out.shape[1:-1])) if len(out.shape) > 2 else 1

@@ -34,6 +34,7 @@ PyTree = Any
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
+AUGMENT_STREAM = 0x417547  # fold_in tag of the augmentation key (derived from the step's dropout key)
 
 
 class TrainState(NamedTuple):
@@ -130,12 +131,15 @@ class Trainer(NamedTuple):
     replicas: int | None = None  # K: states, keys and batch indices carry a leading replica axis
 
 
-def step_functions(model: nn.Module, tx: optax.GradientTransformation, mesh=None) -> tuple[Callable, ...]:
+def step_functions(model: nn.Module, tx: optax.GradientTransformation, mesh=None,
+                   augment: Callable[[Array, Array], Array] | None = None) -> tuple[Callable, ...]:
     """The un-jitted ``(step, scan, evaluate)`` of :func:`make_trainer` (for vmapping them into replicas)."""
 
     def step(state: TrainState, x_all: Array, y_all: Array, idx: Array, key: Array):
         x, y = distributed.constrain_batch((x_all[idx], y_all[idx]), mesh)
         dropout_key = jax.random.fold_in(key, state.step)
+        if augment is not None:  # its own stream, so augmenting leaves the dropout masks as they were
+            x = augment(jax.random.fold_in(dropout_key, AUGMENT_STREAM), x)
 
         def loss_fn(params):
             v = {"params": params, "batch_stats": state.batch_stats} if state.batch_stats else {"params": params}
@@ -160,10 +164,12 @@ def step_functions(model: nn.Module, tx: optax.GradientTransformation, mesh=None
     return step, scan, evaluate
 
 
-def make_trainer(model: nn.Module, tx: optax.GradientTransformation, mesh=None) -> Trainer:
+def make_trainer(model: nn.Module, tx: optax.GradientTransformation, mesh=None,
+                 augment: Callable[[Array, Array], Array] | None = None) -> Trainer:
     """Jitted step/scan/evaluate. ``mesh`` (see :func:`jaxprune.distributed.data_mesh`): data-parallel over its
-    devices (batch sizes must be multiples of the device count); ``None``: the default device."""
-    return Trainer(*(jax.jit(f) for f in step_functions(model, tx, mesh)), mesh=mesh)
+    devices (batch sizes must be multiples of the device count); ``None``: the default device. ``augment(key, x)``
+    (see :mod:`jaxprune.augment`) transforms every training batch inside the step; evaluation never sees it."""
+    return Trainer(*(jax.jit(f) for f in step_functions(model, tx, mesh, augment)), mesh=mesh)
 
 
 def epoch_order(key: Array, epoch: int, n: int, batch_size: int) -> Array:

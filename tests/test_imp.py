@@ -123,8 +123,8 @@ def test_finetune_continues_at_the_final_learning_rate(tmp_path):
     assert (np.asarray(mu)[~m] == 0).all() and (np.asarray(mu)[m] != 0).any()
 
 
-def test_reinit_branch_uses_fresh_weights(tmp_path):
-    res, wd = _run(tmp_path, "reinit", levels=1, branch="reinit")
+def test_reinit_branch_uses_fresh_weights(tmp_path):  # trained with crop/flip augmentation and PyTorch's init
+    res, wd = _run(tmp_path, "reinit", levels=1, branch="reinit", augment="crop_flip", weight_init="torch_default")
     br = res["levels"][1]["branch"]
     assert br["name"] == "reinit" and br["kept_weights"] == res["levels"][1]["kept_weights"]
     assert br["test_accuracy"] != res["levels"][1]["test_accuracy"]
@@ -176,6 +176,8 @@ def test_other_settings_in_an_existing_workdir_are_refused(tmp_path, lottery):
     (dict(training_steps="x"), r"duration 'x'"),
     (dict(rewind="step", rewind_step="100"), r"rewind_step=100"),
     (dict(colour="red"), r"unknown keys \['colour'\]"),
+    (dict(augment="rotate"), r"augment='rotate'"),
+    (dict(weight_init="kaiming"), r"weight_init='kaiming'"),
 ])
 def test_bad_settings_give_clear_errors(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):

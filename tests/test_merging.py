@@ -38,7 +38,7 @@ def _plant_dense(variables: dict, layer: str, n_base: int, rng: np.random.Genera
         p["bias"] = jnp.asarray(v[:, -1], jnp.float32)
         v = v[:, :-1]
     p["kernel"] = jnp.asarray(v.T.reshape(kernel.shape), jnp.float32)
-    return {**variables, "params": structured._set(variables["params"], layer.split("/"), p)}, base
+    return {**variables, "params": structured.set_path(variables["params"], layer.split("/"), p)}, base
 
 
 def _plant_conv_bn(variables: dict, layer: str, bn: str, n_base: int,
@@ -57,11 +57,11 @@ def _plant_conv_bn(variables: dict, layer: str, bn: str, n_base: int,
     sd = np.sqrt(var + merging.BN_EPSILON)
     scale = s * gamma[copies] / gamma[src] * sd[src] / sd[copies]
     beta[copies] = scale * beta[src] - gamma[copies] * (s * mean[src] - mean[copies]) / sd[copies]
-    params = structured._set(variables["params"], layer.split("/"),
+    params = structured.set_path(variables["params"], layer.split("/"),
                              {"kernel": jnp.asarray(v.T.reshape(kernel.shape), jnp.float32)})
-    params = structured._set(params, bn.split("/"), {"scale": jnp.asarray(gamma, jnp.float32),
+    params = structured.set_path(params, bn.split("/"), {"scale": jnp.asarray(gamma, jnp.float32),
                                                      "bias": jnp.asarray(beta, jnp.float32)})
-    stats = structured._set(variables["batch_stats"], bn.split("/"), {"mean": jnp.asarray(mean, jnp.float32),
+    stats = structured.set_path(variables["batch_stats"], bn.split("/"), {"mean": jnp.asarray(mean, jnp.float32),
                                                                       "var": jnp.asarray(var, jnp.float32)})
     return {**variables, "params": params, "batch_stats": stats}, base
 

@@ -108,3 +108,24 @@ def test_bad_model_names_and_depths():
         models.init(models.ResNet(21), KEY, (1, 32, 32, 3))
     with pytest.raises(ValueError, match="model='alexnet'"):
         models.build("alexnet", 10)
+
+
+@pytest.mark.parametrize("init", sorted(models.INITS))
+def test_mlp_initialisers_match_their_distributions(init):
+    """Kernel std of each initialiser from its closed form; torch_default: kernel and bias U(±1/√fan_in)."""
+    fan_in, width = 400, 600
+    model = models.MLP((width, 10), weight_init=init)
+    p = models.init(model, jax.random.PRNGKey(0), (2, fan_in))["params"]["dense_0"]
+    k, b = np.asarray(p["kernel"]), np.asarray(p["bias"])
+    expected_std = {"he_normal": np.sqrt(2.0 / fan_in), "lecun_normal": np.sqrt(1.0 / fan_in),
+                    "glorot_uniform": np.sqrt(2.0 / (fan_in + width)),
+                    "torch_default": 1.0 / np.sqrt(3.0 * fan_in)}[init]
+    assert k.std() == pytest.approx(expected_std, rel=0.02)  # 240 000 draws: the sampling error is ~0.3 %
+    if init == "torch_default":
+        bound = 1.0 / np.sqrt(fan_in)
+        assert np.abs(k).max() <= bound and np.abs(k).max() > 0.99 * bound
+        assert np.abs(b).max() <= bound and b.std() == pytest.approx(bound / np.sqrt(3.0), rel=0.15)
+    else:
+        assert not b.any()  # zero biases
+    with pytest.raises(ValueError, match="weight_init"):
+        models.build("mlp", 10, weight_init="kaiming")
