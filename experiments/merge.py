@@ -39,6 +39,8 @@ SPEC = [
      merging.BN_SCALES),
     ("scale", "norm", "merge scale: the paper's norm ratio, or the least-squares projection (cos × ratio)",
      merging.SCALES),
+    ("bn_recalibration_batches", 0, "re-estimate the BatchNorm statistics of every pruned/merged network on this "
+                                    "many training batches before testing (0: off — the paper's data-free setting)"),
     ("workdir", "runs/merge", "output directory (trained networks are reused on re-runs)"),
 ]
 DEFAULTS = common.defaults(SPEC)
@@ -58,20 +60,21 @@ def _config(config: dict) -> dict:
     return c
 
 
-def _load_source(c: dict, path: str) -> tuple[object, dict, object, object, dict]:
-    """``(model, variables, x_test, y_test, record)`` of a network trained elsewhere."""
+def _load_source(c: dict, path: str) -> tuple[object, dict, object, object, object, dict]:
+    """``(model, variables, x_train, x_test, y_test, record)`` of a network trained elsewhere."""
     from experiments import imp as imp_experiment
 
     if (Path(path) / "trained.json").exists():  # a seed folder of an earlier experiments.merge run
-        _, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], 0, c["max_test_examples"], 0)
+        tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
+                                  c["max_test_examples"], 0)
         model = common.build_model(c, te.num_classes)
-        x_test, y_test = train.to_device(te.images, te.labels)
+        x_train, x_test, y_test = train.to_device(tr.images, te.images, te.labels)
         template = models.init(model, jax.random.PRNGKey(0), x_test.shape)
-        return (model, checkpoint.restore(Path(path) / "checkpoint", template), x_test, y_test,
+        return (model, checkpoint.restore(Path(path) / "checkpoint", template), x_train, x_test, y_test,
                 {"source_workdir": path, **checkpoint.read_json(Path(path) / "trained.json")})
     built, variables, records = imp_experiment.load_levels(path)
-    return built.model, variables[0], built.task.x_test, built.task.y_test, {"source_workdir": path,
-                                                                            "level_0": records[0]}
+    return (built.model, variables[0], built.task.x_train, built.task.x_test, built.task.y_test,
+            {"source_workdir": path, "level_0": records[0]})
 
 
 def _settings(c: dict, model, params) -> list[tuple[str, float | None, dict[str, int]]]:
@@ -83,8 +86,11 @@ def _settings(c: dict, model, params) -> list[tuple[str, float | None, dict[str,
             for r in c["ratios"]]
 
 
-def evaluate_seed(c: dict, model, variables, x_test, y_test) -> dict:
-    """Original, prune and merge accuracies for every criterion × pruning level."""
+def evaluate_seed(c: dict, model, variables, x_test, y_test, x_train=None) -> dict:
+    """Original, prune and merge accuracies for every criterion × pruning level.
+
+    With ``bn_recalibration_batches > 0`` (BatchNorm models; ``x_train`` needed) ``test_accuracy`` is measured
+    after re-estimating the statistics, and ``test_accuracy_stale_bn`` keeps the data-free one."""
     threshold = None if c["threshold"] < 0 else c["threshold"]
     original = common.accuracy(model, variables, x_test, y_test)
     n_orig = models.count_params(variables["params"])
@@ -98,8 +104,15 @@ def evaluate_seed(c: dict, model, variables, x_test, y_test) -> dict:
                                     key=jax.random.PRNGKey(0))
                 seconds = time.perf_counter() - t0
                 acc = common.accuracy(out.model, out.variables, x_test, y_test)
+                extra = {}
+                if c["bn_recalibration_batches"] > 0 and out.variables.get("batch_stats"):
+                    fresh = train.recalibrate_batchnorm(out.model, out.variables, x_train,
+                                                        batch_size=c["batch_size"],
+                                                        num_batches=c["bn_recalibration_batches"])
+                    extra, acc = {"test_accuracy_stale_bn": acc}, common.accuracy(out.model, fresh, x_test, y_test)
                 runs.append({"setting": label, "ratio": ratio, "criterion": crit, "mode": mode,
-                             "test_accuracy": acc, "num_params": models.count_params(out.variables["params"]),
+                             "test_accuracy": acc, **extra,
+                             "num_params": models.count_params(out.variables["params"]),
                              "param_fraction": models.count_params(out.variables["params"]) / n_orig,
                              "widths": widths, "merge_seconds": seconds, "layers": out.report})
                 logging.info("%s %s %s: %.4f (original %.4f)", label, crit, mode, acc, original)
@@ -159,8 +172,8 @@ def run(config: dict, workdir: str | Path) -> dict:
     meta: dict = {}
     for seed in seeds:
         if c["source_workdir"]:
-            model, variables, x_test, y_test, src = _load_source(c, c["source_workdir"].replace("{seed}", str(seed)))
-            trained = src
+            model, variables, x_train, x_test, y_test, trained = _load_source(
+                c, c["source_workdir"].replace("{seed}", str(seed)))
         else:
             if data is None:
                 tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
@@ -172,7 +185,7 @@ def run(config: dict, workdir: str | Path) -> dict:
             if not 1 <= c["batch_size"] <= len(y_train):
                 raise ValueError(f"batch_size={c['batch_size']}: expected 1..{len(y_train)} (training set size)")
             variables, trained = common.train_network(c, model, x_train, y_train, seed, workdir / f"seed_{seed}")
-        res = evaluate_seed(c, model, variables, x_test, y_test)
+        res = evaluate_seed(c, model, variables, x_test, y_test, x_train)
         per_seed.append({"seed": seed, "trained": trained, **res})
         meta["mergeable_layers"] = list(merging.mergeable_layers(model))
         _write(workdir, c, per_seed, meta, finished=False)

@@ -5,9 +5,12 @@ import csv
 
 import pytest
 
+import jax
+
+from experiments import common
 from experiments import imp as imp_experiment
 from experiments import merge as merge_experiment
-from jaxprune import checkpoint
+from jaxprune import checkpoint, merging, train
 
 BASE = dict(dataset="digits", model="mlp", hidden=["32", "16"], normalize="none", optimizer="momentum", lr=0.05,
             weight_decay=0.0, schedule="constant", milestones=[], training_steps="3ep", batch_size=32,
@@ -78,6 +81,19 @@ def test_vgg_with_batchnorm_to_a_pruned_cfg(tmp_path):
     runs = res["seeds"][0]["runs"]
     assert [r["setting"] for r in runs] == ["cfg", "cfg"]
     assert runs[0]["widths"] == {"conv_0": 2, "conv_1": 3}
+    assert "test_accuracy_stale_bn" not in runs[0]
+    # With BatchNorm re-estimation: the data-free accuracy is kept beside the re-estimated one, and the statistics
+    # are those of train.recalibrate_batchnorm on the same batches.
+    again = merge_experiment.run({**cfg, "seeds": ["0"], "bn_recalibration_batches": 2}, tmp_path)
+    for r0, r1 in zip(runs, again["seeds"][0]["runs"]):
+        assert r1["test_accuracy_stale_bn"] == r0["test_accuracy"]
+    model, variables, x_train, x_test, y_test, _ = merge_experiment._load_source(
+        merge_experiment._config(cfg), str(tmp_path / "seed_0"))
+    m = merging.merge(model, variables, widths={"conv_0": 2, "conv_1": 3}, mode="merge", criterion="l2_gm",
+                      threshold=0.1, key=jax.random.PRNGKey(0))
+    fresh = train.recalibrate_batchnorm(m.model, m.variables, x_train, batch_size=64, num_batches=2)
+    assert again["seeds"][0]["runs"][0]["test_accuracy"] == pytest.approx(  # runs[0]: merge (merging.MODES[0])
+        common.accuracy(m.model, fresh, x_test, y_test))
     assert runs[0]["num_params"] < res["seeds"][0]["original"]["num_params"]
 
 
