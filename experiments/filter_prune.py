@@ -117,7 +117,7 @@ def run(config: dict, workdir: str | Path) -> dict:
     c = _config(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint.check_run_config(workdir, c, _VOLATILE, added_later={"weight_init": "he_normal", "augment": "none"})
+    checkpoint.check_run_config(workdir, c, _VOLATILE, added_later=common.ADDED_LATER)
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                               c["max_test_examples"])
     model = common.build_model(c, tr.num_classes)

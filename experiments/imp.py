@@ -122,7 +122,8 @@ def train_and_evaluate(config: dict, workdir: str | Path) -> dict:
         plots.layer_densities(levels, workdir / "layer_densities.png", title)
         return results
 
-    levels = imp.run(b.task, b.imp, workdir, config_record=record, on_level=write)
+    levels = imp.run(b.task, b.imp, workdir, config_record=record, on_level=write,
+                     added_later=common.ADDED_LATER)
     return write(levels)
 
 

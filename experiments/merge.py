@@ -110,10 +110,10 @@ def evaluate_seed(c: dict, model, variables, x_test, y_test, x_train=None) -> di
                                                         batch_size=c["batch_size"],
                                                         num_batches=c["bn_recalibration_batches"])
                     extra, acc = {"test_accuracy_stale_bn": acc}, common.accuracy(out.model, fresh, x_test, y_test)
+                n_params = models.count_params(out.variables["params"])
                 runs.append({"setting": label, "ratio": ratio, "criterion": crit, "mode": mode,
-                             "test_accuracy": acc, **extra,
-                             "num_params": models.count_params(out.variables["params"]),
-                             "param_fraction": models.count_params(out.variables["params"]) / n_orig,
+                             "test_accuracy": acc, **extra, "num_params": n_params,
+                             "param_fraction": n_params / n_orig,
                              "widths": widths, "merge_seconds": seconds, "layers": out.report})
                 logging.info("%s %s %s: %.4f (original %.4f)", label, crit, mode, acc, original)
     return {"original": {"test_accuracy": original, "num_params": n_orig}, "runs": runs}

@@ -283,16 +283,17 @@ def load_level(workdir: str | Path, level: int, task: Task) -> dict:
 
 
 def run(task: Task, cfg: ImpConfig, workdir: str | Path, *, config_record: dict | None = None,
-        on_level: Callable[[list[dict]], None] | None = None) -> list[dict]:
+        on_level: Callable[[list[dict]], None] | None = None, added_later: dict | None = None) -> list[dict]:
     """Run (or resume) IMP in ``workdir``; returns one record per level (see module docstring).
 
     ``config_record``: the full settings, stored in ``config.json``; a workdir holding a run with other settings is
-    refused. ``on_level(records)`` is called after each finished level (results files, plots).
+    refused. ``added_later``: the caller's settings that older ``config.json`` files lack, with the values those
+    runs used. ``on_level(records)`` is called after each finished level (results files, plots).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if config_record is not None:
-        checkpoint.check_run_config(workdir, config_record, _VOLATILE, _ADDED_LATER)
+        checkpoint.check_run_config(workdir, config_record, _VOLATILE, {**_ADDED_LATER, **(added_later or {})})
     if cfg.rewind == "step" and cfg.rewind_step > task.num_steps:
         raise ValueError(f"rewind_step={cfg.rewind_step}: beyond the training length of {task.num_steps} steps")
     keys = _Keys(task.seed)
@@ -376,4 +377,4 @@ def _save_level(d: Path, tree: PyTree, rec: dict) -> None:
 _VOLATILE = ("workdir", "levels", "eval_every_epoch", "replica_layout", "coordinator_address", "num_processes",
              "process_id", "distributed")
 # Settings added after workdirs were first written: a config.json without them ran with these values.
-_ADDED_LATER = {"num_replicas": 1, "weight_init": "he_normal", "augment": "none"}
+_ADDED_LATER = {"num_replicas": 1}

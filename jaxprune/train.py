@@ -15,6 +15,7 @@ once; ``run`` then takes ``data_key: (K, 2)`` and reports per-replica metrics as
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -296,6 +297,16 @@ def evaluate(trainer: Trainer, variables: dict, x: Array, y: Array,
     return {"loss": _metric(tot_loss / n), "accuracy": _metric(tot_correct / n)}
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def _batch_bn_stats(model: nn.Module, variables: dict, xb: Array, key: Array) -> dict:
+    """One batch's own BatchNorm statistics, ``{…: {'mean': (c,), 'var': (c,)}}`` (one compile per model/shape)."""
+    zero = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"])
+    _, new = model.apply({**variables, "batch_stats": zero}, xb, train=True, mutable=["batch_stats"],
+                         rngs={"dropout": key})
+    # running stats start at 0, so one update is (1 − momentum) × the batch's own stats
+    return jax.tree_util.tree_map(lambda v: v / (1.0 - BN_MOMENTUM), new["batch_stats"])
+
+
 def recalibrate_batchnorm(model: nn.Module, variables: dict, x: Array, *, batch_size: int = 256,
                           num_batches: int = 20, key: Array | None = None) -> dict:
     """Re-estimate every BatchNorm's running mean and variance as population statistics over ``num_batches``
@@ -314,15 +325,7 @@ def recalibrate_batchnorm(model: nn.Module, variables: dict, x: Array, *, batch_
     if num_batches < 1:
         raise ValueError(f"num_batches={num_batches}: expected >= 1")
     key = jax.random.PRNGKey(0) if key is None else key
-    zero = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"])
-
-    @jax.jit
-    def batch_stats(xb, k):  # running stats start at 0, so one update is (1 − momentum) × the batch's own stats
-        _, new = model.apply({**variables, "batch_stats": zero}, xb, train=True, mutable=["batch_stats"],
-                             rngs={"dropout": k})
-        return jax.tree_util.tree_map(lambda v: v / (1.0 - BN_MOMENTUM), new["batch_stats"])
-
-    per = [batch_stats(x[i * batch_size:(i + 1) * batch_size], jax.random.fold_in(key, i))
+    per = [_batch_bn_stats(model, variables, x[i * batch_size:(i + 1) * batch_size], jax.random.fold_in(key, i))
            for i in range(num_batches)]
 
     def pool(*stats):  # per BatchNorm: {'mean': (c,), 'var': (c,)} of each batch → population statistics

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import jax
 import numpy as np
@@ -166,6 +167,21 @@ def test_other_settings_in_an_existing_workdir_are_refused(tmp_path, lottery):
     _, wd, *_ = lottery
     with pytest.raises(ValueError, match=r"different settings \(lr: 0.05 -> 0.1\)"):
         imp_exp.train_and_evaluate({**SMALL, "levels": 2, "branch": "random_mask", "lr": 0.1}, wd)
+
+
+def test_workdirs_written_before_later_flags_still_resume(tmp_path, lottery):
+    """A config.json lacking settings added later (num_replicas, weight_init, augment) resumes with their defaults."""
+    _, wd, *_ = lottery
+    old = tmp_path / "old"
+    shutil.copytree(wd, old)
+    cfg = json.loads((old / "config.json").read_text())
+    for k in ("num_replicas", "weight_init", "augment"):
+        cfg.pop(k)
+    (old / "config.json").write_text(json.dumps(cfg))
+    res = imp_exp.train_and_evaluate({**SMALL, "levels": 2, "branch": "random_mask"}, old)
+    assert res["finished"] and len(res["levels"]) == 3
+    with pytest.raises(ValueError, match=r"augment: 'none' -> 'flip'"):
+        imp_exp.train_and_evaluate({**SMALL, "levels": 2, "branch": "random_mask", "augment": "flip"}, old)
 
 
 @pytest.mark.parametrize("bad,match", [
