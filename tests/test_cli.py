@@ -31,3 +31,27 @@ def test_bad_flag_value_is_one_clear_line(tmp_path):
     assert p.stderr.strip().splitlines()[-1] == "error: lr=-1.0: expected a positive finite learning rate"
     p = _cli("--rewind=sideways", f"--workdir={tmp_path / 'x'}")
     assert p.returncode != 0 and "rewind" in p.stderr and "Traceback" not in p.stderr
+
+
+EXPERIMENT_OF_CONFIG = {"quickstart": "imp", "lenet300": "imp", "lenet5": "imp", "conv4": "imp",
+                        "filter_prune": "filter_prune", "lrp_toy": "lrp_toy", "merge": "merge", "oneshot": "oneshot",
+                        "similarity": "similarity"}
+
+
+def test_every_shipped_config_names_only_its_experiments_flags_and_choices():
+    """A typo in a shipped flagfile (unknown flag, value outside an enum) would only show when a user runs it."""
+    import importlib
+
+    configs = sorted((REPO / "experiments" / "configs").glob("*.cfg"))
+    assert len(configs) >= 10
+    for cfg in configs:
+        module = next(m for prefix, m in EXPERIMENT_OF_CONFIG.items() if cfg.stem.startswith(prefix))
+        spec = {row[0]: row for row in importlib.import_module(f"experiments.{module}").SPEC}
+        for line in cfg.read_text().splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            assert line.startswith("--") and "=" in line, (cfg.name, line)
+            name, value = line[2:].split("=", 1)
+            assert name in spec, f"{cfg.name}: --{name} is not a flag of experiments.{module}"
+            if len(spec[name]) > 3:
+                assert value in spec[name][3], f"{cfg.name}: --{name}={value} not in {spec[name][3]}"

@@ -46,6 +46,9 @@ def reference(rule: rules.Rule, x, m, s, b, r, low=None, high=None) -> np.ndarra
     cp, cn = np.maximum(c, 0), np.minimum(c, 0)
     if isinstance(rule, rules.Epsilon):
         return c @ _div(r, _stab(c.sum(0) + b, rule.epsilon))
+    if isinstance(rule, rules.ZPlus) and not rule.sign_aware:
+        cl = x[:, None] * np.maximum(m, 0)
+        return cl @ _div(r, cl.sum(0))
     if isinstance(rule, rules.ZPlus):
         return cp @ _div(r, cp.sum(0))
     if isinstance(rule, rules.AlphaBeta):
@@ -63,9 +66,9 @@ def reference(rule: rules.Rule, x, m, s, b, r, low=None, high=None) -> np.ndarra
     raise AssertionError(rule)
 
 
-ALL_RULES = [rules.Epsilon(0.1), rules.Epsilon(0.0), rules.ZPlus(), rules.ALPHA2_BETA1, rules.ALPHA1_BETA0,
-             rules.AlphaBeta(1.5, 0.5), rules.Gamma(0.25, 0.1), rules.Flat(), rules.WSquare(),
-             rules.ZBox(-1.0, 1.0)]
+ALL_RULES = [rules.Epsilon(0.1), rules.Epsilon(0.0), rules.ZPlus(), rules.ZPlus(sign_aware=False),
+             rules.ALPHA2_BETA1, rules.ALPHA1_BETA0, rules.AlphaBeta(1.5, 0.5), rules.Gamma(0.25, 0.1), rules.Flat(),
+             rules.WSquare(), rules.ZBox(-1.0, 1.0)]
 
 
 def _rule_vjp(rule, op, x, w, b, r):
@@ -236,6 +239,23 @@ def test_alpha1_beta0_equals_zplus():
     a = lrp.relevance(model, v, x, composite=lrp.ALPHA1_BETA0)
     b = lrp.relevance(model, v, x, composite=lrp.ZPlus())
     np.testing.assert_allclose(np.asarray(a.input), np.asarray(b.input), rtol=1e-5, atol=1e-8)
+
+
+def test_literal_zplus_differs_from_sign_aware_only_after_an_unrectified_layer():
+    """Both forms agree wherever a layer's input is a ReLU output (and on non-negative network inputs); they part
+    from the layer without ReLU downwards (the rule of the layer it feeds sees negative inputs)."""
+    x = jax.random.uniform(jax.random.PRNGKey(3), (4, 5))
+    for bug in ((), (1,)):
+        model = models.MLP((16, 16, 16, 3), no_relu_after=bug)
+        v = _init(model, (1, 5), seed=2)
+        a = lrp.relevance(model, v, x, composite="zplus")
+        b = lrp.relevance(model, v, x, composite="zplus_literal")
+        same = ("dense_2",) if bug else ("input", "dense_0", "dense_1", "dense_2")
+        for name in same:
+            ra = a.input if name == "input" else a.layers[name]
+            rb = b.input if name == "input" else b.layers[name]
+            np.testing.assert_allclose(np.asarray(rb), np.asarray(ra), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(np.asarray(a.layers["dense_1"]), np.asarray(b.layers["dense_1"]), rtol=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------- canonizer

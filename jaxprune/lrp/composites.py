@@ -62,9 +62,9 @@ def epsilon_all(epsilon: float = 1e-6) -> Composite:
     return Composite(R.Epsilon(epsilon))
 
 
-def zplus_all() -> Composite:
-    """LRP-z⁺ everywhere (the rule of Yeom et al.'s toy experiment)."""
-    return Composite(R.ZPlus())
+def zplus_all(sign_aware: bool = True) -> Composite:
+    """LRP-z⁺ everywhere; ``sign_aware=False`` is the literal form Yeom et al.'s toy code runs (see ``ZPlus``)."""
+    return Composite(R.ZPlus(sign_aware))
 
 
 def epsilon_plus(epsilon: float = 0.25) -> Composite:
@@ -91,6 +91,7 @@ def epsilon_gamma_box(low: float | tuple = 0.0, high: float | tuple = 1.0, *, ep
 PRESETS = {
     "epsilon": epsilon_all,
     "zplus": zplus_all,
+    "zplus_literal": lambda: zplus_all(sign_aware=False),
     "epsilon_plus": epsilon_plus,
     "epsilon_alpha2_beta1": epsilon_alpha2_beta1,
     "epsilon_plus_flat": epsilon_plus_flat,

@@ -153,10 +153,20 @@ def _negative_part(op: Op, x: Array, w: Array, s: Array | None = None):
 
 @dataclasses.dataclass(frozen=True)
 class ZPlus(Rule):
-    """LRP-z⁺: only positive contributions, biases ignored: ``R_i = Σ_j (x_i w_ij)⁺ / Σ_i (x_i w_ij)⁺ R_j``."""
+    """LRP-z⁺, biases ignored. ``sign_aware=True`` (default, as zennit): only positive contributions,
+    ``R_i = Σ_j (x_i w_ij)⁺ / Σ_i (x_i w_ij)⁺ R_j``. ``sign_aware=False``: the formula as written for ReLU inputs
+    (Montavon et al. 2017/2019), ``R_i = Σ_j x_i w⁺_ij / Σ_i x_i w⁺_ij R_j``, applied literally to any input, as
+    Yeom et al.'s toy code does. The two agree for ``x ≥ 0``; on a layer fed by an un-rectified layer the literal
+    form gives negative relevance to units with negative output (and its denominators can change sign).
+    """
+
+    sign_aware: bool = True
 
     def backward(self, op, x, w, b, r):
-        return _positive_part(op, x, w, safe_divide(r, _positive_part(op, x, w)))
+        if self.sign_aware:
+            return _positive_part(op, x, w, safe_divide(r, _positive_part(op, x, w)))
+        wp = _pos(w)
+        return x * _back(op, wp, safe_divide(r, op(x, wp)), x)
 
 
 @dataclasses.dataclass(frozen=True)
