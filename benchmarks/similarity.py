@@ -130,6 +130,11 @@ def main() -> None:
     gemm(a, a).block_until_ready()
     t_gemm, _ = timed(lambda: gemm(a, a), 3)
     peak = 2 * args.n * max(widths) ** 2 / t_gemm / 1e9
+    a64 = np.asarray(a, np.float64)
+    np_rate = {dt: 2 * args.n * max(widths) ** 2 / timed(lambda: b.T @ b, 3)[0] / 1e9
+               for dt, b in (("f64", a64), ("f32", a64.astype(np.float32)))}
+    print(f"GEMM rates, ({args.n}x{max(widths)})ᵀ times itself: XLA f32 {peak:.0f} GFLOP/s; numpy's BLAS "
+          f"f64 {np_rate['f64']:.0f}, f32 {np_rate['f32']:.0f} GFLOP/s")
     cross = 2 * args.n * sum(widths) ** 2 / 1e9
     lin = next(r for r in rows if r[1].startswith("pairwise f32") and r[0] == "linear CKA")
     print(f"\nbound: the {L * L} cross products X_iᵀY_j alone are {cross:.1f} GFLOP; f32 GEMM ({args.n}x{max(widths)})ᵀ "

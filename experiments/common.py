@@ -165,8 +165,10 @@ WEIGHT_INIT = ("weight_init", "he_normal", "initialiser of the MLPs (glorot_unif
                tuple(models.INITS))
 AUGMENT = ("augment", "none", "training-batch augmentation (crop_flip: pad 4, random crop, random flip — the "
                               "CIFAR recipe)", augment.NAMES)
+POOL = ("pool", "max", "LeNet5's pooling (avg: the original LeNet-5's, as the pruned-layer-similarity study)",
+        models.POOLS)
 # Flags added after workdirs were first written: an older config.json ran with their defaults.
-ADDED_LATER = {row[0]: row[1] for row in (WEIGHT_INIT, AUGMENT)}
+ADDED_LATER = {row[0]: row[1] for row in (WEIGHT_INIT, AUGMENT, POOL)}
 # Flags shared by the experiments that train a single network per seed (merge, filter_prune).
 TRAIN_SPEC = [
     ("dataset", "fashion_mnist", "fashion_mnist, mnist, digits, or a TFDS name (e.g. cifar10)"),

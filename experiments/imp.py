@@ -15,6 +15,7 @@ data-parallel over all devices (``--batch_size`` must be a multiple of the devic
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import jax
@@ -33,6 +34,7 @@ SPEC = [
     ("hidden", ["300", "100"], "hidden widths for --model=mlp"),
     ("use_bias", True, "dense layers with biases (mlp/lenet300)"),
     common.WEIGHT_INIT,
+    common.POOL,
     ("optimizer", "sgd", "optimizer", train.OPTIMIZERS),
     ("lr", 0.1, "base learning rate"),
     ("momentum", 0.9, "momentum for momentum/nesterov"),
@@ -48,6 +50,8 @@ SPEC = [
     ("prune_fraction", 0.2, "fraction of the remaining prunable weights removed per level"),
     ("scope", "global", "rank magnitudes across all layers or per layer", masks.SCOPES),
     ("prune_output", False, "also prune the output layer's kernel"),
+    ("exclude", [], "regexes of parameter paths never pruned, re.search-ed against paths like 'dense_0/kernel' "
+                    "('^dense_' prunes only the convolutions)"),
     ("rewind", "init", "where each pruned level starts training", imp.REWINDS),
     ("rewind_step", "0", "for --rewind=step: steps ('500') or epochs ('1ep') into the dense run"),
     ("branch", "none", "control branch trained beside every pruned level", imp.BRANCHES),
@@ -60,6 +64,7 @@ SPEC = [
     *distributed.FLAGS,
 ]
 DEFAULTS = common.defaults(SPEC)
+ADDED_LATER = {**common.ADDED_LATER, "exclude": []}  # older config.json files ran with these values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +81,7 @@ def build(config: dict) -> Built:
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                               c["max_test_examples"], c["seed"])
     model = models.build(c["model"], tr.num_classes, hidden=common.int_list(c["hidden"]), use_bias=c["use_bias"],
-                         weight_init=c["weight_init"])
+                         weight_init=c["weight_init"], pool=c["pool"])
     if not 1 <= c["batch_size"] <= len(tr.labels):
         raise ValueError(f"batch_size={c['batch_size']}: expected 1..{len(tr.labels)} (the training set size)")
     spe = train.steps_per_epoch(len(tr.labels), c["batch_size"])
@@ -89,7 +94,12 @@ def build(config: dict) -> Built:
         gamma=c["gamma"], warmup_steps=train.parse_duration(c["warmup"], spe))
     mesh = distributed.data_mesh()
     distributed.check_divisible(c["batch_size"], mesh)
-    exclude = () if c["prune_output"] else (f"^{model.output_layer}/",)
+    for pattern in c["exclude"]:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"exclude: {pattern!r} is not a regular expression ({e})") from None
+    exclude = tuple(c["exclude"]) + (() if c["prune_output"] else (f"^{model.output_layer}/",))
     cfg = imp.ImpConfig(levels=c["levels"], fraction=c["prune_fraction"], scope=c["scope"], rewind=c["rewind"],
                         rewind_step=train.parse_duration(c["rewind_step"], spe), branch=c["branch"], exclude=exclude)
     task = imp.Task(model, *train.to_device(tr.images, tr.labels, te.images, te.labels), optim=optim,
@@ -122,8 +132,7 @@ def train_and_evaluate(config: dict, workdir: str | Path) -> dict:
         plots.layer_densities(levels, workdir / "layer_densities.png", title)
         return results
 
-    levels = imp.run(b.task, b.imp, workdir, config_record=record, on_level=write,
-                     added_later=common.ADDED_LATER)
+    levels = imp.run(b.task, b.imp, workdir, config_record=record, on_level=write, added_later=ADDED_LATER)
     return write(levels)
 
 

@@ -259,18 +259,24 @@ class ResNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+POOLS = ("max", "avg")
+
+
 def build(name: str, num_classes: int, *, hidden: Sequence[int] = (300, 100), use_bias: bool = True,
-          dropout: float = 0.0, weight_init: str = "he_normal") -> nn.Module:
+          dropout: float = 0.0, weight_init: str = "he_normal", pool: str = "max") -> nn.Module:
     """Model by name: ``mlp`` (``hidden`` widths), ``lenet300``, ``lenet5``, ``conv2|4|6``, ``vgg11|16|19``,
-    ``resnet20|32|44|56|110``. ``weight_init`` (a key of :data:`INITS`) applies to the MLPs only."""
+    ``resnet20|32|44|56|110``. ``weight_init`` (a key of :data:`INITS`) applies to the MLPs only; ``pool``
+    (``max`` or ``avg``, as the original LeNet-5) to ``lenet5`` only."""
     if weight_init not in INITS:
         raise ValueError(f"weight_init={weight_init!r}: expected one of {sorted(INITS)}")
+    if pool not in POOLS or (pool != "max" and name != "lenet5"):
+        raise ValueError(f"pool={pool!r}: expected one of {POOLS}; only model=lenet5 takes 'avg' (model={name!r})")
     if name == "mlp":
         return MLP(tuple(hidden) + (num_classes,), use_bias=use_bias, dropout=dropout, weight_init=weight_init)
     if name == "lenet300":
         return MLP((300, 100, num_classes), use_bias=use_bias, dropout=dropout, weight_init=weight_init)
     if name == "lenet5":
-        return LeNet5(num_classes)
+        return LeNet5(num_classes, pool=pool)
     if name.startswith("conv") and name[4:].isdigit() and int(name[4:]) in CONV_CFGS:
         return ConvNet(int(name[4:]), num_classes)
     if name in VGG_CFGS:

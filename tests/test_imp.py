@@ -163,6 +163,17 @@ def test_results_files(lottery):
     assert (wd / "layer_densities.png").stat().st_size > 1000
 
 
+def test_excluded_layers_stay_dense(tmp_path):
+    res, wd = _run(tmp_path, "excl", model="mlp", hidden=["24", "16"], levels=1, prune_output=True,
+                   exclude=["^dense_1/"])
+    dens = res["levels"][1]["layer_densities"]
+    assert set(dens) == {"dense_0/kernel", "dense_2/kernel"}  # dense_1 is not even prunable
+    assert res["levels"][1]["prunable_weights"] == 64 * 24 + 16 * 10
+    assert res["levels"][1]["kept_weights"] == _count(64 * 24 + 16 * 10, 0.5, 1)
+    mask = imp.load_level(wd, 1, imp_exp.build({**SMALL, "hidden": ["24", "16"]}).task)["mask"]
+    assert np.asarray(mask["dense_1"]["kernel"]).all()
+
+
 def test_other_settings_in_an_existing_workdir_are_refused(tmp_path, lottery):
     _, wd, *_ = lottery
     with pytest.raises(ValueError, match=r"different settings \(lr: 0.05 -> 0.1\)"):
@@ -170,12 +181,13 @@ def test_other_settings_in_an_existing_workdir_are_refused(tmp_path, lottery):
 
 
 def test_workdirs_written_before_later_flags_still_resume(tmp_path, lottery):
-    """A config.json lacking settings added later (num_replicas, weight_init, augment) resumes with their defaults."""
+    """A config.json lacking settings added later (num_replicas, weight_init, augment, pool, exclude) resumes with
+    their defaults."""
     _, wd, *_ = lottery
     old = tmp_path / "old"
     shutil.copytree(wd, old)
     cfg = json.loads((old / "config.json").read_text())
-    for k in ("num_replicas", "weight_init", "augment"):
+    for k in ("num_replicas", "weight_init", "augment", "pool", "exclude"):
         cfg.pop(k)
     (old / "config.json").write_text(json.dumps(cfg))
     res = imp_exp.train_and_evaluate({**SMALL, "levels": 2, "branch": "random_mask"}, old)
@@ -194,6 +206,9 @@ def test_workdirs_written_before_later_flags_still_resume(tmp_path, lottery):
     (dict(colour="red"), r"unknown keys \['colour'\]"),
     (dict(augment="rotate"), r"augment='rotate'"),
     (dict(weight_init="kaiming"), r"weight_init='kaiming'"),
+    (dict(exclude=["(dense"]), r"exclude: '\(dense' is not a regular expression"),
+    (dict(exclude=["dense_0"]), r"no leaf is prunable"),
+    (dict(pool="avg"), r"pool='avg'.*only model=lenet5"),
 ])
 def test_bad_settings_give_clear_errors(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):

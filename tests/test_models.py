@@ -90,6 +90,20 @@ def test_lenet5_shapes_and_vgg16_cfg():
     assert set(vv["batch_stats"]["bn_0"]) == {"mean", "var"}
 
 
+def test_lenet5_average_pooling_is_the_mean_of_each_2x2_block():
+    m = models.build("lenet5", 10, pool="avg")
+    v = models.init(m, KEY, (1, 28, 28, 1))
+    r = models.representations(m, v, jax.random.normal(KEY, (2, 28, 28, 1)))
+    c = np.asarray(r["conv_1"], np.float64)  # (2, 10, 10, 16)
+    want = c.reshape(2, 5, 2, 5, 2, 16).mean((2, 4))
+    np.testing.assert_allclose(np.asarray(r["pool_1"]), want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(want, c.reshape(2, 5, 2, 5, 2, 16).max((2, 4)))
+    with pytest.raises(ValueError, match="pool='avg'.*model='mlp'"):
+        models.build("mlp", 10, pool="avg")
+    with pytest.raises(ValueError, match="pool='min'"):
+        models.build("lenet5", 10, pool="min")
+
+
 def test_batchnorm_statistics_update_only_in_training():
     m = models.build("vgg11", 10)
     v = models.init(m, KEY, (1, 32, 32, 3))
