@@ -114,12 +114,15 @@ class MLP(nn.Module):
         return _sow(self, "logits", x)
 
 
+POOLS = ("max", "avg")
+
+
 def _pool(x: Array, kind: str) -> Array:
     if kind == "max":
         return nn.max_pool(x, (2, 2), strides=(2, 2))
     if kind == "avg":
         return nn.avg_pool(x, (2, 2), strides=(2, 2))
-    raise ValueError(f"pool={kind!r}: expected 'max' or 'avg'")
+    raise ValueError(f"pool={kind!r}: expected one of {POOLS}")
 
 
 def _dense_head(module: nn.Module, x: Array, widths: Sequence[int], start: int = 0) -> Array:
@@ -259,9 +262,6 @@ class ResNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-POOLS = ("max", "avg")
-
-
 def build(name: str, num_classes: int, *, hidden: Sequence[int] = (300, 100), use_bias: bool = True,
           dropout: float = 0.0, weight_init: str = "he_normal", pool: str = "max") -> nn.Module:
     """Model by name: ``mlp`` (``hidden`` widths), ``lenet300``, ``lenet5``, ``conv2|4|6``, ``vgg11|16|19``,
