@@ -15,7 +15,6 @@ data-parallel over all devices (``--batch_size`` must be a multiple of the devic
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 import jax
@@ -94,11 +93,6 @@ def build(config: dict) -> Built:
         gamma=c["gamma"], warmup_steps=train.parse_duration(c["warmup"], spe))
     mesh = distributed.data_mesh()
     distributed.check_divisible(c["batch_size"], mesh)
-    for pattern in c["exclude"]:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"exclude: {pattern!r} is not a regular expression ({e})") from None
     exclude = tuple(c["exclude"]) + (() if c["prune_output"] else (f"^{model.output_layer}/",))
     cfg = imp.ImpConfig(levels=c["levels"], fraction=c["prune_fraction"], scope=c["scope"], rewind=c["rewind"],
                         rewind_step=train.parse_duration(c["rewind_step"], spe), branch=c["branch"], exclude=exclude)

@@ -15,8 +15,6 @@ import jax.numpy as jnp
 Array = jax.Array
 Augment = Callable[[Array, Array], Array]
 
-NAMES = ("none", "flip", "crop", "crop_flip")
-
 
 def _check_images(x: Array, name: str) -> None:
     if x.ndim != 4:
@@ -51,9 +49,13 @@ def crop_flip(key: Array, x: Array, padding: int = 4) -> Array:
     return random_flip(k_flip, random_crop(k_crop, x, padding))
 
 
+_BY_NAME: dict[str, Augment | None] = {"none": None, "flip": random_flip, "crop": random_crop,
+                                       "crop_flip": crop_flip}
+NAMES = tuple(_BY_NAME)
+
+
 def by_name(name: str) -> Augment | None:
     """The augmentation called ``name`` (one of :data:`NAMES`); ``None`` for ``"none"``."""
-    table = {"none": None, "flip": random_flip, "crop": random_crop, "crop_flip": crop_flip}
-    if name not in table:
+    if name not in _BY_NAME:
         raise ValueError(f"augment={name!r}: expected one of {NAMES}")
-    return table[name]
+    return _BY_NAME[name]

@@ -70,6 +70,7 @@ class ImpConfig:
             raise ValueError(f"branch={self.branch!r}: expected one of {BRANCHES}")
         if self.rewind_step < 0:
             raise ValueError(f"rewind_step={self.rewind_step}: expected >= 0")
+        masks.compile_patterns(self.exclude)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,14 +293,15 @@ def run(task: Task, cfg: ImpConfig, workdir: str | Path, *, config_record: dict 
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if config_record is not None:
-        checkpoint.check_run_config(workdir, config_record, _VOLATILE, {**_ADDED_LATER, **(added_later or {})})
     if cfg.rewind == "step" and cfg.rewind_step > task.num_steps:
         raise ValueError(f"rewind_step={cfg.rewind_step}: beyond the training length of {task.num_steps} steps")
     keys = _Keys(task.seed)
     setup = _Setup(task, keys)
     rep = setup.rep
     prunable = masks.prunable_leaves(rep.first(setup.init_variables)["params"], exclude=cfg.exclude)
+    # Settings are recorded only once they are known to be valid, so a corrected rerun is not refused.
+    if config_record is not None:
+        checkpoint.check_run_config(workdir, config_record, _VOLATILE, {**_ADDED_LATER, **(added_later or {})})
     dense_mask = masks.ones_like(setup.init_variables["params"])
     init_state = rep.device(lambda v, m: setup.fresh(v, m, setup.tx), setup.init_variables, dense_mask)
 

@@ -37,6 +37,17 @@ def default_prunable(path: str, leaf: Array) -> bool:
     return path.rsplit("/", 1)[-1] == "kernel" and np.ndim(leaf) >= 2
 
 
+def compile_patterns(exclude: Iterable[str]) -> list[re.Pattern]:
+    """The ``exclude`` regexes compiled; a ValueError naming the one that is not a regular expression."""
+    out = []
+    for pattern in exclude:
+        try:
+            out.append(re.compile(pattern))
+        except re.error as e:
+            raise ValueError(f"exclude: {pattern!r} is not a regular expression ({e})") from None
+    return out
+
+
 def prunable_leaves(params: PyTree, predicate: Callable[[str, Array], bool] = default_prunable,
                     exclude: Iterable[str] = ()) -> PyTree:
     """Tree of Python bools: ``predicate(path, leaf)`` and no ``exclude`` regex matches the path.
@@ -44,7 +55,7 @@ def prunable_leaves(params: PyTree, predicate: Callable[[str, Array], bool] = de
     ``exclude=("dense_2",)`` leaves the output layer of an MLP(300, 100, 10) unpruned; patterns are
     ``re.search``-ed against paths such as ``"dense_2/kernel"``.
     """
-    pats = [re.compile(p) for p in exclude]
+    pats = compile_patterns(exclude)
     tree = jax.tree_util.tree_map_with_path(
         lambda p, x: bool(predicate(path_str(p), x)) and not any(r.search(path_str(p)) for r in pats), params)
     if not any(jax.tree_util.tree_leaves(tree)):
