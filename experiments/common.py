@@ -160,15 +160,18 @@ def guarded(main_fn):
 
 # ----------------------------------------------------------------------------------------------- train one network
 # The MLP initialiser flag (shared by every experiment that builds MLPs).
-WEIGHT_INIT = ("weight_init", "he_normal", "initialiser of the MLPs (glorot_uniform: Keras' default; torch_default: "
-                                         "PyTorch's nn.Linear default, kernel and bias U(±1/√fan_in))",
+WEIGHT_INIT = ("weight_init", "he_normal", "initialiser of the MLPs and LeNet5 (glorot_uniform: Keras' default; "
+                                         "torch_default: PyTorch's nn.Linear/nn.Conv2d default, kernel and bias "
+                                         "U(±1/√fan_in))",
                tuple(models.INITS))
 AUGMENT = ("augment", "none", "training-batch augmentation (crop_flip: pad 4, random crop, random flip — the "
                               "CIFAR recipe)", augment.NAMES)
 POOL = ("pool", "max", "LeNet5's pooling (avg: the original LeNet-5's, as the pruned-layer-similarity study)",
         models.POOLS)
+PADDING = ("padding", "same", "padding of LeNet5's first convolution (valid: 24×24 maps and a 256-unit flatten, as "
+                              "PyTorch LeNet5s and the pruned-layer-similarity study's)", models.PADDINGS)
 # Flags added after workdirs were first written: an older config.json ran with their defaults.
-ADDED_LATER = {row[0]: row[1] for row in (WEIGHT_INIT, AUGMENT, POOL)}
+ADDED_LATER = {row[0]: row[1] for row in (WEIGHT_INIT, AUGMENT, POOL, PADDING)}
 # Flags shared by the experiments that train a single network per seed (merge, filter_prune).
 TRAIN_SPEC = [
     ("dataset", "fashion_mnist", "fashion_mnist, mnist, digits, or a TFDS name (e.g. cifar10)"),

@@ -34,10 +34,12 @@ SPEC = [
     ("use_bias", True, "dense layers with biases (mlp/lenet300)"),
     common.WEIGHT_INIT,
     common.POOL,
+    common.PADDING,
     ("optimizer", "sgd", "optimizer", train.OPTIMIZERS),
     ("lr", 0.1, "base learning rate"),
     ("momentum", 0.9, "momentum for momentum/nesterov"),
     ("weight_decay", 0.0, "L2 weight decay (decoupled for adamw)"),
+    ("clip_grad_norm", 0.0, "clip the gradients' global L2 norm to this before each step (0: off)"),
     ("schedule", "constant", "learning-rate schedule", train.SCHEDULES),
     ("milestones", [], "step-schedule milestones, in steps ('500') or epochs ('80ep')"),
     ("gamma", 0.1, "step-schedule factor"),
@@ -49,6 +51,7 @@ SPEC = [
     ("prune_fraction", 0.2, "fraction of the remaining prunable weights removed per level"),
     ("scope", "global", "rank magnitudes across all layers or per layer", masks.SCOPES),
     ("prune_output", False, "also prune the output layer's kernel"),
+    ("prune_biases", False, "also prune the biases of the pruned layers, ranked with their weights"),
     ("exclude", [], "regexes of parameter paths never pruned, re.search-ed against paths like 'dense_0/kernel' "
                     "('^dense_' prunes only the convolutions)"),
     ("rewind", "init", "where each pruned level starts training", imp.REWINDS),
@@ -63,7 +66,8 @@ SPEC = [
     *distributed.FLAGS,
 ]
 DEFAULTS = common.defaults(SPEC)
-ADDED_LATER = {**common.ADDED_LATER, "exclude": []}  # older config.json files ran with these values
+# older config.json files ran with these values
+ADDED_LATER = {**common.ADDED_LATER, "exclude": [], "clip_grad_norm": 0.0, "prune_biases": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +84,7 @@ def build(config: dict) -> Built:
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                               c["max_test_examples"], c["seed"])
     model = models.build(c["model"], tr.num_classes, hidden=common.int_list(c["hidden"]), use_bias=c["use_bias"],
-                         weight_init=c["weight_init"], pool=c["pool"])
+                         weight_init=c["weight_init"], pool=c["pool"], padding=c["padding"])
     if not 1 <= c["batch_size"] <= len(tr.labels):
         raise ValueError(f"batch_size={c['batch_size']}: expected 1..{len(tr.labels)} (the training set size)")
     spe = train.steps_per_epoch(len(tr.labels), c["batch_size"])
@@ -90,12 +94,13 @@ def build(config: dict) -> Built:
     optim = train.OptimConfig(
         optimizer=c["optimizer"], lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"],
         schedule=c["schedule"], milestones=tuple(train.parse_duration(m, spe) for m in c["milestones"]),
-        gamma=c["gamma"], warmup_steps=train.parse_duration(c["warmup"], spe))
+        gamma=c["gamma"], warmup_steps=train.parse_duration(c["warmup"], spe), clip_grad_norm=c["clip_grad_norm"])
     mesh = distributed.data_mesh()
     distributed.check_divisible(c["batch_size"], mesh)
     exclude = tuple(c["exclude"]) + (() if c["prune_output"] else (f"^{model.output_layer}/",))
     cfg = imp.ImpConfig(levels=c["levels"], fraction=c["prune_fraction"], scope=c["scope"], rewind=c["rewind"],
-                        rewind_step=train.parse_duration(c["rewind_step"], spe), branch=c["branch"], exclude=exclude)
+                        rewind_step=train.parse_duration(c["rewind_step"], spe), branch=c["branch"], exclude=exclude,
+                        prune_biases=c["prune_biases"])
     task = imp.Task(model, *train.to_device(tr.images, tr.labels, te.images, te.labels), optim=optim,
                     num_steps=num_steps, batch_size=c["batch_size"], seed=c["seed"], loop=c["loop"],
                     eval_every_epoch=c["eval_every_epoch"], num_replicas=c["num_replicas"],

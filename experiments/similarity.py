@@ -2,7 +2,7 @@
 --flagfile=experiments/configs/similarity_lenet5_mnist.cfg``.
 
 Reads a finished ``experiments.imp`` workdir, takes the representations (``models.representations``) of a fixed
-set of test inputs (the first ``--num_inputs`` of the test split, as that run loaded it) for the dense network
+set of inputs (the first ``--num_inputs`` of the ``--probe_split`` split, as that run loaded it) for the dense network
 (level 0) and every level, and computes every chosen similarity
 
 * per layer, each level against the same layer of the dense network (``vs_dense``), and
@@ -33,11 +33,26 @@ def _gram_cosine(k, l):
     return jnp.vdot(k, l) / jnp.sqrt(jnp.vdot(k, k) * jnp.vdot(l, l))
 
 
+def _study_centring(x):
+    """The pruned-layer-similarity study's ``_centering`` as one stored version of its ``nn_comparison.py`` has it:
+    ``K - K.mean(0) - K.mean(1) + K.mean()`` without ``keepdims``, so both mean vectors broadcast along rows
+    (``K_ij - m_j - m_j + m̄`` for a symmetric K) instead of centring rows and columns."""
+    k = x @ x.T
+    return k - k.mean(0)[None, :] - k.mean(1)[None, :] + k.mean()
+
+
+def _trace_cosine(k, l):
+    """That file's ``(K @ L).trace() / (‖K‖_F ‖L‖_F)`` (equal to the Gram cosine only for symmetric K or L)."""
+    return jnp.sum(k * l.T) / jnp.sqrt(jnp.vdot(k, k) * jnp.vdot(l, l))
+
+
 # Linear CKA computed the wrong ways seen in reference code, to explain published numbers (not similarities we
-# recommend): Gram matrices not centred at all, or centred on one side only (K − column means).
+# recommend): Gram matrices not centred at all, centred on one side only (K − column means), or centred as one
+# stored version of the pruned-layer-similarity study's code does.
 STUDY_VARIANTS = {
     "cka_no_centring": (lambda x: x @ x.T, _gram_cosine),
     "cka_one_sided_centring": (lambda x: (lambda k: k - k.mean(0, keepdims=True))(x @ x.T), _gram_cosine),
+    "cka_study_centring": (_study_centring, _trace_cosine),
 }
 
 # experiment metric name → (similarity name or (prepare, compare) pair, options)
@@ -59,7 +74,9 @@ SPEC = [
     ("workdir", "", "output directory (default: <imp_workdir>/similarity)"),
     ("metrics", list(METRICS), f"similarities to compute, any of {', '.join(METRICS)}"),
     ("layers", [], "representation names to compare (default: all, in forward order)"),
-    ("num_inputs", 1000, "the first N test inputs are the fixed probe set"),
+    ("num_inputs", 1000, "the first N inputs of --probe_split are the fixed probe set"),
+    ("probe_split", "test", "split the probe inputs come from (train: the study's code probes the first training "
+                            "images)", ("test", "train")),
     ("cca_conv", "pixel", "conv maps for the CCA family's per-layer comparison", ("pixel", "flatten")),
     ("keep_variance", 0.99, "SVCCA: variance fraction kept by each side's SVD"),
     ("truncate", 0.0, "mean CCA / SVCCA: average only the leading correlations holding this mass (svcca's 0.98); "
@@ -90,6 +107,8 @@ def check_config(config: dict) -> dict:
         raise ValueError(f"metrics={c['metrics']}: expected a non-empty subset of {list(METRICS)}")
     if c["num_inputs"] < 4:
         raise ValueError(f"num_inputs={c['num_inputs']}: expected at least 4 (500 or more for stable estimates)")
+    if c["probe_split"] not in ("test", "train"):
+        raise ValueError(f"probe_split={c['probe_split']!r}: expected 'test' or 'train'")
     if c["cca_conv"] not in ("pixel", "flatten"):
         raise ValueError(f"cca_conv={c['cca_conv']!r}: expected 'pixel' or 'flatten'")
     return c
@@ -112,7 +131,7 @@ def run(config: dict, workdir: str | Path | None = None) -> dict:
     c = check_config(config)
     workdir = Path(workdir or c["workdir"] or Path(c["imp_workdir"]) / "similarity")
     built, variables, records = imp_exp.load_levels(c["imp_workdir"])  # data as that run loaded them
-    x = np.asarray(built.task.x_test[: c["num_inputs"]])
+    x = np.asarray((built.task.x_test if c["probe_split"] == "test" else built.task.x_train)[: c["num_inputs"]])
     names, reps = representations(built.model, variables, x, c["layers"])
     logging.info("%d levels, %d inputs, layers %s", len(reps), len(x), names)
 

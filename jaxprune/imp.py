@@ -56,6 +56,7 @@ class ImpConfig:
     rewind_step: int = 0  # for rewind="step"
     branch: str = "none"
     exclude: tuple[str, ...] = ()  # regexes of param paths never pruned (e.g. the output layer)
+    prune_biases: bool = False  # rank the biases of prunable layers with their weights
 
     def __post_init__(self):
         if self.levels < 0:
@@ -298,7 +299,8 @@ def run(task: Task, cfg: ImpConfig, workdir: str | Path, *, config_record: dict 
     keys = _Keys(task.seed)
     setup = _Setup(task, keys)
     rep = setup.rep
-    prunable = masks.prunable_leaves(rep.first(setup.init_variables)["params"], exclude=cfg.exclude)
+    prunable = masks.prunable_leaves(rep.first(setup.init_variables)["params"], exclude=cfg.exclude,
+                                     biases=cfg.prune_biases)
     # Settings are recorded only once they are known to be valid, so a corrected rerun is not refused.
     if config_record is not None:
         checkpoint.check_run_config(workdir, config_record, _VOLATILE, {**_ADDED_LATER, **(added_later or {})})

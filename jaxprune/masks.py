@@ -49,15 +49,25 @@ def compile_patterns(exclude: Iterable[str]) -> list[re.Pattern]:
 
 
 def prunable_leaves(params: PyTree, predicate: Callable[[str, Array], bool] = default_prunable,
-                    exclude: Iterable[str] = ()) -> PyTree:
+                    exclude: Iterable[str] = (), biases: bool = False) -> PyTree:
     """Tree of Python bools: ``predicate(path, leaf)`` and no ``exclude`` regex matches the path.
 
     ``exclude=("dense_2",)`` leaves the output layer of an MLP(300, 100, 10) unpruned; patterns are
-    ``re.search``-ed against paths such as ``"dense_2/kernel"``.
+    ``re.search``-ed against paths such as ``"dense_2/kernel"``. ``biases=True`` also makes the ``bias`` of every
+    module whose ``kernel`` is prunable prunable (ranked with the weights, as pruning code that selects parameters
+    by layer name does); BatchNorm offsets, which sit beside no kernel, stay unpruned.
     """
     pats = compile_patterns(exclude)
-    tree = jax.tree_util.tree_map_with_path(
-        lambda p, x: bool(predicate(path_str(p), x)) and not any(r.search(path_str(p)) for r in pats), params)
+    allowed = lambda path: not any(r.search(path) for r in pats)
+    kernel_of = {path_str(p).rsplit("/", 1)[0] for p, x in jax.tree_util.tree_leaves_with_path(params)
+                 if predicate(path_str(p), x) and path_str(p).endswith("kernel")} if biases else set()
+
+    def prunable(path: str, leaf: Array) -> bool:
+        head, _, name = path.rpartition("/")
+        is_bias = name == "bias" and head in kernel_of
+        return (bool(predicate(path, leaf)) or is_bias) and allowed(path)
+
+    tree = jax.tree_util.tree_map_with_path(lambda p, x: prunable(path_str(p), x), params)
     if not any(jax.tree_util.tree_leaves(tree)):
         raise ValueError(f"prunable_leaves: no leaf is prunable (exclude={list(exclude)}); "
                          f"paths are {[path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]}")

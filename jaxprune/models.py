@@ -125,34 +125,53 @@ def _pool(x: Array, kind: str) -> Array:
     raise ValueError(f"pool={kind!r}: expected one of {POOLS}")
 
 
-def _dense_head(module: nn.Module, x: Array, widths: Sequence[int], start: int = 0) -> Array:
+PADDINGS = ("same", "valid")
+
+
+def _dense_head(module: nn.Module, x: Array, widths: Sequence[int], start: int = 0,
+                weight_init: str = "he_normal") -> Array:
     """Flatten, then ReLU dense layers ``dense_{start}…``; the last one (the output) has no ReLU."""
     x = x.reshape((x.shape[0], -1))
     for j, width in enumerate(widths):
         name = f"dense_{start + j}"
-        x = nn.Dense(width, kernel_init=KERNEL_INIT, name=name)(x)
+        x = nn.Dense(width, kernel_init=INITS[weight_init], bias_init=bias_init(weight_init, x.shape[-1]),
+                     name=name)(x)
         if j < len(widths) - 1:
             x = _sow(module, name, nn.relu(x))
     return _sow(module, "logits", x)
 
 
 class LeNet5(nn.Module):
-    """LeNet-5: conv6-k5 (same), pool, conv16-k5 (valid), pool, 120, 84, classes. For 28×28 inputs."""
+    """LeNet-5: conv6-k5, pool, conv16-k5 (valid), pool, 120, 84, classes. For 28×28 inputs.
+
+    ``padding`` of ``conv_0``: ``"same"`` (28×28 maps, a 16·5·5 = 400-unit flatten) or ``"valid"`` (24×24 maps, a
+    16·4·4 = 256-unit flatten, as most PyTorch LeNet5s and the pruned-layer-similarity study's).
+    ``weight_init``: a key of :data:`INITS` for every kernel (``torch_default`` also draws the biases, as PyTorch's
+    ``nn.Conv2d``/``nn.Linear``; otherwise biases start at zero).
+    """
 
     num_classes: int = 10
     pool: str = "max"
     widths: Sequence[int] = (6, 16, 120, 84)  # conv_0, conv_1, dense_0, dense_1 (structured pruning shrinks them)
+    padding: str = "same"
+    weight_init: str = "he_normal"
     output_layer = "dense_2"
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         if len(self.widths) != 4:
             raise ValueError(f"widths={self.widths}: expected 4 widths (conv_0, conv_1, dense_0, dense_1)")
-        for i, (c, pad) in enumerate(((self.widths[0], "SAME"), (self.widths[1], "VALID"))):
-            x = nn.Conv(int(c), (5, 5), padding=pad, kernel_init=KERNEL_INIT, name=f"conv_{i}")(x)
+        if self.padding not in PADDINGS:
+            raise ValueError(f"padding={self.padding!r}: expected one of {PADDINGS}")
+        if self.weight_init not in INITS:
+            raise ValueError(f"weight_init={self.weight_init!r}: expected one of {sorted(INITS)}")
+        for i, (c, pad) in enumerate(((self.widths[0], self.padding.upper()), (self.widths[1], "VALID"))):
+            x = nn.Conv(int(c), (5, 5), padding=pad, kernel_init=INITS[self.weight_init],
+                        bias_init=bias_init(self.weight_init, 25 * x.shape[-1]), name=f"conv_{i}")(x)
             x = _sow(self, f"conv_{i}", nn.relu(x))
             x = _sow(self, f"pool_{i}", _pool(x, self.pool))
-        return _dense_head(self, x, (int(self.widths[2]), int(self.widths[3]), self.num_classes))
+        return _dense_head(self, x, (int(self.widths[2]), int(self.widths[3]), self.num_classes),
+                           weight_init=self.weight_init)
 
 
 def _conv_stack(module: nn.Module, x: Array, cfg: Sequence, train: bool, batch_norm: bool) -> Array:
@@ -263,20 +282,28 @@ class ResNet(nn.Module):
 
 # ----------------------------------------------------------------------------------------------- helpers
 def build(name: str, num_classes: int, *, hidden: Sequence[int] = (300, 100), use_bias: bool = True,
-          dropout: float = 0.0, weight_init: str = "he_normal", pool: str = "max") -> nn.Module:
+          dropout: float = 0.0, weight_init: str = "he_normal", pool: str = "max", padding: str = "same"
+          ) -> nn.Module:
     """Model by name: ``mlp`` (``hidden`` widths), ``lenet300``, ``lenet5``, ``conv2|4|6``, ``vgg11|16|19``,
-    ``resnet20|32|44|56|110``. ``weight_init`` (a key of :data:`INITS`) applies to the MLPs only; ``pool``
-    (``max`` or ``avg``, as the original LeNet-5) to ``lenet5`` only."""
+    ``resnet20|32|44|56|110``. ``weight_init`` (a key of :data:`INITS`) applies to the MLPs and ``lenet5`` (the
+    other models use He normal); ``pool`` (``max`` or ``avg``, as the original LeNet-5) and ``padding`` (of
+    ``conv_0``: ``same`` or ``valid``) to ``lenet5`` only."""
     if weight_init not in INITS:
         raise ValueError(f"weight_init={weight_init!r}: expected one of {sorted(INITS)}")
+    if weight_init != "he_normal" and name not in ("mlp", "lenet300", "lenet5"):
+        raise ValueError(f"weight_init={weight_init!r}: only the MLPs and model=lenet5 take an initialiser other "
+                         f"than he_normal (model={name!r})")
     if pool not in POOLS or (pool != "max" and name != "lenet5"):
         raise ValueError(f"pool={pool!r}: expected one of {POOLS}; only model=lenet5 takes 'avg' (model={name!r})")
+    if padding not in PADDINGS or (padding != "same" and name != "lenet5"):
+        raise ValueError(f"padding={padding!r}: expected one of {PADDINGS}; only model=lenet5 takes 'valid' "
+                         f"(model={name!r})")
     if name == "mlp":
         return MLP(tuple(hidden) + (num_classes,), use_bias=use_bias, dropout=dropout, weight_init=weight_init)
     if name == "lenet300":
         return MLP((300, 100, num_classes), use_bias=use_bias, dropout=dropout, weight_init=weight_init)
     if name == "lenet5":
-        return LeNet5(num_classes, pool=pool)
+        return LeNet5(num_classes, pool=pool, padding=padding, weight_init=weight_init)
     if name.startswith("conv") and name[4:].isdigit() and int(name[4:]) in CONV_CFGS:
         return ConvNet(int(name[4:]), num_classes)
     if name in VGG_CFGS:

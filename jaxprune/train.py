@@ -57,6 +57,7 @@ class OptimConfig:
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
     warmup_steps: int = 0
+    clip_grad_norm: float = 0.0  # > 0: scale gradients to at most this global L2 norm first (as PyTorch's clip_grad_norm_)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -71,6 +72,8 @@ class OptimConfig:
             raise ValueError(f"momentum={self.momentum}: expected a value in [0, 1)")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps}: expected >= 0")
+        if not (self.clip_grad_norm >= 0 and math.isfinite(self.clip_grad_norm)):
+            raise ValueError(f"clip_grad_norm={self.clip_grad_norm}: expected 0 (off) or a positive finite norm")
 
 
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -88,16 +91,20 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg: OptimConfig, schedule: optax.Schedule | float) -> optax.GradientTransformation:
-    """SGD (coupled L2 weight decay, as PyTorch), momentum/Nesterov, Adam (coupled), AdamW (decoupled)."""
+    """SGD (coupled L2 weight decay, as PyTorch), momentum/Nesterov, Adam (coupled), AdamW (decoupled).
+
+    ``clip_grad_norm > 0`` clips the gradients' global norm before anything else (before weight decay is added,
+    as ``torch.nn.utils.clip_grad_norm_`` before ``optimizer.step()``)."""
+    clip = [optax.clip_by_global_norm(cfg.clip_grad_norm)] if cfg.clip_grad_norm else []
     if cfg.optimizer == "adamw":
-        return optax.adamw(schedule, weight_decay=cfg.weight_decay)
+        return optax.chain(*clip, optax.adamw(schedule, weight_decay=cfg.weight_decay))
     decay = [optax.add_decayed_weights(cfg.weight_decay)] if cfg.weight_decay else []
     if cfg.optimizer == "adam":
         core = optax.adam(schedule)
     else:
         mom = None if cfg.optimizer == "sgd" else cfg.momentum
         core = optax.sgd(schedule, momentum=mom, nesterov=cfg.optimizer == "nesterov")
-    return optax.chain(*decay, core)
+    return optax.chain(*clip, *decay, core)
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:

@@ -141,3 +141,17 @@ def test_masked_optimizer_keeps_pruned_weights_and_moments_at_zero(inner):
         transform_non_params=lambda x: np.zeros(0))
     for leaf in jax.tree_util.tree_leaves(moments):
         assert (leaf == 0).all()
+
+
+def test_biases_of_pruned_layers_are_ranked_with_their_weights():
+    """``biases=True``: a bias is prunable exactly where its module's kernel is (not a BatchNorm offset), and
+    global magnitude pruning ranks biases and weights in one list."""
+    p = _params()
+    p["dense_1"]["bias"] = jnp.full((5,), 1e-4)  # smaller than every weight: pruned first
+    p["bn_0"] = {"scale": jnp.ones(5), "bias": jnp.zeros(5)}
+    pr = masks.prunable_leaves(p, exclude=("^dense_2/",), biases=True)
+    assert pr["dense_0"]["bias"] and pr["dense_1"]["bias"] and not pr["dense_2"]["bias"]
+    assert not pr["bn_0"]["bias"] and not pr["bn_0"]["scale"]
+    m = masks.magnitude_prune(p, masks.ones_like(p), pr, 5 / (200 + 10 + 50 + 5), "global")
+    assert not np.asarray(m["dense_1"]["bias"]).any() and np.asarray(m["dense_0"]["kernel"]).all()
+    assert masks.density_report(m, pr)["total"] == 200 + 10 + 50 + 5

@@ -143,3 +143,24 @@ def test_mlp_initialisers_match_their_distributions(init):
         assert not b.any()  # zero biases
     with pytest.raises(ValueError, match="weight_init"):
         models.build("mlp", 10, weight_init="kaiming")
+
+
+def test_lenet5_valid_padding_and_pytorch_initialisation():
+    """``padding="valid"``: 24×24 conv_0 maps and a 16·4·4 = 256-unit flatten; ``torch_default``: every kernel and
+    bias U(±1/√fan_in) with fan_in = kh·kw·c_in for the convolutions."""
+    m = models.build("lenet5", 10, pool="avg", padding="valid", weight_init="torch_default")
+    v = models.init(m, KEY, (1, 28, 28, 1))
+    r = models.representations(m, v, jnp.ones((1, 28, 28, 1)))
+    assert r["conv_0"].shape[1:] == (24, 24, 6) and r["pool_1"].shape[1:] == (4, 4, 16)
+    assert v["params"]["dense_0"]["kernel"].shape == (256, 120)
+    for name, fan_in in (("conv_0", 25), ("conv_1", 150), ("dense_0", 256), ("dense_2", 84)):
+        bound = 1.0 / np.sqrt(fan_in)
+        for leaf in ("kernel", "bias"):
+            a = np.abs(np.asarray(v["params"][name][leaf]))
+            assert a.max() <= bound and a.max() > 0.5 * bound, (name, leaf)
+    he = models.init(models.build("lenet5", 10), KEY, (1, 28, 28, 1))["params"]
+    assert not np.asarray(he["conv_0"]["bias"]).any()
+    with pytest.raises(ValueError, match="padding='valid'.*model='conv4'"):
+        models.build("conv4", 10, padding="valid")
+    with pytest.raises(ValueError, match="weight_init='torch_default'.*model='vgg11'"):
+        models.build("vgg11", 10, weight_init="torch_default")

@@ -54,3 +54,31 @@ def test_bad_config(imp_dir, tmp_path):
         exp.run({"imp_workdir": str(imp_dir), "layers": ["conv_0"], "num_inputs": 16}, tmp_path)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         exp.run({"imp_workdir": str(tmp_path)}, tmp_path)
+
+
+def test_study_centring_variant_matches_its_closed_form():
+    """``K - m_j - m_j + m̄`` (m = row means of a symmetric K) is ``K_c + (m1ᵀ - 1mᵀ)``: the centred Gram plus an
+    antisymmetric part. So ``tr(K̃ L̃) = ⟨K_c, L_c⟩ - 2n Σ (m - m̄)(l - l̄)`` and ``‖K̃‖² = ‖K_c‖² + 2n Σ (m - m̄)²``;
+    with centred activations (m = 0) the variant is exactly linear CKA."""
+    rng = np.random.default_rng(0)
+    n = 40
+    x = np.maximum(rng.normal(size=(n, 7)) + 1.5, 0.0)  # ReLU-like: a large common mean
+    y = np.maximum(x @ rng.normal(size=(7, 5)) + rng.normal(size=(n, 5)), 0.0)
+    prepare, compare = exp.STUDY_VARIANTS["cka_study_centring"]
+    got = float(compare(prepare(x), prepare(y)))
+
+    def parts(a):
+        k = a @ a.T
+        h = np.eye(n) - 1.0 / n
+        m = k.mean(1)
+        return h @ k @ h, m - m.mean()
+
+    kc, dm = parts(x)
+    lc, dl = parts(y)
+    want = (np.sum(kc * lc) - 2 * n * dm @ dl) / np.sqrt((np.sum(kc**2) + 2 * n * dm @ dm)
+                                                          * (np.sum(lc**2) + 2 * n * dl @ dl))
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert got < float(similarity.linear_cka(x, y)) - 0.05  # the bug lowers CKA of ReLU-like layers visibly
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    np.testing.assert_allclose(float(compare(prepare(xc), prepare(yc))), float(similarity.linear_cka(x, y)),
+                               rtol=1e-4)

@@ -118,3 +118,17 @@ def test_recalibrate_batchnorm_gives_population_statistics():
     assert train.recalibrate_batchnorm(models.MLP((4, 3)), plain, jnp.ones((8, 5))) is plain
     with pytest.raises(ValueError, match="batch_size"):
         train.recalibrate_batchnorm(model, v, x, batch_size=20)
+
+
+def test_gradient_clipping_scales_the_global_norm_before_weight_decay():
+    """``clip_grad_norm``: the first update is ``-lr·(g·min(1, c/‖g‖) + wd·w)`` (PyTorch's clip_grad_norm_ then
+    SGD's coupled weight decay)."""
+    params = {"a": jnp.array([1.0, -2.0]), "b": jnp.array([[0.5]])}
+    grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([[12.0]])}  # global norm 13
+    cfg = train.OptimConfig(optimizer="sgd", lr=0.1, weight_decay=0.01, clip_grad_norm=1.3)
+    tx = train.make_optimizer(cfg, cfg.lr)
+    upd, _ = tx.update(grads, tx.init(params), params)
+    for k in params:
+        np.testing.assert_allclose(upd[k], -0.1 * (grads[k] * 0.1 + 0.01 * params[k]), rtol=1e-6)
+    with pytest.raises(ValueError, match="clip_grad_norm=-1"):
+        train.OptimConfig(clip_grad_norm=-1.0)

@@ -77,7 +77,7 @@ def program(model: nn.Module) -> Program:
         return tuple(steps)
     if isinstance(model, models.LeNet5):
         steps = []
-        for i, pad in enumerate(("SAME", "VALID")):
+        for i, pad in enumerate((model.padding.upper(), "VALID")):
             steps += [("conv", f"conv_{i}", pad), *_hidden(f"conv_{i}"), ("pool", model.pool), ("post", f"pool_{i}")]
         return tuple(steps + _dense_head(3))
     if isinstance(model, models.ConvNet):
