@@ -16,24 +16,6 @@ Array = jax.Array
 CONV_MODES = ("flatten", "pixel")
 
 
-def after(x, token):
-    """``x`` (a pytree of float arrays), made to depend on ``token`` (any pytree), values unchanged.
-
-    Used to run the LAPACK factorisations of independent layers one after another inside one jitted program:
-    jaxlib 0.10.2's CPU LAPACK kernels split a batched call over XLA's intra-op thread pool and block a pool
-    thread while waiting, so as many concurrent SVD/eigh calls as the pool has threads (2 on a 2-core machine)
-    deadlock the process. XLA:CPU runs independent ops concurrently by data dependencies (an
-    ``optimization_barrier`` is dropped after scheduling), so the dependency is a real one: ``x + 0·t`` with a
-    finite scalar ``t`` taken from ``token`` (exactly ``x``; XLA does not fold ``0·t`` for floats).
-    Each call stays internally parallel.
-    """
-    if token is None:
-        return x
-    t = jnp.nan_to_num(jax.tree_util.tree_leaves(token)[0].ravel()[0].astype(jnp.float32), posinf=0.0, neginf=0.0)
-    return jax.tree_util.tree_map(
-        lambda a: a + (0.0 * t).astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, x)
-
-
 def float_dtype() -> np.dtype:
     """The computation dtype: float32 by default, float64 when x64 is enabled (every input is cast to it)."""
     return jnp.dtype(jnp.result_type(float))

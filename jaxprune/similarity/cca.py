@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxprune.similarity import _checks
+from jaxprune.similarity import _checks, _linalg
 
 Array = jax.Array
 
@@ -136,7 +136,7 @@ def evaluate(metric: Metric, x: Array, y: Array) -> Array:
     """``compare(prepare(x), prepare(y))`` in one jitted call (inputs already validated)."""
     prepare, compare = metric
     fx = prepare(x)
-    return compare(fx, prepare(_checks.after(y, fx)))  # one factorisation at a time (see _checks.after)
+    return compare(fx, prepare(_linalg.after(y, fx)))  # one factorisation at a time (see _linalg.after)
 
 
 # ----------------------------------------------------------------------------------------------- public API

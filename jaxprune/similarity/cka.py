@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.similarity import _checks
+from jaxprune.similarity import _checks, _linalg
 from jaxprune.similarity.cca import Metric, evaluate
 
 Array = jax.Array
@@ -116,7 +116,8 @@ def linear_cka_metric(debiased: bool = False) -> Metric:
     def prepare(x: Array) -> _Linear:
         f = _linear_factor(x)
         d = jnp.sum(f * f, axis=1)
-        return _Linear(f, d, _hsic(f, f, d, d, debiased))
+        sd = jnp.sum(d)
+        return _Linear(f, d, _hsic_from(_linalg.gram_sq_norm(f), d @ d, sd, sd, f.shape[0], debiased))
 
     def compare(a: _Linear, b: _Linear) -> Array:
         return _ratio(_hsic(a.f, b.f, a.d, b.d, debiased), a.self_, b.self_)

@@ -1,9 +1,13 @@
-"""Every layer of one network against every layer of another, in one jitted call.
+"""Every layer of one network against every layer of another, in one call.
 
 ``pairwise("linear_cka", xs, ys)`` → ``(Lx, Ly)``. Each metric is a pair ``(prepare, compare)``: ``prepare``
 factorises one layer (centring, SVD, Gram …) and runs **once per layer**; ``compare`` maps two prepared layers to a
 scalar. Layers are grouped by shape; within a group ``prepare`` is ``vmap``-ed, and each (x-group, y-group) block is
-one ``vmap(vmap(compare))`` — the only Python loop is over the (few) distinct shapes, never over pairs.
+one ``vmap(vmap(compare))`` inside one jitted program — the only Python loop is over the (few) distinct shapes,
+never over pairs. Two metrics have faster routes: linear CKA forms every cross product in one GEMM
+(:func:`cka.linear_cka_all_pairs`); mean CCA and SVCCA on concrete arrays go through :mod:`.cca_pairs` (two jitted
+programs — per-layer CholeskyQR2 factorisations, then all pairs with one GEMM — with each layer's route chosen on
+the host in between; under a caller's ``jit`` they take the SVD route above).
 
 Stacks: a layer given as ``(s, n, p)`` is a stack of ``s`` networks (e.g. IMP levels). If ``xs`` is stacked and
 ``ys`` is not, the result is ``(s, Lx, Ly)`` (every level against the same reference); if both are stacked (same
@@ -18,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune.similarity import _checks
+from jaxprune.similarity import _checks, _linalg, cca_pairs
 from jaxprune.similarity.cca import Metric, mean_cca_metric, pwcca_metric, svcca_metric
 from jaxprune.similarity.cka import linear_cka_all_pairs, linear_cka_metric, rbf_cka_metric
 from jaxprune.similarity.nbs import nbs_metric
@@ -43,15 +47,21 @@ _OPTIONS: dict[str, tuple[Callable[..., Metric], dict[str, tuple[Any, Callable]]
 SIMILARITIES = tuple(_OPTIONS)
 
 
-def metric(name: str, **options) -> Metric:
-    """The ``(prepare, compare)`` pair of a named similarity, e.g. ``metric("rbf_cka", threshold=0.5)``."""
+def _checked_options(name: str, options: dict) -> dict:
+    """Every option of the named similarity, validated, defaults filled in."""
     if name not in _OPTIONS:
         raise ValueError(f"metric={name!r}: expected one of {SIMILARITIES}")
-    factory, spec = _OPTIONS[name]
+    spec = _OPTIONS[name][1]
     unknown = set(options) - set(spec)
     if unknown:
         raise ValueError(f"metric {name!r}: unknown option(s) {sorted(unknown)}; expected a subset of {sorted(spec)}")
-    return factory(**{k: check(options.get(k, default)) for k, (default, check) in spec.items()})
+    return {k: check(options.get(k, default)) for k, (default, check) in spec.items()}
+
+
+def metric(name: str, **options) -> Metric:
+    """The ``(prepare, compare)`` pair of a named similarity, e.g. ``metric("rbf_cka", threshold=0.5)``."""
+    options = _checked_options(name, options)
+    return _OPTIONS[name][0](**options)
 
 
 def _groups(layers: Sequence[Array]) -> list[tuple[tuple, np.ndarray]]:
@@ -78,17 +88,9 @@ def _block(compare: Callable, fx, fy, x_stacked: bool, y_stacked: bool) -> Array
 
 def _linear_cka(prepare: Callable, xs: tuple, ys: tuple, same: bool, debiased: bool) -> Array:
     """Linear CKA of all pairs with every cross product in one GEMM (:func:`cka.linear_cka_all_pairs`)."""
-    token, px = None, []
-    for x in xs:  # factorisations (an SVD when p > n) one at a time, see _checks.after
-        token = prepare(_checks.after(x, token))
-        px.append(token)
-    py = px
-    if not same:
-        py = []
-        for y in ys:
-            token = prepare(_checks.after(y, token))
-            py.append(token)
-    return linear_cka_all_pairs(px, py, debiased)
+    lapack = _linalg.Serial()  # the factorisations (an SVD when p > n) one at a time
+    px = [lapack(prepare, x) for x in xs]
+    return linear_cka_all_pairs(px, px if same else [lapack(prepare, y) for y in ys], debiased)
 
 
 @functools.partial(jax.jit, static_argnames=("metric", "x_stacked", "y_stacked", "same"))
@@ -97,16 +99,11 @@ def _pairwise(metric: Metric, xs: tuple, ys: tuple, x_stacked: bool, y_stacked: 
     linear = {linear_cka_metric(debiased=d): d for d in (False, True)}  # keyword calls, as metric() makes
     if not (x_stacked or y_stacked) and metric in linear:
         return _linear_cka(prepare, xs, ys, same, debiased=linear[metric])
-    token = None  # groups and blocks run one after another (see _checks.after); each is one batched call
+    lapack = _linalg.Serial()  # groups and blocks run one after another; each is one batched call
 
     def prepared(layers, stacked):
-        nonlocal token
-        out = []
-        for _, idx in _groups(layers):
-            f = _prepare(prepare, _checks.after(jnp.stack([layers[i] for i in idx]), token), stacked)
-            token = f
-            out.append((idx, f))
-        return out
+        return [(idx, lapack(lambda g: _prepare(prepare, g, stacked), jnp.stack([layers[i] for i in idx])))
+                for _, idx in _groups(layers)]
 
     gx = prepared(xs, x_stacked)
     gy = gx if same else prepared(ys, y_stacked)
@@ -114,10 +111,23 @@ def _pairwise(metric: Metric, xs: tuple, ys: tuple, x_stacked: bool, y_stacked: 
     out = jnp.zeros(((stack,) if stack else ()) + (len(xs), len(ys)), xs[0].dtype)
     for ix, fx in gx:
         for iy, fy in gy:
-            block = _block(compare, *_checks.after((fx, fy), token), x_stacked, y_stacked)
-            token = block
+            block = lapack(lambda a, b: _block(compare, a, b, x_stacked, y_stacked), fx, fy)
             out = out.at[..., ix[:, None], iy[None, :]].set(block)
     return out
+
+
+def _subspace_pairs(kind: str, xs: list, ys: list | None, sx: int | None, sy: int | None, options: dict) -> Array:
+    """Mean CCA / SVCCA through :func:`cca_pairs.all_pairs` (``ys=None``: ``xs`` against itself); stacks become
+    extra layers (one stack: its members against the other side's layers; two stacks: member by member)."""
+    run = lambda a, b: cca_pairs.all_pairs(kind, a, b, **options)
+    if sx is not None and (ys is None or sy is not None):  # member i against member i (or itself)
+        return jnp.stack([run([x[i] for x in xs], None if ys is None else [y[i] for y in ys]) for i in range(sx)])
+    if sx is None and sy is None:
+        return run(xs, ys)
+    if sy is not None:  # only ys stacked: transpose the problem
+        return jnp.swapaxes(_subspace_pairs(kind, ys, xs, sy, None, options), 1, 2)
+    flat = [x[i] for i in range(sx) for x in xs]  # member-major: row i·Lx + l
+    return run(flat, ys).reshape(sx, len(xs), -1)
 
 
 def pairwise(metric_name: str | Metric, xs: Sequence[Array], ys: Sequence[Array] | None = None, **options
@@ -140,4 +150,8 @@ def pairwise(metric_name: str | Metric, xs: Sequence[Array], ys: Sequence[Array]
     _checks.same_n(xs[0], ys[0], ("xs", "ys"))
     if options.get("debiased") and xs[0].shape[-2] < 4:
         raise ValueError(f"xs: debiased=True needs at least 4 samples, got {xs[0].shape[-2]}")
+    if metric_name in cca_pairs.KINDS and not any(isinstance(a, jax.core.Tracer) for a in xs + ys):
+        # the fast route chooses each layer's factorisation on the host; under a caller's jit, the SVD route
+        return _subspace_pairs(metric_name, xs, None if same else ys, sx, None if same else sy,
+                               _checked_options(metric_name, options))
     return _pairwise(m, tuple(xs), tuple(ys), sx is not None, sy is not None, same)

@@ -1,0 +1,196 @@
+"""Mean CCA and SVCCA of every layer pair at once: the fast route of :func:`jaxprune.similarity.pairwise`.
+
+Both metrics need, per layer, an orthonormal basis ``Q`` of the centred column space (SVCCA: of its leading
+directions) and, per pair, the singular values of ``Q_xᵀ Q_y``. The single-pair functions (:mod:`.cca`) take ``Q``
+from a thin SVD of each centred layer. Here a layer ``X̃ (n, p)``, ``p ≤ n``, takes CholeskyQR2 instead where float
+arithmetic makes it as accurate, and the thin SVD otherwise:
+
+* **factorise** (one program, every layer): ``G = X̃ᵀX̃`` (upper block triangle only), ``G = R₁ᵀR₁``,
+  ``q = X̃ R₁⁻¹``, ``qᵀq = R₂ᵀR₂``; ``q R₂⁻¹`` is then orthonormal to rounding and ``R = R₂R₁`` is the R factor of a
+  backward-stable QR of ``X̃`` (Yamamoto et al. 2015: CholeskyQR2 for ``κ(X̃) ≲ eps^-½``). SVCCA also takes the SVD
+  ``R = U_R Σ V_Rᵀ`` — the singular values and left singular vectors of ``X̃`` (in the basis ``q R₂⁻¹``) as
+  accurately as a thin SVD of ``X̃`` gives them, at ``p × p`` size — and the number ``k`` of leading directions
+  holding ``keep_variance``.
+* **route** (host): the CholeskyQR2 route where the estimated ``κ(X̃) ≤ 0.1·eps^-½`` (and, for mean CCA, also
+  ``≤ 0.1/epsilon``: no direction is near the rank cut-off, so none would be dropped); every other layer
+  (rank-deficient, dead units, ``p > n``) takes the thin SVD with the rank truncation of :mod:`.cca`. SVCCA's widths
+  ``k`` become static here (rounded up to a multiple of 32), so the products and SVDs below run on ``k`` columns.
+* **all pairs** (one program): per layer a basis ``(q, c)`` with ``q c`` orthonormal; every cross product
+  ``q_xᵀ q_y`` as **one** GEMM; per block ``M = cₓᵀ (q_xᵀ q_y) c_y`` and its singular values (the canonical
+  correlations).
+
+``eps`` is the machine epsilon of the computation dtype. Results agree with the single-pair functions to rounding
+(tested in float64 on full-rank, rank-deficient, dead-unit and ``p > n`` layers). The LAPACK-backed calls
+(Cholesky, SVD, triangular solves) run one at a time (:class:`._linalg.Serial`); XLA's GEMMs overlap with them.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.lax import linalg as lax_linalg
+
+from jaxprune.similarity import _linalg
+from jaxprune.similarity._linalg import gram, upper_cholesky, upper_inverse, upper_matmul
+from jaxprune.similarity.cca import _mean, tolerance
+
+Array = jax.Array
+KINDS = ("mean_cca", "svcca")
+_WIDTH_STEP = 32  # SVCCA widths are rounded up to a multiple of this, so nearby k share one compiled program
+
+
+def _kappa_estimate(r: Array, iters: int = 6) -> Array:
+    """``r: (p, p)`` upper triangular → estimate of ``κ₂(r)`` by power iterations on ``rᵀr`` and on ``(rᵀr)⁻¹``
+    (triangular solves) from a fixed start vector. It can only underestimate (by a small factor after ``iters``
+    steps); callers keep a safety margin. A non-finite ``r`` (a failed Cholesky) gives NaN."""
+    v0 = jax.random.normal(jax.random.PRNGKey(0), (r.shape[0], 1), r.dtype)
+    unit = lambda w: w / jnp.linalg.norm(w)
+
+    def up(_, v):
+        return unit(r.T @ (r @ v))
+
+    def down(_, v):
+        z = lax_linalg.triangular_solve(r, v, left_side=True, lower=False, transpose_a=True)
+        return unit(lax_linalg.triangular_solve(r, z, left_side=True, lower=False))
+
+    big = jax.lax.fori_loop(0, iters, up, unit(v0))
+    small = jax.lax.fori_loop(0, iters, down, unit(v0))
+    return jnp.linalg.norm(r @ big) / jnp.linalg.norm(r @ small)
+
+
+def _leading(values: Array, keep: Array, keep_variance: float | None) -> Array:
+    """``keep`` (descending directions above the rank cut-off) further limited to the smallest number of leading
+    ones whose ``values`` (variances) reach ``keep_variance`` of the kept total (SVCCA's SVD step)."""
+    if keep_variance is None:
+        return keep
+    var = jnp.where(keep, values, 0.0)
+    frac = jnp.cumsum(var) / jnp.maximum(jnp.sum(var), jnp.finfo(values.dtype).tiny)
+    return keep & jnp.concatenate([jnp.ones((1,), bool), frac[:-1] < keep_variance])
+
+
+def _svd_basis(lapack: _linalg.Serial, xc: Array, width: int, keep_variance: float | None,
+               epsilon: float | None) -> tuple[Array, Array]:
+    """Thin-SVD basis of ``xc: (n, p)``: ``(q (n, width) with dropped directions zeroed, rank)``."""
+    n, p = xc.shape
+    u, s, _ = lapack(functools.partial(jnp.linalg.svd, full_matrices=False), xc)
+    keep = _leading(s * s, s > tolerance(epsilon, n, p, xc.dtype) * s[0], keep_variance)
+    return (u * keep)[:, :width], jnp.sum(keep, dtype=jnp.int32)
+
+
+# ------------------------------------------------------------------------------------------------ factorise
+class Factor(NamedTuple):
+    """One layer after :func:`_factorise` (the CholeskyQR2 fields are None when ``p > n``)."""
+
+    xc: Array  # (n, p) the centred layer
+    q: Array | None  # (n, p) X̃ R₁⁻¹
+    c: Array | None  # (p, p) R₂⁻¹: q c has orthonormal columns
+    kappa: Array | None  # () estimate of κ(X̃)
+    u: Array | None  # SVCCA: (p, p) left singular vectors of R₂R₁, descending
+    k: Array | None  # SVCCA: () leading directions kept (rank cut-off, then keep_variance)
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "keep_variance", "epsilon"))
+def _factorise(layers: tuple[Array, ...], kind: str, keep_variance: float | None, epsilon: float | None
+               ) -> tuple[Factor, ...]:
+    out, lapack = [], _linalg.Serial()
+    for x in layers:
+        xc = x - jnp.mean(x, axis=0)
+        n, p = x.shape
+        if p > n:
+            out.append(Factor(xc, None, None, None, None, None))
+            continue
+        r1 = lapack(upper_cholesky, gram(xc))
+        kappa = lapack(_kappa_estimate, r1)
+        q = upper_matmul(xc, lapack(upper_inverse, r1))
+        r2 = lapack(upper_cholesky, gram(q))
+        c = lapack(upper_inverse, r2)
+        u = k = None
+        if kind == "svcca":
+            u, sv, _ = lapack(jnp.linalg.svd, r2 @ r1)
+            k = jnp.sum(_leading(sv * sv, sv > tolerance(epsilon, n, p, x.dtype) * sv[0], keep_variance),
+                        dtype=jnp.int32)
+        out.append(Factor(xc, q, c, kappa, u, k))
+    return tuple(out)
+
+
+def routes(kind: str, factors: tuple[Factor, ...], epsilon: float | None) -> tuple[tuple[bool, int], ...]:
+    """Per layer ``(CholeskyQR2 route?, width)``, read on the host: the route where CholeskyQR2 is accurate (see
+    the module docstring), the width ``p`` (mean CCA) or ``k`` rounded up to a multiple of 32 (SVCCA); the thin SVD
+    at width ``min(n, p)`` otherwise."""
+    out = []
+    for f in factors:
+        n, p = f.xc.shape
+        limit = 0.1 / float(jnp.finfo(f.xc.dtype).eps) ** 0.5
+        if kind == "mean_cca":
+            tol = tolerance(epsilon, n, p, f.xc.dtype)
+            limit = min(limit, 0.1 / tol if tol > 0 else np.inf)
+        if f.kappa is not None and float(f.kappa) <= limit:  # NaN (a failed Cholesky) is not
+            out.append((True, p if kind == "mean_cca" else _round_width(int(f.k), p)))
+        else:
+            out.append((False, min(n, p)))
+    return tuple(out)
+
+
+def _basis(lapack: _linalg.Serial, f: Factor, route: tuple[bool, int], kind: str, keep_variance: float | None,
+           epsilon: float | None) -> tuple[Array, Array, Array | None]:
+    """``(q (n, width), rank, c)``: ``q c`` (or ``q`` when ``c`` is None) has orthonormal columns spanning the
+    kept directions (the first ``rank``; the others are zero)."""
+    fast, width = route
+    if not fast:
+        return (*_svd_basis(lapack, f.xc, width, keep_variance, epsilon), None)
+    if kind == "mean_cca":
+        return f.q, jnp.asarray(width, jnp.int32), f.c
+    mask = (jnp.arange(width) < f.k).astype(f.q.dtype)
+    return f.q @ ((f.c @ f.u[:, :width]) * mask), f.k, None  # q R₂⁻¹ U_R: the leading left singular vectors
+
+
+# ---------------------------------------------------------------------------------------------------- all pairs
+@functools.partial(jax.jit, static_argnames=("plan", "kind", "keep_variance", "truncate", "epsilon"))
+def _all_pairs(factors: tuple[Factor, ...], plan: tuple, kind: str, keep_variance: float | None,
+               truncate: float | None, epsilon: float | None) -> Array:
+    """``plan = (routes, num_x, same)`` → ``(Lx, Ly)`` means of the canonical correlations."""
+    route_of, num_x, same = plan
+    lapack = _linalg.Serial()
+    bases = [_basis(lapack, f, r, kind, keep_variance, epsilon) for f, r in zip(factors, route_of)]
+    bx, by = bases[:num_x], (bases[:num_x] if same else bases[num_x:])
+    qx = jnp.concatenate([q for q, _, _ in bx], axis=1)
+    qy = qx if same else jnp.concatenate([q for q, _, _ in by], axis=1)
+    ox = np.cumsum([0] + [q.shape[1] for q, _, _ in bx])
+    oy = np.cumsum([0] + [q.shape[1] for q, _, _ in by])
+    cross = qx.T @ qy  # every cross product, one GEMM
+    # M = cₓᵀ (q_xᵀ q_y) c_y: one product per block row, then one per block column.
+    cross = jnp.concatenate([cross[ox[a]:ox[a + 1]] if c is None else c.T @ cross[ox[a]:ox[a + 1]]
+                             for a, (_, _, c) in enumerate(bx)], axis=0)
+    cross = jnp.concatenate([cross[:, oy[b]:oy[b + 1]] if c is None else cross[:, oy[b]:oy[b + 1]] @ c
+                             for b, (_, _, c) in enumerate(by)], axis=1)
+    values = functools.partial(jnp.linalg.svd, compute_uv=False)
+    rows = []
+    for a, (_, rank_x, _) in enumerate(bx):
+        row = []
+        for b, (_, rank_y, _) in enumerate(by):
+            m = cross[ox[a]:ox[a + 1], oy[b]:oy[b + 1]]
+            rho = jnp.clip(lapack(values, m if m.shape[0] >= m.shape[1] else m.T), 0.0, 1.0)  # tall: same values
+            defined = jnp.minimum(rank_x, rank_y)
+            row.append(_mean(jnp.where(jnp.arange(rho.shape[0]) < defined, rho, 0.0), defined, truncate))
+        rows.append(jnp.stack(row))
+    return jnp.stack(rows)
+
+
+def _round_width(k: int, limit: int) -> int:
+    return min(limit, -(-max(k, 1) // _WIDTH_STEP) * _WIDTH_STEP)
+
+
+def all_pairs(kind: str, xs: Sequence[Array], ys: Sequence[Array] | None, *, keep_variance: float = 0.99,
+              truncate: float | None = None, epsilon: float | None = None) -> Array:
+    """``(Lx, Ly)`` mean CCA (``kind="mean_cca"``) or SVCCA of every ``xs[i]: (n, p_i)`` against every ``ys[j]``
+    (``ys=None``: ``xs`` against itself). Inputs: validated, concrete float arrays of the computation dtype (the
+    routes are chosen on the host)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+    same = ys is None
+    keep = keep_variance if kind == "svcca" else None
+    factors = _factorise(tuple(xs) if same else tuple(xs) + tuple(ys), kind, keep, epsilon)
+    return _all_pairs(factors, (routes(kind, factors, epsilon), len(xs), same), kind, keep, truncate, epsilon)

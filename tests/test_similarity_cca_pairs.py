@@ -1,0 +1,172 @@
+"""The all-pairs route of mean CCA and SVCCA (CholeskyQR2, Gram eigendecomposition): its dense building blocks,
+which route each layer takes, agreement with the SVD route to rounding in float64, and float32 accuracy against
+float64 references written from the definition."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxprune import similarity as S
+from jaxprune.similarity import _linalg, cca_pairs
+from tests.test_similarity import x64  # noqa: F401 (fixture)
+
+
+def relu_layers(seed: int, n: int, widths, noise: float = 0.3) -> list[np.ndarray]:
+    """ReLU layers driven by one decaying latent: full rank, condition numbers of tens to ~100."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 12)) * 0.8 ** np.arange(12)
+    return [np.maximum(z @ rng.normal(size=(12, w)) + noise * rng.normal(size=(n, w)), 0) for w in widths]
+
+
+def ref_correlations(x, y, keep: float | None = None) -> np.ndarray:
+    """float64 canonical correlations from the definition: cosines of the principal angles between the centred
+    column spaces (orthonormal bases by SVD, optionally cut to the leading directions holding ``keep``)."""
+    def basis(a):
+        u, s, _ = np.linalg.svd(a - a.mean(0), full_matrices=False)
+        if keep is None:
+            return u
+        frac = np.cumsum(s**2) / np.sum(s**2)
+        return u[:, : int(np.argmax(frac >= keep)) + 1]
+
+    return np.linalg.svd(basis(x).T @ basis(y), compute_uv=False)
+
+
+# ------------------------------------------------------------------------------------------ dense building blocks
+@pytest.mark.parametrize("p", [3, 512, 513, 700, 1100])
+def test_half_cost_products_equal_plain_products(p, x64):
+    rng = np.random.default_rng(p)
+    x, u = rng.normal(size=(40, p)), np.triu(rng.normal(size=(p, p)))
+    np.testing.assert_allclose(_linalg.gram(jnp.asarray(x)), x.T @ x, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(_linalg.upper_matmul(jnp.asarray(x), jnp.asarray(u)), x @ u, rtol=1e-12, atol=1e-10)
+    np.testing.assert_allclose(_linalg.gram_sq_norm(jnp.asarray(x)), np.sum((x.T @ x) ** 2), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kappa", [1.0, 30.0, 1e3, 1e6])
+def test_condition_estimate_is_a_close_lower_bound(kappa, x64):
+    rng = np.random.default_rng(int(kappa))
+    p = 60
+    q1, _ = np.linalg.qr(rng.normal(size=(200, p)))
+    q2, _ = np.linalg.qr(rng.normal(size=(p, p)))
+    x = (q1 * np.geomspace(1.0, 1.0 / kappa, p)) @ q2.T
+    r = np.linalg.cholesky(x.T @ x).T
+    est = float(cca_pairs._kappa_estimate(jnp.asarray(r)))
+    true = np.linalg.cond(r)
+    assert true / 3 <= est <= true * (1 + 1e-8)
+
+
+# ------------------------------------------------------------------------------------------------------ routes
+def _factor(kind: str, *layers, keep: float | None = None):
+    fs = cca_pairs._factorise(tuple(jnp.asarray(a, jnp.float32) for a in layers), kind, keep, None)
+    return fs, cca_pairs.routes(kind, fs, None)
+
+
+def test_cholesky_qr2_basis_is_orthonormal_and_spans_the_layer():
+    """Well-conditioned layer: the CholeskyQR2 route, q·c orthonormal to float32 rounding, spanning the centred
+    layer; R₂ a small correction (c ≠ I)."""
+    x = relu_layers(0, 2000, (300,))[0]
+    (f,), (route,) = _factor("mean_cca", x)
+    assert route == (True, 300) and float(jnp.max(jnp.abs(f.c - jnp.eye(300)))) > 1e-6
+    b = np.asarray(f.q @ f.c, np.float64)
+    np.testing.assert_allclose(b.T @ b, np.eye(300), atol=2e-6)
+    xc = x - x.mean(0)
+    assert np.linalg.norm(xc - b @ (b.T @ xc)) < 1e-5 * np.linalg.norm(xc)
+
+
+def test_routes_follow_conditioning():
+    good = relu_layers(1, 1500, (200, 80))
+    dead = good[0].copy()
+    dead[:, :5] = 0.0  # exactly rank-deficient: CholeskyQR breaks down
+    graded = np.random.default_rng(0).normal(size=(1500, 40)) * np.geomspace(1, 1e-4, 40)  # κ ≈ 1e4
+    wide = relu_layers(2, 50, (120,))[0]  # p > n
+    for kind in ("mean_cca", "svcca"):
+        fs, r = _factor(kind, *good, dead, graded, keep=0.99 if kind == "svcca" else None)
+        assert [fast for fast, _ in r] == [True, True, False, False]
+        assert [w for _, w in r[2:]] == [200, 40]
+        assert cca_pairs.routes(kind, *_factor(kind, wide)[:1], None) == ((False, 50),)
+    (f,), ((fast, width),) = _factor("svcca", good[0], keep=0.99)
+    k_ref = int(np.argmax(np.cumsum(np.linalg.svd(good[0] - good[0].mean(0), compute_uv=False) ** 2)
+                          / np.sum((good[0] - good[0].mean(0)) ** 2) >= 0.99)) + 1
+    assert fast and int(f.k) == k_ref and width % 32 == 0 and k_ref <= width < k_ref + 32
+
+
+def test_svcca_subspace_as_accurate_as_a_thin_svd():
+    """The SVCCA basis (q R₂⁻¹ U_R, k columns) against float64's leading left singular vectors: principal angles
+    as small as those of float32's own thin SVD (a Gram eigendecomposition would be off by ~0.5 rad here)."""
+    x = relu_layers(3, 3000, (400,), noise=0.6)[0]
+    u, s, _ = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    k = int(np.argmax(np.cumsum(s**2) / np.sum(s**2) >= 0.99)) + 1
+    fs, r = _factor("svcca", x, keep=0.99)
+    q, rank, _ = cca_pairs._basis(_linalg.Serial(), fs[0], r[0], "svcca", 0.99, None)
+    assert int(rank) == k
+    cos = np.linalg.svd(u[:, :k].T @ np.asarray(q, np.float64)[:, :k], compute_uv=False)
+    u32 = np.asarray(jnp.linalg.svd(jnp.asarray(x - x.mean(0), jnp.float32), full_matrices=False)[0], np.float64)
+    cos32 = np.linalg.svd(u[:, :k].T @ u32[:, :k], compute_uv=False)
+    assert np.mean(1 - cos) < 10 * max(np.mean(1 - cos32), 1e-7)
+
+
+# ------------------------------------------------------------------------------ agreement with the SVD route
+def _layer(rng, n: int, p: int, kind: str) -> np.ndarray:
+    z = rng.normal(size=(n, 4))
+    a = np.maximum(z @ rng.normal(size=(4, p)) + 0.5 * rng.normal(size=(n, p)), 0)
+    if kind == "dead":
+        a[:, 0] = 0.0
+    elif kind == "low_rank":
+        a = rng.normal(size=(n, 2)) @ rng.normal(size=(2, p))
+    return a
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 10_000), st.integers(12, 40),
+       st.lists(st.tuples(st.integers(1, 14), st.sampled_from(["plain", "dead", "low_rank"])), min_size=1, max_size=3),
+       st.lists(st.tuples(st.integers(1, 14), st.sampled_from(["plain", "dead", "low_rank"])), min_size=1, max_size=2))
+def test_all_pairs_equal_single_pair_functions_in_float64(seed, n, spec_x, spec_y):
+    """Every route (Gram, SVD; p > n included) gives the single-pair (SVD-route) values to rounding."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(seed)
+        xs = [_layer(rng, n, p, k) for p, k in spec_x]
+        ys = [_layer(rng, n, p, k) for p, k in spec_y]
+        for name, opts in (("mean_cca", {}), ("mean_cca", {"truncate": 0.98}), ("svcca", {"keep_variance": 0.9})):
+            got = np.asarray(S.pairwise(name, xs, ys, **opts))
+            single = S.mean_cca if name == "mean_cca" else S.svcca
+            want = np.array([[float(single(x, y, **opts)) for y in ys] for x in xs])
+            np.testing.assert_allclose(got, want, atol=1e-10)
+
+
+def test_stacks_and_self_comparison(x64):
+    levels = [relu_layers(s, 80, (9, 5)) for s in range(3)]
+    stacked = [np.stack([lv[i] for lv in levels]) for i in range(2)]
+    dense = relu_layers(10, 80, (9, 5, 7))
+    for name in ("mean_cca", "svcca"):
+        got = np.asarray(S.pairwise(name, stacked, dense))
+        assert got.shape == (3, 2, 3)
+        for k in range(3):
+            np.testing.assert_allclose(got[k], S.pairwise(name, levels[k], dense), atol=1e-12)
+        flipped = np.asarray(S.pairwise(name, dense, stacked))
+        np.testing.assert_allclose(flipped, np.swapaxes(got, 1, 2), atol=1e-12)
+        own = np.asarray(S.pairwise(name, stacked))
+        for k in range(3):
+            np.testing.assert_allclose(own[k], S.pairwise(name, levels[k]), atol=1e-12)
+            np.testing.assert_allclose(np.diag(own[k]), 1.0, atol=1e-12)
+
+
+def test_pairwise_under_jit_takes_the_svd_route():
+    xs, ys = relu_layers(3, 200, (12, 30)), relu_layers(4, 200, (20,))
+    eager = {m: np.asarray(S.pairwise(m, xs, ys)) for m in ("mean_cca", "svcca")}
+    for m in eager:
+        traced = np.asarray(jax.jit(lambda a, b: S.pairwise(m, a, b))(xs, ys))
+        np.testing.assert_allclose(traced, eager[m], atol=2e-6)
+
+
+# --------------------------------------------------------------------------------------- float32 accuracy
+def test_float32_within_1e5_of_float64_reference():
+    """The benchmark's accuracy target at a smaller size: f32 all-pairs mean CCA and SVCCA against float64
+    canonical correlations from the definition."""
+    xs, ys = relu_layers(5, 3000, (400, 250, 90, 30)), relu_layers(6, 3000, (300, 120, 30))
+    for name, keep in (("mean_cca", None), ("svcca", 0.99)):
+        got = np.asarray(S.pairwise(name, xs, ys, **({} if keep is None else {"keep_variance": keep})))
+        want = np.array([[ref_correlations(x, y, keep).mean() for y in ys] for x in xs])
+        np.testing.assert_allclose(got, want, atol=1e-5)
