@@ -159,7 +159,7 @@ def guarded(main_fn):
 
 
 # ----------------------------------------------------------------------------------------------- train one network
-# The MLP initialiser flag (shared by every experiment that builds MLPs).
+# The initialiser flag of the MLPs and LeNet5 (shared by every experiment that builds them).
 WEIGHT_INIT = ("weight_init", "he_normal", "initialiser of the MLPs and LeNet5 (glorot_uniform: Keras' default; "
                                          "torch_default: PyTorch's nn.Linear/nn.Conv2d default, kernel and bias "
                                          "U(±1/√fan_in))",

@@ -379,3 +379,11 @@ def test_flatten_conv():
     np.testing.assert_array_equal(f[1], a[1].ravel())
     with pytest.raises(ValueError, match="mode="):
         S.flatten_conv(a, "channels")
+
+
+def test_values_beyond_float32_are_refused_not_turned_into_inf():
+    x, y = related(1)
+    big = x.astype(np.float64).copy()
+    big[3, 2] = 1e300
+    with pytest.raises(ValueError, match=r"x: 1 non-finite value\(s\) \(NaN or Inf, or beyond float32's range\)"):
+        S.linear_cka(big, y)

@@ -25,10 +25,28 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _finite(x, name: str) -> None:
-    if _is_concrete(x) and not bool(np.all(np.isfinite(np.asarray(x)))):
-        bad = int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x))))
-        raise ValueError(f"{name}: {bad} non-finite value(s) (NaN or Inf); expected finite activations")
+@jax.jit
+def _all_finite(x: Array) -> Array:
+    return jnp.all(jnp.isfinite(x))
+
+
+def _as_float(x, name: str) -> Array:
+    """``x`` as an array of the computation dtype, checked finite after the cast (a value beyond float32's range
+    is caught too): on the host for host arrays, on the device for device arrays; on tracers only the cast."""
+    dtype = float_dtype()
+    if isinstance(x, jax.Array):
+        out = x.astype(dtype)
+        finite = (lambda: bool(_all_finite(out))) if _is_concrete(out) else (lambda: True)
+    else:
+        with np.errstate(over="ignore"):  # an overflow to inf is reported below
+            host = np.asarray(x, dtype)  # numpy casts faster than jnp.asarray(x, dtype)
+        out = jnp.asarray(host)
+        finite = lambda: bool(np.isfinite(host).all())
+    if not finite():
+        bad = int(out.size - int(jnp.count_nonzero(jnp.isfinite(out))))
+        raise ValueError(f"{name}: {bad} non-finite value(s) (NaN or Inf, or beyond {out.dtype}'s range); expected "
+                         f"finite activations")
+    return out
 
 
 def activations(x, name: str = "x", *, min_n: int = 2) -> Array:
@@ -46,8 +64,7 @@ def activations(x, name: str = "x", *, min_n: int = 2) -> Array:
         raise ValueError(f"{name}: expected at least {min_n} samples (rows), got shape {tuple(x.shape)}")
     if p < 1:
         raise ValueError(f"{name}: expected at least one feature (column), got shape {tuple(x.shape)}")
-    _finite(x, name)
-    return jnp.asarray(x, float_dtype())
+    return _as_float(x, name)
 
 
 def same_n(x: Array, y: Array, names: tuple[str, str] = ("x", "y")) -> None:
@@ -70,12 +87,11 @@ def gram(k, name: str = "k", *, min_n: int = 2) -> Array:
         raise ValueError(f"{name}: expected a square (n, n) Gram matrix, got shape {tuple(k.shape)}")
     if k.shape[0] < min_n:
         raise ValueError(f"{name}: expected at least {min_n} samples, got shape {tuple(k.shape)}")
-    _finite(k, name)
     if _is_concrete(k):
         a = np.asarray(k, np.float64)
-        if not np.allclose(a, a.T, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(a).max()))):
+        if np.isfinite(a).all() and not np.allclose(a, a.T, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(a).max()))):
             raise ValueError(f"{name}: expected a symmetric Gram matrix (k == k.T)")
-    return jnp.asarray(k, float_dtype())
+    return _as_float(k, name)
 
 
 def gram_pair(k, l, *, min_n: int = 2) -> tuple[Array, Array]:
@@ -135,10 +151,9 @@ def layers(xs: Sequence, name: str) -> tuple[list[Array], int | None]:
         for i, x in enumerate(xs):
             if not hasattr(x, "shape"):
                 x = np.asarray(x)
-            _finite(x, f"{name}[{i}]")
             if x.shape[1] < 2:
                 raise ValueError(f"{name}[{i}]: expected at least 2 samples, got shape {tuple(x.shape)}")
-            out.append(jnp.asarray(x, float_dtype()))
+            out.append(_as_float(x, f"{name}[{i}]"))
         sizes = {x.shape[0] for x in out}
         if len(sizes) != 1:
             raise ValueError(f"{name}: stacked layers (s, n, p) must share the stack size s, got {sorted(sizes)}")

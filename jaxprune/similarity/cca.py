@@ -45,6 +45,18 @@ def tolerance(epsilon: float | None, n: int, p: int, dtype) -> float:
     return max(n, p) * float(jnp.finfo(dtype).eps) if epsilon is None else epsilon
 
 
+def kept_directions(s: Array, n: int, p: int, epsilon: float | None, keep_variance: float | None) -> Array:
+    """``s``: descending singular values of a centred ``(n, p)`` layer → bool mask of the directions kept: above
+    the rank cut-off ``tolerance · s_max`` and, with ``keep_variance``, the smallest number of leading ones whose
+    variance fraction reaches it (SVCCA's SVD step)."""
+    keep = s > tolerance(epsilon, n, p, s.dtype) * s[0]
+    if keep_variance is None:
+        return keep
+    var = jnp.where(keep, s * s, 0.0)
+    frac = jnp.cumsum(var) / jnp.maximum(jnp.sum(var), jnp.finfo(s.dtype).tiny)
+    return keep & jnp.concatenate([jnp.ones((1,), bool), frac[:-1] < keep_variance])
+
+
 def basis(x: Array, epsilon: float | None = None, keep_variance: float | None = None,
           keep_raw: bool = False) -> Basis:
     """``x: (n, p)`` → :class:`Basis`. ``keep_variance``: also keep only the smallest number of leading directions
@@ -52,11 +64,7 @@ def basis(x: Array, epsilon: float | None = None, keep_variance: float | None = 
     n, p = x.shape
     mean = jnp.mean(x, axis=0)
     u, s, vt = jnp.linalg.svd(x - mean, full_matrices=False)
-    keep = s > tolerance(epsilon, n, p, x.dtype) * s[0]
-    if keep_variance is not None:
-        var = jnp.where(keep, s * s, 0.0)
-        frac = jnp.cumsum(var) / jnp.maximum(jnp.sum(var), jnp.finfo(x.dtype).tiny)
-        keep = keep & jnp.concatenate([jnp.ones((1,), bool), frac[:-1] < keep_variance])
+    keep = kept_directions(s, n, p, epsilon, keep_variance)
     return Basis(u * keep, s * keep, vt * keep[:, None], jnp.sum(keep, dtype=jnp.int32), mean,
                  x if keep_raw else None)
 

@@ -35,7 +35,7 @@ from jax.lax import linalg as lax_linalg
 
 from jaxprune.similarity import _linalg
 from jaxprune.similarity._linalg import gram, upper_cholesky, upper_inverse, upper_matmul
-from jaxprune.similarity.cca import _mean, tolerance
+from jaxprune.similarity.cca import _mean, kept_directions, tolerance
 
 Array = jax.Array
 KINDS = ("mean_cca", "svcca")
@@ -61,22 +61,12 @@ def _kappa_estimate(r: Array, iters: int = 6) -> Array:
     return jnp.linalg.norm(r @ big) / jnp.linalg.norm(r @ small)
 
 
-def _leading(values: Array, keep: Array, keep_variance: float | None) -> Array:
-    """``keep`` (descending directions above the rank cut-off) further limited to the smallest number of leading
-    ones whose ``values`` (variances) reach ``keep_variance`` of the kept total (SVCCA's SVD step)."""
-    if keep_variance is None:
-        return keep
-    var = jnp.where(keep, values, 0.0)
-    frac = jnp.cumsum(var) / jnp.maximum(jnp.sum(var), jnp.finfo(values.dtype).tiny)
-    return keep & jnp.concatenate([jnp.ones((1,), bool), frac[:-1] < keep_variance])
-
-
 def _svd_basis(lapack: _linalg.Serial, xc: Array, width: int, keep_variance: float | None,
                epsilon: float | None) -> tuple[Array, Array]:
     """Thin-SVD basis of ``xc: (n, p)``: ``(q (n, width) with dropped directions zeroed, rank)``."""
     n, p = xc.shape
     u, s, _ = lapack(functools.partial(jnp.linalg.svd, full_matrices=False), xc)
-    keep = _leading(s * s, s > tolerance(epsilon, n, p, xc.dtype) * s[0], keep_variance)
+    keep = kept_directions(s, n, p, epsilon, keep_variance)
     return (u * keep)[:, :width], jnp.sum(keep, dtype=jnp.int32)
 
 
@@ -110,8 +100,7 @@ def _factorise(layers: tuple[Array, ...], kind: str, keep_variance: float | None
         u = k = None
         if kind == "svcca":
             u, sv, _ = lapack(jnp.linalg.svd, r2 @ r1)
-            k = jnp.sum(_leading(sv * sv, sv > tolerance(epsilon, n, p, x.dtype) * sv[0], keep_variance),
-                        dtype=jnp.int32)
+            k = jnp.sum(kept_directions(sv, n, p, epsilon, keep_variance), dtype=jnp.int32)
         out.append(Factor(xc, q, c, kappa, u, k))
     return tuple(out)
 
@@ -162,9 +151,9 @@ def _all_pairs(factors: tuple[Factor, ...], plan: tuple, kind: str, keep_varianc
     oy = np.cumsum([0] + [q.shape[1] for q, _, _ in by])
     cross = qx.T @ qy  # every cross product, one GEMM
     # M = cₓᵀ (q_xᵀ q_y) c_y: one product per block row, then one per block column.
-    cross = jnp.concatenate([cross[ox[a]:ox[a + 1]] if c is None else c.T @ cross[ox[a]:ox[a + 1]]
+    cross = jnp.concatenate([cross[ox[a]:ox[a + 1]] if c is None else upper_matmul(cross[ox[a]:ox[a + 1]].T, c).T
                              for a, (_, _, c) in enumerate(bx)], axis=0)
-    cross = jnp.concatenate([cross[:, oy[b]:oy[b + 1]] if c is None else cross[:, oy[b]:oy[b + 1]] @ c
+    cross = jnp.concatenate([cross[:, oy[b]:oy[b + 1]] if c is None else upper_matmul(cross[:, oy[b]:oy[b + 1]], c)
                              for b, (_, _, c) in enumerate(by)], axis=1)
     values = functools.partial(jnp.linalg.svd, compute_uv=False)
     rows = []
