@@ -67,13 +67,13 @@ def upper_matmul(x: Array, u: Array) -> Array:
 
 
 def upper_cholesky(g: Array) -> Array:
+    """``g (p, p)`` symmetric positive definite → upper-triangular ``r`` with ``rᵀr = g`` (NaN where not PD)."""
     return jnp.linalg.cholesky(g).T
 
 
 def upper_inverse(r: Array) -> Array:
+    """``r⁻¹`` of an upper-triangular ``r (p, p)`` (upper triangular too)."""
     return lax_linalg.triangular_solve(r, jnp.eye(r.shape[0], dtype=r.dtype), left_side=True, lower=False)
-
-
 
 
 def gram_sq_norm(x: Array) -> Array:
