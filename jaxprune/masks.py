@@ -58,19 +58,19 @@ def prunable_leaves(params: PyTree, predicate: Callable[[str, Array], bool] = de
     by layer name does); BatchNorm offsets, which sit beside no kernel, stay unpruned.
     """
     pats = compile_patterns(exclude)
-    allowed = lambda path: not any(r.search(path) for r in pats)
-    kernel_of = {path_str(p).rsplit("/", 1)[0] for p, x in jax.tree_util.tree_leaves_with_path(params)
-                 if predicate(path_str(p), x) and path_str(p).endswith("kernel")} if biases else set()
+    leaves = [(path_str(p), x) for p, x in jax.tree_util.tree_leaves_with_path(params)]
+    with_kernel = {path.rpartition("/")[0] for path, x in leaves
+                   if biases and path.endswith("/kernel") and predicate(path, x)}
 
     def prunable(path: str, leaf: Array) -> bool:
         head, _, name = path.rpartition("/")
-        is_bias = name == "bias" and head in kernel_of
-        return (bool(predicate(path, leaf)) or is_bias) and allowed(path)
+        chosen = bool(predicate(path, leaf)) or (name == "bias" and head in with_kernel)
+        return chosen and not any(r.search(path) for r in pats)
 
     tree = jax.tree_util.tree_map_with_path(lambda p, x: prunable(path_str(p), x), params)
     if not any(jax.tree_util.tree_leaves(tree)):
         raise ValueError(f"prunable_leaves: no leaf is prunable (exclude={list(exclude)}); "
-                         f"paths are {[path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]}")
+                         f"paths are {[path for path, _ in leaves]}")
     return tree
 
 

@@ -96,8 +96,9 @@ def make_optimizer(cfg: OptimConfig, schedule: optax.Schedule | float) -> optax.
     ``clip_grad_norm > 0`` clips the gradients' global norm before anything else (before weight decay is added,
     as ``torch.nn.utils.clip_grad_norm_`` before ``optimizer.step()``)."""
     clip = [optax.clip_by_global_norm(cfg.clip_grad_norm)] if cfg.clip_grad_norm else []
-    if cfg.optimizer == "adamw":
-        return optax.chain(*clip, optax.adamw(schedule, weight_decay=cfg.weight_decay))
+    if cfg.optimizer == "adamw":  # unchained without clipping: the optimizer state of existing runs stays as it was
+        adamw = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+        return optax.chain(*clip, adamw) if clip else adamw
     decay = [optax.add_decayed_weights(cfg.weight_decay)] if cfg.weight_decay else []
     if cfg.optimizer == "adam":
         core = optax.adam(schedule)
