@@ -143,15 +143,16 @@ def main() -> None:
           f"BLAS f64 {npr['f64']:.0f}, f32 {npr['f32']:.0f} GFLOP/s")
     cross = 2 * args.n * sum(widths) ** 2 / 1e9
     print(f"the {L * L} cross products alone are {cross:.1f} GFLOP: >= {cross / xla:.2f} s at XLA's f32 rate")
-    # Where the all-pairs route spends its time (f32): per-layer factorisations, then the all-pairs program.
+    # Where the all-pairs route spends its time (f32): the per-layer conditioning program (Gram, Cholesky, κ
+    # estimate), then the all-pairs program (the rest of CholeskyQR2, the cross GEMM, the block SVDs).
     layers = tuple(jnp.asarray(a, jnp.float32) for a in xs + ys)
     for kind, keep in (("mean_cca", None), ("svcca", args.keep_variance)):
-        fac = lambda: cca_pairs._factorise(layers, kind, keep, None)
-        factors = fac()
-        plan = (cca_pairs.routes(kind, factors, None), L, False)
-        pairs = lambda: cca_pairs._all_pairs(factors, plan, kind, keep, None, None)
+        cond = lambda: cca_pairs._condition(layers, kind, keep, None)
+        factors = cond()
+        plan = (cca_pairs.routes(kind, layers, factors, None), L, False)
+        pairs = lambda: cca_pairs._all_pairs(layers, factors, plan, kind, keep, None, None)
         pairs()
-        print(f"{kind} f32 parts: per-layer factorisations {timed(fac, 2)[0]:.2f} s, all pairs {timed(pairs, 2)[0]:.2f} s "
+        print(f"{kind} f32 parts: per-layer conditioning {timed(cond, 2)[0]:.2f} s, all pairs {timed(pairs, 2)[0]:.2f} s "
               f"(routes: {sum(f for f, _ in plan[0])} of {2 * L} layers CholeskyQR2)")
 
     print(f"\n{'metric':<11} {'implementation':<62} {'seconds':>8}  speed-up vs the rows above   max |diff|")

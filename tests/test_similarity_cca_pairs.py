@@ -39,10 +39,42 @@ def ref_correlations(x, y, keep: float | None = None) -> np.ndarray:
 @pytest.mark.parametrize("p", [3, 512, 513, 700, 1100])
 def test_half_cost_products_equal_plain_products(p, x64):
     rng = np.random.default_rng(p)
-    x, u = rng.normal(size=(40, p)), np.triu(rng.normal(size=(p, p)))
+    x = rng.normal(size=(40, p))
     np.testing.assert_allclose(_linalg.gram(jnp.asarray(x)), x.T @ x, rtol=1e-12, atol=1e-10)
-    np.testing.assert_allclose(_linalg.upper_matmul(jnp.asarray(x), jnp.asarray(u)), x @ u, rtol=1e-12, atol=1e-10)
     np.testing.assert_allclose(_linalg.gram_sq_norm(jnp.asarray(x)), np.sum((x.T @ x) ** 2), rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(7, 3), (300, 64)])
+def test_triangular_solves_invert_the_upper_factor(shape, x64):
+    m, p = shape
+    rng = np.random.default_rng(m)
+    r = np.triu(rng.normal(size=(p, p))) + 3.0 * np.eye(p)
+    b, c = rng.normal(size=(p, m)), rng.normal(size=(m, p))
+    R = jnp.asarray(r)
+    np.testing.assert_allclose(r @ np.asarray(_linalg.solve_upper(R, jnp.asarray(b))), b, atol=1e-10)
+    np.testing.assert_allclose(r.T @ np.asarray(_linalg.solve_upper(R, jnp.asarray(b), transpose=True)), b, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(_linalg.solve_upper(R, jnp.asarray(c), right=True)) @ r, c, atol=1e-10)
+
+
+def test_serial_calls_depend_on_the_previous_result_values_unchanged():
+    """The deadlock guard's dependency: ``serial(fn, …)`` gates every floating argument on the previous result,
+    ``serial.op`` only the smallest (its consumer is one op reading all of them); integers and values untouched."""
+    big, small, count = jnp.arange(12.0).reshape(4, 3), jnp.ones((2, 2)), jnp.asarray(3)
+
+    def gated(smallest_only):
+        def run(token, a, b, c):
+            serial = _linalg.Serial()
+            serial.token = token
+            return (serial.op if smallest_only else serial)(lambda *args: args, a, b, c)
+        jaxpr = jax.make_jaxpr(run)(jnp.float32(1.0), big, small, count).jaxpr
+        outs = jax.jit(run)(jnp.float32(np.inf), big, small, count)  # a non-finite token still adds exactly 0
+        for got, want in zip(outs, (big, small, count)):
+            np.testing.assert_array_equal(got, want)
+        gated_shapes = {tuple(e.outvars[0].aval.shape) for e in jaxpr.eqns if e.primitive.name == "add"}
+        return gated_shapes
+
+    assert gated(False) == {(4, 3), (2, 2)}
+    assert gated(True) == {(2, 2)}
 
 
 @pytest.mark.parametrize("kappa", [1.0, 30.0, 1e3, 1e6])
@@ -60,18 +92,22 @@ def test_condition_estimate_is_a_close_lower_bound(kappa, x64):
 
 # ------------------------------------------------------------------------------------------------------ routes
 def _factor(kind: str, *layers, keep: float | None = None):
-    fs = cca_pairs._factorise(tuple(jnp.asarray(a, jnp.float32) for a in layers), kind, keep, None)
-    return fs, cca_pairs.routes(kind, fs, None)
+    layers = tuple(jnp.asarray(a, jnp.float32) for a in layers)
+    fs = cca_pairs._condition(layers, kind, keep, None)
+    return fs, cca_pairs.routes(kind, layers, fs, None)
 
 
 def test_cholesky_qr2_basis_is_orthonormal_and_spans_the_layer():
-    """Well-conditioned layer: the CholeskyQR2 route, q·c orthonormal to float32 rounding, spanning the centred
-    layer; R₂ a small correction (c ≠ I)."""
+    """Well-conditioned layer: the CholeskyQR2 route, q R₂⁻¹ orthonormal to float32 rounding, spanning the centred
+    layer; R₂ a small correction (≠ I)."""
     x = relu_layers(0, 2000, (300,))[0]
     (f,), (route,) = _factor("mean_cca", x)
-    assert route == (True, 300) and float(jnp.max(jnp.abs(f.c - jnp.eye(300)))) > 1e-6
-    b = np.asarray(f.q @ f.c, np.float64)
-    np.testing.assert_allclose(b.T @ b, np.eye(300), atol=2e-6)
+    xc = jnp.asarray(x - x.mean(0), jnp.float32)
+    q, r2 = jax.jit(lambda a, r: cca_pairs._cholesky_qr2(_linalg.Serial(), a, r))(xc, f.r1)
+    r2 = np.asarray(r2, np.float64)
+    assert route == (True, 300) and np.max(np.abs(r2 - np.eye(300))) > 1e-6
+    b = np.linalg.solve(r2.T, np.asarray(q, np.float64).T).T  # q R₂⁻¹
+    np.testing.assert_allclose(b.T @ b, np.eye(300), atol=1e-5)  # float32: a few √p·eps
     xc = x - x.mean(0)
     assert np.linalg.norm(xc - b @ (b.T @ xc)) < 1e-5 * np.linalg.norm(xc)
 
@@ -86,7 +122,7 @@ def test_routes_follow_conditioning():
         fs, r = _factor(kind, *good, dead, graded, keep=0.99 if kind == "svcca" else None)
         assert [fast for fast, _ in r] == [True, True, False, False]
         assert [w for _, w in r[2:]] == [200, 40]
-        assert cca_pairs.routes(kind, *_factor(kind, wide)[:1], None) == ((False, 50),)
+        assert _factor(kind, wide)[1] == ((False, 50),)
     (f,), ((fast, width),) = _factor("svcca", good[0], keep=0.99)
     k_ref = int(np.argmax(np.cumsum(np.linalg.svd(good[0] - good[0].mean(0), compute_uv=False) ** 2)
                           / np.sum((good[0] - good[0].mean(0)) ** 2) >= 0.99)) + 1
@@ -100,7 +136,7 @@ def test_svcca_subspace_as_accurate_as_a_thin_svd():
     u, s, _ = np.linalg.svd(x - x.mean(0), full_matrices=False)
     k = int(np.argmax(np.cumsum(s**2) / np.sum(s**2) >= 0.99)) + 1
     fs, r = _factor("svcca", x, keep=0.99)
-    q, rank, _ = cca_pairs._basis(_linalg.Serial(), fs[0], r[0], "svcca", 0.99, None)
+    q, rank, _ = cca_pairs._basis(_linalg.Serial(), jnp.asarray(x, jnp.float32), fs[0], r[0], "svcca", 0.99, None)
     assert int(rank) == k
     cos = np.linalg.svd(u[:, :k].T @ np.asarray(q, np.float64)[:, :k], compute_uv=False)
     u32 = np.asarray(jnp.linalg.svd(jnp.asarray(x - x.mean(0), jnp.float32), full_matrices=False)[0], np.float64)

@@ -10,35 +10,47 @@ Array = jax.Array
 _LEAF = 256  # blocks of at most 2·_LEAF columns are multiplied whole
 
 
-def after(x, token):
-    """``x`` (a pytree of float arrays), made to depend on ``token`` (any pytree), values unchanged.
+def after(x, token, *, smallest_only: bool = False):
+    """``x`` (a pytree of arrays), made to depend on ``token`` (any pytree), values unchanged.
 
     Used to run the LAPACK factorisations of independent layers one after another inside one jitted program:
     jaxlib 0.10.2's CPU LAPACK kernels split a batched call over XLA's intra-op thread pool and block a pool
     thread while waiting, so as many concurrent SVD/eigh calls as the pool has threads (2 on a 2-core machine)
     deadlock the process. XLA:CPU runs independent ops concurrently by data dependencies (an
-    ``optimization_barrier`` is dropped after scheduling), so the dependency is a real one: ``x + 0·t`` with a
-    finite scalar ``t`` taken from ``token`` (exactly ``x``; XLA does not fold ``0·t`` for floats).
+    ``optimization_barrier`` is dropped after scheduling), so the dependency is a real one: ``a + 0·t`` with a
+    finite scalar ``t`` taken from ``token`` (exactly ``a``; XLA does not fold ``0·t`` for floats), on every
+    floating leaf ``a`` — or, with ``smallest_only``, on the smallest one only, which suffices when the consumer is
+    one op reading every leaf (it cannot start before all its operands exist) and spares copying the large ones.
     Each call stays internally parallel.
     """
-    if token is None:
+    leaves, tree = jax.tree_util.tree_flatten(x)
+    floating = [i for i, a in enumerate(leaves) if jnp.issubdtype(a.dtype, jnp.floating)]
+    if token is None or not floating:
         return x
     t = jnp.nan_to_num(jax.tree_util.tree_leaves(token)[0].ravel()[0].astype(jnp.float32), posinf=0.0, neginf=0.0)
-    return jax.tree_util.tree_map(
-        lambda a: a + (0.0 * t).astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, x)
+    for i in [min(floating, key=lambda j: leaves[j].size)] if smallest_only else floating:
+        leaves[i] = leaves[i] + (0.0 * t).astype(leaves[i].dtype)
+    return jax.tree_util.tree_unflatten(tree, leaves)
 
 
 class Serial:
     """Calls that run one after another inside a traced program: ``serial(fn, *args)`` is ``fn(*args)`` with the
     arguments made to depend (:func:`after`) on the previous call's result. Used for the LAPACK-backed calls
     (SVD, eigh, Cholesky, triangular solves) only, so at most one runs at a time while XLA's own ops (GEMMs,
-    elementwise work) still overlap with them."""
+    elementwise work) still overlap with them. ``serial.op(fn, *args)``: the same for an ``fn`` that is a single
+    op reading all its arguments (one triangular solve, say): only the smallest argument carries the dependency."""
 
     def __init__(self):
         self.token = None
 
     def __call__(self, fn, *args, **kwargs):
-        out = fn(*after(args, self.token), **kwargs)
+        return self._run(fn, args, kwargs, smallest_only=False)
+
+    def op(self, fn, *args, **kwargs):
+        return self._run(fn, args, kwargs, smallest_only=True)
+
+    def _run(self, fn, args, kwargs, smallest_only: bool):
+        out = fn(*after(args, self.token, smallest_only=smallest_only), **kwargs)
         self.token = out
         return out
 
@@ -55,25 +67,22 @@ def gram(x: Array) -> Array:
     return jnp.block([[gram(a), ab], [ab.T, gram(b)]])
 
 
-def upper_matmul(x: Array, u: Array) -> Array:
-    """``x (n, p) @ u (p, p)`` for upper-triangular ``u`` without multiplying its zero lower block triangle
-    (≈ ``n·p²`` flops instead of ``2·n·p²``)."""
-    p = u.shape[0]
-    if p <= 2 * _LEAF:
-        return x @ u
-    h = p // 2
-    left = upper_matmul(x[:, :h], u[:h, :h])
-    return jnp.concatenate([left, x[:, :h] @ u[:h, h:] + upper_matmul(x[:, h:], u[h:, h:])], axis=1)
-
-
 def upper_cholesky(g: Array) -> Array:
     """``g (p, p)`` symmetric positive definite → upper-triangular ``r`` with ``rᵀr = g`` (NaN where not PD)."""
     return jnp.linalg.cholesky(g).T
 
 
-def upper_inverse(r: Array) -> Array:
-    """``r⁻¹`` of an upper-triangular ``r (p, p)`` (upper triangular too)."""
-    return lax_linalg.triangular_solve(r, jnp.eye(r.shape[0], dtype=r.dtype), left_side=True, lower=False)
+def solve_upper(r: Array, b: Array, *, right: bool = False, transpose: bool = False) -> Array:
+    """Triangular solve with an upper-triangular ``r (p, p)``: ``r⁻¹ b`` (``b: (p, m)``), ``r⁻ᵀ b``
+    (``transpose=True``) or, with ``right=True``, ``b r⁻¹`` (``b: (m, p)``). A BLAS ``trsm`` on CPU: ``m·p²`` flops
+    (half a GEMM's) at the BLAS library's rate — for ``X̃ R⁻¹`` with ``n ≫ p`` markedly faster than inverting
+    ``r`` and multiplying with XLA's dot. LAPACK-class: serialise it (:class:`Serial`).
+
+    Posed on the transposes (``(b r⁻¹)ᵀ = r⁻ᵀ bᵀ`` …, with ``rᵀ`` as the lower factor): the BLAS call takes
+    column-major operands, and a row-major ``b`` is ``bᵀ`` in column-major order, so no transposed copy of ``b``
+    (an ``n × p`` layer, say) is made."""
+    # b r⁻¹ = (L⁻¹ bᵀ)ᵀ, r⁻ᵀ b = (bᵀ L⁻ᵀ)ᵀ, r⁻¹ b = (bᵀ L⁻¹)ᵀ with L = rᵀ lower triangular.
+    return lax_linalg.triangular_solve(r.T, b.T, left_side=right, lower=True, transpose_a=transpose).T
 
 
 def gram_sq_norm(x: Array) -> Array:

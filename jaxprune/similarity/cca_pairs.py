@@ -5,18 +5,21 @@ directions) and, per pair, the singular values of ``Q_xᵀ Q_y``. The single-pai
 from a thin SVD of each centred layer. Here a layer ``X̃ (n, p)``, ``p ≤ n``, takes CholeskyQR2 instead where float
 arithmetic makes it as accurate, and the thin SVD otherwise:
 
-* **factorise** (one program, every layer): ``G = X̃ᵀX̃`` (upper block triangle only), ``G = R₁ᵀR₁``,
-  ``q = X̃ R₁⁻¹``, ``qᵀq = R₂ᵀR₂``; ``q R₂⁻¹`` is then orthonormal to rounding and ``R = R₂R₁`` is the R factor of a
-  backward-stable QR of ``X̃`` (Yamamoto et al. 2015: CholeskyQR2 for ``κ(X̃) ≲ eps^-½``). SVCCA also takes the SVD
-  ``R = U_R Σ V_Rᵀ`` — the singular values and left singular vectors of ``X̃`` (in the basis ``q R₂⁻¹``) as
-  accurately as a thin SVD of ``X̃`` gives them, at ``p × p`` size — and the number ``k`` of leading directions
-  holding ``keep_variance``.
+* **condition** (one program, every layer): ``G = X̃ᵀX̃`` (upper block triangle only), ``G = R₁ᵀR₁`` and an
+  estimate of ``κ(X̃) = κ(R₁)``. The rest of CholeskyQR2 (Yamamoto et al. 2015, accurate for ``κ(X̃) ≲ eps^-½``):
+  ``q = X̃ R₁⁻¹``, ``qᵀq = R₂ᵀR₂``; ``q R₂⁻¹`` is orthonormal to rounding and ``R = R₂R₁`` is the R factor of a
+  backward-stable QR of ``X̃``. SVCCA runs it here, with the SVD ``R = U_R Σ V_Rᵀ`` — the singular values and left
+  singular vectors of ``X̃`` (in the basis ``q R₂⁻¹``) as accurately as a thin SVD of ``X̃`` gives them, at
+  ``p × p`` size — and the number ``k`` of leading directions holding ``keep_variance``. Mean CCA runs it in the
+  all-pairs program instead, so its ``n × p`` bases never cross a program boundary (each crossing costs layout
+  copies of the triangular solve's column-major output).
 * **route** (host): the CholeskyQR2 route where the estimated ``κ(X̃) ≤ 0.1·eps^-½`` (and, for mean CCA, also
   ``≤ 0.1/epsilon``: no direction is near the rank cut-off, so none would be dropped); every other layer
   (rank-deficient, dead units, ``p > n``) takes the thin SVD with the rank truncation of :mod:`.cca`. SVCCA's widths
   ``k`` become static here (rounded up to a multiple of 32), so the products and SVDs below run on ``k`` columns.
-* **all pairs** (one program): per layer a basis ``(q, c)`` with ``q c`` orthonormal; every cross product
-  ``q_xᵀ q_y`` as **one** GEMM; per block ``M = cₓᵀ (q_xᵀ q_y) c_y`` and its singular values (the canonical
+* **all pairs** (one program): per layer a basis — mean CCA ``(q, R₂)`` with ``q R₂⁻¹`` orthonormal, SVCCA
+  ``q R₂⁻¹ U_R`` (leading ``k`` columns); every cross product ``q_xᵀ q_y`` as **one** GEMM; per block
+  ``M = R₂ₓ⁻ᵀ (q_xᵀ q_y) R₂ᵧ⁻¹`` (mean CCA; triangular solves) and its singular values (the canonical
   correlations).
 
 ``eps`` is the machine epsilon of the computation dtype. Results agree with the single-pair functions to rounding
@@ -34,7 +37,7 @@ import numpy as np
 from jax.lax import linalg as lax_linalg
 
 from jaxprune.similarity import _linalg
-from jaxprune.similarity._linalg import gram, upper_cholesky, upper_inverse, upper_matmul
+from jaxprune.similarity._linalg import gram, solve_upper, upper_cholesky
 from jaxprune.similarity.cca import _mean, kept_directions, tolerance
 
 Array = jax.Array
@@ -70,51 +73,63 @@ def _svd_basis(lapack: _linalg.Serial, xc: Array, width: int, keep_variance: flo
     return (u * keep)[:, :width], jnp.sum(keep, dtype=jnp.int32)
 
 
-# ------------------------------------------------------------------------------------------------ factorise
+# ------------------------------------------------------------------------------------------------ condition
 class Factor(NamedTuple):
-    """One layer after :func:`_factorise` (the CholeskyQR2 fields are None when ``p > n``)."""
+    """One layer ``X (n, p)`` after :func:`_condition` (all fields None when ``p > n``). Mean CCA: only ``p × p``
+    and scalar outputs, so no ``n × p`` array leaves that program (each would cost layout copies)."""
 
-    xc: Array  # (n, p) the centred layer
-    q: Array | None  # (n, p) X̃ R₁⁻¹
-    c: Array | None  # (p, p) R₂⁻¹: q c has orthonormal columns
+    r1: Array | None  # (p, p) upper triangular, R₁ᵀR₁ = X̃ᵀX̃
     kappa: Array | None  # () estimate of κ(X̃)
-    u: Array | None  # SVCCA: (p, p) left singular vectors of R₂R₁, descending
+    q: Array | None  # SVCCA: (n, p) X̃ R₁⁻¹
+    w: Array | None  # SVCCA: (p, p) R₂⁻¹ U_R (U_R: left singular vectors of R₂R₁, descending); q w = the left
+    #                  singular vectors of X̃
     k: Array | None  # SVCCA: () leading directions kept (rank cut-off, then keep_variance)
 
 
+def _centred(x: Array) -> Array:
+    return x - jnp.mean(x, axis=0)
+
+
+def _cholesky_qr2(lapack: _linalg.Serial, xc: Array, r1: Array) -> tuple[Array, Array]:
+    """Second half of CholeskyQR2 for ``xc: (n, p)`` given ``r1 = chol(xcᵀxc)``: ``(q = xc R₁⁻¹ (n, p), R₂ (p, p))``
+    with ``qᵀq = R₂ᵀR₂``, so ``q R₂⁻¹`` is orthonormal to rounding."""
+    q = lapack.op(functools.partial(solve_upper, right=True), r1, xc)
+    return q, lapack(upper_cholesky, gram(q))
+
+
 @functools.partial(jax.jit, static_argnames=("kind", "keep_variance", "epsilon"))
-def _factorise(layers: tuple[Array, ...], kind: str, keep_variance: float | None, epsilon: float | None
+def _condition(layers: tuple[Array, ...], kind: str, keep_variance: float | None, epsilon: float | None
                ) -> tuple[Factor, ...]:
     out, lapack = [], _linalg.Serial()
     for x in layers:
-        xc = x - jnp.mean(x, axis=0)
         n, p = x.shape
         if p > n:
-            out.append(Factor(xc, None, None, None, None, None))
+            out.append(Factor(None, None, None, None, None))
             continue
+        xc = _centred(x)
         r1 = lapack(upper_cholesky, gram(xc))
         kappa = lapack(_kappa_estimate, r1)
-        q = upper_matmul(xc, lapack(upper_inverse, r1))
-        r2 = lapack(upper_cholesky, gram(q))
-        c = lapack(upper_inverse, r2)
-        u = k = None
-        if kind == "svcca":
+        q = w = k = None
+        if kind == "svcca":  # its static widths need the exact k on the host: the rest of CholeskyQR2 here
+            q, r2 = _cholesky_qr2(lapack, xc, r1)
             u, sv, _ = lapack(jnp.linalg.svd, r2 @ r1)
+            w = lapack.op(solve_upper, r2, u)
             k = jnp.sum(kept_directions(sv, n, p, epsilon, keep_variance), dtype=jnp.int32)
-        out.append(Factor(xc, q, c, kappa, u, k))
+        out.append(Factor(r1, kappa, q, w, k))
     return tuple(out)
 
 
-def routes(kind: str, factors: tuple[Factor, ...], epsilon: float | None) -> tuple[tuple[bool, int], ...]:
+def routes(kind: str, layers: Sequence[Array], factors: tuple[Factor, ...], epsilon: float | None
+           ) -> tuple[tuple[bool, int], ...]:
     """Per layer ``(CholeskyQR2 route?, width)``, read on the host: the route where CholeskyQR2 is accurate (see
     the module docstring), the width ``p`` (mean CCA) or ``k`` rounded up to a multiple of 32 (SVCCA); the thin SVD
     at width ``min(n, p)`` otherwise."""
     out = []
-    for f in factors:
-        n, p = f.xc.shape
-        limit = 0.1 / float(jnp.finfo(f.xc.dtype).eps) ** 0.5
+    for x, f in zip(layers, factors):
+        n, p = x.shape
+        limit = 0.1 / float(jnp.finfo(x.dtype).eps) ** 0.5
         if kind == "mean_cca":
-            tol = tolerance(epsilon, n, p, f.xc.dtype)
+            tol = tolerance(epsilon, n, p, x.dtype)
             limit = min(limit, 0.1 / tol if tol > 0 else np.inf)
         if f.kappa is not None and float(f.kappa) <= limit:  # NaN (a failed Cholesky) is not
             out.append((True, p if kind == "mean_cca" else _round_width(int(f.k), p)))
@@ -123,38 +138,42 @@ def routes(kind: str, factors: tuple[Factor, ...], epsilon: float | None) -> tup
     return tuple(out)
 
 
-def _basis(lapack: _linalg.Serial, f: Factor, route: tuple[bool, int], kind: str, keep_variance: float | None,
-           epsilon: float | None) -> tuple[Array, Array, Array | None]:
-    """``(q (n, width), rank, c)``: ``q c`` (or ``q`` when ``c`` is None) has orthonormal columns spanning the
+def _basis(lapack: _linalg.Serial, x: Array, f: Factor, route: tuple[bool, int], kind: str,
+           keep_variance: float | None, epsilon: float | None) -> tuple[Array, Array, Array | None]:
+    """``(q (n, width), rank, r2)``: ``q r2⁻¹`` (or ``q`` when ``r2`` is None) has orthonormal columns spanning the
     kept directions (the first ``rank``; the others are zero)."""
     fast, width = route
     if not fast:
-        return (*_svd_basis(lapack, f.xc, width, keep_variance, epsilon), None)
+        return (*_svd_basis(lapack, _centred(x), width, keep_variance, epsilon), None)
     if kind == "mean_cca":
-        return f.q, jnp.asarray(width, jnp.int32), f.c
+        q, r2 = _cholesky_qr2(lapack, _centred(x), f.r1)
+        return q, jnp.asarray(width, jnp.int32), r2
     mask = (jnp.arange(width) < f.k).astype(f.q.dtype)
-    return f.q @ ((f.c @ f.u[:, :width]) * mask), f.k, None  # q R₂⁻¹ U_R: the leading left singular vectors
+    return f.q @ (f.w[:, :width] * mask), f.k, None  # the leading left singular vectors
 
 
 # ---------------------------------------------------------------------------------------------------- all pairs
 @functools.partial(jax.jit, static_argnames=("plan", "kind", "keep_variance", "truncate", "epsilon"))
-def _all_pairs(factors: tuple[Factor, ...], plan: tuple, kind: str, keep_variance: float | None,
-               truncate: float | None, epsilon: float | None) -> Array:
-    """``plan = (routes, num_x, same)`` → ``(Lx, Ly)`` means of the canonical correlations."""
+def _all_pairs(layers: tuple[Array, ...], factors: tuple[Factor, ...], plan: tuple, kind: str,
+               keep_variance: float | None, truncate: float | None, epsilon: float | None) -> Array:
+    """``plan = (routes, num_x, same)`` → ``(Lx, Ly)`` means of the canonical correlations (``factors``:
+    :func:`_condition` of the same ``layers``)."""
     route_of, num_x, same = plan
     lapack = _linalg.Serial()
-    bases = [_basis(lapack, f, r, kind, keep_variance, epsilon) for f, r in zip(factors, route_of)]
+    bases = [_basis(lapack, x, f, r, kind, keep_variance, epsilon) for x, f, r in zip(layers, factors, route_of)]
     bx, by = bases[:num_x], (bases[:num_x] if same else bases[num_x:])
     qx = jnp.concatenate([q for q, _, _ in bx], axis=1)
     qy = qx if same else jnp.concatenate([q for q, _, _ in by], axis=1)
     ox = np.cumsum([0] + [q.shape[1] for q, _, _ in bx])
     oy = np.cumsum([0] + [q.shape[1] for q, _, _ in by])
     cross = qx.T @ qy  # every cross product, one GEMM
-    # M = cₓᵀ (q_xᵀ q_y) c_y: one product per block row, then one per block column.
-    cross = jnp.concatenate([cross[ox[a]:ox[a + 1]] if c is None else upper_matmul(cross[ox[a]:ox[a + 1]].T, c).T
-                             for a, (_, _, c) in enumerate(bx)], axis=0)
-    cross = jnp.concatenate([cross[:, oy[b]:oy[b + 1]] if c is None else upper_matmul(cross[:, oy[b]:oy[b + 1]], c)
-                             for b, (_, _, c) in enumerate(by)], axis=1)
+    # M = R₂ₓ⁻ᵀ (q_xᵀ q_y) R₂ᵧ⁻¹: one triangular solve per block row, then one per block column.
+    cross = jnp.concatenate([cross[ox[a]:ox[a + 1]] if r is None else
+                             lapack.op(functools.partial(solve_upper, transpose=True), r, cross[ox[a]:ox[a + 1]])
+                             for a, (_, _, r) in enumerate(bx)], axis=0)
+    cross = jnp.concatenate([cross[:, oy[b]:oy[b + 1]] if r is None else
+                             lapack.op(functools.partial(solve_upper, right=True), r, cross[:, oy[b]:oy[b + 1]])
+                             for b, (_, _, r) in enumerate(by)], axis=1)
     values = functools.partial(jnp.linalg.svd, compute_uv=False)
     rows = []
     for a, (_, rank_x, _) in enumerate(bx):
@@ -181,5 +200,7 @@ def all_pairs(kind: str, xs: Sequence[Array], ys: Sequence[Array] | None, *, kee
         raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
     same = ys is None
     keep = keep_variance if kind == "svcca" else None
-    factors = _factorise(tuple(xs) if same else tuple(xs) + tuple(ys), kind, keep, epsilon)
-    return _all_pairs(factors, (routes(kind, factors, epsilon), len(xs), same), kind, keep, truncate, epsilon)
+    layers = tuple(xs) if same else tuple(xs) + tuple(ys)
+    factors = _condition(layers, kind, keep, epsilon)
+    plan = (routes(kind, layers, factors, epsilon), len(xs), same)
+    return _all_pairs(layers, factors, plan, kind, keep, truncate, epsilon)
