@@ -141,6 +141,13 @@ def main() -> None:
            (("f64", (a, b)), ("f32", (a.astype(np.float32), b.astype(np.float32))))}
     print(f"GEMM rates, ({args.n}x{max(widths)})ᵀ({args.n}x{max(widths)}): XLA f32 {xla:.0f} GFLOP/s; numpy's "
           f"BLAS f64 {npr['f64']:.0f}, f32 {npr['f32']:.0f} GFLOP/s")
+    narrow = {}
+    for w in (128, 500):  # the per-layer passes run at these widths' rates
+        u32, v32 = a32[:, :w] + 0, b32[:, :w] + 0
+        gemm(u32, v32).block_until_ready()
+        narrow[w] = 2 * args.n * w * w / timed(lambda: gemm(u32, v32), 5)[0] / 1e9
+    print("XLA f32 at narrower widths, (n x w)ᵀ(n x w): " + ", ".join(f"w={w} {r:.0f}" for w, r in narrow.items())
+          + " GFLOP/s")
     cross = 2 * args.n * sum(widths) ** 2 / 1e9
     print(f"the {L * L} cross products alone are {cross:.1f} GFLOP: >= {cross / xla:.2f} s at XLA's f32 rate")
     # Where the all-pairs route spends its time (f32): the per-layer conditioning program (Gram, Cholesky, κ
