@@ -79,8 +79,9 @@ def solve_upper(r: Array, b: Array, *, right: bool = False, transpose: bool = Fa
     ``r`` and multiplying with XLA's dot. LAPACK-class: serialise it (:class:`Serial`).
 
     Posed on the transposes (``(b r⁻¹)ᵀ = r⁻ᵀ bᵀ`` …, with ``rᵀ`` as the lower factor): the BLAS call takes
-    column-major operands, and a row-major ``b`` is ``bᵀ`` in column-major order, so no transposed copy of ``b``
-    (an ``n × p`` layer, say) is made."""
+    column-major operands, and a row-major ``b`` is ``bᵀ`` in column-major order, so the operand ``b`` (an
+    ``n × p`` layer, say) needs no transposed copy. XLA's layout assignment may still relayout the result (twice
+    when it is returned from a jitted program, seen in the compiled HLO): keep such results inside the program."""
     # b r⁻¹ = (L⁻¹ bᵀ)ᵀ, r⁻ᵀ b = (bᵀ L⁻ᵀ)ᵀ, r⁻¹ b = (bᵀ L⁻¹)ᵀ with L = rᵀ lower triangular.
     return lax_linalg.triangular_solve(r.T, b.T, left_side=right, lower=True, transpose_a=transpose).T
 
