@@ -1,5 +1,5 @@
-"""Dense building blocks of the similarity code: Gram matrices and triangular products that skip the redundant
-half of their flops, and the serialisation of LAPACK-backed calls inside a traced program."""
+"""Dense building blocks of the similarity code: Gram matrices that skip the redundant half of their flops,
+triangular solves, and the serialisation of LAPACK-backed calls inside a traced program."""
 from __future__ import annotations
 
 import jax

@@ -38,7 +38,7 @@ from jax.lax import linalg as lax_linalg
 
 from jaxprune.similarity import _linalg
 from jaxprune.similarity._linalg import gram, solve_upper, upper_cholesky
-from jaxprune.similarity.cca import _mean, kept_directions, tolerance
+from jaxprune.similarity.cca import _mean, basis, kept_directions, tolerance
 
 Array = jax.Array
 KINDS = ("mean_cca", "svcca")
@@ -62,15 +62,6 @@ def _kappa_estimate(r: Array, iters: int = 6) -> Array:
     big = jax.lax.fori_loop(0, iters, up, unit(v0))
     small = jax.lax.fori_loop(0, iters, down, unit(v0))
     return jnp.linalg.norm(r @ big) / jnp.linalg.norm(r @ small)
-
-
-def _svd_basis(lapack: _linalg.Serial, xc: Array, width: int, keep_variance: float | None,
-               epsilon: float | None) -> tuple[Array, Array]:
-    """Thin-SVD basis of ``xc: (n, p)``: ``(q (n, width) with dropped directions zeroed, rank)``."""
-    n, p = xc.shape
-    u, s, _ = lapack(functools.partial(jnp.linalg.svd, full_matrices=False), xc)
-    keep = kept_directions(s, n, p, epsilon, keep_variance)
-    return (u * keep)[:, :width], jnp.sum(keep, dtype=jnp.int32)
 
 
 # ------------------------------------------------------------------------------------------------ condition
@@ -144,7 +135,8 @@ def _basis(lapack: _linalg.Serial, x: Array, f: Factor, route: tuple[bool, int],
     kept directions (the first ``rank``; the others are zero)."""
     fast, width = route
     if not fast:
-        return (*_svd_basis(lapack, _centred(x), width, keep_variance, epsilon), None)
+        b = lapack(basis, x, epsilon=epsilon, keep_variance=keep_variance)  # the single-pair functions' thin SVD
+        return b.u[:, :width], b.rank, None
     if kind == "mean_cca":
         q, r2 = _cholesky_qr2(lapack, _centred(x), f.r1)
         return q, jnp.asarray(width, jnp.int32), r2

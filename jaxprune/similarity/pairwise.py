@@ -6,8 +6,8 @@ scalar. Layers are grouped by shape; within a group ``prepare`` is ``vmap``-ed, 
 one ``vmap(vmap(compare))`` inside one jitted program — the only Python loop is over the (few) distinct shapes,
 never over pairs. Two metrics have faster routes: linear CKA forms every cross product in one GEMM
 (:func:`cka.linear_cka_all_pairs`); mean CCA and SVCCA on concrete arrays go through :mod:`.cca_pairs` (two jitted
-programs — per-layer CholeskyQR2 factorisations, then all pairs with one GEMM — with each layer's route chosen on
-the host in between; under a caller's ``jit`` they take the SVD route above).
+programs — per-layer Gram, Cholesky and condition estimate, then CholeskyQR2 bases and all pairs with one GEMM —
+with each layer's route chosen on the host in between; under a caller's ``jit`` they take the SVD route above).
 
 Stacks: a layer given as ``(s, n, p)`` is a stack of ``s`` networks (e.g. IMP levels). If ``xs`` is stacked and
 ``ys`` is not, the result is ``(s, Lx, Ly)`` (every level against the same reference); if both are stacked (same
