@@ -371,6 +371,23 @@ def test_public_functions_work_under_jit_and_vmap():
         np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("name", ALL + ("cca", "cka_from_grams", "nbs_from_grams"))
+def test_non_finite_input_inside_jit_gives_nan_not_a_plausible_value(name):
+    """Inside jit values cannot be checked; a NaN or Inf must come out as NaN (the zero-variance guards would
+    otherwise report similarity 0), and finite inputs must be unaffected."""
+    x, y = related(16)
+    f = {**SINGLE, "cca": S.cca, "cka_from_grams": S.cka_from_grams, "nbs_from_grams": S.nbs_from_grams}[name]
+    grams = name.endswith("from_grams")
+    prep = (lambda a: a @ a.T) if grams else (lambda a: a)
+    jitted = jax.jit(lambda a, b: f(prep(a), prep(b)))
+    np.testing.assert_allclose(jitted(x, y), f(prep(x), prep(y)), atol=1e-6)
+    for bad in (np.nan, np.inf, -np.inf):
+        xb = x.copy()
+        xb[7, 1] = bad
+        assert np.isnan(np.asarray(jitted(xb, y))).all(), (name, bad)
+        assert np.isnan(np.asarray(jitted(y if not grams else x, xb))).all(), (name, bad)
+
+
 def test_flatten_conv():
     a = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
     f, p = S.flatten_conv(a, "flatten"), S.flatten_conv(a, "pixel")

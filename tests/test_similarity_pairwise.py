@@ -110,6 +110,35 @@ def test_minibatch_cka_matches_nguyen_formula_over_batches():
             np.testing.assert_allclose(got[i, 0], num / den, atol=1e-10)
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_pairwise_inside_jit_gives_nan_exactly_for_pairs_with_a_non_finite_layer(name):
+    """Under jit the values are not checked: pairs involving a NaN/Inf layer (or stack member) are NaN, every
+    other pair keeps its value (nothing leaks through the shared all-pairs products)."""
+    xs, ys = layers(21, 60, (5, 3, 5)), layers(22, 60, (4, 5))
+    bad = [x.copy() for x in xs]
+    bad[0][4, 2] = np.nan
+    want = np.asarray(S.pairwise(name, xs, ys))
+    got = np.asarray(jax.jit(lambda a, b: S.pairwise(name, a, b))(bad, ys))
+    assert np.isnan(got[0]).all()
+    np.testing.assert_allclose(got[1:], want[1:], atol=1e-5)
+    got = np.asarray(jax.jit(lambda a: S.pairwise(name, a))(bad))  # against itself: row and column 0
+    assert np.isnan(got[0]).all() and np.isnan(got[:, 0]).all()
+    np.testing.assert_allclose(got[1:, 1:], np.asarray(S.pairwise(name, xs[1:])), atol=1e-5)
+    stacks = [np.stack([x, b]) for x, b in zip(xs, bad)]  # member 1 of layer 0 is the bad one
+    got = np.asarray(jax.jit(lambda a, b: S.pairwise(name, a, b))(stacks, ys))
+    assert np.isnan(got[1, 0]).all() and np.isfinite(np.delete(got.reshape(-1, len(ys)), 3, axis=0)).all()
+    np.testing.assert_allclose(got[0], want, atol=1e-5)
+
+
+def test_minibatch_cka_refuses_sums_poisoned_inside_jit():
+    xs = layers(23, 40, (4, 6))
+    bad = [xs[0].copy(), xs[1]]
+    bad[0][2, 1] = np.inf
+    state = jax.jit(S.minibatch_cka_update)(S.minibatch_cka_init(2), bad)
+    with pytest.raises(ValueError, match="state: non-finite HSIC sums"):
+        S.minibatch_cka_result(state)
+
+
 def test_minibatch_cka_self_and_errors():
     xs = layers(9, 40, (4, 6))
     got = np.asarray(S.minibatch_cka([(xs, None)]))

@@ -4,7 +4,8 @@ Activations are samples-first, ``x: (n, p1)`` and ``y: (n, p2)`` for the same ``
 maps ``(n, h, w, c)`` are made 2-D explicitly with :func:`flatten_conv`. Every function returns a *similarity*
 (1 = same representation up to the metric's invariances), works under ``jit``/``vmap``, runs in float32 by default
 and in float64 when ``jax_enable_x64`` is on. Input errors (wrong ndim, n < 2, mismatched n, NaN/Inf) are raised
-before tracing and name the argument.
+before tracing and name the argument; inside a caller's ``jit``/``vmap``, where values cannot be checked, a
+non-finite input makes exactly the results that depend on it NaN (never a plausible similarity such as 0).
 
 =================  ====================================================  =========================================
 function           definition                                            invariant to

@@ -30,6 +30,18 @@ def _all_finite(x: Array) -> Array:
     return jnp.all(jnp.isfinite(x))
 
 
+def traced(*arrays) -> bool:
+    """Whether any argument is a tracer (called inside the caller's ``jit``/``vmap``): its values were not checked."""
+    return any(not _is_concrete(a) for a in arrays)
+
+
+def nan_unless_finite(value: Array, *inputs: Array) -> Array:
+    """``value`` where every entry of ``inputs`` is finite, NaN otherwise: inside ``jit`` a non-finite input cannot
+    raise, and the metrics' own guards (a zero variance gives similarity 0) would turn it into a plausible 0."""
+    ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in inputs]))
+    return jnp.where(ok, value, jnp.nan)
+
+
 def _as_float(x, name: str) -> Array:
     """``x`` as an array of the computation dtype, checked finite after the cast (a value beyond float32's range
     is caught too): on the host for host arrays, on the device for device arrays; on tracers only the cast."""
@@ -40,7 +52,7 @@ def _as_float(x, name: str) -> Array:
     else:
         with np.errstate(over="ignore"):  # an overflow to inf is reported below
             host = np.asarray(x, dtype)  # numpy casts faster than jnp.asarray(x, dtype)
-        out = jnp.asarray(host)
+        out = jax.device_put(host)  # (a plain copy: several times faster than jnp.asarray here)
         finite = lambda: bool(np.isfinite(host).all())
     if not finite():
         bad = int(out.size - int(jnp.count_nonzero(jnp.isfinite(out))))

@@ -139,26 +139,35 @@ def pwcca_metric(svcca_compatible: bool = False, epsilon: float | None = None) -
     return functools.partial(basis, epsilon=epsilon, keep_raw=svcca_compatible), compare
 
 
-@functools.partial(jax.jit, static_argnames=("metric",))
-def evaluate(metric: Metric, x: Array, y: Array) -> Array:
-    """``compare(prepare(x), prepare(y))`` in one jitted call (inputs already validated)."""
+@functools.partial(jax.jit, static_argnames=("metric", "guard"))
+def _evaluate(metric: Metric, x: Array, y: Array, guard: bool) -> Array:
     prepare, compare = metric
     fx = prepare(x)
-    return compare(fx, prepare(_linalg.after(y, fx)))  # one factorisation at a time (see _linalg.after)
+    out = compare(fx, prepare(_linalg.after(y, fx)))  # one factorisation at a time (see _linalg.after)
+    return _checks.nan_unless_finite(out, x, y) if guard else out
+
+
+def evaluate(metric: Metric, x: Array, y: Array) -> Array:
+    """``compare(prepare(x), prepare(y))`` in one jitted call (shapes already validated). On tracers (values not
+    checked) a non-finite ``x`` or ``y`` gives NaN."""
+    return _evaluate(metric, x, y, _checks.traced(x, y))
 
 
 # ----------------------------------------------------------------------------------------------- public API
-@functools.partial(jax.jit, static_argnames=("epsilon",))
-def _cca(x: Array, y: Array, epsilon: float | None) -> Array:
-    rho, _ = _correlations(basis(x, epsilon), basis(y, epsilon))
-    return jnp.pad(rho, (0, min(x.shape[1], y.shape[1]) - rho.shape[0]))
+@functools.lru_cache(maxsize=None)
+def _cca_metric(epsilon: float | None) -> Metric:
+    def compare(bx: Basis, by: Basis) -> Array:  # all min(p1, p2) correlations (n < p: fewer from the SVD)
+        rho, _ = _correlations(bx, by)
+        return jnp.pad(rho, (0, min(bx.vt.shape[-1], by.vt.shape[-1]) - rho.shape[0]))
+
+    return functools.partial(basis, epsilon=epsilon), compare
 
 
 def cca(x: Array, y: Array, *, epsilon: float | None = None) -> Array:
     """Canonical correlations of ``x: (n, p1)`` and ``y: (n, p2)`` → ``(min(p1, p2),)`` descending in [0, 1]
     (zeros beyond ``min(rank_x, rank_y)``)."""
     x, y = _checks.pair(x, y)
-    return _cca(x, y, _checks.epsilon(epsilon))
+    return evaluate(_cca_metric(_checks.epsilon(epsilon)), x, y)
 
 
 def mean_cca(x: Array, y: Array, *, truncate: float | None = None, epsilon: float | None = None) -> Array:

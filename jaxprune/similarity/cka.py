@@ -227,6 +227,9 @@ def minibatch_cka_result(state: MinibatchCKA) -> Array:
     """``(Lx, Ly)`` minibatch CKA: ``Σ_b HSIC₁(K_b, L_b) / sqrt(Σ_b HSIC₁(K_b, K_b) · Σ_b HSIC₁(L_b, L_b))``."""
     if int(state.batches) == 0:
         raise ValueError("state: no batch added yet (call minibatch_cka_update first)")
+    if not all(bool(jnp.all(jnp.isfinite(a))) for a in (state.xy, state.xx, state.yy)):
+        raise ValueError("state: non-finite HSIC sums (a batch with NaN/Inf activations was added inside jit, "
+                         "where its values could not be checked)")
     return _ratio(state.xy, state.xx[:, None], state.yy[None, :])
 
 

@@ -12,6 +12,9 @@ with each layer's route chosen on the host in between; under a caller's ``jit`` 
 Stacks: a layer given as ``(s, n, p)`` is a stack of ``s`` networks (e.g. IMP levels). If ``xs`` is stacked and
 ``ys`` is not, the result is ``(s, Lx, Ly)`` (every level against the same reference); if both are stacked (same
 ``s``), entry ``[i]`` compares stack member ``i`` of both; ``ys=None`` compares ``xs`` with itself.
+
+Inside a caller's ``jit`` (tracers: values unchecked) a layer, or stack member, holding NaN/Inf is zeroed before the
+shared products and its pairs come out NaN; every other pair keeps its value.
 """
 from __future__ import annotations
 
@@ -93,8 +96,27 @@ def _linear_cka(prepare: Callable, xs: tuple, ys: tuple, same: bool, debiased: b
     return linear_cka_all_pairs(px, px if same else [lapack(prepare, y) for y in ys], debiased)
 
 
-@functools.partial(jax.jit, static_argnames=("metric", "x_stacked", "y_stacked", "same"))
-def _pairwise(metric: Metric, xs: tuple, ys: tuple, x_stacked: bool, y_stacked: bool, same: bool) -> Array:
+def _finite(layers: tuple) -> tuple[tuple, Array]:
+    """Layers with every non-finite one (or stack member) zeroed, so that nothing leaks into other pairs through
+    shared products, and the flags ``(L,)`` (stacks: ``(s, L)``): all entries finite."""
+    ok = [jnp.all(jnp.isfinite(a), axis=(-2, -1)) for a in layers]
+    return tuple(jnp.where(f[..., None, None], a, 0.0) for f, a in zip(ok, layers)), jnp.stack(ok, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("metric", "x_stacked", "y_stacked", "same", "guard"))
+def _pairwise(metric: Metric, xs: tuple, ys: tuple, x_stacked: bool, y_stacked: bool, same: bool,
+              guard: bool = False) -> Array:
+    """The ``(Lx, Ly)`` (or ``(s, Lx, Ly)``) matrix; ``guard``: NaN for exactly the pairs with a non-finite layer
+    (on tracers, whose values were not checked)."""
+    if not guard:
+        return _pairs(metric, xs, ys, x_stacked, y_stacked, same)
+    xs, fx = _finite(xs)
+    ys, fy = (xs, fx) if same else _finite(ys)
+    out = _pairs(metric, xs, ys, x_stacked, y_stacked, same)
+    return jnp.where(fx[..., :, None] & fy[..., None, :], out, jnp.nan)
+
+
+def _pairs(metric: Metric, xs: tuple, ys: tuple, x_stacked: bool, y_stacked: bool, same: bool) -> Array:
     prepare, compare = metric
     linear = {linear_cka_metric(debiased=d): d for d in (False, True)}  # keyword calls, as metric() makes
     if not (x_stacked or y_stacked) and metric in linear:
@@ -150,8 +172,9 @@ def pairwise(metric_name: str | Metric, xs: Sequence[Array], ys: Sequence[Array]
     _checks.same_n(xs[0], ys[0], ("xs", "ys"))
     if options.get("debiased") and xs[0].shape[-2] < 4:
         raise ValueError(f"xs: debiased=True needs at least 4 samples, got {xs[0].shape[-2]}")
-    if metric_name in cca_pairs.KINDS and not any(isinstance(a, jax.core.Tracer) for a in xs + ys):
+    traced = _checks.traced(*xs, *ys)
+    if metric_name in cca_pairs.KINDS and not traced:
         # the fast route chooses each layer's factorisation on the host; under a caller's jit, the SVD route
         return _subspace_pairs(metric_name, xs, None if same else ys, sx, None if same else sy,
                                _checked_options(metric_name, options))
-    return _pairwise(m, tuple(xs), tuple(ys), sx is not None, sy is not None, same)
+    return _pairwise(m, tuple(xs), tuple(ys), sx is not None, sy is not None, same, guard=traced)
