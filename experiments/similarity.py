@@ -15,7 +15,9 @@ sample, channels are features — svcca's and the pruned-layer-similarity study'
 ``flatten``, a layer with ``h·w·c ≥ n`` makes plain CCA degenerate (all correlations 1); SVCCA's SVD step helps.
 
 Writes ``similarity.json`` (config, environment, levels, layers, results) and plots to ``--workdir`` (default
-``<imp_workdir>/similarity``): ``vs_density_<metric>.png`` and ``matrix_<metric>_level<k>.png``.
+``<imp_workdir>/similarity``): ``vs_density_<metric>.png`` and ``matrix_<metric>_level<k>.png``. A level whose
+representations hold NaN/Inf (a diverged run) is left out and listed, with the layers at fault, under
+``skipped_levels``; the other levels are still compared (a non-finite dense network is an error).
 """
 from __future__ import annotations
 
@@ -126,6 +128,24 @@ def representations(model, variables: list[dict], x: np.ndarray, names: list[str
     return names, [{n: r[n] for n in names} for r in reps]
 
 
+def _finite_levels(reps: list[dict], records: list[dict], names: list[str]
+                   ) -> tuple[list[dict], list[dict], list[dict]]:
+    """Drop the levels whose representations hold NaN/Inf (a diverged training run), so the others are still
+    compared; returns ``(reps, records, skipped)`` with one ``{level, density, reason}`` per dropped level. The
+    dense network (the first level) must be finite: everything is compared against it."""
+    bad = [[n for n in names if not np.isfinite(np.asarray(r[n])).all()] for r in reps]
+    if bad[0]:
+        raise ValueError(f"imp_workdir: level {records[0]['level']} (the dense network) has non-finite activations "
+                         f"in layer(s) {bad[0]} on the probe inputs; nothing to compare against")
+    skipped = [{"level": rec["level"], "density": rec["density"],
+                "reason": f"non-finite activations in layer(s) {b} on the probe inputs (diverged?)"}
+               for rec, b in zip(records, bad) if b]
+    for sk in skipped:
+        logging.warning("skipping level %d: %s", sk["level"], sk["reason"])
+    keep = [k for k, b in enumerate(bad) if not b]
+    return [reps[k] for k in keep], [records[k] for k in keep], skipped
+
+
 def run(config: dict, workdir: str | Path | None = None) -> dict:
     """Compute the similarities described by ``config``; writes ``similarity.json`` and plots to ``workdir``."""
     c = check_config(config)
@@ -133,6 +153,7 @@ def run(config: dict, workdir: str | Path | None = None) -> dict:
     built, variables, records = imp_exp.load_levels(c["imp_workdir"])  # data as that run loaded them
     x = np.asarray((built.task.x_test if c["probe_split"] == "test" else built.task.x_train)[: c["num_inputs"]])
     names, reps = representations(built.model, variables, x, c["layers"])
+    reps, records, skipped = _finite_levels(reps, records, names)
     logging.info("%d levels, %d inputs, layers %s", len(reps), len(x), names)
 
     flat = [jnp.stack([similarity.flatten_conv(r[n], "flatten") for r in reps]) for n in names]  # (K, n, p)
@@ -158,6 +179,7 @@ def run(config: dict, workdir: str | Path | None = None) -> dict:
         "imp_config": checkpoint.read_json(Path(c["imp_workdir"]) / "config.json"),
         "num_inputs": int(len(x)),
         "levels": levels,
+        "skipped_levels": skipped,
         "layers": names,
         "layer_shapes": {n: list(reps[0][n].shape[1:]) for n in names},
         "conv": {"matrix": "flatten", "vs_dense_cca_family": c["cca_conv"], "vs_dense_kernel_metrics": "flatten"},

@@ -1,6 +1,7 @@
 """experiments.similarity on a tiny IMP run (MLP on digits, one pruned level)."""
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
@@ -23,7 +24,7 @@ def test_run_writes_similarities_consistent_with_the_library(imp_dir, tmp_path):
     metrics = ["svcca", "linear_cka", "nbs", "pwcca_svcca"]
     r = exp.run({"imp_workdir": str(imp_dir), "num_inputs": 64, "metrics": metrics}, tmp_path)
     assert r["layers"] == ["dense_0", "dense_1", "logits"]
-    assert [lv["level"] for lv in r["levels"]] == [0, 1]
+    assert [lv["level"] for lv in r["levels"]] == [0, 1] and r["skipped_levels"] == []
     assert r["levels"][1]["density"] == pytest.approx(0.5, abs=0.01)
     assert (tmp_path / "similarity.json").exists() and (tmp_path / "vs_density_nbs.png").exists()
     assert (tmp_path / "matrix_svcca_level1.png").exists()
@@ -43,6 +44,31 @@ def test_run_writes_similarities_consistent_with_the_library(imp_dir, tmp_path):
     np.testing.assert_allclose(r["vs_dense"]["nbs"]["dense_1"][1],
                                similarity.nbs(a, models.representations(built.model, variables[0], x)["dense_1"]),
                                atol=1e-5)
+
+
+_LOAD_LEVELS = imp_exp.load_levels
+
+
+def _poisoned(level: int):
+    """``load_levels`` with every parameter of one level set to NaN (a diverged run)."""
+    def load(workdir):
+        built, variables, records = _LOAD_LEVELS(workdir)
+        variables[level] = jax.tree_util.tree_map(lambda a: a * np.nan, variables[level])
+        return built, variables, records
+    return load
+
+
+def test_diverged_level_is_skipped_and_reported_not_fatal(imp_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(exp.imp_exp, "load_levels", _poisoned(1))
+    r = exp.run({"imp_workdir": str(imp_dir), "num_inputs": 32, "metrics": ["linear_cka"]}, tmp_path)
+    assert [lv["level"] for lv in r["levels"]] == [0]
+    assert [sk["level"] for sk in r["skipped_levels"]] == [1]
+    assert "non-finite activations in layer(s) ['dense_0', 'dense_1', 'logits']" in r["skipped_levels"][0]["reason"]
+    assert np.asarray(r["matrix"]["linear_cka"]).shape == (1, 3, 3)
+    assert (tmp_path / "similarity.json").exists()
+    monkeypatch.setattr(exp.imp_exp, "load_levels", _poisoned(0))
+    with pytest.raises(ValueError, match=r"level 0 \(the dense network\) has non-finite activations"):
+        exp.run({"imp_workdir": str(imp_dir), "num_inputs": 32, "metrics": ["linear_cka"]}, tmp_path)
 
 
 def test_bad_config(imp_dir, tmp_path):
