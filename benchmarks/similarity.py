@@ -167,6 +167,14 @@ def main() -> None:
         sp = "  ".join(f"{v:6.1f}x" for v in r[3]) if r[3] else ""
         print(f"{r[0]:<11} {r[1]:<62} {r[2]:8.2f}  {sp:<28} {r[4]:10.2e}")
 
+    # The targets, on our float32 rows against the first reference row of each metric.
+    print("\ntargets (float32 pairwise against the per-pair reference):")
+    for name, target in (("mean CCA", 10.0), ("SVCCA", 10.0), ("linear CKA", 5.0)):
+        r = next(r for r in rows if r[0] == name and r[1].startswith("pairwise f32"))
+        ok = r[3][0] >= target and r[4] <= 1e-5
+        print(f"  {name:<11} {r[3][0]:5.1f}x (>= {target:.0f}x), max |diff| {r[4]:.1e} (<= 1e-5): "
+              f"{'met' if ok else 'NOT met'}")
+
 
 if __name__ == "__main__":
     main()
