@@ -9,8 +9,11 @@ Reference: google/svcca's algorithm, per pair, in numpy float64, as its ``get_cc
 copies, neuron means — is left out). SVCCA: each pair reduces both layers by SVD to 99 % variance and then runs that
 CCA (a per-pair loop, as svcca's tutorials do one pair); a second row hoists the reductions out of the loop (once
 per layer). Linear CKA: Kornblith et al.'s feature-space formula per pair (numpy float64), and a Python loop over
-pairs of our jitted ``linear_cka``. Ours is timed in float32 (the default) and float64 (x64); accuracy is the
-largest |ours - reference| over the 49 pairs.
+pairs of our jitted ``linear_cka``. Ours is timed in float32 (the default) and float64 (x64), best of
+``--repeats`` calls after a compiling one; the references best of ``--ref_repeats`` runs (the per-pair SVCCA loop
+once). Accuracy is the largest |ours - reference| over the 49 pairs. The floor line times the kernels our routes
+cannot avoid, each alone, and this run's reference time over their sum (the ratio a route with no other
+cost would reach; kernels timed alone vary with the machine like everything else).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import similarity as S
-from jaxprune.similarity import cca_pairs
+from jaxprune.similarity import _linalg, cca_pairs
 
 
 def synthetic(n: int, widths, seed: int) -> list[np.ndarray]:
@@ -67,6 +70,36 @@ def ref_linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.sum((x.T @ y) ** 2) / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
 
 
+def kernel_floor(layers: tuple, num_x: int) -> dict[str, float]:
+    """Seconds of the kernels the all-pairs routes cannot avoid, each alone (float32, best of 2): per layer the
+    Gram ``X̃ᵀX̃``, ``X̃R₁⁻¹`` (trsm) and the second Gram (CholeskyQR2); every cross product as one GEMM; the 49
+    block SVDs (serial); linear CKA's self terms ``‖X̃ᵀX̃‖²_F``. No casting, copies, Choleskys or bookkeeping."""
+    xc = [x - jnp.mean(x, 0) for x in layers]
+    grams = jax.jit(lambda a: [_linalg.gram(x) for x in a])
+    r1 = [_linalg.upper_cholesky(g) for g in grams(xc)]
+    solve = lambda a, r: (lambda s: [s.op(lambda u, v: _linalg.solve_upper(u, v, right=True), u, v)
+                                     for v, u in zip(a, r)])(_linalg.Serial())
+    q = jax.jit(solve)(xc, r1)
+    solve_only = jax.jit(lambda a, r: [jnp.sum(b[0]) for b in solve(a, r)])  # no n × p results leave the program
+    qx, qy = jnp.concatenate(q[:num_x], 1), jnp.concatenate(q[num_x:], 1)
+    cross = jax.jit(lambda a, b: a.T @ b)
+    m = cross(qx, qy)
+    ox, oy = np.cumsum([0] + [a.shape[1] for a in q[:num_x]]), np.cumsum([0] + [a.shape[1] for a in q[num_x:]])
+    blocks = [m[ox[a]:ox[a + 1], oy[b]:oy[b + 1]] for a in range(num_x) for b in range(len(oy) - 1)]
+    blocks = [b if b.shape[0] >= b.shape[1] else b.T for b in blocks]
+    svds = jax.jit(lambda bs: (lambda s: [s(lambda b: jnp.linalg.svd(b, compute_uv=False), b) for b in bs])(
+        _linalg.Serial()))
+    self_terms = jax.jit(lambda a: [_linalg.gram_sq_norm(x) for x in a])
+    fx, fy = jnp.concatenate(xc[:num_x], 1), jnp.concatenate(xc[num_x:], 1)
+    def t(f):
+        jax.block_until_ready(f())  # compile
+        return timed(f, 2)[0]
+
+    return {"gram": t(lambda: grams(xc)), "trsm": t(lambda: solve_only(xc, r1)), "gram2": t(lambda: grams(q)),
+            "cross": t(lambda: cross(qx, qy)), "svds": t(lambda: svds(blocks)),
+            "cka_cross": t(lambda: cross(fx, fy)), "cka_self": t(lambda: self_terms(xc))}
+
+
 def timed(fn, repeats: int = 1):
     best, out = np.inf, None
     for _ in range(repeats):
@@ -82,6 +115,9 @@ def main() -> None:
     ap.add_argument("--widths", default="1000,800,500,300,200,100,50")
     ap.add_argument("--keep_variance", type=float, default=0.99)
     ap.add_argument("--repeats", type=int, default=3, help="our timings: best of this many calls")
+    ap.add_argument("--ref_repeats", type=int, default=2,
+                    help="reference timings: best of this many runs (mean CCA, hoisted SVCCA, linear CKA); the "
+                         "per-pair SVCCA reference (~1 min) runs once")
     args = ap.parse_args()
     widths = [int(w) for w in args.widths.split(",")]
     xs, ys = synthetic(args.n, widths, 0), synthetic(args.n, widths, 1)
@@ -104,7 +140,7 @@ def main() -> None:
                          [t_ref / t for t_ref, _ in refs], float(np.max(np.abs(v - refs[0][1])))))
 
     # ---- mean CCA on the raw layers
-    t_ref, ref = timed(lambda: np.array([[ref_cca(x, y).mean() for y in ys] for x in xs]))
+    t_ref, ref = timed(lambda: np.array([[ref_cca(x, y).mean() for y in ys] for x in xs]), args.ref_repeats)
     rows.append(("mean CCA", "svcca algorithm, numpy f64, per pair", t_ref, None, 0.0))
     add_ours("mean CCA", "mean_cca", [(t_ref, ref)])
 
@@ -113,14 +149,15 @@ def main() -> None:
     t_pp, ref = timed(lambda: np.array([[ref_cca(ref_reduce(x, keep), ref_reduce(y, keep)).mean() for y in ys]
                                         for x in xs]))
     rows.append(("SVCCA", "SVD-reduce + svcca algorithm, numpy f64, per pair", t_pp, None, 0.0))
-    t_red, (rx, ry) = timed(lambda: ([ref_reduce(x, keep) for x in xs], [ref_reduce(y, keep) for y in ys]))
-    t_pairs, ref2 = timed(lambda: np.array([[ref_cca(a, b).mean() for b in ry] for a in rx]))
+    t_red, (rx, ry) = timed(lambda: ([ref_reduce(x, keep) for x in xs], [ref_reduce(y, keep) for y in ys]),
+                            args.ref_repeats)
+    t_pairs, ref2 = timed(lambda: np.array([[ref_cca(a, b).mean() for b in ry] for a in rx]), args.ref_repeats)
     rows.append(("SVCCA", f"same, reductions hoisted: once/layer ({t_red:.1f} s) + per pair", t_red + t_pairs, None,
                  float(np.max(np.abs(ref2 - ref)))))
     add_ours("SVCCA", "svcca", [(t_pp, ref), (t_red + t_pairs, ref2)], keep_variance=keep)
 
     # ---- linear CKA
-    t_ref, ref = timed(lambda: np.array([[ref_linear_cka(x, y) for y in ys] for x in xs]))
+    t_ref, ref = timed(lambda: np.array([[ref_linear_cka(x, y) for y in ys] for x in xs]), args.ref_repeats)
     rows.append(("linear CKA", "feature-space formula, numpy f64, per pair", t_ref, None, 0.0))
     S.linear_cka(xs[0], ys[0])  # compile the single-pair function for one shape; others compile in the loop
     timed(lambda: np.array([[float(S.linear_cka(x, y)) for y in ys] for x in xs]))
@@ -161,6 +198,16 @@ def main() -> None:
         pairs()
         print(f"{kind} f32 parts: per-layer conditioning {timed(cond, 2)[0]:.2f} s, all pairs {timed(pairs, 2)[0]:.2f} s "
               f"(routes: {sum(f for f, _ in plan[0])} of {2 * L} layers CholeskyQR2)")
+
+    k = kernel_floor(layers, L)
+    ref = {r[0]: r[2] for r in reversed(rows) if r[3] is None}  # first reference row of each metric
+    cca_floor = k["gram"] + k["trsm"] + k["gram2"] + k["cross"] + k["svds"]
+    cka_floor = k["cka_cross"] + k["cka_self"]
+    print(f"floor, the unavoidable float32 kernels alone: mean CCA {cca_floor:.2f} s (Gram {k['gram']:.2f} + trsm "
+          f"{k['trsm']:.2f} + Gram {k['gram2']:.2f} + cross GEMM {k['cross']:.2f} + {L * L} SVDs {k['svds']:.2f}), "
+          f"reference/floor {ref['mean CCA'] / cca_floor:.1f}x; linear CKA {cka_floor:.2f} s (cross GEMM "
+          f"{k['cka_cross']:.2f} + self terms {k['cka_self']:.2f}), reference/floor "
+          f"{ref['linear CKA'] / cka_floor:.1f}x")
 
     print(f"\n{'metric':<11} {'implementation':<62} {'seconds':>8}  speed-up vs the rows above   max |diff|")
     for r in rows:
