@@ -18,6 +18,7 @@ cost would reach; kernels timed alone vary with the machine like everything else
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -77,8 +78,8 @@ def kernel_floor(layers: tuple, num_x: int) -> dict[str, float]:
     xc = [x - jnp.mean(x, 0) for x in layers]
     grams = jax.jit(lambda a: [_linalg.gram(x) for x in a])
     r1 = [_linalg.upper_cholesky(g) for g in grams(xc)]
-    solve = lambda a, r: (lambda s: [s.op(lambda u, v: _linalg.solve_upper(u, v, right=True), u, v)
-                                     for v, u in zip(a, r)])(_linalg.Serial())
+    right = functools.partial(_linalg.solve_upper, right=True)
+    solve = lambda a, r: (lambda s: [s.op(right, u, v) for v, u in zip(a, r)])(_linalg.Serial())
     q = jax.jit(solve)(xc, r1)
     solve_only = jax.jit(lambda a, r: [jnp.sum(b[0]) for b in solve(a, r)])  # no n × p results leave the program
     qx, qy = jnp.concatenate(q[:num_x], 1), jnp.concatenate(q[num_x:], 1)
