@@ -90,6 +90,49 @@ def test_condition_estimate_is_a_close_lower_bound(kappa, x64):
     assert true / 3 <= est <= true * (1 + 1e-8)
 
 
+def test_condition_estimate_buckets_by_hand():
+    """Widest first; a layer joins the open group while the padding (group width² − width²) fits the remaining
+    budget of 0.25·Σ width² (here 0.25 · 4.065e6 = 1.016e6): 800s cost 0.36e6 each into the 1000 group (0.296e6
+    left); a 500 would cost 0.75e6 → new group; one 300 fits (0.16e6, 0.136e6 left), the next not → new group,
+    the 200s cost 0.05e6 each (0.036e6 left); a 100 would cost 0.08e6 → new group, which takes the rest."""
+    widths = [1000, 800, 500, 300, 200, 100, 50] * 2
+    assert cca_pairs._buckets(widths) == [[0, 7, 1, 8], [2, 9, 3], [10, 4, 11], [5, 12, 6, 13]]
+    assert cca_pairs._buckets([7]) == [[0]] and cca_pairs._buckets([]) == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 400), min_size=1, max_size=12), st.sampled_from([0.0, 0.25, 1.0]))
+def test_condition_estimate_buckets_partition_within_the_padding_budget(widths, slack):
+    groups = cca_pairs._buckets(widths, slack)
+    assert sorted(i for g in groups for i in g) == list(range(len(widths)))
+    assert all(widths[g[0]] == max(widths[i] for i in g) for g in groups)
+    padded = sum(len(g) * widths[g[0]] ** 2 for g in groups)
+    assert padded <= (1 + slack) * sum(w * w for w in widths)
+    if slack == 0.0:  # no padding at all: equal widths only
+        assert all(len({widths[i] for i in g}) == 1 for g in groups)
+
+
+def test_batched_condition_estimates_equal_the_single_ones(x64):
+    """Padded to blockdiag(r, I) and estimated in one vmapped call per group, each estimate equals the unpadded
+    one to rounding (still a close lower bound of the true κ); a failed Cholesky (NaN) spoils only its own."""
+    rng = np.random.default_rng(5)
+    widths, kappas = (64, 60, 56, 9), (10.0, 1e3, 50.0, 4.0)
+    rs = []
+    for p, kappa in zip(widths, kappas):
+        q1, _ = np.linalg.qr(rng.normal(size=(3 * p, p)))
+        q2, _ = np.linalg.qr(rng.normal(size=(p, p)))
+        x = (q1 * np.geomspace(1.0, 1.0 / kappa, p)) @ q2.T
+        rs.append(np.linalg.cholesky(x.T @ x).T)
+    rs[1] = np.full_like(rs[1], np.nan)
+    assert cca_pairs._buckets(widths) == [[0, 1, 2], [3]]  # padding happens in the first group
+    got = jax.jit(lambda a: cca_pairs._kappa_estimates(_linalg.Serial(), a))([jnp.asarray(r) for r in rs])
+    assert np.isnan(float(got[1]))
+    for i in (0, 2, 3):
+        single = float(cca_pairs._kappa_estimate(jnp.asarray(rs[i])))
+        np.testing.assert_allclose(float(got[i]), single, rtol=1e-10)
+        assert np.linalg.cond(rs[i]) / 3 <= float(got[i]) <= np.linalg.cond(rs[i]) * (1 + 1e-8)
+
+
 # ------------------------------------------------------------------------------------------------------ routes
 def _factor(kind: str, *layers, keep: float | None = None):
     layers = tuple(jnp.asarray(a, jnp.float32) for a in layers)

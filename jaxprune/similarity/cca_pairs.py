@@ -6,13 +6,14 @@ from a thin SVD of each centred layer. Here a layer ``X̃ (n, p)``, ``p ≤ n``,
 arithmetic makes it as accurate, and the thin SVD otherwise:
 
 * **condition** (one program, every layer): ``G = X̃ᵀX̃`` (upper block triangle only), ``G = R₁ᵀR₁`` and an
-  estimate of ``κ(X̃) = κ(R₁)``. The rest of CholeskyQR2 (Yamamoto et al. 2015, accurate for ``κ(X̃) ≲ eps^-½``):
-  ``q = X̃ R₁⁻¹``, ``qᵀq = R₂ᵀR₂``; ``q R₂⁻¹`` is orthonormal to rounding and ``R = R₂R₁`` is the R factor of a
-  backward-stable QR of ``X̃``. SVCCA runs it here, with the SVD ``R = U_R Σ V_Rᵀ`` — the singular values and left
-  singular vectors of ``X̃`` (in the basis ``q R₂⁻¹``) as accurately as a thin SVD of ``X̃`` gives them, at
-  ``p × p`` size — and the number ``k`` of leading directions holding ``keep_variance``. Mean CCA runs it in the
-  all-pairs program instead, so its ``n × p`` bases never cross a program boundary (each crossing costs layout
-  copies of the triangular solve's column-major output).
+  estimate of ``κ(X̃) = κ(R₁)`` (power iterations, batched over layers of similar width). The rest of CholeskyQR2
+  (Yamamoto et al. 2015, accurate for ``κ(X̃) ≲ eps^-½``): ``q = X̃ R₁⁻¹``, ``qᵀq = R₂ᵀR₂``; ``q R₂⁻¹`` is
+  orthonormal to rounding and ``R = R₂R₁`` is the R factor of a backward-stable QR of ``X̃``. SVCCA runs it here,
+  with the SVD ``R = U_R Σ V_Rᵀ`` — the singular values and left singular vectors of ``X̃`` (in the basis
+  ``q R₂⁻¹``) as accurately as a thin SVD of ``X̃`` gives them, at ``p × p`` size — and the number ``k`` of leading
+  directions holding ``keep_variance``. Mean CCA runs it in the all-pairs program instead, so its ``n × p`` bases
+  never cross a program boundary (each crossing costs layout copies of the triangular solve's column-major
+  output).
 * **route** (host): the CholeskyQR2 route where the estimated ``κ(X̃) ≤ 0.1·eps^-½`` (and, for mean CCA, also
   ``≤ 0.1/epsilon``: no direction is near the rank cut-off, so none would be dropped); every other layer
   (rank-deficient, dead units, ``p > n``) takes the thin SVD with the rank truncation of :mod:`.cca`. SVCCA's widths
@@ -45,11 +46,21 @@ KINDS = ("mean_cca", "svcca")
 _WIDTH_STEP = 32  # SVCCA widths are rounded up to a multiple of this, so nearby k share one compiled program
 
 
-def _kappa_estimate(r: Array, iters: int = 6) -> Array:
+def _start_vector(p: int, size: int) -> np.ndarray:
+    """``(size, 1)`` float64 start vector of the power iterations: fixed normal draws on the first ``p`` entries,
+    zero on the padding (a host constant, so no random-number program is compiled)."""
+    v = np.zeros((size, 1))
+    v[:p, 0] = np.random.default_rng(0).normal(size=p)
+    return v
+
+
+def _kappa_estimate(r: Array, v0: Array | None = None, iters: int = 6) -> Array:
     """``r: (p, p)`` upper triangular → estimate of ``κ₂(r)`` by power iterations on ``rᵀr`` and on ``(rᵀr)⁻¹``
-    (triangular solves) from a fixed start vector. It can only underestimate (by a small factor after ``iters``
-    steps); callers keep a safety margin. A non-finite ``r`` (a failed Cholesky) gives NaN."""
-    v0 = jax.random.normal(jax.random.PRNGKey(0), (r.shape[0], 1), r.dtype)
+    (triangular solves) from the start vector ``v0: (p, 1)`` (default :func:`_start_vector`). It can only
+    underestimate (by a small factor after ``iters`` steps); callers keep a safety margin. A non-finite ``r`` (a
+    failed Cholesky) gives NaN."""
+    if v0 is None:
+        v0 = _start_vector(r.shape[0], r.shape[0])
     unit = lambda w: w / jnp.linalg.norm(w)
 
     def up(_, v):
@@ -59,9 +70,50 @@ def _kappa_estimate(r: Array, iters: int = 6) -> Array:
         z = lax_linalg.triangular_solve(r, v, left_side=True, lower=False, transpose_a=True)
         return unit(lax_linalg.triangular_solve(r, z, left_side=True, lower=False))
 
-    big = jax.lax.fori_loop(0, iters, up, unit(v0))
-    small = jax.lax.fori_loop(0, iters, down, unit(v0))
+    v0 = unit(jnp.asarray(v0, r.dtype))
+    big = jax.lax.fori_loop(0, iters, up, v0)
+    small = jax.lax.fori_loop(0, iters, down, v0)
     return jnp.linalg.norm(r @ big) / jnp.linalg.norm(r @ small)
+
+
+def _buckets(widths: Sequence[int], slack: float = 0.25) -> list[list[int]]:
+    """Indices of ``widths`` grouped for one batched κ estimate per group: widest first, each group padded to its
+    widest member while the padded ``Σ size²`` (the estimates' cost) stays within ``1 + slack`` of the unpadded.
+    Few groups keep the compiled program small: XLA:CPU's compile time grows with the number of ops (~0.3 s per
+    separate estimate)."""
+    order = sorted(range(len(widths)), key=lambda i: -widths[i])
+    budget = slack * sum(w * w for w in widths)
+    groups: list[list[int]] = []
+    for i in order:
+        extra = widths[groups[-1][0]] ** 2 - widths[i] ** 2 if groups else budget + 1
+        if extra <= budget:
+            groups[-1].append(i)
+            budget -= extra
+        else:
+            groups.append([i])
+    return groups
+
+
+def _pad_identity(r: Array, size: int) -> Array:
+    """``r: (p, p)`` → ``blockdiag(r, I) (size, size)``."""
+    p = r.shape[0]
+    if p == size:
+        return r
+    return jnp.pad(r, ((0, size - p),) * 2) + jnp.diag((jnp.arange(size) >= p).astype(r.dtype))
+
+
+def _kappa_estimates(lapack: _linalg.Serial, rs: Sequence[Array]) -> list[Array]:
+    """:func:`_kappa_estimate` of every ``rs[i]: (p_i, p_i)``, batched: each group of :func:`_buckets` is padded
+    to ``blockdiag(r, I)`` and estimated in one vmapped call. The start vector is zero on the padding, so the
+    iterations never leave the ``r`` block: each estimate is the unpadded one (to rounding)."""
+    out: list[Array | None] = [None] * len(rs)
+    for group in _buckets([r.shape[0] for r in rs]):
+        size = rs[group[0]].shape[0]
+        stack = jnp.stack([_pad_identity(rs[i], size) for i in group])
+        v0 = np.stack([_start_vector(rs[i].shape[0], size) for i in group]).astype(stack.dtype)
+        for i, k in zip(group, lapack(jax.vmap(_kappa_estimate), stack, v0)):
+            out[i] = k
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ condition
@@ -91,15 +143,18 @@ def _cholesky_qr2(lapack: _linalg.Serial, xc: Array, r1: Array) -> tuple[Array, 
 @functools.partial(jax.jit, static_argnames=("kind", "keep_variance", "epsilon"))
 def _condition(layers: tuple[Array, ...], kind: str, keep_variance: float | None, epsilon: float | None
                ) -> tuple[Factor, ...]:
-    out, lapack = [], _linalg.Serial()
-    for x in layers:
+    lapack = _linalg.Serial()
+    tall = [i for i, x in enumerate(layers) if x.shape[1] <= x.shape[0]]
+    centred = {i: _centred(layers[i]) for i in tall}
+    r1s = {i: lapack(upper_cholesky, gram(centred[i])) for i in tall}
+    kappas = dict(zip(tall, _kappa_estimates(lapack, [r1s[i] for i in tall])))
+    out = []
+    for i, x in enumerate(layers):
         n, p = x.shape
         if p > n:
             out.append(Factor(None, None, None, None, None))
             continue
-        xc = _centred(x)
-        r1 = lapack(upper_cholesky, gram(xc))
-        kappa = lapack(_kappa_estimate, r1)
+        xc, r1, kappa = centred[i], r1s[i], kappas[i]
         q = w = k = None
         if kind == "svcca":  # its static widths need the exact k on the host: the rest of CholeskyQR2 here
             q, r2 = _cholesky_qr2(lapack, xc, r1)
