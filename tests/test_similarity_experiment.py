@@ -34,16 +34,17 @@ def test_run_writes_similarities_consistent_with_the_library(imp_dir, tmp_path):
         if m != "pwcca_svcca":  # svcca's PWCCA(X, X) < 1 with dead ReLU units: it weights their ρ = 0 directions
             np.testing.assert_allclose(np.diag(mat[0]), 1.0, atol=1e-4)  # dense vs itself
         assert all(0.0 <= v <= 1.0 + 1e-5 for vals in r["vs_dense"][m].values() for v in vals)
-    # recompute one entry directly from the representations
+    # recompute entries of every metric directly from the representations, with the library call each name means
     built, variables, _ = imp_exp.load_levels(imp_dir)
     x = np.asarray(built.task.x_test[:64])
     from jaxprune import models
-    a = models.representations(built.model, variables[1], x)["dense_1"]
-    b = models.representations(built.model, variables[0], x)["logits"]
-    np.testing.assert_allclose(r["matrix"]["linear_cka"][1][1][2], similarity.linear_cka(a, b), atol=1e-5)
-    np.testing.assert_allclose(r["vs_dense"]["nbs"]["dense_1"][1],
-                               similarity.nbs(a, models.representations(built.model, variables[0], x)["dense_1"]),
-                               atol=1e-5)
+    reps = [models.representations(built.model, v, x) for v in variables]
+    a, b, d = reps[1]["dense_1"], reps[0]["logits"], reps[0]["dense_1"]
+    library = {"svcca": lambda u, v: similarity.svcca(u, v, keep_variance=0.99), "linear_cka": similarity.linear_cka,
+               "nbs": similarity.nbs, "pwcca_svcca": lambda u, v: similarity.pwcca(u, v, svcca_compatible=True)}
+    for m in metrics:  # matrix[level][i][j]: layer i of the level against layer j of the dense network
+        np.testing.assert_allclose(r["matrix"][m][1][1][2], library[m](a, b), atol=1e-5, err_msg=m)
+        np.testing.assert_allclose(r["vs_dense"][m]["dense_1"][1], library[m](a, d), atol=1e-5, err_msg=m)
 
 
 _LOAD_LEVELS = imp_exp.load_levels

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxprune import similarity as S
-from tests.test_similarity import ALL, SINGLE, ref_cka, ref_hsic, related, x64  # noqa: F401 (x64: fixture)
+from tests.test_similarity import ALL, SINGLE, ref_cka, ref_hsic, x64  # noqa: F401 (x64: fixture)
 
 
 def layers(seed: int, n: int, widths):
@@ -152,8 +152,3 @@ def test_minibatch_cka_self_and_errors():
         S.minibatch_cka_update(state, [x[:3] for x in xs])
     with pytest.raises(ValueError, match="same batch"):
         S.minibatch_cka_update(state, [xs[0], xs[1][:20]])
-
-
-def test_related_layers_helper_is_shared():
-    x, y = related(0)
-    assert x.shape == (120, 12) and y.shape == (120, 9)
