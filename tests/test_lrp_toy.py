@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import lrp_toy
-from jaxprune import checkpoint, models
+from jaxprune import checkpoint, criteria, data, models
 
 TINY = {"datasets": ["moons", "spiral"], "num_train": 256, "hidden": ["24", "24", "24"], "training_steps": "4ep",
         "batch_size": 32, "samples_per_class": ["1", "3"], "seeds": 3, "n_prune": 30, "plot_n": 3}
@@ -28,7 +28,16 @@ def test_reference_samples_are_balanced_and_seeded():
     assert not np.array_equal(a.images, lrp_toy.reference_samples("spiral", 5, 4, seed=1).images)
 
 
-def test_tiny_run_writes_complete_results(tmp_path):
+def test_tiny_run_writes_complete_results(tmp_path, monkeypatch):
+    calls = []  # every prune: (kept indices, pruned variables), in the order dataset, n, seed, criterion
+    real_prune = lrp_toy.prune
+
+    def spy(model, variables, scores, n_prune):
+        out = real_prune(model, variables, scores, n_prune)
+        calls.append((out[2], out[1]))
+        return out
+
+    monkeypatch.setattr(lrp_toy, "prune", spy)
     res = lrp_toy.run(TINY, tmp_path)
     on_disk = checkpoint.read_json(tmp_path / "results.json")
     assert on_disk["config"]["n_prune"] == 30 and "environment" in on_disk
@@ -48,8 +57,38 @@ def test_tiny_run_writes_complete_results(tmp_path):
         for png in (f"{name}_train_accuracy_vs_n.png", f"{name}_noisy_test_accuracy_vs_n.png",
                     f"{name}_boundaries.png"):
             assert (tmp_path / png).stat().st_size > 0
+    assert len(calls) == 2 * 2 * 3 * 4
+    _check_lowest_units_were_removed(tmp_path, res, calls[:4])  # moons, n = 1, seed 0, every criterion
     rows = lrp_toy.summary(res, 3)
     assert len(rows) == 8 and {r["criterion"] for r in rows} == {"weight", "grad", "taylor", "lrp"}
+
+
+def _check_lowest_units_were_removed(tmp_path, res, calls):
+    """Rescore the saved moons net on seed 0's reference samples: the removed units are the 30 globally lowest
+    scores (``criteria.global_keep``; every removed score <= every kept one), and the recorded accuracy is that of
+    the full net with those units' outgoing weights zeroed (an exact stand-in for removing them)."""
+    c = {**lrp_toy.DEFAULTS, **TINY}
+    model = lrp_toy.build_model(c, 2)
+    v = checkpoint.restore(tmp_path / "moons" / "model", models.init(model, jax.random.PRNGKey(0), (1, 2)))
+    ref = lrp_toy.reference_samples("moons", 1, 2, seed=0)
+    tr = data.load("moons", "train", seed=0, num_examples=256)
+    hidden = ["dense_0", "dense_1", "dense_2"]
+    for crit, (keep, small_vars) in zip(c["criteria"], calls):
+        sc = criteria.scores(crit, model, v, ref.images, ref.labels, composite=c["composite"])
+        want = criteria.global_keep({l: sc[l] for l in hidden}, 30)
+        assert list(keep) == hidden
+        for l in hidden:
+            np.testing.assert_array_equal(np.asarray(keep[l]), np.asarray(want[l]), err_msg=f"{crit} {l}")
+        flat = np.concatenate([np.asarray(sc[l], np.float64) for l in hidden])
+        kept = np.concatenate([np.isin(np.arange(24), np.asarray(keep[l])) for l in hidden])
+        assert (~kept).sum() == 30 and flat[~kept].max() <= flat[kept].min(), crit
+        p = jax.tree_util.tree_map(np.array, v["params"])
+        for i, l in enumerate(hidden):
+            p[f"dense_{i + 1}"]["kernel"][~kept[24 * i:24 * (i + 1)]] = 0.0
+        acc = float(np.mean(np.argmax(np.asarray(model.apply({"params": p}, tr.images)), -1) == tr.labels))
+        got = res["datasets"]["moons"]["criteria"][crit]["1"]["train_accuracy"]["values"][0]
+        assert got == pytest.approx(acc, abs=1.01 / 256), crit  # at most one near-tie point may flip
+        assert all(np.asarray(small_vars["params"][l]["kernel"]).shape[1] == len(keep[l]) for l in hidden)
 
 
 def test_config_is_validated(tmp_path):

@@ -44,11 +44,22 @@ def test_mlp_no_relu_after_and_bias_free():
 def test_dropout_only_in_training():
     m = models.MLP((64, 2), dropout=0.5)
     v = models.init(m, KEY, (1, 3))
-    x = jnp.ones((4, 3))
-    np.testing.assert_array_equal(m.apply(v, x), m.apply(v, x))
+    x = jax.random.normal(jax.random.PRNGKey(3), (4, 3))
+    # Eval mode is the identity: the same weights without dropout give bit-identical outputs.
+    np.testing.assert_array_equal(m.apply(v, x), models.MLP((64, 2)).apply(v, x))
     a = m.apply(v, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
     b = m.apply(v, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
     assert not np.allclose(a, b)
+    # Inverted dropout, seen through an identity output layer: every hidden unit is 0 or h / (1 - rate).
+    eye = {"params": {**v["params"], "dense_1": {"kernel": jnp.eye(64), "bias": jnp.zeros(64)}}}
+    m64 = models.MLP((64, 64), dropout=0.5)
+    h = np.asarray(m64.apply(eye, x))  # eval: the hidden ReLU activations themselves
+    np.testing.assert_allclose(h, np.maximum(np.asarray(x) @ np.asarray(v["params"]["dense_0"]["kernel"]), 0),
+                               rtol=1e-5, atol=1e-6)  # zero biases (he_normal)
+    t = np.asarray(m64.apply(eye, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)}))
+    live = h > 0
+    kept = np.isclose(t, 2.0 * h, rtol=1e-5, atol=0) & live
+    assert np.all(kept | (t == 0)) and 0 < kept.sum() < live.sum()
     with pytest.raises(ValueError, match="dropout"):
         models.init(models.MLP((4, 4, 2), dropout=(0.5,)), KEY, (1, 3))
 
