@@ -23,6 +23,9 @@ def load_data(dataset: str, data_dir: str | None, normalize: str = "none", max_t
     """Train and test splits, normalised with the *train* statistics; ``max_*`` > 0 keeps the first examples."""
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize={normalize!r}: expected one of {NORMALIZATIONS}")
+    for name, value in (("max_train_examples", max_train), ("max_test_examples", max_test)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name}={value!r}: expected an integer >= 0 (the first N examples; 0: all)")
     tr = data.load(dataset, "train", data_dir or None, seed=seed)
     te = data.load(dataset, "test", data_dir or None, seed=seed)
     if max_train:
@@ -60,15 +63,22 @@ def write_csv(path: str | Path, rows: Sequence[dict], columns: Sequence[str]) ->
     tmp.replace(path)
 
 
-def int_list(values: Sequence[str] | str) -> tuple[int, ...]:
+def int_list(values: Sequence[str] | str, name: str = "") -> tuple[int, ...]:
+    """``"300,100"`` or ``["300", "100"]`` → ``(300, 100)``; ``name``: the flag the values came from, for errors."""
     if isinstance(values, str):
         values = [v for v in values.split(",") if v.strip()]
-    return tuple(int(v) for v in values)
+    try:
+        return tuple(int(v) for v in values)
+    except (TypeError, ValueError):
+        where = f"{name}=" if name else ""
+        raise ValueError(f"{where}{','.join(map(str, values))!r}: expected comma-separated integers "
+                         "(e.g. 300,100)") from None
 
 
 # ----------------------------------------------------------------------------------------------- flags
 # Experiment modules define their flags only when run as ``__main__`` (``define_flags(SPEC)``), so tests can import
 # any number of them into one process. A spec row: (name, default, help) or (name, default, help, enum values).
+# A default of None makes an optional number (a float flag that is None unless given).
 FlagSpec = Sequence[tuple]
 
 
@@ -92,6 +102,8 @@ def define_flags(spec: FlagSpec) -> None:
         name, default, help_ = row[:3]
         if len(row) > 3:
             flags.DEFINE_enum(name, default, list(row[3]), help_)
+        elif default is None:
+            flags.DEFINE_float(name, None, help_)
         elif isinstance(default, bool):
             flags.DEFINE_boolean(name, default, help_)
         elif isinstance(default, int):
@@ -204,14 +216,14 @@ def build_model(c: dict, num_classes: int):
             raise ValueError("vgg_cfg: --model=vgg needs conv widths and M pools, e.g. 16,16,M,32,32,M,64,64")
         cfg = tuple("M" if str(v).upper() == "M" else int(v) for v in c["vgg_cfg"])
         return models.VGG(cfg, num_classes)
-    return models.build(c["model"], num_classes, hidden=int_list(c["hidden"]), weight_init=c["weight_init"])
+    return models.build(c["model"], num_classes, hidden=int_list(c["hidden"], "hidden"), weight_init=c["weight_init"])
 
 
 def optim_config(c: dict, spe: int) -> train.OptimConfig:
     """The optimizer of a :data:`TRAIN_SPEC` config (``spe``: steps per epoch, for milestones in epochs)."""
     return train.OptimConfig(optimizer=c["optimizer"], lr=c["lr"], momentum=c["momentum"],
                              weight_decay=c["weight_decay"], schedule=c["schedule"],
-                             milestones=tuple(train.parse_duration(m, spe) for m in c["milestones"]),
+                             milestones=tuple(train.parse_duration(m, spe, "milestones") for m in c["milestones"]),
                              gamma=c["gamma"])
 
 
@@ -227,7 +239,7 @@ def train_network(c: dict, model, x_train, y_train, seed: int, out: Path) -> tup
     if out.exists():  # a partial run: start over
         shutil.rmtree(out)
     spe = train.steps_per_epoch(len(y_train), c["batch_size"])
-    steps = train.parse_duration(c["training_steps"], spe)
+    steps = train.parse_duration(c["training_steps"], spe, "training_steps")
     if steps < 1:
         raise ValueError(f"training_steps={c['training_steps']!r}: expected at least one step")
     optim = optim_config(c, spe)

@@ -56,6 +56,8 @@ SPEC = [
                     "('^dense_' prunes only the convolutions)"),
     ("rewind", "init", "where each pruned level starts training", imp.REWINDS),
     ("rewind_step", "0", "for --rewind=step: steps ('500') or epochs ('1ep') into the dense run"),
+    ("finetune_lr", None, "for --rewind=finetune: the constant learning rate (unset: the schedule's final one, "
+                          "refused when 0 as at the end of --schedule=cosine)"),
     ("branch", "none", "control branch trained beside every pruned level", imp.BRANCHES),
     ("seed", 0, "seed for initialisation, data order, dropout and control branches"),
     ("workdir", "runs/imp", "output directory (resumable)"),
@@ -67,7 +69,7 @@ SPEC = [
 ]
 DEFAULTS = common.defaults(SPEC)
 # older config.json files ran with these values
-ADDED_LATER = {**common.ADDED_LATER, "exclude": [], "clip_grad_norm": 0.0, "prune_biases": False}
+ADDED_LATER = {**common.ADDED_LATER, "exclude": [], "clip_grad_norm": 0.0, "prune_biases": False, "finetune_lr": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,24 +85,25 @@ def build(config: dict) -> Built:
     c = common.with_defaults(config, DEFAULTS)
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                               c["max_test_examples"], c["seed"])
-    model = models.build(c["model"], tr.num_classes, hidden=common.int_list(c["hidden"]), use_bias=c["use_bias"],
-                         weight_init=c["weight_init"], pool=c["pool"], padding=c["padding"])
+    model = models.build(c["model"], tr.num_classes, hidden=common.int_list(c["hidden"], "hidden"),
+                         use_bias=c["use_bias"], weight_init=c["weight_init"], pool=c["pool"], padding=c["padding"])
     if not 1 <= c["batch_size"] <= len(tr.labels):
         raise ValueError(f"batch_size={c['batch_size']}: expected 1..{len(tr.labels)} (the training set size)")
     spe = train.steps_per_epoch(len(tr.labels), c["batch_size"])
-    num_steps = train.parse_duration(c["training_steps"], spe)
+    duration = lambda name, value: train.parse_duration(value, spe, name)
+    num_steps = duration("training_steps", c["training_steps"])
     if num_steps < 1:
         raise ValueError(f"training_steps={c['training_steps']!r}: expected at least one step")
     optim = train.OptimConfig(
         optimizer=c["optimizer"], lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"],
-        schedule=c["schedule"], milestones=tuple(train.parse_duration(m, spe) for m in c["milestones"]),
-        gamma=c["gamma"], warmup_steps=train.parse_duration(c["warmup"], spe), clip_grad_norm=c["clip_grad_norm"])
+        schedule=c["schedule"], milestones=tuple(duration("milestones", m) for m in c["milestones"]),
+        gamma=c["gamma"], warmup_steps=duration("warmup", c["warmup"]), clip_grad_norm=c["clip_grad_norm"])
     mesh = distributed.data_mesh()
     distributed.check_divisible(c["batch_size"], mesh)
     exclude = tuple(c["exclude"]) + (() if c["prune_output"] else (f"^{model.output_layer}/",))
     cfg = imp.ImpConfig(levels=c["levels"], fraction=c["prune_fraction"], scope=c["scope"], rewind=c["rewind"],
-                        rewind_step=train.parse_duration(c["rewind_step"], spe), branch=c["branch"], exclude=exclude,
-                        prune_biases=c["prune_biases"])
+                        rewind_step=duration("rewind_step", c["rewind_step"]), branch=c["branch"], exclude=exclude,
+                        prune_biases=c["prune_biases"], finetune_lr=c["finetune_lr"])
     task = imp.Task(model, *train.to_device(tr.images, tr.labels, te.images, te.labels), optim=optim,
                     num_steps=num_steps, batch_size=c["batch_size"], seed=c["seed"], loop=c["loop"],
                     eval_every_epoch=c["eval_every_epoch"], num_replicas=c["num_replicas"],
@@ -163,7 +166,7 @@ def load_levels(workdir: str | Path, replica: int | None = None) -> tuple[Built,
                 raise ValueError(f"replica={replica}: expected 0 <= replica < {b.task.num_replicas}")
             state = replicas.index(state, replica)
         variables.append(train.variables_of(state))
-        records.append(checkpoint.read_json(workdir / f"level_{k}" / "level.json"))
+        records.append(imp.read_level(workdir, k))
     if not variables:
         raise FileNotFoundError(f"workdir={workdir}: no finished level yet")
     return b, variables, records

@@ -3,10 +3,12 @@
 Trees are stored as their flattened leaves (``{"00000": leaf, …}``) and rebuilt against a template of the same
 structure, so any pytree — optax states with empty NamedTuples, masks of bools, PRNG keys — round-trips exactly.
 Orbax writes to a temporary directory and renames it when complete, so a crash never leaves a half-written
-checkpoint that looks finished.
+checkpoint that looks finished. :func:`save` returns a sha256 of the leaves; :func:`restore` given it refuses a
+checkpoint whose files were changed since (flipped bytes restore silently otherwise).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,26 +25,49 @@ def _flat(tree: PyTree) -> dict[str, np.ndarray]:
     return {f"{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(tree))}
 
 
-def save(path: str | os.PathLike, tree: PyTree) -> None:
-    """Write ``tree`` to the directory ``path`` (must not exist yet)."""
+def _sha256(flat: dict[str, np.ndarray]) -> str:
+    """sha256 over the leaves in key order: each leaf's key, dtype and shape, then its bytes (C order)."""
+    h = hashlib.sha256()
+    for k in sorted(flat):
+        x = np.ascontiguousarray(flat[k])
+        h.update(f"{k}:{x.dtype.str}:{x.shape};".encode())
+        h.update(x.tobytes())
+    return h.hexdigest()
+
+
+def save(path: str | os.PathLike, tree: PyTree) -> str:
+    """Write ``tree`` to the directory ``path`` (must not exist yet); returns the sha256 of its leaves (hex), for
+    :func:`restore` to check."""
     path = Path(path).absolute()
+    flat = _flat(tree)
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(path, _flat(tree))
+        ckpt.save(path, flat)
         ckpt.wait_until_finished()
+    return _sha256(flat)
 
 
-def restore(path: str | os.PathLike, template: PyTree) -> PyTree:
-    """Read the tree saved at ``path``; ``template`` gives the structure, shapes and dtypes."""
+def restore(path: str | os.PathLike, template: PyTree, sha256: str | None = None, hint: str = "") -> PyTree:
+    """Read the tree saved at ``path``; ``template`` gives the structure, shapes and dtypes.
+
+    ``sha256`` (what :func:`save` returned; None: unchecked): a ValueError if the restored leaves differ.
+    ``hint``: appended to the error messages (what to do about a corrupt checkpoint)."""
     path = Path(path).absolute()
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"checkpoint {path} does not exist{hint}")
     leaves, treedef = jax.tree_util.tree_flatten(template)
     abstract = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for k, v in _flat(template).items()}
-    with ocp.StandardCheckpointer() as ckpt:
-        loaded = ckpt.restore(path, abstract)
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            loaded = ckpt.restore(path, abstract)
+    except Exception as e:  # orbax/tensorstore errors on damaged files come in many types
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:300]}){hint}") from e
     if len(loaded) != len(leaves):
-        raise ValueError(f"checkpoint {path} holds {len(loaded)} leaves, the template {len(leaves)}")
-    return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(loaded[k]) for k in sorted(loaded)])
+        raise ValueError(f"checkpoint {path} holds {len(loaded)} leaves, the template {len(leaves)}{hint}")
+    flat = {k: np.asarray(loaded[k]) for k in sorted(loaded)}
+    if sha256 is not None and _sha256(flat) != sha256:
+        raise ValueError(f"checkpoint {path}: its contents do not match the sha256 recorded when it was saved "
+                         f"(a corrupt or changed file){hint}")
+    return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(x) for x in flat.values()])
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -56,9 +81,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as f:
-        return json.load(f)
+def read_json(path: str | os.PathLike, hint: str = "") -> Any:
+    """The JSON value in ``path``; a corrupt or truncated file is a ValueError naming it (``hint`` appended)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON, the file is corrupt or truncated ({e}){hint}") from None
 
 
 def check_run_config(workdir: str | os.PathLike, record: dict, volatile: tuple = (),
@@ -70,12 +99,13 @@ def check_run_config(workdir: str | os.PathLike, record: dict, volatile: tuple =
     ``config.json`` that lacks them ran with.
     """
     path = Path(workdir) / "config.json"
-    clean = {k: v for k, v in record.items() if k not in volatile}
+    # compared as JSON holds them (tuples become lists), so an identical Python config is not refused
+    clean = json.loads(json.dumps({k: v for k, v in record.items() if k not in volatile}))
     if not path.exists():
         write_json(path, clean)
         return
     old = {k: v for k, v in read_json(path).items() if k not in volatile}
-    old.update({k: v for k, v in (added_later or {}).items() if k not in old and k in clean})
+    old.update(json.loads(json.dumps({k: v for k, v in (added_later or {}).items() if k not in old and k in clean})))
     diff = {k: (old.get(k), clean.get(k)) for k in set(old) | set(clean) if old.get(k) != clean.get(k)}
     if diff:
         lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))

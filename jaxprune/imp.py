@@ -8,15 +8,18 @@ Level 0 trains the dense network. Level ``k ≥ 1`` prunes ``fraction`` of the r
   Frankle et al. 2020), trained on to the end;
 * ``lr``       — learning-rate rewinding (Renda et al. 2020): keep the trained surviving weights, fresh optimizer
   and the *whole* schedule restarted from step 0 at every level;
-* ``finetune`` — keep the trained weights and optimizer state, train again at the schedule's final learning rate.
+* ``finetune`` — keep the trained weights and optimizer state, train again at a constant learning rate:
+  ``finetune_lr``, by default the schedule's final one (refused when that is 0, as at the end of ``cosine``).
 
 Control branches (``branch``), trained beside every pruned level from the same start point:
 ``random_mask`` (same per-layer densities, random positions) and ``reinit`` (the level's mask, fresh weights).
 
 Layout of ``workdir`` (OpenLTH-style): ``config.json``; ``level_k/{checkpoint/, level.json}``; ``results.json``;
 ``metrics.csv``; plots. ``level.json`` is written last, so a level counts as finished only when its checkpoint is
-complete. Re-running resumes after the last finished level; every random stream is derived from ``seed`` and the
-level, so a resumed run equals an uninterrupted one.
+complete; it records the checkpoint's sha256 (``checkpoint_sha256``), checked when the level is loaded (files
+written before the checksum existed load unchecked). Re-running resumes after the last finished level; every
+random stream is derived from ``seed`` and the level, so a resumed run equals an uninterrupted one. ``levels`` may
+be raised to extend a run, never lowered below the levels already finished.
 
 Replicas (``Task.num_replicas = K > 1``): seeds ``seed, seed+1, …, seed+K-1`` run as one compiled program
 (:mod:`jaxprune.replicas`), each with its own initialisation, data order, masks and branch keys — replica ``r`` is
@@ -27,6 +30,7 @@ records under ``replicas``. ``Task.mesh``: train data-parallel over that mesh (:
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import time
 from pathlib import Path
@@ -57,6 +61,7 @@ class ImpConfig:
     branch: str = "none"
     exclude: tuple[str, ...] = ()  # regexes of param paths never pruned (e.g. the output layer)
     prune_biases: bool = False  # rank the biases of prunable layers with their weights
+    finetune_lr: float | None = None  # rewind="finetune": constant learning rate (None: the schedule's final one)
 
     def __post_init__(self):
         if self.levels < 0:
@@ -71,6 +76,14 @@ class ImpConfig:
             raise ValueError(f"branch={self.branch!r}: expected one of {BRANCHES}")
         if self.rewind_step < 0:
             raise ValueError(f"rewind_step={self.rewind_step}: expected >= 0")
+        if self.finetune_lr is not None:
+            if self.rewind != "finetune":
+                raise ValueError(f"finetune_lr={self.finetune_lr}: only used with rewind='finetune' "
+                                 f"(got rewind={self.rewind!r})")
+            if not (isinstance(self.finetune_lr, (int, float)) and self.finetune_lr > 0
+                    and math.isfinite(self.finetune_lr)):
+                raise ValueError(f"finetune_lr={self.finetune_lr!r}: expected a positive finite learning rate "
+                                 "(or None: the schedule's final learning rate)")
         masks.compile_patterns(self.exclude)
 
 
@@ -151,15 +164,18 @@ def _make_trainer(task: Task, tx: optax.GradientTransformation) -> train.Trainer
 
 
 class _Setup:
-    """Optimizers and compiled trainers for a task, built once and shared by all levels."""
+    """Optimizers and compiled trainers for a task, built once and shared by all levels.
 
-    def __init__(self, task: Task, keys: _Keys | None = None):
+    ``finetune_lr``: the constant learning rate of ``rewind="finetune"`` (None: the schedule's final one)."""
+
+    def __init__(self, task: Task, keys: _Keys | None = None, finetune_lr: float | None = None):
         self.task = task
         self.rep = _Rep(task.seed, task.num_replicas)
         self.schedule = train.make_schedule(task.optim, task.num_steps)
         self.tx = masks.masked(train.make_optimizer(task.optim, self.schedule))
-        final_lr = float(self.schedule(task.num_steps))
-        self.tx_finetune = masks.masked(train.make_optimizer(task.optim, optax.constant_schedule(final_lr)))
+        self.finetune_lr = float(self.schedule(task.num_steps) if finetune_lr is None else finetune_lr)
+        self.tx_finetune = masks.masked(train.make_optimizer(task.optim,
+                                                             optax.constant_schedule(self.finetune_lr)))
         self.trainer = _make_trainer(task, self.tx)
         self._trainer_ft = None
         self.init_variables = self.rep.seeded(lambda s: models.init(task.model, _Keys(s).init, task.x_train.shape))
@@ -174,6 +190,16 @@ class _Setup:
     def fresh(self, variables: dict, mask: PyTree, tx: optax.GradientTransformation) -> train.TrainState:
         st = train.create_state(variables, tx)
         return st._replace(params=masks.apply_mask(st.params, mask), opt_state=masks.with_mask(tx, st.opt_state, mask))
+
+
+def _fresh_moments_at(tx: optax.GradientTransformation, fresh: masks.MaskedState,
+                      at: masks.MaskedState) -> masks.MaskedState:
+    """``fresh``'s parameter-shaped leaves (zero moments) with ``at``'s other leaves (step counts, i.e. the
+    schedule position): a fresh optimizer that starts where ``at`` stands in the schedule."""
+    inner = masks._inner_of(tx)
+    is_param = optax.tree_utils.tree_map_params(inner, lambda _: True, fresh.inner,
+                                                transform_non_params=lambda _: False)
+    return fresh._replace(inner=jax.tree_util.tree_map(lambda p, f, a: f if p else a, is_param, fresh.inner, at.inner))
 
 
 def _masked_state(tx, st: train.TrainState, mask: PyTree, step: int | None = None) -> train.TrainState:
@@ -202,8 +228,9 @@ def _start_state(setup: _Setup, cfg: ImpConfig, mask: PyTree, prev: train.TrainS
     _, tx = setup.trainer_for(cfg.rewind)
     if init_vars is not None:
         fresh = setup.fresh(init_vars, mask, tx)
-        if cfg.rewind == "step":
-            return fresh._replace(step=rewind_point.step)
+        if cfg.rewind == "step":  # fresh weights and moments, the schedule at step k as in the main branch
+            return fresh._replace(step=rewind_point.step,
+                                  opt_state=_fresh_moments_at(tx, fresh.opt_state, rewind_point.opt_state))
         return fresh
     if cfg.rewind in ("init", "step"):
         return _masked_state(tx, rewind_point, mask)
@@ -275,13 +302,25 @@ def _template(task: Task, seed: int) -> PyTree:
     return _ckpt_tree(st, masks.ones_like(st.params), st, 0, seed, task.num_replicas)
 
 
+def _redo_hint(d: Path) -> str:
+    return f"; delete {d} to train that level again (later levels are then retrained too)"
+
+
+def read_level(workdir: str | Path, level: int) -> dict:
+    """The record (``level.json``) of a finished level; a corrupt file is a ValueError naming it."""
+    d = Path(workdir) / f"level_{level}"
+    return checkpoint.read_json(d / "level.json", hint=_redo_hint(d))
+
+
 def load_level(workdir: str | Path, level: int, task: Task) -> dict:
     """The checkpoint of a finished level: ``{"state", "mask", "rewind_point", "level", "rng"}`` (stacked trees,
-    a leading replica axis on every leaf, when ``task.num_replicas > 1``)."""
+    a leading replica axis on every leaf, when ``task.num_replicas > 1``). Checked against the sha256 in
+    ``level.json`` where one is recorded."""
     path = Path(workdir) / f"level_{level}"
     if not (path / "level.json").exists():
         raise FileNotFoundError(f"level {level} of {workdir} is not finished (no {path / 'level.json'})")
-    return checkpoint.restore(path / "checkpoint", _template(task, task.seed))
+    sha = read_level(workdir, level).get("checkpoint_sha256")
+    return checkpoint.restore(path / "checkpoint", _template(task, task.seed), sha256=sha, hint=_redo_hint(path))
 
 
 def run(task: Task, cfg: ImpConfig, workdir: str | Path, *, config_record: dict | None = None,
@@ -293,29 +332,37 @@ def run(task: Task, cfg: ImpConfig, workdir: str | Path, *, config_record: dict 
     runs used. ``on_level(records)`` is called after each finished level (results files, plots).
     """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if cfg.rewind == "step" and cfg.rewind_step > task.num_steps:
-        raise ValueError(f"rewind_step={cfg.rewind_step}: beyond the training length of {task.num_steps} steps")
+    if cfg.rewind == "step" and cfg.rewind_step >= task.num_steps:
+        raise ValueError(f"rewind_step={cfg.rewind_step}: expected a step before the end of training "
+                         f"(0 <= rewind_step < {task.num_steps}, the training length in steps)")
     keys = _Keys(task.seed)
-    setup = _Setup(task, keys)
+    setup = _Setup(task, keys, cfg.finetune_lr)
+    if cfg.rewind == "finetune" and setup.finetune_lr <= 0:
+        raise ValueError(f"--rewind=finetune trains at the final learning rate of --schedule={task.optim.schedule}, "
+                         f"which is {setup.finetune_lr}: no weight would change. Set --finetune_lr (ImpConfig."
+                         "finetune_lr) to a positive learning rate")
     rep = setup.rep
     prunable = masks.prunable_leaves(rep.first(setup.init_variables)["params"], exclude=cfg.exclude,
                                      biases=cfg.prune_biases)
-    # Settings are recorded only once they are known to be valid, so a corrected rerun is not refused.
+    # Settings are recorded only once they are known to be valid, so a corrected rerun is not refused; the
+    # workdir is created only then, so a refused run leaves nothing behind.
     if config_record is not None:
         checkpoint.check_run_config(workdir, config_record, _VOLATILE, {**_ADDED_LATER, **(added_later or {})})
+    workdir.mkdir(parents=True, exist_ok=True)
     dense_mask = masks.ones_like(setup.init_variables["params"])
     init_state = rep.device(lambda v, m: setup.fresh(v, m, setup.tx), setup.init_variables, dense_mask)
 
-    records: list[dict] = []
     done = finished_levels(workdir)
-    for k in done:
-        records.append(checkpoint.read_json(workdir / f"level_{k}" / "level.json"))
+    if len(done) > cfg.levels + 1:  # lowering would drop finished levels from the results
+        raise ValueError(f"levels={cfg.levels}: {workdir} already holds {len(done)} finished levels (0..{done[-1]}, "
+                         f"i.e. --levels={done[-1]}); --levels may be raised to extend a run, not lowered below "
+                         f"{done[-1]} (use a new --workdir for a shorter run)")
+    records = [read_level(workdir, k) for k in done]
     if done:
         logging.info("resuming %s: levels %s already finished", workdir, done)
-    if len(done) > cfg.levels:
+    if len(done) == cfg.levels + 1:
         logging.info("run in %s is complete (%d levels); nothing to do", workdir, len(done))
-        return records[: cfg.levels + 1]
+        return records
 
     if done:
         ck = load_level(workdir, done[-1], task)
@@ -373,7 +420,7 @@ def _save_level(d: Path, tree: PyTree, rec: dict) -> None:
     if d.exists():  # a partial level from a crash: start it over
         shutil.rmtree(d)
     d.mkdir(parents=True)
-    checkpoint.save(d / "checkpoint", tree)
+    rec["checkpoint_sha256"] = checkpoint.save(d / "checkpoint", tree)  # checked by load_level
     checkpoint.write_json(d / "level.json", rec)  # the "finished" marker, written last
 
 

@@ -54,18 +54,21 @@ def prunable_leaves(params: PyTree, predicate: Callable[[str, Array], bool] = de
 
     ``exclude=("dense_2",)`` leaves the output layer of an MLP(300, 100, 10) unpruned; patterns are
     ``re.search``-ed against paths such as ``"dense_2/kernel"``. ``biases=True`` also makes the ``bias`` of every
-    module whose ``kernel`` is prunable prunable (ranked with the weights, as pruning code that selects parameters
-    by layer name does); BatchNorm offsets, which sit beside no kernel, stay unpruned.
+    module whose ``kernel`` is prunable (chosen by ``predicate`` and not excluded) prunable, ranked with the
+    weights as pruning code that selects parameters by layer name does; the bias of an excluded kernel, and
+    BatchNorm offsets, which sit beside no kernel, stay unpruned.
     """
     pats = compile_patterns(exclude)
+    excluded = lambda path: any(r.search(path) for r in pats)
     leaves = [(path_str(p), x) for p, x in jax.tree_util.tree_leaves_with_path(params)]
+    # modules whose kernel is prunable (after ``exclude``): only their biases may be pruned with them
     with_kernel = {path.rpartition("/")[0] for path, x in leaves
-                   if biases and path.endswith("/kernel") and predicate(path, x)}
+                   if biases and path.endswith("/kernel") and predicate(path, x) and not excluded(path)}
 
     def prunable(path: str, leaf: Array) -> bool:
         head, _, name = path.rpartition("/")
         chosen = bool(predicate(path, leaf)) or (name == "bias" and head in with_kernel)
-        return chosen and not any(r.search(path) for r in pats)
+        return chosen and not excluded(path)
 
     tree = jax.tree_util.tree_map_with_path(lambda p, x: prunable(path_str(p), x), params)
     if not any(jax.tree_util.tree_leaves(tree)):
@@ -79,8 +82,60 @@ def ones_like(params: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda x: jnp.ones(jnp.shape(x), bool), params)
 
 
+def check_trees(params: PyTree | None = None, mask: PyTree | None = None, prunable: PyTree | None = None, *,
+                params_name: str = "params") -> None:
+    """Refuse trees that do not belong together: a ValueError naming the argument and the offending leaf path.
+
+    Pass the trees a function takes (``None``: not given); the first one given is the reference structure.
+    ``params`` (named ``params_name``, e.g. ``"scores"``): array leaves. ``mask``: the same structure, bool leaves
+    of the params' shapes. ``prunable``: the same structure, Python-bool leaves, at least one ``True``. Only static
+    properties (tree structure, shapes, dtypes) are read, so this is safe on traced values inside ``jit``/``vmap``.
+    """
+    given = [(n, t) for n, t in ((params_name, params), ("mask", mask), ("prunable", prunable)) if t is not None]
+    ref_name, ref = given[0]
+    for name, tree in given[1:]:
+        _check_structure(ref_name, ref, name, tree)
+    if mask is not None:
+        for path, m in jax.tree_util.tree_leaves_with_path(mask):
+            dtype = getattr(m, "dtype", None) or np.asarray(m).dtype
+            if dtype != bool:
+                raise ValueError(f"mask: leaf {path_str(path)!r} has dtype {dtype}; expected bool (True = kept)")
+        if params is not None:
+            for (path, p), m in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(mask)):
+                if np.shape(m) != np.shape(p):
+                    raise ValueError(f"mask: leaf {path_str(path)!r} has shape {np.shape(m)}; expected "
+                                     f"{np.shape(p)}, the shape of that leaf of {params_name}")
+    if prunable is not None:
+        flags = jax.tree_util.tree_leaves_with_path(prunable)
+        for path, p in flags:
+            if not isinstance(p, (bool, np.bool_)):
+                raise ValueError(f"prunable: leaf {path_str(path)!r} has type {type(p).__name__}; expected a "
+                                 "Python bool per leaf (see prunable_leaves)")
+        if not any(p for _, p in flags):
+            raise ValueError(f"prunable: no leaf is prunable (paths {[path_str(q) for q, _ in flags]}); expected "
+                             "at least one True leaf (see prunable_leaves)")
+
+
+def _check_structure(ref_name: str, ref: PyTree, name: str, tree: PyTree) -> None:
+    a, b = jax.tree_util.tree_structure(ref), jax.tree_util.tree_structure(tree)
+    if a == b:
+        return
+    pa = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(ref)]
+    pb = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    missing = [p for p in pa if p not in set(pb)]
+    extra = [p for p in pb if p not in set(pa)]
+    if missing:
+        raise ValueError(f"{name}: has no leaf {missing[0]!r}; expected the structure of {ref_name} "
+                         f"(leaves {pa})")
+    if extra:
+        raise ValueError(f"{name}: leaf {extra[0]!r} is not in {ref_name}; expected the structure of {ref_name} "
+                         f"(leaves {pa})")
+    raise ValueError(f"{name}: the leaf paths of {ref_name} but other containers ({b}); expected {a}")
+
+
 def apply_mask(params: PyTree, mask: PyTree) -> PyTree:
-    """Zero the pruned weights (keeps dtypes)."""
+    """Zero the pruned weights (keeps dtypes). ``mask``: bool leaves of the params' shapes."""
+    check_trees(params, mask)
     return jax.tree_util.tree_map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, mask)
 
 
@@ -95,10 +150,18 @@ def prune_by_score(scores: PyTree, mask: PyTree, prunable: PyTree, fraction: flo
                    scope: str = "global") -> PyTree:
     """Remove the ``ceil(fraction · remaining)`` surviving prunable weights with the lowest ``scores``.
 
-    ``scores``, ``mask``: trees shaped like the params. Returns the new mask; non-prunable leaves unchanged.
+    ``scores``: finite values, ``mask``: bools, both shaped like the params. Returns the new mask; non-prunable
+    leaves unchanged.
     """
+    check_trees(scores, mask, prunable, params_name="scores")
+    return _prune(scores, mask, prunable, fraction, scope, "scores")
+
+
+def _prune(scores: PyTree, mask: PyTree, prunable: PyTree, fraction: float, scope: str, name: str) -> PyTree:
+    """:func:`prune_by_score` on checked trees; ``name``: what the scores are called in errors."""
     _check(fraction, scope)
     s_leaves, treedef = jax.tree_util.tree_flatten(scores)
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(scores)]
     m_leaves = treedef.flatten_up_to(mask)
     p_leaves = treedef.flatten_up_to(prunable)
     out = list(m_leaves)
@@ -111,14 +174,18 @@ def prune_by_score(scores: PyTree, mask: PyTree, prunable: PyTree, fraction: flo
         # Host-side numpy: one sort per level, no per-shape XLA compilation.
         flat_m = np.concatenate([np.asarray(m_leaves[i], bool).ravel() for i in group])
         flat_s = np.concatenate([np.asarray(s_leaves[i], np.float64).ravel() for i in group])
-        if np.isnan(flat_s[flat_m]).any():
-            raise ValueError("scores: NaN among the surviving weights; cannot rank them")
+        for i in group:
+            bad = int(np.sum(~np.isfinite(np.asarray(s_leaves[i], np.float64)[np.asarray(m_leaves[i], bool)])))
+            if bad:
+                raise ValueError(f"{name}: {bad} NaN or ±Inf values among the surviving weights of {paths[i]!r}; "
+                                 "expected finite values to rank (did training diverge?)")
         remaining = int(flat_m.sum())
         k = math.ceil(fraction * remaining - 1e-9)
         if k == 0:
             continue
-        # Already-pruned weights rank last so they are never chosen again; stable sort = index tie-break.
-        order = np.argsort(np.where(flat_m, flat_s, np.inf), kind="stable")
+        # Survivors first, then by score; already-pruned weights rank last whatever their score, so they are never
+        # chosen again. lexsort is stable: among equal scores the flattening order decides.
+        order = np.lexsort((flat_s, ~flat_m))
         flat_m = flat_m.copy()
         flat_m[order[:k]] = False
         offset = 0
@@ -132,19 +199,22 @@ def prune_by_score(scores: PyTree, mask: PyTree, prunable: PyTree, fraction: flo
 def magnitude_prune(params: PyTree, mask: PyTree, prunable: PyTree, fraction: float,
                     scope: str = "global") -> PyTree:
     """Prune the smallest-|w| ``fraction`` of the remaining prunable weights (OpenLTH ``sparse_global``)."""
-    return prune_by_score(jax.tree_util.tree_map(jnp.abs, params), mask, prunable, fraction, scope)
+    check_trees(params, mask, prunable)
+    return _prune(jax.tree_util.tree_map(jnp.abs, params), mask, prunable, fraction, scope, "params")
 
 
 def random_prune(key: Array, mask: PyTree, prunable: PyTree, fraction: float, scope: str = "global") -> PyTree:
     """Prune a uniformly random ``fraction`` of the remaining prunable weights."""
+    check_trees(mask=mask, prunable=prunable)
     leaves, treedef = jax.tree_util.tree_flatten(mask)
     keys = jax.random.split(key, len(leaves))
     scores = treedef.unflatten([jax.random.uniform(k, jnp.shape(m)) for k, m in zip(keys, leaves)])
-    return prune_by_score(scores, mask, prunable, fraction, scope)
+    return _prune(scores, mask, prunable, fraction, scope, "scores")
 
 
 def random_like(key: Array, mask: PyTree, prunable: PyTree) -> PyTree:
     """A random mask with exactly the same number of kept weights in every prunable leaf (control branch)."""
+    check_trees(mask=mask, prunable=prunable)
     leaves, treedef = jax.tree_util.tree_flatten(mask)
     p_leaves = treedef.flatten_up_to(prunable)
     keys = jax.random.split(key, len(leaves))
@@ -164,6 +234,7 @@ def random_like(key: Array, mask: PyTree, prunable: PyTree) -> PyTree:
 def density_report(mask: PyTree, prunable: PyTree) -> dict:
     """``{"density": overall kept fraction of prunable weights, "kept": int, "total": int,
     "layers": {path: density}}`` (only prunable leaves)."""
+    check_trees(mask=mask, prunable=prunable)
     layers, kept, total = {}, 0, 0
     for (path, m), p in zip(jax.tree_util.tree_leaves_with_path(mask),
                             jax.tree_util.tree_leaves(prunable)):
@@ -173,7 +244,7 @@ def density_report(mask: PyTree, prunable: PyTree) -> dict:
         layers[path_str(path)] = k / m.size
         kept += k
         total += m.size
-    return {"density": kept / total if total else 1.0, "kept": kept, "total": total, "layers": layers}
+    return {"density": kept / total, "kept": kept, "total": total, "layers": layers}
 
 
 # ----------------------------------------------------------------------------------------------- optimizer
@@ -206,6 +277,7 @@ def with_mask(tx: optax.GradientTransformation, state: MaskedState, mask: PyTree
     """Install ``mask`` in a :func:`masked` optimizer's state and zero the param-shaped moments it prunes."""
     if not isinstance(state, MaskedState):
         raise TypeError(f"state: expected the state of jaxprune.masks.masked(...), got {type(state).__name__}")
+    check_trees(state.mask, mask)  # the state's mask has the params' structure and shapes
     inner_tx = _inner_of(tx)
     zeroed = optax.tree_utils.tree_map_params(
         inner_tx, lambda x, m: jnp.where(m, x, jnp.zeros_like(x)), state.inner, mask,

@@ -2,7 +2,8 @@
 
 Training is counted in steps; an epoch is ``n // batch_size`` steps (the remainder is dropped so shapes stay
 static). The order of examples in epoch ``e`` is ``permutation(fold_in(data_key, e))``, so a run that starts at
-step ``k`` (a rewind point, a resumed level) sees exactly the batches an uninterrupted run would.
+step ``k`` (a rewind point, a resumed level) sees exactly the batches an uninterrupted run would. Dropout at step
+``s`` draws from its own stream, ``fold_in(fold_in(data_key, DROPOUT_STREAM), s)`` (see :func:`step_keys`).
 
 MLP epochs run as one ``lax.scan`` (about 20 % faster on CPU); convolutional models use a Python loop of jitted
 steps, because XLA's CPU convolutions are many times slower inside ``scan``.
@@ -35,7 +36,8 @@ PyTree = Any
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
-AUGMENT_STREAM = 0x417547  # fold_in tag of the augmentation key (derived from the step's dropout key)
+AUGMENT_STREAM = 0x417547  # fold_in tag of the augmentation key (derived from fold_in(data_key, step))
+DROPOUT_STREAM = 0x44524F50  # fold_in tag of the dropout stream, apart from the epoch permutation keys
 
 
 class TrainState(NamedTuple):
@@ -146,9 +148,9 @@ def step_functions(model: nn.Module, tx: optax.GradientTransformation, mesh=None
 
     def step(state: TrainState, x_all: Array, y_all: Array, idx: Array, key: Array):
         x, y = distributed.constrain_batch((x_all[idx], y_all[idx]), mesh)
-        dropout_key = jax.random.fold_in(key, state.step)
+        dropout_key, augment_key = step_keys(key, state.step)
         if augment is not None:  # its own stream, so augmenting leaves the dropout masks as they were
-            x = augment(jax.random.fold_in(dropout_key, AUGMENT_STREAM), x)
+            x = augment(augment_key, x)
 
         def loss_fn(params):
             v = {"params": params, "batch_stats": state.batch_stats} if state.batch_stats else {"params": params}
@@ -181,10 +183,25 @@ def make_trainer(model: nn.Module, tx: optax.GradientTransformation, mesh=None,
     return Trainer(*(jax.jit(f) for f in step_functions(model, tx, mesh, augment)), mesh=mesh)
 
 
+def step_keys(data_key: Array, step: Array | int) -> tuple[Array, Array]:
+    """``(dropout_key, augment_key)`` of optimizer step ``step``.
+
+    Dropout: ``fold_in(fold_in(data_key, DROPOUT_STREAM), step)``, never :func:`epoch_key` of any epoch.
+    Augmentation: ``fold_in(fold_in(data_key, step), AUGMENT_STREAM)`` (as before the dropout stream was split
+    off, so runs without dropout are unchanged)."""
+    dropout = jax.random.fold_in(jax.random.fold_in(data_key, DROPOUT_STREAM), step)
+    return dropout, jax.random.fold_in(jax.random.fold_in(data_key, step), AUGMENT_STREAM)
+
+
+def epoch_key(data_key: Array, epoch: int) -> Array:
+    """The key whose permutation orders epoch ``epoch``: ``fold_in(data_key, epoch)``."""
+    return jax.random.fold_in(data_key, epoch)
+
+
 def epoch_order(key: Array, epoch: int, n: int, batch_size: int) -> Array:
     """Batch indices of one epoch: ``(n // batch_size, batch_size)`` int32."""
     steps = n // batch_size
-    perm = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+    perm = jax.random.permutation(epoch_key(key, epoch), n)
     return perm[: steps * batch_size].reshape(steps, batch_size).astype(jnp.int32)
 
 
@@ -350,8 +367,10 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return n // batch_size
 
 
-def parse_duration(spec: str | int, spe: int) -> int:
-    """``"16ep"`` → 16·spe steps, ``"500"`` or ``"500it"`` → 500 steps (OpenLTH notation)."""
+def parse_duration(spec: str | int, spe: int, name: str = "") -> int:
+    """``"16ep"`` → 16·spe steps, ``"500"`` or ``"500it"`` → 500 steps (OpenLTH notation).
+
+    ``name``: the setting (flag) the value came from, named in the error."""
     s = str(spec).strip()
     try:
         if s.endswith("ep"):
@@ -360,7 +379,8 @@ def parse_duration(spec: str | int, spe: int) -> int:
             return int(s[:-2])
         return int(s)
     except ValueError:
-        raise ValueError(f"duration {spec!r}: expected steps ('500', '500it') or epochs ('2ep')") from None
+        where = f"{name}: " if name else ""
+        raise ValueError(f"{where}duration {spec!r}: expected steps ('500', '500it') or epochs ('2ep')") from None
 
 
 def to_device(*arrays: np.ndarray) -> Sequence[Array]:

@@ -55,3 +55,18 @@ def test_every_shipped_config_names_only_its_experiments_flags_and_choices():
             assert name in spec, f"{cfg.name}: --{name} is not a flag of experiments.{module}"
             if len(spec[name]) > 3:
                 assert value in spec[name][3], f"{cfg.name}: --{name}={value} not in {spec[name][3]}"
+
+
+def test_flag_errors_name_the_flag_and_leave_no_workdir(tmp_path):
+    wd = tmp_path / "refused"
+    small = ["--model=mlp", "--hidden=8", "--training_steps=5", "--levels=1", f"--workdir={wd}"]
+    p = _cli(*small, "--hidden=a")
+    assert p.returncode == 2 and not wd.exists()
+    assert p.stderr.strip().splitlines()[-1] == "error: hidden='a': expected comma-separated integers (e.g. 300,100)"
+    p = _cli(*small, "--rewind=finetune", "--schedule=cosine")
+    assert p.returncode == 2 and not wd.exists()
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --rewind=finetune") and "--schedule=cosine" in last and "--finetune_lr" in last
+    p = _cli(*small, "--rewind=finetune", "--schedule=cosine", "--finetune_lr=0.05")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads((wd / "config.json").read_text())["finetune_lr"] == 0.05

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from experiments import imp as imp_exp
-from jaxprune import imp, masks, models
+from jaxprune import checkpoint, imp, masks, models
 
 SMALL = dict(dataset="digits", model="mlp", hidden=["24"], optimizer="momentum", lr=0.05, schedule="step",
              milestones=["30"], training_steps="40", batch_size=64, prune_fraction=0.5, seed=3)
@@ -106,11 +106,33 @@ def test_lr_rewinding_keeps_trained_weights_and_restarts_the_schedule(tmp_path):
     assert res["levels"][1]["steps"] == 40
 
 
-def test_step_rewinding_restarts_from_step_k(tmp_path):
-    res, b, setup, l0, l1, start = _start_of_level1(tmp_path, "step", rewind_step="10")
+@pytest.fixture(scope="module")
+def step_rewound(tmp_path_factory):
+    return _start_of_level1(tmp_path_factory.mktemp("imp"), "step", rewind_step="10")
+
+
+def test_step_rewinding_restarts_from_step_k(step_rewound):
+    res, b, setup, l0, l1, start = step_rewound
     assert int(start.step) == 10 and _opt_count(start.opt_state) == 10
     assert int(l1["rewind_point"].step) == 10
     assert res["levels"][1]["steps"] == 40
+
+
+def test_reinit_branch_under_step_rewinding_keeps_the_schedule_position(step_rewound):
+    """The reinit control starts from fresh weights and zero moments but at step k of the schedule, as the main
+    branch does (its optimizer count used to restart at 0 while the step counter said k)."""
+    res, b, setup, l0, l1, start = step_rewound
+    fresh = models.init(b.model, imp._Keys(b.task.seed).reinit(1), b.task.x_train.shape)
+    rein = imp._start_state(setup, b.imp, l1["mask"], l0["state"], l1["rewind_point"], init_vars=fresh)
+    assert int(rein.step) == int(start.step) == 10
+    assert _opt_count(rein.opt_state) == _opt_count(start.opt_state) == 10
+    assert float(setup.schedule(_opt_count(rein.opt_state))) == float(setup.schedule(_opt_count(start.opt_state)))
+    m = np.asarray(l1["mask"]["dense_0"]["kernel"])
+    np.testing.assert_array_equal(np.asarray(rein.params["dense_0"]["kernel"]),
+                                  np.where(m, np.asarray(fresh["params"]["dense_0"]["kernel"]), 0))
+    for leaf in jax.tree_util.tree_leaves(optax.tree_utils.tree_get(rein.opt_state, "trace")):
+        assert not np.asarray(leaf).any()  # fresh (zero) momentum
+    np.testing.assert_array_equal(rein.opt_state.mask["dense_0"]["kernel"], m)
 
 
 def test_finetune_continues_at_the_final_learning_rate(tmp_path):
@@ -181,13 +203,13 @@ def test_other_settings_in_an_existing_workdir_are_refused(tmp_path, lottery):
 
 
 def test_workdirs_written_before_later_flags_still_resume(tmp_path, lottery):
-    """A config.json lacking settings added later (num_replicas, weight_init, augment, pool, exclude) resumes with
-    their defaults."""
+    """A config.json lacking settings added later (num_replicas, weight_init, augment, pool, exclude,
+    finetune_lr) resumes with their defaults."""
     _, wd, *_ = lottery
     old = tmp_path / "old"
     shutil.copytree(wd, old)
     cfg = json.loads((old / "config.json").read_text())
-    for k in ("num_replicas", "weight_init", "augment", "pool", "exclude"):
+    for k in ("num_replicas", "weight_init", "augment", "pool", "exclude", "finetune_lr"):
         cfg.pop(k)
     (old / "config.json").write_text(json.dumps(cfg))
     res = imp_exp.train_and_evaluate({**SMALL, "levels": 2, "branch": "random_mask"}, old)
@@ -201,8 +223,17 @@ def test_workdirs_written_before_later_flags_still_resume(tmp_path, lottery):
     (dict(rewind="late"), r"rewind='late'"),
     (dict(batch_size=5000), r"batch_size=5000"),
     (dict(model="mlp2"), r"model='mlp2'"),
-    (dict(training_steps="x"), r"duration 'x'"),
+    (dict(training_steps="x"), r"training_steps: duration 'x'"),
     (dict(rewind="step", rewind_step="100"), r"rewind_step=100"),
+    (dict(rewind="step", rewind_step="40"), r"rewind_step=40: expected a step before the end .*< 40"),
+    (dict(rewind="step", rewind_step="abc"), r"rewind_step: duration 'abc'"),
+    (dict(milestones=["5x"]), r"milestones: duration '5x'"),
+    (dict(warmup="1.5"), r"warmup: duration '1.5'"),
+    (dict(hidden=["a"]), r"hidden='a': expected comma-separated integers"),
+    (dict(max_train_examples=-5), r"max_train_examples=-5: expected an integer >= 0"),
+    (dict(max_test_examples=-1), r"max_test_examples=-1: expected an integer >= 0"),
+    (dict(finetune_lr=0.01), r"finetune_lr=0.01: only used with rewind='finetune'"),
+    (dict(rewind="finetune", finetune_lr=-1.0), r"finetune_lr=-1.0: expected a positive finite learning rate"),
     (dict(colour="red"), r"unknown keys \['colour'\]"),
     (dict(augment="rotate"), r"augment='rotate'"),
     (dict(weight_init="kaiming"), r"weight_init='kaiming'"),
@@ -213,6 +244,81 @@ def test_workdirs_written_before_later_flags_still_resume(tmp_path, lottery):
 def test_bad_settings_give_clear_errors(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
         _run(tmp_path, "bad", **bad)
+    assert not (tmp_path / "bad").exists()  # a refused run leaves no (empty) workdir behind
+
+
+def test_finetuning_at_a_zero_learning_rate_is_refused_and_finetune_lr_is_used(tmp_path):
+    """``cosine`` ends at 0: fine-tuning at its final rate moved no weight, yet wrote a level record."""
+    cosine = dict(schedule="cosine", milestones=[], training_steps="20", levels=1, rewind="finetune")
+    with pytest.raises(ValueError, match=r"--rewind=finetune .* --schedule=cosine, which is 0.0.*--finetune_lr"):
+        _run(tmp_path, "ft0", **cosine)
+    assert not (tmp_path / "ft0").exists()
+    res, wd = _run(tmp_path, "ft", **cosine, finetune_lr=0.01)
+    b = imp_exp.load_levels(wd)[0]
+    assert b.imp.finetune_lr == 0.01 and imp._Setup(b.task, None, b.imp.finetune_lr).finetune_lr == 0.01
+    l0, l1 = imp.load_level(wd, 0, b.task), imp.load_level(wd, 1, b.task)
+    m = np.asarray(l1["mask"]["dense_0"]["kernel"])
+    w0, w1 = (np.asarray(lv["state"].params["dense_0"]["kernel"]) for lv in (l0, l1))
+    moved = np.abs(w1 - w0)[m] > 0  # (weights of the always-blank border pixels get no gradient)
+    assert moved.mean() > 0.5 and (w1[~m] == 0).all()
+    assert _opt_count(l1["state"].opt_state) == 40 and res["levels"][1]["steps"] == 20
+    assert json.loads((wd / "config.json").read_text())["finetune_lr"] == 0.01
+    with pytest.raises(ValueError, match=r"different settings \(finetune_lr: 0.01 -> 0.02\)"):
+        _run(tmp_path, "ft", **cosine, finetune_lr=0.02)
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_an_identical_config_with_tuples_resumes(tmp_path, lottery):
+    wd = _copy(lottery[1], tmp_path / "copy")
+    res = imp_exp.train_and_evaluate({**SMALL, "hidden": ("24",), "levels": 2, "branch": "random_mask"}, wd)
+    assert res["finished"]
+    assert [r["kept_weights"] for r in res["levels"]] == [r["kept_weights"] for r in lottery[0]["levels"]]
+    checkpoint.check_run_config(tmp_path / "cfg", {"exclude": ("^a", "^b"), "lr": 0.1})
+    checkpoint.check_run_config(tmp_path / "cfg", {"exclude": ("^a", "^b"), "lr": 0.1})  # not refused
+    with pytest.raises(ValueError, match=r"exclude: \['\^a', '\^b'\] -> \['\^a'\]"):
+        checkpoint.check_run_config(tmp_path / "cfg", {"exclude": ("^a",), "lr": 0.1})
+
+
+def test_corrupt_level_files_are_named_with_what_to_do(tmp_path, lottery):
+    b = lottery[2]
+    wd = _copy(lottery[1], tmp_path / "copy")
+    # (a) a truncated level.json
+    text = (wd / "level_1" / "level.json").read_text()
+    (wd / "level_1" / "level.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"level_1/level.json: not valid JSON.*delete \S*level_1 to train that"):
+        imp_exp.train_and_evaluate({**SMALL, "levels": 2, "branch": "random_mask"}, wd)
+    (wd / "level_1" / "level.json").write_text(text)
+    # (b) flipped bytes in a checkpoint data file: the sha256 recorded in level.json no longer matches
+    rec = json.loads(text)
+    assert len(rec["checkpoint_sha256"]) == 64
+    files = [f for f in (wd / "level_1" / "checkpoint").rglob("*") if f.is_file()]
+    data = max(files, key=lambda f: f.stat().st_size)  # the array data
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"checkpoint .*level_1/checkpoint.*delete .*level_1 to train that level"):
+        imp.load_level(wd, 1, b.task)
+    # a level saved before checksums were recorded still loads (unchecked)
+    old = _copy(lottery[1], tmp_path / "old")
+    rec.pop("checkpoint_sha256")
+    (old / "level_1" / "level.json").write_text(json.dumps(rec))
+    tree = imp.load_level(old, 1, b.task)
+    np.testing.assert_array_equal(tree["mask"]["dense_0"]["kernel"],
+                                  imp.load_level(lottery[1], 1, b.task)["mask"]["dense_0"]["kernel"])
+
+
+def test_lowering_levels_below_the_finished_ones_is_refused(tmp_path, lottery):
+    wd = _copy(lottery[1], tmp_path / "copy")
+    before = (wd / "results.json").read_bytes()
+    with pytest.raises(ValueError, match=r"levels=1: .* already holds 3 finished levels .*not lowered below 2"):
+        imp_exp.train_and_evaluate({**SMALL, "levels": 1, "branch": "random_mask"}, wd)
+    assert (wd / "results.json").read_bytes() == before  # the finished levels stay in the results
+    raised = imp_exp.train_and_evaluate({**SMALL, "levels": 2, "branch": "random_mask"}, wd)
+    assert len(raised["levels"]) == 3 and raised["finished"]
 
 
 def test_lenet300_learns_real_mnist(tmp_path, data_dir):

@@ -155,3 +155,77 @@ def test_biases_of_pruned_layers_are_ranked_with_their_weights():
     m = masks.magnitude_prune(p, masks.ones_like(p), pr, 5 / (200 + 10 + 50 + 5), "global")
     assert not np.asarray(m["dense_1"]["bias"]).any() and np.asarray(m["dense_0"]["kernel"]).all()
     assert masks.density_report(m, pr)["total"] == 200 + 10 + 50 + 5
+
+
+def test_non_finite_scores_are_refused_and_counts_are_exact_for_any_finite_scores():
+    """An ``inf`` survivor used to tie with the sentinel that ranked pruned weights last: fraction 1.0 of
+    ``[[1, 2], [3, inf]]`` (``[0, 0]`` already pruned) removed only 2 of the 3 survivors."""
+    p = {"a": {"kernel": jnp.array([[1.0, 2.0], [3.0, jnp.inf]])}}
+    m = {"a": {"kernel": jnp.array([[False, True], [True, True]])}}
+    pr = {"a": {"kernel": True}}
+    for bad in (jnp.inf, -jnp.inf):
+        with pytest.raises(ValueError, match=r"params: 1 NaN or ±Inf values among the surviving weights of 'a/k"):
+            masks.magnitude_prune({"a": {"kernel": p["a"]["kernel"].at[1, 1].set(bad)}}, m, pr, 1.0)
+    with pytest.raises(ValueError, match=r"scores: 1 NaN or ±Inf .* of 'a/kernel'"):
+        masks.prune_by_score(p, m, pr, 0.5, "layerwise")
+    # the largest finite scores are ranked as scores; an already-pruned weight ranks last whatever its score
+    big = float(np.finfo(np.float32).max)
+    s = {"a": {"kernel": jnp.array([[jnp.nan, big], [3.0, big]])}}
+    np.testing.assert_array_equal(masks.prune_by_score(s, m, pr, 1.0)["a"]["kernel"], np.zeros((2, 2), bool))
+    np.testing.assert_array_equal(masks.prune_by_score(s, m, pr, 0.5)["a"]["kernel"], [[False, False], [False, True]])
+    s = {"a": {"kernel": jnp.array([[-jnp.inf, big], [3.0, big]])}}  # a pruned -inf is not "the lowest survivor"
+    np.testing.assert_array_equal(masks.prune_by_score(s, m, pr, 0.3)["a"]["kernel"], [[False, True], [False, True]])
+
+
+def test_bias_of_an_excluded_kernel_is_not_prunable():
+    p = {"dense_0": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,))},
+         "dense_1": {"kernel": jnp.ones((4, 2)), "bias": jnp.ones((2,))}}
+    pr = masks.prunable_leaves(p, exclude=("dense_0/kernel",), biases=True)
+    assert pr == {"dense_0": {"kernel": False, "bias": False}, "dense_1": {"kernel": True, "bias": True}}
+
+
+def _tx_state(p):
+    tx = masks.masked(optax.sgd(0.1, momentum=0.9))
+    return tx, tx.init(p)
+
+
+_P = {"d": {"kernel": jnp.arange(1.0, 13.0).reshape(3, 4), "bias": jnp.ones((4,))}}
+_M = masks.ones_like(_P)
+_PR = {"d": {"kernel": True, "bias": False}}
+_ROW = {"d": {"kernel": jnp.array([True, False, True, False]), "bias": jnp.ones((4,), bool)}}  # (4,) for (3, 4)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: masks.apply_mask(_P, _ROW), r"mask: leaf 'd/kernel' has shape \(4,\); expected \(3, 4\)"),
+    (lambda: masks.with_mask(*_tx_state(_P), _ROW), r"mask: leaf 'd/kernel' has shape \(4,\); expected \(3, 4\)"),
+    (lambda: masks.magnitude_prune(_P, _ROW, _PR, 0.5), r"mask: leaf 'd/kernel' has shape \(4,\)"),
+    (lambda: masks.apply_mask(_P, {"d": {**_M["d"], "kernel": jnp.ones((3, 4))}}),
+     r"mask: leaf 'd/kernel' has dtype float32; expected bool"),
+    (lambda: masks.density_report({**_M, "e": {"kernel": jnp.zeros((2, 2), bool)}}, _PR),
+     r"prunable: has no leaf 'e/kernel'; expected the structure of mask"),
+    (lambda: masks.density_report(_M, {"d": {"kernel": True, "bias": False, "scale": False}}),
+     r"prunable: leaf 'd/scale' is not in mask"),
+    (lambda: masks.random_like(jax.random.PRNGKey(0), _M, {"e": {"kernel": True}}), r"prunable: has no leaf 'd/bias'"),
+    (lambda: masks.magnitude_prune(_P, _M, {"d": {"kernel": False, "bias": False}}, 0.5),
+     r"prunable: no leaf is prunable"),
+    (lambda: masks.magnitude_prune(_P, _M, {"d": {"kernel": False, "bias": False}}, 0.5, "layerwise"),
+     r"prunable: no leaf is prunable"),
+    (lambda: masks.magnitude_prune({}, {}, {}, 0.5), r"prunable: no leaf is prunable"),
+    (lambda: masks.random_prune(jax.random.PRNGKey(0), _M, {"d": {"kernel": jnp.ones((3, 4), bool), "bias": False}},
+                                0.5), r"prunable: leaf 'd/kernel' has type ArrayImpl; expected a Python bool"),
+])
+def test_trees_that_do_not_belong_together_are_refused_naming_the_leaf(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_tree_checks_are_static_under_jit_and_vmap():
+    """The checks read only structure, shapes and dtypes, so masks may be traced values (as in imp's vmapped
+    replica start states); a wrong shape is refused while tracing."""
+    out = jax.jit(masks.apply_mask)(_P, masks.magnitude_prune(_P, _M, _PR, 0.5))
+    np.testing.assert_array_equal(out["d"]["kernel"], np.where(np.arange(1, 13).reshape(3, 4) > 6,
+                                                               np.arange(1, 13).reshape(3, 4), 0))
+    stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), (_P, _M))
+    assert jax.vmap(masks.apply_mask)(*stacked)["d"]["kernel"].shape == (2, 3, 4)
+    with pytest.raises(ValueError, match=r"mask: leaf 'd/kernel' has shape \(4,\)"):
+        jax.jit(masks.apply_mask)(_P, _ROW)

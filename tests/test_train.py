@@ -132,3 +132,34 @@ def test_gradient_clipping_scales_the_global_norm_before_weight_decay():
         np.testing.assert_allclose(upd[k], -0.1 * (grads[k] * 0.1 + 0.01 * params[k]), rtol=1e-6)
     with pytest.raises(ValueError, match="clip_grad_norm=-1"):
         train.OptimConfig(clip_grad_norm=-1.0)
+
+
+def test_dropout_has_its_own_stream_and_the_data_order_is_unchanged():
+    """The dropout key of step ``s`` used to be ``fold_in(data_key, s)``, the permutation key of epoch ``s``."""
+    k = jax.random.PRNGKey(1)
+    epoch_keys = [np.asarray(train.epoch_key(k, e)) for e in range(6)]
+    for s in range(6):
+        drop, aug = (np.asarray(x) for x in train.step_keys(k, s))
+        assert not any(np.array_equal(drop, e) for e in epoch_keys) and not np.array_equal(drop, aug)
+        np.testing.assert_array_equal(drop, jax.random.fold_in(jax.random.fold_in(k, train.DROPOUT_STREAM), s))
+        # augmentation and the data order keep their streams: runs without dropout are bit-identical
+        np.testing.assert_array_equal(aug, jax.random.fold_in(jax.random.fold_in(k, s), train.AUGMENT_STREAM))
+        np.testing.assert_array_equal(epoch_keys[s], jax.random.fold_in(k, s))
+    np.testing.assert_array_equal(train.epoch_order(k, 3, 20, 5),
+                                  jax.random.permutation(jax.random.fold_in(k, 3), 20)[:20].reshape(4, 5))
+    # the train step draws its dropout masks from that stream
+    model = models.MLP((16, 3), dropout=0.5)
+    x, y = jax.random.normal(jax.random.PRNGKey(2), (8, 5)), jnp.arange(8) % 3
+    v = models.init(model, jax.random.PRNGKey(0), x.shape)
+    tx = train.make_optimizer(train.OptimConfig("sgd", 0.1), 0.1)
+    st = train.create_state(v, tx)._replace(step=jnp.asarray(4, jnp.int32))
+    _, (loss, _) = train.make_trainer(model, tx).step(st, x, y, jnp.arange(8), k)
+    expect = lambda key: train.cross_entropy(model.apply(v, x, train=True, rngs={"dropout": key}), y)
+    assert float(loss) == pytest.approx(float(expect(train.step_keys(k, 4)[0])), rel=1e-6)
+    assert float(loss) != pytest.approx(float(expect(jax.random.fold_in(k, 4))), rel=1e-6)
+
+
+def test_duration_errors_name_the_setting():
+    with pytest.raises(ValueError, match=r"^warmup: duration '1.5': expected steps"):
+        train.parse_duration("1.5", 10, "warmup")
+    assert train.parse_duration("1.5ep", 10, "warmup") == 15
