@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune import lrp
+from jaxprune import lrp, structured
 from jaxprune.lrp import composites as C
-from jaxprune.lrp.relevance import (canonical_params, forward, hidden_layers, linear_layers, program,
-                                     split_variables)
+from jaxprune.lrp.relevance import (_check_forward, canonical_params, forward, hidden_layers, linear_layers,
+                                     program, split_variables)
 
 Array = jax.Array
 Scores = dict[str, Array]
@@ -36,14 +36,26 @@ CRITERIA = ("weight", "grad", "taylor", "lrp")
 NORMS = {"weight": "l1", "grad": "l2", "taylor": "l2", "lrp": "l1"}  # Yeom et al.'s per-layer normalisations
 
 
-def normalize(values: Array, norm: str) -> Array:
-    """``v / ‖v‖₁`` (``"l1"``), ``v / ‖v‖₂`` (``"l2"``) or ``v`` (``"none"``); an all-zero layer stays zero."""
+def normalize(values: Array, norm: str, *, name: str = "values") -> Array:
+    """``v / ‖v‖₁`` (``"l1"``), ``v / ‖v‖₂`` (``"l2"``) or ``v`` (``"none"``) for ``values: (n_units,)``; an
+    all-zero layer stays zero.
+
+    NaN or infinite values raise a ValueError naming ``name`` (a layer's scores), whatever ``norm``: normalising
+    would hide them (a NaN norm turned the whole layer into zeros). Under ``jit`` (traced values) they propagate
+    as NaN instead, which :func:`jaxprune.structured.select_by_scores` and :func:`global_keep` refuse.
+    """
+    if norm not in ("l1", "l2", "none"):
+        raise ValueError(f"norm={norm!r}: expected 'l1', 'l2' or 'none'")
+    if not isinstance(values, jax.core.Tracer):
+        structured._check_scores(values, name)
     if norm == "none":
         return values
-    if norm not in ("l1", "l2"):
-        raise ValueError(f"norm={norm!r}: expected 'l1', 'l2' or 'none'")
     size = jnp.sum(jnp.abs(values)) if norm == "l1" else jnp.sqrt(jnp.sum(values * values))
-    return jnp.where(size > 0, values / jnp.where(size > 0, size, 1.0), 0.0)
+    return jnp.where(size == 0, 0.0, values / jnp.where(size == 0, 1.0, size))
+
+
+def _normalize_layers(criterion: str, raw: Scores, layers, norm: str | None) -> Scores:
+    return {k: normalize(raw[k], norm or "none", name=f"{criterion} scores of layer {k!r}") for k in layers}
 
 
 def _unit_mean(a: Array) -> Array:
@@ -51,10 +63,12 @@ def _unit_mean(a: Array) -> Array:
     return jnp.mean(a.reshape(-1, a.shape[-1]), axis=0)
 
 
-def _check_batch(x: Any, y: Any, classes: int) -> tuple[Array, Array]:
+def _check_batch(prog, params: dict, x: Any, y: Any) -> tuple[Array, Array]:
     x = jnp.asarray(x)
     if x.ndim < 2 or x.shape[0] < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x: expected a non-empty float reference batch (n, …), got shape {x.shape} dtype {x.dtype}")
+    _check_forward(prog, params, x)
+    classes = _classes(prog, params)
     y = np.asarray(y)
     if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"y: expected int labels of shape ({x.shape[0]},), got shape {y.shape} dtype {y.dtype}")
@@ -70,11 +84,9 @@ def _classes(prog, params) -> int:
 def weight(model: nn.Module, variables: Any, *, norm: str | None = "l1") -> Scores:
     """Incoming-weight L1 norm per unit: dense kernel ``(in, out)`` → ``(out,)``, conv ``(kh, kw, cin, cout)``."""
     params, _ = split_variables(variables)
-    out = {}
-    for name in hidden_layers(program(model)):
-        k = params[name]["kernel"]
-        out[name] = normalize(jnp.sum(jnp.abs(k.reshape(-1, k.shape[-1])), axis=0), norm or "none")
-    return out
+    layers = hidden_layers(program(model))
+    raw = {k: jnp.sum(jnp.abs(structured.unit_vectors(params[k]["kernel"])), axis=1) for k in layers}
+    return _normalize_layers("weight", raw, layers, norm)
 
 
 @jax.jit
@@ -105,10 +117,13 @@ def _grad_taylor(z: dict, g: dict) -> tuple[dict, dict]:
 def _gradient_scores(which: int, model, variables, x, y, norm) -> Scores:
     prog = program(model)
     params = canonical_params(variables)
-    x, y = _check_batch(x, y, _classes(prog, params))
+    x, y = _check_batch(prog, params, x, y)
     z, g = _pre_activation_grads_jit(prog, params, x, y)
-    raw = _grad_taylor(z, g)[which]
-    return {k: normalize(raw[k], norm or "none") for k in hidden_layers(prog)}
+    raw = _grad_taylor(z, g)
+    criterion, layers = ("grad", "taylor")[which], hidden_layers(prog)
+    for k in layers:  # a NaN pre-activation z gets a zero ReLU gradient: only z·∂L/∂z shows it
+        structured._check_scores(raw[1][k], f"{criterion} scores of layer {k!r} (z·∂L/∂z)")
+    return _normalize_layers(criterion, raw[which], layers, norm)
 
 
 def grad(model: nn.Module, variables: Any, x: Any, y: Any, *, norm: str | None = "l2") -> Scores:
@@ -127,10 +142,11 @@ def lrp_scores(model: nn.Module, variables: Any, x: Any, y: Any = None, *,
     pre-activation, as ReLU passes it through). ``y=None`` explains the predicted classes."""
     prog = program(model)
     if y is not None:
-        _check_batch(x, y, _classes(prog, canonical_params(variables)))
+        _check_batch(prog, canonical_params(variables), x, y)
     rel = lrp.relevance(model, variables, x, composite=composite, target=y)
-    return {k: normalize(jnp.sum(rel.layers[k].reshape(-1, rel.layers[k].shape[-1]), axis=0), norm or "none")
-            for k in hidden_layers(prog)}
+    layers = hidden_layers(prog)
+    raw = {k: jnp.sum(rel.layers[k].reshape(-1, rel.layers[k].shape[-1]), axis=0) for k in layers}
+    return _normalize_layers("lrp", raw, layers, norm)
 
 
 def scores(criterion: str, model: nn.Module, variables: Any, x: Any = None, y: Any = None, *,
@@ -154,17 +170,19 @@ def global_keep(scores: Scores, n_remove: int, *, min_keep: int = 1) -> dict[str
 
     Ties go to the lower index within a layer and to the earlier layer across layers (both are kept first).
     Every layer keeps at least ``min_keep`` units (its best ones), so the network stays connected.
+    ``scores[layer]`` must be 1-D and finite (a ValueError naming the layer otherwise).
     """
     names = list(scores)
-    sizes = [int(np.shape(scores[k])[0]) for k in names]
+    scores = {k: structured._check_scores(scores[k], f"scores[{k!r}]") for k in names}  # NaN would sort largest
+    sizes = [int(scores[k].size) for k in names]
     total = sum(sizes)
     if not 0 <= n_remove <= total - min_keep * len(names):
         raise ValueError(f"n_remove={n_remove}: expected 0..{total - min_keep * len(names)} "
                          f"({total} units, keeping >= {min_keep} per layer)")
-    vals = np.concatenate([np.asarray(scores[k], np.float64).ravel() for k in names])
+    vals = np.concatenate([scores[k] for k in names])
     layer = np.concatenate([np.full(s, i) for i, s in enumerate(sizes)])
     index = np.concatenate([np.arange(s) for s in sizes])
-    rank_in_layer = np.concatenate([np.argsort(np.argsort(-np.asarray(scores[k], np.float64), kind="stable"),
+    rank_in_layer = np.concatenate([np.argsort(np.argsort(-scores[k], kind="stable"),
                                                kind="stable") for k in names])
     protected = rank_in_layer < min_keep
     # Order of removal: lowest score first; among ties the higher index / later layer goes first.

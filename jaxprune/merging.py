@@ -4,8 +4,9 @@ Structured pruning keeps ``k`` of a layer's ``n`` units. Merging also *compensat
 unit is (nearly) a positive multiple of a kept one, ``w_p ≈ s·w_k`` with ``s > 0`` (bias included), then
 ``relu(w_p·x) ≈ s·relu(w_k·x)`` because ReLU is positively homogeneous, so the next layer can take the pruned unit's
 outgoing weights, scaled by ``s``, into the kept unit's: ``V'_k = V_k + Σ_{p→k} s_p V_p``. In matrix form the layer's
-outputs are ``h ≈ Zᵀ h_kept`` with ``Z (k, n)`` holding one positive entry per merged unit's column; the next
-layer's kernel becomes ``Z V``. Nothing here needs data or retraining.
+outputs are ``h ≈ Zᵀ h_kept`` with ``Z (k, n)`` holding one non-zero entry per merged unit's column (positive,
+except in the authors' ``bn_scale="paper"`` mode, which can merge through a negative scale); the next layer's
+kernel becomes ``Z V``. Nothing here needs data or retraining.
 
 A :class:`Decomposition` stores ``Z`` sparsely, as a pytree: the kept indices, and for every original unit the
 position of the kept unit that absorbs it and its scale (1 for kept units, 0 for pruned units that are dropped).
@@ -55,7 +56,9 @@ class Decomposition(NamedTuple):
 
     ``keep``: ``(k,) int32`` kept unit indices, ascending. ``target``: ``(n,) int32`` position in ``keep`` of the
     unit that absorbs unit ``j`` (a kept unit: its own position). ``scale``: ``(n,) float`` 1 for kept units,
-    ``s > 0`` for merged units, 0 for dropped ones. ``cosine``: ``(n,) float`` cosine between unit ``j`` and its best
+    ``s ≠ 0`` for merged units, exactly 0 for dropped ones. ``s > 0`` except with ``bn_scale="paper"``, which (as the
+    authors' code) can merge through a negative scale; :func:`fold` applies it and the unit counts as merged.
+    ``cosine``: ``(n,) float`` cosine between unit ``j`` and its best
     candidate (1 for kept units; ``-inf`` where no candidate was eligible).
     """
 
@@ -71,8 +74,8 @@ class Decomposition(NamedTuple):
 
     @property
     def merged(self) -> Array:
-        """``(n,) bool``: pruned units folded into a kept one."""
-        return (self.scale > 0) & ~self.kept
+        """``(n,) bool``: pruned units folded into a kept one (non-zero scale, of either sign; see the class)."""
+        return (self.scale != 0) & ~self.kept
 
     def matrix(self) -> Array:
         """The dense ``Z: (k, n)`` (for inspection and tests; :func:`fold` never builds it)."""
@@ -223,7 +226,8 @@ def decompose_conv_bn(kernel: Array, n_keep: int, *, gamma: Array, beta: Array, 
 
     ``lam`` weighs the cosine distance against the normalised BN offset mismatch; ``bn_scale`` is ``"exact"``
     (``s·(γ_p/γ_k)·(σ_k/σ_p)``, ``σ = √(var + eps)``) or ``"paper"`` (the authors' code: ``s·(γ_k/γ_p)·(v_p/v_k)``
-    with raw variances ``v``). Exact mode never merges through a non-positive scale (``γ_p/γ_k < 0``).
+    with raw variances ``v``). Exact mode never merges through a non-positive scale (``γ_p/γ_k < 0``); paper mode
+    can (a negative ``scale``, reported as merged by :attr:`Decomposition.merged` and :func:`summary`).
     ``scale="projection"`` multiplies the chosen scale by ``max(cos, 0)`` (see :func:`decompose_dense`).
     """
     kernel = jnp.asarray(kernel)

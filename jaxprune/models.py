@@ -197,8 +197,11 @@ class ConvNet(nn.Module):
     depth: int = 4
     num_classes: int = 10
     widths: Sequence[int] | None = None  # conv widths overriding the depth's cfg (structured pruning)
-    hidden: Sequence[int] = (256, 256)  # dense_0, dense_1 widths
-    output_layer = "dense_2"
+    hidden: Sequence[int] = (256, 256)  # dense_0 … dense_{len-1} widths; the output layer is dense_{len(hidden)}
+
+    @property
+    def output_layer(self) -> str:
+        return f"dense_{len(self.hidden)}"
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:

@@ -62,14 +62,24 @@ def _check_n_keep(n_keep: int, n: int, name: str = "n_keep") -> int:
     return int(n_keep)
 
 
+def _check_scores(scores: Array, name: str = "scores") -> np.ndarray:
+    """``scores: (n_units,)`` as float64 numpy; a ValueError naming ``name`` unless it is 1-D and finite (NaN
+    would otherwise sort as the largest score, and every unit silently tie)."""
+    s = np.asarray(scores, np.float64)
+    if s.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array (n_units,), got shape {s.shape}")
+    bad = np.flatnonzero(~np.isfinite(s))
+    if bad.size:
+        raise ValueError(f"{name}: contains NaN or infinite values (units {bad[:8].tolist()}"
+                         f"{', …' if bad.size > 8 else ''}); expected finite unit importances (check the "
+                         "parameters and the reference batch for NaN/Inf)")
+    return s
+
+
 def select_by_scores(scores: Array, n_keep: int) -> Array:
     """Indices of the ``n_keep`` highest ``scores: (n_units,)``, sorted ascending, int32; equal scores keep the
     lower index. The entry point for data-driven criteria (gradient, Taylor, LRP)."""
-    s = np.asarray(scores, np.float64)
-    if s.ndim != 1:
-        raise ValueError(f"scores: expected a 1-D array (n_units,), got shape {s.shape}")
-    if not np.isfinite(s).all():
-        raise ValueError("scores: contains NaN or infinite values; expected finite unit importances")
+    s = _check_scores(scores)
     n_keep = _check_n_keep(n_keep, s.size)
     order = np.argsort(-s, kind="stable")  # highest first, lower index first among ties
     return jnp.asarray(np.sort(order[:n_keep]), jnp.int32)
@@ -291,13 +301,17 @@ def layer_params(variables: Variables, layer: str) -> dict:
         raise ValueError(f"layer={layer!r}: not found in variables['params']") from None
 
 
-def _check_keep(keep: Any, n: int, layer: str) -> np.ndarray:
+def _check_keep(keep: Any, n: int, layer: str, allow_empty: bool = False) -> np.ndarray:
+    """``keep`` as unique int64 indices in ``[0, n)``; a boolean mask or float indices are refused (not cast).
+    Empty only with ``allow_empty`` (masking every unit is representable, a zero-width layer is not)."""
     k = np.asarray(keep)
     if k.ndim != 1 or not (np.issubdtype(k.dtype, np.integer) or k.size == 0):
         raise ValueError(f"keep: expected a 1-D integer array of kept unit indices of {layer!r}, got shape "
                          f"{k.shape} dtype {k.dtype}")
     k = k.astype(np.int64)
     if k.size == 0:
+        if allow_empty:
+            return k
         raise ValueError(f"keep: empty — refusing to remove every unit of {layer!r} (it has {n})")
     if k.min() < 0 or k.max() >= n:
         raise ValueError(f"keep: indices must lie in [0, {n}) for {layer!r}, got range [{k.min()}, {k.max()}]")
@@ -350,13 +364,16 @@ def remove_units(model: nn.Module, variables: Variables, layer: str, keep: Array
 
 def mask_units(model: nn.Module, variables: Variables, layer: str, keep: Array) -> Variables:
     """Same shapes, units outside ``keep`` silenced: their kernel columns/filters and bias zeroed and, when a
-    BatchNorm follows, its scale and offset zeroed too (so the unit's post-BN activation is exactly 0)."""
+    BatchNorm follows, its scale and offset zeroed too (so the unit's post-BN activation is exactly 0).
+
+    ``keep: (k,) int`` is validated exactly as by :func:`remove_units` (unique integer indices in range; a boolean
+    mask or float indices are refused), and the masked network computes the same logits as the shrunk one. The one
+    difference: an empty ``keep`` is allowed here and silences the whole layer (e.g. one-shot unit pruning at
+    100 % sparsity), while :func:`remove_units` refuses to build a zero-width layer."""
     e = edge(model, layer)
     lp = layer_params(variables, layer)
     n = int(lp["kernel"].shape[-1])
-    k = np.asarray(keep, np.int64)
-    if k.ndim != 1 or (k.size and (k.min() < 0 or k.max() >= n)):
-        raise ValueError(f"keep: expected a 1-D array of indices in [0, {n}) for {layer!r}, got {np.asarray(keep)}")
+    k = _check_keep(keep, n, layer, allow_empty=True)
     on = jnp.zeros((n,), bool).at[k].set(True)
     zero = lambda leaf: jnp.where(on, leaf, jnp.zeros_like(leaf))
     params = set_path(variables["params"], e.layer, {name: zero(leaf) for name, leaf in lp.items()})

@@ -146,3 +146,34 @@ def test_criteria_validate_input(lenet):
         criteria.scores("taylor", model, v, x, y + 4)
     with pytest.raises(ValueError, match="reference batch"):
         criteria.scores("grad", model, v)
+
+
+def test_non_finite_scores_raise_naming_the_layer():
+    """One NaN parameter used to normalise to an all-zero layer (so select_by_scores kept units 0, 1, …)."""
+    model = models.MLP((4, 3, 2))
+    v = models.init(model, jax.random.PRNGKey(0), (1, 3))
+    bad = jax.tree_util.tree_map(lambda a: a.at[(0,) * a.ndim].set(jnp.nan), v)
+    x, y = jax.random.normal(jax.random.PRNGKey(1), (5, 3)), np.array([0, 1, 1, 0, 1], np.int32)
+    for crit in criteria.CRITERIA:
+        for normalized in (True, False):
+            with pytest.raises(ValueError, match=rf"{crit} scores of layer 'dense_0'.*NaN or infinite"):
+                criteria.scores(crit, model, bad, x, y, normalized=normalized)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        criteria.normalize(jnp.array([1.0, jnp.inf]), "l2")
+    # traced (under jit) there is nothing to raise: the NaN propagates instead of becoming zeros
+    assert np.isnan(np.asarray(jax.jit(lambda s: criteria.normalize(s, "l1"))(jnp.array([1.0, jnp.nan])))).all()
+    # NaN used to sort as the largest score, so a NaN unit was never removed
+    with pytest.raises(ValueError, match=r"scores\['a'\].*NaN"):
+        criteria.global_keep({"a": jnp.array([1.0, jnp.nan, 2.0]), "b": jnp.ones(2)}, 1)
+    np.testing.assert_array_equal(criteria.normalize(jnp.zeros(2), "l2"), np.zeros(2))
+
+
+def test_wrong_input_shape_names_x(lenet):
+    model, v, x, y = lenet  # built for 16×16 inputs
+    mlp = models.MLP((4, 2))
+    mv = models.init(mlp, jax.random.PRNGKey(0), (1, 3))
+    with pytest.raises(ValueError, match=r"x: shape \(5, 7\) does not match the model's input.*'dense_0'"):
+        criteria.grad(mlp, mv, jnp.ones((5, 7)), np.zeros(5, np.int32))
+    for crit in ("taylor", "lrp"):
+        with pytest.raises(ValueError, match=r"x: shape \(6, 20, 20, 1\) does not match the model's input"):
+            criteria.scores(crit, model, v, jnp.ones((6, 20, 20, 1)), y)

@@ -353,3 +353,33 @@ def test_relevance_rejects_bad_input():
         lrp.relevance(model, v, x, composite="nope")
     with pytest.raises(TypeError, match="ResNet"):
         lrp.program(models.ResNet(8))
+
+
+def test_rules_refuse_non_finite_hyperparameters():
+    """NaN fails every comparison, so the range checks alone accepted it (AlphaBeta(nan, 1) gave NaN relevance)."""
+    nan, inf = float("nan"), float("inf")
+    for make, match in ((lambda: rules.AlphaBeta(nan, 1.0), "alpha"), (lambda: rules.AlphaBeta(2.0, nan), "beta"),
+                        (lambda: rules.AlphaBeta(inf, inf), "alpha"), (lambda: rules.Epsilon(inf), "epsilon"),
+                        (lambda: rules.Gamma(inf), "gamma"), (lambda: rules.Gamma(0.25, nan), "epsilon"),
+                        (lambda: rules.ZBox(-inf, 1.0), "low"), (lambda: rules.ZBox(0.0, (1.0, nan)), "high")):
+        with pytest.raises(ValueError, match=rf"{match}=.*finite"):
+            make()
+    assert rules.AlphaBeta(3.0, 2.0).alpha == 3.0 and rules.ZBox((0.0, -1.0), 1.0).low == (0.0, -1.0)
+
+
+def test_relevance_names_x_and_zbox_bounds_for_wrong_shapes():
+    mlp = models.MLP((4, 2))
+    v = _init(mlp, (1, 3))
+    with pytest.raises(ValueError, match=r"x: shape \(5, 7\) does not match the model's input.*'dense_0'"):
+        lrp.relevance(mlp, v, jnp.ones((5, 7)), composite="epsilon")
+    lenet = models.LeNet5(widths=(2, 3, 4, 5), num_classes=2)
+    lv = _init(lenet, (1, 28, 28, 1))
+    with pytest.raises(ValueError, match=r"x: shape \(2, 32, 32, 1\) does not match"):
+        lrp.relevance(lenet, lv, jnp.ones((2, 32, 32, 1)), composite="epsilon")
+    # per-channel box bounds for a (2, 2, 3) image fed to a dense first layer (12 inputs after flattening)
+    mv = _init(mlp, (1, 2, 2, 3))
+    x = jnp.full((2, 2, 2, 3), 0.5)
+    with pytest.raises(ValueError, match=r"ZBox low=\(0.0, 0.0, 0.0\) on layer 'dense_0'.*12"):
+        lrp.relevance(mlp, mv, x, composite=composites.epsilon_gamma_box((0.0,) * 3, (1.0,) * 3))
+    r = lrp.relevance(mlp, mv, x, composite=composites.epsilon_gamma_box(0.0, 1.0), target=0)
+    assert r.input.shape == (2, 2, 2, 3) and np.isfinite(np.asarray(r.input)).all()

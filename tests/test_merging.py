@@ -376,3 +376,23 @@ def test_conv_bn_argument_checks():
         merging.decompose_conv_bn(k, 2, **{**ok, "gamma": np.ones(3)})
     with pytest.raises(ValueError, match="4 entries on axis 0"):
         merging.fold(jnp.ones((4, 2)), merging.decompose_dense(np.ones((2, 6), np.float32), 3), 0)
+
+
+def test_paper_mode_negative_scale_counts_as_merged():
+    """bn_scale='paper' may fold a unit through a negative scale; it used to be reported as dropped."""
+    model = models.VGG(cfg=(4, 5), num_classes=2)
+    v = models.init(model, jax.random.PRNGKey(2), (2, 6, 6, 2))
+    w = v["params"]["conv_0"]["kernel"]
+    v["params"]["conv_0"]["kernel"] = w.at[..., 2].set(3 * w[..., 0])
+    v["params"]["bn_0"]["scale"] = jnp.array([1.2, 0.7, -0.5, 0.9])
+    v["batch_stats"]["bn_0"] = {"mean": jnp.zeros(4), "var": jnp.ones(4)}
+    dec = merging.decompose_layer(model, v, "conv_0", 3, keep=np.array([0, 1, 3]), bn_scale="paper")
+    np.testing.assert_allclose(dec.scale, [1.0, 1.0, 3 * 1.2 / -0.5, 1.0], rtol=1e-5)  # -7.2, folded into conv_0
+    np.testing.assert_array_equal(dec.target, [0, 1, 0, 2])
+    np.testing.assert_array_equal(dec.merged, [False, False, True, False])
+    s = merging.summary(dec)
+    assert (s["merged"], s["dropped"], s["max_absorbed"]) == (1, 0, 1)
+    np.testing.assert_allclose(s["mean_scale"], -7.2, rtol=1e-5)
+    # exact mode refuses the negative scale: the same unit is dropped
+    exact = merging.decompose_layer(model, v, "conv_0", 3, keep=np.array([0, 1, 3]))
+    assert merging.summary(exact)["dropped"] == 1 and not np.asarray(exact.merged).any()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st_
 
-from jaxprune import models
+from jaxprune import merging, models
 from jaxprune import structured as st
 
 KEY = jax.random.PRNGKey(0)
@@ -342,3 +342,40 @@ def test_count_flops_closed_forms():
     assert fr["layers"]["block1_0/conv_0"] == 4 * 4 * 3 * 3 * 2 * 4  # stride 2: 4×4 output positions
     assert fr["layers"]["block1_0/shortcut_conv"] == 4 * 4 * 2 * 4
     assert fr["layers"]["dense"] == 8 * 10
+
+
+def test_mask_units_validates_keep_like_remove_units():
+    """A boolean mask used to be cast to indices [1, 0, 1, 0] and floats truncated; now both functions refuse the
+    same inputs and agree on the rest. Only an empty keep differs: masking may silence a whole layer."""
+    model = models.MLP((4, 3, 2))
+    v = models.init(model, KEY, (1, 5))
+    for bad, match in (([True, False, True, False], "integer"), ([0.9, 2.9], "integer"), ([1, 1], "unique"),
+                       ([0, 4], r"\[0, 4\)"), ([[0, 2]], "1-D")):
+        for fn in (st.mask_units, lambda *a: st.remove_units(*a)[1]):
+            with pytest.raises(ValueError, match=match):
+                fn(model, v, "dense_0", np.array(bad))
+    masked = st.mask_units(model, v, "dense_0", jnp.array([0, 2], jnp.int32))
+    kernel = np.asarray(v["params"]["dense_0"]["kernel"])
+    np.testing.assert_array_equal(masked["params"]["dense_0"]["kernel"], kernel * np.array([1, 0, 1, 0]))
+    x = jax.random.normal(KEY, (3, 5))
+    small, sv = st.remove_units(model, v, "dense_0", [0, 2])
+    np.testing.assert_allclose(small.apply(sv, x), model.apply(masked, x), rtol=1e-5, atol=1e-6)
+    silenced = st.mask_units(model, v, "dense_0", np.array([], np.int64))
+    assert not np.asarray(silenced["params"]["dense_0"]["kernel"]).any()
+
+
+@pytest.mark.parametrize("hidden", [(6,), (6, 7, 8)])
+def test_convnet_output_layer_follows_the_number_of_hidden_layers(hidden):
+    """ConvNet.output_layer was hard-coded 'dense_2': wrong (a hidden layer, or a missing one) unless len == 2."""
+    model = models.ConvNet(depth=2, widths=(2, 3), hidden=hidden, num_classes=2)
+    v = models.init(model, KEY, (1, 4, 4, 1))
+    out = f"dense_{len(hidden)}"
+    assert model.output_layer == out and v["params"][out]["kernel"].shape[-1] == 2
+    assert st.prunable_layers(model)[-1] == f"dense_{len(hidden) - 1}"
+    with pytest.raises(ValueError, match="output layer"):
+        st.remove_units(model, v, out, [0])
+    with pytest.raises(ValueError, match="output layer"):
+        merging.merge_layer(model, v, out, 1)
+    last_hidden = f"dense_{len(hidden) - 1}"
+    small, _, dec = merging.merge_layer(model, v, last_hidden, 2)
+    assert small.hidden == hidden[:-1] + (2,) and dec.keep.shape == (2,)

@@ -12,6 +12,7 @@ same name (after the ReLU, or after pooling for ``pool_j`` and ``gap``).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -186,11 +187,49 @@ def _core(prog: Program, rules: tuple, params: dict, x: Array, target: Array) ->
 _core_jit = jax.jit(_core, static_argnums=(0, 1))
 
 
+@functools.lru_cache(maxsize=256)
+def _forward_error(prog: Program, tree: Any, leaves: tuple, x: jax.ShapeDtypeStruct) -> str | None:
+    """Why the forward pass fails on abstract ``params``/``x`` (first line of the error), or None (cached)."""
+    try:
+        jax.eval_shape(lambda p, v: forward(prog, p, v)[0], jax.tree_util.tree_unflatten(tree, leaves), x)
+    except (TypeError, ValueError) as e:
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None
+
+
+def _check_forward(prog: Program, params: dict, x: Array, name: str = "x") -> None:
+    """A ValueError naming ``name`` (and what the first layer reads) unless the model's forward pass accepts
+    ``x``'s shape — instead of a deep JAX shape error from inside the jitted pass. Works on tracers."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    spec = tuple(jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in leaves)
+    err = _forward_error(prog, tree, spec, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    if err is not None:
+        first, kind = linear_layers(prog)[0]
+        k = params[first]["kernel"]
+        reads = (f"NHWC input with {k.shape[-2]} channels" if kind == "conv" else
+                 f"{k.shape[0]} features per example after flattening")
+        raise ValueError(f"{name}: shape {tuple(x.shape)} does not match the model's input (first layer {first!r}: "
+                         f"kernel {tuple(k.shape)}, {reads}); the forward pass fails with: {err}")
+
+
+def _check_rules(rules: tuple[tuple[str, R.Rule], ...], params: dict) -> None:
+    """ZBox bounds must broadcast against their layer's input: a float, or one value per input channel."""
+    for name, rule in rules:
+        if isinstance(rule, R.ZBox):
+            c = int(params[name]["kernel"].shape[-2])  # dense (in, out): in; conv HWIO: input channels
+            for bound in ("low", "high"):
+                value = getattr(rule, bound)
+                if np.shape(value) not in ((), (1,), (c,)):
+                    raise ValueError(f"composite: ZBox {bound}={value!r} on layer {name!r}: expected a float or {c} "
+                                     f"per-channel values (the last axis of the input to {name!r})")
+
+
 def _check_inputs(model: nn.Module, params: dict, x: Any, target: Any) -> tuple[Array, Array]:
     x = jnp.asarray(x)
     if x.ndim < 2 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x: expected a float batch (n, …) like the model's inputs, got shape {x.shape} "
                          f"dtype {x.dtype}")
+    _check_forward(program(model), params, x)
     n = x.shape[0]
     if target is None:
         return x, jnp.full((n,), -1, jnp.int32)
@@ -221,4 +260,5 @@ def relevance(model: nn.Module, variables: Any, x: Any, *, composite: C.Composit
     rules = comp.assign(linear_layers(prog))
     params = canonical_params(variables)
     x, t = _check_inputs(model, params, x, target)
+    _check_rules(rules, params)
     return _core_jit(prog, rules, params, x, t)

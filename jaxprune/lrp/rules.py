@@ -36,6 +36,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Array = jax.Array
@@ -104,6 +105,19 @@ def _back(op: Op, w: Array, s: Array, x_like: Array) -> Array:
     return jax.vjp(lambda u: op(u, w), x_like)[1](s)[0]
 
 
+def _check_params(rule: str, **values) -> None:
+    """A ValueError naming ``rule`` and the parameter unless every value is a finite number (or tuple of them).
+    Called first by every parameterised rule's ``__post_init__``: NaN fails every comparison, so range checks
+    alone let it by."""
+    for name, v in values.items():
+        try:
+            a = np.asarray(v, np.float64)
+        except (TypeError, ValueError):
+            a = np.array(np.nan)
+        if a.dtype == object or not np.all(np.isfinite(a)):
+            raise ValueError(f"{rule}: {name}={v!r}: expected a finite number (or a tuple of finite numbers)")
+
+
 def _pos(a: Array) -> Array:
     return jnp.maximum(a, 0)
 
@@ -127,6 +141,7 @@ class Epsilon(Rule):
     epsilon: float = 1e-6
 
     def __post_init__(self):
+        _check_params("Epsilon", epsilon=self.epsilon)
         if not self.epsilon >= 0:
             raise ValueError(f"epsilon={self.epsilon}: expected a non-negative stabiliser")
 
@@ -177,6 +192,7 @@ class AlphaBeta(Rule):
     beta: float = 1.0
 
     def __post_init__(self):
+        _check_params("AlphaBeta", alpha=self.alpha, beta=self.beta)
         if self.beta < 0 or abs(self.alpha - self.beta - 1.0) > 1e-9:
             raise ValueError(f"alpha={self.alpha}, beta={self.beta}: expected beta >= 0 and alpha - beta = 1")
 
@@ -199,6 +215,7 @@ class Gamma(Rule):
     epsilon: float = 1e-6
 
     def __post_init__(self):
+        _check_params("Gamma", gamma=self.gamma, epsilon=self.epsilon)
         if not (self.gamma >= 0 and self.epsilon >= 0):
             raise ValueError(f"gamma={self.gamma}, epsilon={self.epsilon}: expected non-negative values")
 
@@ -237,10 +254,15 @@ class ZBox(Rule):
     high: float | tuple[float, ...] = 1.0
 
     def __post_init__(self):
-        lo, hi = jnp.asarray(self.low, jnp.float32), jnp.asarray(self.high, jnp.float32)
-        if lo.ndim > 1 or hi.ndim > 1 or not bool(jnp.all(lo <= hi)):
-            raise ValueError(f"low={self.low}, high={self.high}: expected floats (or per-channel tuples) "
-                             "with low <= high")
+        _check_params("ZBox", low=self.low, high=self.high)
+        lo, hi = np.asarray(self.low, np.float64), np.asarray(self.high, np.float64)
+        try:
+            ordered = bool(np.all(lo <= hi))
+        except ValueError:  # per-channel tuples of different lengths
+            ordered = False
+        if lo.ndim > 1 or hi.ndim > 1 or 0 in (lo.size, hi.size) or not ordered:
+            raise ValueError(f"low={self.low}, high={self.high}: expected floats (or per-channel tuples of one "
+                             "length) with low <= high")
 
     def backward(self, op, x, w, b, r):
         lo = jnp.broadcast_to(jnp.asarray(self.low, x.dtype), x.shape)
