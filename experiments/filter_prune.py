@@ -127,7 +127,7 @@ def run(config: dict, workdir: str | Path) -> dict:
     x, y, xt, yt = train.to_device(tr.images, tr.labels, te.images, te.labels)
     variables, trained = common.train_network(c, model, x, y, c["seed"], workdir / "trained")
     spe = train.steps_per_epoch(len(tr.labels), c["batch_size"])
-    ft_steps = train.parse_duration(c["finetune_steps"], spe)
+    ft_steps = train.parse_duration(c["finetune_steps"], spe, "finetune_steps")
     ref = np.random.default_rng(c["seed"]).permutation(len(tr.labels))[:c["reference_examples"]]
     x_ref, y_ref = x[ref], y[ref]
     original = _layer_widths(model, variables, layers)

@@ -62,7 +62,7 @@ def _check(c: dict) -> None:
 
 
 def build_model(c: dict, num_classes: int) -> models.MLP:
-    hidden = common.int_list(c["hidden"])
+    hidden = common.int_list(c["hidden"], "hidden")
     rates = (float(c["dropout"]),) + (0.0,) * (len(hidden) - 1)
     return models.MLP(hidden + (num_classes,), dropout=rates, weight_init=c["weight_init"],
                       no_relu_after=(len(hidden) - 1,) if c["reference_bug"] else ())
@@ -78,7 +78,7 @@ def train_model(c: dict, model: models.MLP, x: np.ndarray, y: np.ndarray, workdi
     if ckpt.exists() and info_path.exists():
         return checkpoint.restore(ckpt, variables), checkpoint.read_json(info_path)
     spe = train.steps_per_epoch(len(y), c["batch_size"])
-    steps = train.parse_duration(c["training_steps"], spe)
+    steps = train.parse_duration(c["training_steps"], spe, "training_steps")
     optim = train.OptimConfig(optimizer=c["optimizer"], lr=c["lr"], momentum=c["momentum"])
     tx = train.make_optimizer(optim, train.make_schedule(optim, steps))
     xs, ys = train.to_device(x, y)
@@ -174,7 +174,7 @@ def run_dataset(c: dict, name: str, workdir: Path) -> dict:
     panels = [("unpruned", _predict_grid(model, variables, grid, xx.shape))]
     out: dict = {crit: {} for crit in c["criteria"]}
     t0 = time.perf_counter()
-    for n in common.int_list(c["samples_per_class"]):
+    for n in common.int_list(c["samples_per_class"], "samples_per_class"):
         rows = {crit: {"train": [], "noisy": [], "sets": [], "per_layer": []} for crit in c["criteria"]}
         for s in range(c["seeds"]):
             ref = reference_samples(name, n, k, s)
@@ -196,7 +196,7 @@ def run_dataset(c: dict, name: str, workdir: Path) -> dict:
         logging.info("%s n=%d: %s (%.0fs)", name, n, "  ".join(
             f"{crit} {out[crit][str(n)]['train_accuracy']['mean']:.3f}" for crit in c["criteria"]),
             time.perf_counter() - t0)
-    ns = common.int_list(c["samples_per_class"])
+    ns = common.int_list(c["samples_per_class"], "samples_per_class")
     for split, key in (("train", "train_accuracy"), ("noisy test", "noisy_test_accuracy")):
         ys = {crit: [out[crit][str(n)][key]["mean"] for n in ns] for crit in c["criteria"]}
         ys["unpruned"] = [before[key]] * len(ns)

@@ -104,16 +104,17 @@ def _build(c: dict):
     sparsities = [float(s) / 100 for s in c["sparsities"]]
     if not sparsities or any(not 0 <= s <= 1 for s in sparsities):
         raise ValueError(f"sparsities={c['sparsities']}: expected percentages in [0, 100]")
-    seeds = common.int_list(c["seeds"])
+    seeds = common.int_list(c["seeds"], "seeds")
     if not seeds:
         raise ValueError("seeds: expected at least one seed")
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                               c["max_test_examples"])
-    model = models.build(c["model"], tr.num_classes, hidden=common.int_list(c["hidden"]), use_bias=c["use_bias"],
-                         weight_init=c["weight_init"])
+    model = models.build(c["model"], tr.num_classes, hidden=common.int_list(c["hidden"], "hidden"),
+                         use_bias=c["use_bias"], weight_init=c["weight_init"])
     if not 1 <= c["batch_size"] <= len(tr.labels):
         raise ValueError(f"batch_size={c['batch_size']}: expected 1..{len(tr.labels)} (the training set size)")
-    num_steps = train.parse_duration(c["training_steps"], train.steps_per_epoch(len(tr.labels), c["batch_size"]))
+    num_steps = train.parse_duration(c["training_steps"], train.steps_per_epoch(len(tr.labels), c["batch_size"]),
+                                     "training_steps")
     if num_steps < 1:
         raise ValueError(f"training_steps={c['training_steps']!r}: expected at least one step")
     return tr, te, model, sparsities, seeds, num_steps
