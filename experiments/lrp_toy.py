@@ -57,6 +57,10 @@ def _check(c: dict) -> None:
             raise ValueError(f"criteria: {k!r} unknown; expected some of {criteria.CRITERIA}")
     if c["seeds"] < 1 or not c["samples_per_class"]:
         raise ValueError("seeds/samples_per_class: expected at least one seed and one n")
+    ns = common.int_list(c["samples_per_class"], "samples_per_class")
+    if min(ns) < 1:
+        raise ValueError(f"samples_per_class={','.join(map(str, ns))}: expected positive integers")
+    common.int_list(c["hidden"], "hidden")  # before any training
     if c["composite"] not in lrp.composites.PRESETS:
         raise ValueError(f"composite={c['composite']!r}: expected one of {sorted(lrp.composites.PRESETS)}")
 

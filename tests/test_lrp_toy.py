@@ -96,3 +96,8 @@ def test_config_is_validated(tmp_path):
         lrp_toy.run({**TINY, "datasets": ["mnist"]}, tmp_path)
     with pytest.raises(ValueError, match="unknown keys"):
         lrp_toy.run({**TINY, "epochs": 3}, tmp_path)
+    for bad, match in ((["1", "x"], "samples_per_class='1,x': expected comma-separated integers"),
+                       (["2", "0"], "samples_per_class=2,0: expected positive integers")):
+        with pytest.raises(ValueError, match=match):  # refused before any training
+            lrp_toy.run({**TINY, "samples_per_class": bad}, tmp_path / "bad")
+        assert not (tmp_path / "bad").exists()
