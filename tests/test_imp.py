@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from experiments import imp as imp_exp
-from jaxprune import checkpoint, imp, masks, models
+from jaxprune import checkpoint, imp, masks, models, train
 
 SMALL = dict(dataset="digits", model="mlp", hidden=["24"], optimizer="momentum", lr=0.05, schedule="step",
              milestones=["30"], training_steps="40", batch_size=64, prune_fraction=0.5, seed=3)
@@ -111,11 +111,34 @@ def step_rewound(tmp_path_factory):
     return _start_of_level1(tmp_path_factory.mktemp("imp"), "step", rewind_step="10")
 
 
+def _leaves(tree):
+    return [np.asarray(a) for a in jax.tree_util.tree_leaves(tree)]
+
+
 def test_step_rewinding_restarts_from_step_k(step_rewound):
     res, b, setup, l0, l1, start = step_rewound
     assert int(start.step) == 10 and _opt_count(start.opt_state) == 10
     assert int(l1["rewind_point"].step) == 10
     assert res["levels"][1]["steps"] == 40
+    # the weights too: recompute the dense run's state at step 10 (same init, same data order, 10 steps of the
+    # library's train loop) and compare it with the stored rewind point and the masked start of level 1
+    seed = b.task.seed
+    init = models.init(b.model, imp._Keys(seed).init, b.task.x_train.shape)
+    dense = train.run(setup.trainer, train.create_state(init, setup.tx), b.task.x_train, b.task.y_train,
+                      batch_size=b.task.batch_size, num_steps=10, data_key=imp._Keys(seed).data,
+                      loop=b.task.loop).state
+    assert int(dense.step) == 10
+    m = _leaves(l1["mask"])
+    w10, w0 = _leaves(dense.params), _leaves(init["params"])
+    for got, want in zip(_leaves(l1["rewind_point"].params), w10):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    for got, want, mk, w_init in zip(_leaves(start.params), w10, m, w0):
+        np.testing.assert_allclose(got, np.where(mk, want, 0), rtol=1e-6, atol=1e-7)
+        assert (got[mk] != w_init[mk]).mean() > 0.5  # not the init weights: 10 steps moved them
+    # the momentum of step 10, zeroed where the mask prunes
+    trace = lambda st: _leaves(optax.tree_utils.tree_get(st.opt_state, "trace"))
+    for got, want, mk in zip(trace(start), trace(dense), m):
+        np.testing.assert_allclose(got, np.where(mk, want, 0), rtol=1e-6, atol=1e-7)
 
 
 def test_reinit_branch_under_step_rewinding_keeps_the_schedule_position(step_rewound):
@@ -140,17 +163,71 @@ def test_finetune_continues_at_the_final_learning_rate(tmp_path):
     m = np.asarray(l1["mask"]["dense_0"]["kernel"])
     np.testing.assert_array_equal(np.asarray(start.params["dense_0"]["kernel"]),
                                   np.where(m, np.asarray(l0["state"].params["dense_0"]["kernel"]), 0))
-    assert float(setup.tx_finetune.update is not None) and float(setup.schedule(40)) == pytest.approx(0.005)
     # moments carried over from the dense run, zeroed where the mask prunes
     mu = optax.tree_utils.tree_get(start.opt_state, "trace")["dense_0"]["kernel"]
     assert (np.asarray(mu)[~m] == 0).all() and (np.asarray(mu)[m] != 0).any()
+    # the fine-tuning optimizer on a known gradient: heavy-ball SGD at the schedule's final learning rate,
+    # lr 0.05 x gamma 0.1 after the milestone at step 30 (closed form, not read back from the schedule)
+    final_lr, beta = SMALL["lr"] * 0.1, 0.9
+    assert b.task.optim.momentum == beta
+    mleaves, mus = _leaves(start.opt_state.mask), _leaves(optax.tree_utils.tree_get(start.opt_state, "trace"))
+    rng, treedef = np.random.default_rng(11), jax.tree_util.tree_structure(start.params)
+    grads = [jax.tree_util.tree_unflatten(treedef, [rng.standard_normal(a.shape, np.float32) for a in mleaves])
+             for _ in range(2)]
+
+    def expect(lr, g, trace):  # updates -lr (g + beta trace) and the new trace, both zero where pruned
+        new = [np.where(mk, gi + beta * t, 0) for mk, gi, t in zip(mleaves, _leaves(g), trace)]
+        return [-lr * t for t in new], new
+
+    for lr, tx in ((final_lr, setup.tx_finetune), (0.02, imp._Setup(b.task, None, 0.02).tx_finetune)):
+        state, trace = start.opt_state, mus
+        for g in grads:  # two steps: the rate stays constant and the trace carries over
+            upd, state = tx.update(g, state, start.params)
+            want, trace = expect(lr, g, trace)
+            for got, w in zip(_leaves(upd), want):
+                np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-8)
+    assert setup.finetune_lr == pytest.approx(final_lr) and setup.trainer_for("finetune")[1] is setup.tx_finetune
+    # and level 1 really trained at that rate: rerun it from its start with an optimizer written out by hand
+    tx = masks.masked(optax.chain(optax.sgd(optax.constant_schedule(final_lr), momentum=beta)))
+    again = train.run(train.make_trainer(b.model, tx), start, b.task.x_train, b.task.y_train,
+                      batch_size=b.task.batch_size, num_steps=40, data_key=imp._Keys(b.task.seed).data,
+                      loop=b.task.loop).state
+    for got, want in zip(_leaves(l1["state"].params), _leaves(again.params)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_reinit_branch_uses_fresh_weights(tmp_path):  # trained with crop/flip augmentation and PyTorch's init
+def test_reinit_branch_uses_fresh_weights(tmp_path, monkeypatch):  # with crop/flip augmentation, PyTorch's init
+    starts = {}  # the start state of every training run, by log label (branches have no checkpoint of their own)
+    real = imp._train_level
+
+    def spy(setup, start, rewind, label, snapshot_step=None):
+        starts[label] = start
+        return real(setup, start, rewind, label, snapshot_step)
+
+    monkeypatch.setattr(imp, "_train_level", spy)
     res, wd = _run(tmp_path, "reinit", levels=1, branch="reinit", augment="crop_flip", weight_init="torch_default")
     br = res["levels"][1]["branch"]
     assert br["name"] == "reinit" and br["kept_weights"] == res["levels"][1]["kept_weights"]
     assert br["test_accuracy"] != res["levels"][1]["test_accuracy"]
+    assert set(starts) == {"[level 0] ", "[level 1] ", "[level 1 reinit] "}
+    b, _, _ = imp_exp.load_levels(wd)
+    l1 = imp.load_level(wd, 1, b.task)
+    mask = _leaves(l1["mask"])
+    branch, main = starts["[level 1 reinit] "], starts["[level 1] "]
+    # the level's own mask, installed in the optimizer and applied to the weights
+    for got, mk in zip(_leaves(branch.opt_state.mask), mask):
+        np.testing.assert_array_equal(got, mk)
+    m0 = np.asarray(l1["mask"]["dense_0"]["kernel"])
+    assert m0.mean() == pytest.approx(0.5, abs=1e-3)  # (pruned: the check above is not about all-ones masks)
+    # fresh weights: models.init with _Keys' reinit stream, fold_in(third split of PRNGKey(seed), 2 * level)
+    key = jax.random.fold_in(jax.random.split(jax.random.PRNGKey(b.task.seed), 3)[2], 2 * 1)
+    np.testing.assert_array_equal(key, imp._Keys(b.task.seed).reinit(1))
+    fresh = _leaves(models.init(b.model, key, b.task.x_train.shape)["params"])
+    for got, want, mk, w_main in zip(_leaves(branch.params), fresh, mask, _leaves(main.params)):
+        np.testing.assert_array_equal(got, np.where(mk, want, 0))
+        assert (got[mk] != w_main[mk]).all()  # not the main branch's (rewound initial) weights
+    assert int(branch.step) == 0 and _opt_count(branch.opt_state) == 0
+    assert not any(a.any() for a in _leaves(optax.tree_utils.tree_get(branch.opt_state, "trace")))
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, lottery):

@@ -355,6 +355,28 @@ def test_relevance_rejects_bad_input():
         lrp.program(models.ResNet(8))
 
 
+def test_relevance_refuses_a_non_finite_concrete_x():
+    """NaN/Inf in ``x`` used to come back silently as NaN relevance; under jit/vmap the check is skipped."""
+    model = models.MLP((8, 3))
+    v = _init(model, (1, 4))
+    x = np.ones((2, 4), np.float32)
+    for bad, count, at in ((np.nan, 1, (1, 2)), (np.inf, 1, (1, 2)), (-np.inf, 1, (1, 2))):
+        xb = x.copy()
+        xb[at] = bad
+        with pytest.raises(ValueError, match=rf"x: expected finite values, got {count} NaN/Inf entries "
+                                             rf"\(first at index \(1, 2\): -?(nan|inf)\)"):
+            lrp.relevance(model, v, jnp.asarray(xb), composite="epsilon")
+    xb = x.copy()
+    xb[0, 3] = xb[1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"x: .*got 2 NaN/Inf entries \(first at index \(0, 3\)"):
+        lrp.relevance(model, v, xb, composite="epsilon", target=0)  # a numpy x is checked too
+    ok = lrp.relevance(model, v, x, composite="epsilon")
+    assert np.isfinite(np.asarray(ok.input)).all()
+    # traced: no concrete values to check, so the documented behaviour is NaN relevance, not an error
+    traced = jax.jit(lambda xx: lrp.relevance(model, v, xx, composite="epsilon", target=0).input)(xb)
+    assert np.isnan(np.asarray(traced)).any()
+
+
 def test_rules_refuse_non_finite_hyperparameters():
     """NaN fails every comparison, so the range checks alone accepted it (AlphaBeta(nan, 1) gave NaN relevance)."""
     nan, inf = float("nan"), float("inf")

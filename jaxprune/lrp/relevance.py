@@ -225,10 +225,19 @@ def _check_rules(rules: tuple[tuple[str, R.Rule], ...], params: dict) -> None:
 
 
 def _check_inputs(model: nn.Module, params: dict, x: Any, target: Any) -> tuple[Array, Array]:
+    """Shape/dtype of ``x`` and ``target``, the target's class range, and that a concrete ``x`` is finite (NaN or
+    ±Inf would only come back as NaN relevance). The value checks need concrete arrays: under ``jax.jit`` /
+    ``jax.vmap`` (a traced ``x`` or ``target``) they are skipped and a non-finite ``x`` gives NaN relevance."""
     x = jnp.asarray(x)
     if x.ndim < 2 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x: expected a float batch (n, …) like the model's inputs, got shape {x.shape} "
                          f"dtype {x.dtype}")
+    if not isinstance(x, jax.core.Tracer) and not bool(jnp.isfinite(x).all()):  # one bool leaves the device
+        host = np.asarray(x)
+        bad = ~np.isfinite(host)
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"x: expected finite values, got {int(bad.sum())} NaN/Inf entries (first at index "
+                         f"{first}: {host[first]}); LRP of a non-finite input is NaN")
     _check_forward(program(model), params, x)
     n = x.shape[0]
     if target is None:
@@ -253,7 +262,9 @@ def relevance(model: nn.Module, variables: Any, x: Any, *, composite: C.Composit
     The output relevance is the target logit (all other logits zero). ``variables``: ``{'params': …,
     ['batch_stats': …]}`` or bare params; BatchNorm is folded into the preceding layer first. ``composite``:
     a :class:`~jaxprune.lrp.composites.Composite`, one rule for every layer, or a preset name. Jitted; works
-    under ``jax.jit`` and ``jax.vmap`` (map over a per-sample batch of one).
+    under ``jax.jit`` and ``jax.vmap`` (map over a per-sample batch of one). A concrete ``x`` holding NaN or
+    ±Inf is a ValueError naming ``x``; under ``jax.jit`` / ``jax.vmap`` that value check (like the target's
+    class range) is skipped and a non-finite ``x`` gives NaN relevance.
     """
     prog = program(model)
     comp = C.get(composite)
