@@ -101,6 +101,14 @@ def kernel_floor(layers: tuple, num_x: int) -> dict[str, float]:
             "cka_cross": t(lambda: cross(fx, fy)), "cka_self": t(lambda: self_terms(xc))}
 
 
+def compile_seconds(jitted, *args) -> float:
+    """Seconds to lower and compile ``jitted`` for ``args`` from empty caches (what a first call pays)."""
+    jax.clear_caches()
+    t = time.perf_counter()
+    jitted.lower(*args).compile()
+    return time.perf_counter() - t
+
+
 def timed(fn, repeats: int = 1):
     best, out = np.inf, None
     for _ in range(repeats):
@@ -108,6 +116,26 @@ def timed(fn, repeats: int = 1):
         out = jax.block_until_ready(fn())
         best = min(best, time.perf_counter() - t)
     return best, out
+
+
+def parts(xs: list[np.ndarray], ys: list[np.ndarray], keep_variance: float) -> tuple:
+    """Where the all-pairs route spends its time (f32): the per-layer conditioning program (Gram, Cholesky, κ
+    estimates), then the all-pairs program (the rest of CholeskyQR2, the cross GEMM, the block SVDs); run time
+    (best of 2) and compile time of each. Returns the float32 layers."""
+    layers = tuple(jnp.asarray(a, jnp.float32) for a in xs + ys)
+    for kind, keep in (("mean_cca", None), ("svcca", keep_variance)):
+        cond = lambda: cca_pairs._condition(layers, kind, keep, None)
+        factors = cond()
+        plan = (cca_pairs.routes(kind, layers, factors, None), len(xs), False)
+        pairs = lambda: cca_pairs._all_pairs(layers, factors, plan, kind, keep, None, None)
+        pairs()
+        run = timed(cond, 2)[0], timed(pairs, 2)[0]
+        comp = (compile_seconds(cca_pairs._condition, layers, kind, keep, None),
+                compile_seconds(cca_pairs._all_pairs, layers, factors, plan, kind, keep, None, None))
+        print(f"{kind} f32 parts: per-layer conditioning {run[0]:.2f} s (compile {comp[0]:.1f} s), all pairs "
+              f"{run[1]:.2f} s (compile {comp[1]:.1f} s) (routes: {sum(f for f, _ in plan[0])} of {len(layers)} "
+              "layers CholeskyQR2)")
+    return layers
 
 
 def main() -> None:
@@ -119,11 +147,15 @@ def main() -> None:
     ap.add_argument("--ref_repeats", type=int, default=2,
                     help="reference timings: best of this many runs (mean CCA, hoisted SVCCA, linear CKA); the "
                          "per-pair SVCCA reference (~1 min) runs once")
+    ap.add_argument("--parts_only", action="store_true",
+                    help="only the f32 all-pairs programs' run and compile times (no references, no table)")
     args = ap.parse_args()
     widths = [int(w) for w in args.widths.split(",")]
     xs, ys = synthetic(args.n, widths, 0), synthetic(args.n, widths, 1)
     L = len(widths)
     print(f"n={args.n} widths={widths} ({L}x{L} pairs), jax {jax.__version__} on {jax.devices()[0].platform}")
+    if args.parts_only:
+        return parts(xs, ys, args.keep_variance)
     rows = []
 
     def ours(metric: str, x64: bool, **kw):
@@ -188,18 +220,7 @@ def main() -> None:
           + " GFLOP/s")
     cross = 2 * args.n * sum(widths) ** 2 / 1e9
     print(f"the {L * L} cross products alone are {cross:.1f} GFLOP: >= {cross / xla:.2f} s at XLA's f32 rate")
-    # Where the all-pairs route spends its time (f32): the per-layer conditioning program (Gram, Cholesky, κ
-    # estimate), then the all-pairs program (the rest of CholeskyQR2, the cross GEMM, the block SVDs).
-    layers = tuple(jnp.asarray(a, jnp.float32) for a in xs + ys)
-    for kind, keep in (("mean_cca", None), ("svcca", args.keep_variance)):
-        cond = lambda: cca_pairs._condition(layers, kind, keep, None)
-        factors = cond()
-        plan = (cca_pairs.routes(kind, layers, factors, None), L, False)
-        pairs = lambda: cca_pairs._all_pairs(layers, factors, plan, kind, keep, None, None)
-        pairs()
-        print(f"{kind} f32 parts: per-layer conditioning {timed(cond, 2)[0]:.2f} s, all pairs {timed(pairs, 2)[0]:.2f} s "
-              f"(routes: {sum(f for f, _ in plan[0])} of {2 * L} layers CholeskyQR2)")
-
+    layers = parts(xs, ys, args.keep_variance)
     k = kernel_floor(layers, L)
     ref = {r[0]: r[2] for r in reversed(rows) if r[3] is None}  # first reference row of each metric
     cca_floor = k["gram"] + k["trsm"] + k["gram2"] + k["cross"] + k["svds"]
