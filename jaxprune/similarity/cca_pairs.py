@@ -79,8 +79,7 @@ def _kappa_estimate(r: Array, v0: Array | None = None, iters: int = 6) -> Array:
 def _buckets(widths: Sequence[int], slack: float = 0.25) -> list[list[int]]:
     """Indices of ``widths`` grouped for one batched κ estimate per group: widest first, each group padded to its
     widest member while the padded ``Σ size²`` (the estimates' cost) stays within ``1 + slack`` of the unpadded.
-    Few groups keep the compiled program small: XLA:CPU's compile time grows with the number of ops (~0.3 s per
-    separate estimate)."""
+    Few groups keep the compiled program small: XLA:CPU's compile time grows with the number of ops."""
     order = sorted(range(len(widths)), key=lambda i: -widths[i])
     budget = slack * sum(w * w for w in widths)
     groups: list[list[int]] = []
