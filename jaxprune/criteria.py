@@ -121,8 +121,9 @@ def _gradient_scores(which: int, model, variables, x, y, norm) -> Scores:
     z, g = _pre_activation_grads_jit(prog, params, x, y)
     raw = _grad_taylor(z, g)
     criterion, layers = ("grad", "taylor")[which], hidden_layers(prog)
-    for k in layers:  # a NaN pre-activation z gets a zero ReLU gradient: only z·∂L/∂z shows it
-        structured._check_scores(raw[1][k], f"{criterion} scores of layer {k!r} (z·∂L/∂z)")
+    if which == 0:  # a NaN pre-activation gets a zero ReLU gradient: only z·∂L/∂z shows it (Taylor: below)
+        for k in layers:
+            structured._check_scores(raw[1][k], f"{criterion} scores of layer {k!r} (z·∂L/∂z)")
     return _normalize_layers(criterion, raw[which], layers, norm)
 
 

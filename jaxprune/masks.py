@@ -174,11 +174,12 @@ def _prune(scores: PyTree, mask: PyTree, prunable: PyTree, fraction: float, scop
         # Host-side numpy: one sort per level, no per-shape XLA compilation.
         flat_m = np.concatenate([np.asarray(m_leaves[i], bool).ravel() for i in group])
         flat_s = np.concatenate([np.asarray(s_leaves[i], np.float64).ravel() for i in group])
-        for i in group:
-            bad = int(np.sum(~np.isfinite(np.asarray(s_leaves[i], np.float64)[np.asarray(m_leaves[i], bool)])))
-            if bad:
-                raise ValueError(f"{name}: {bad} NaN or ±Inf values among the surviving weights of {paths[i]!r}; "
-                                 "expected finite values to rank (did training diverge?)")
+        if not np.isfinite(flat_s[flat_m]).all():  # name the first leaf at fault
+            for i in group:
+                bad = int(np.sum(~np.isfinite(np.asarray(s_leaves[i], np.float64)[np.asarray(m_leaves[i], bool)])))
+                if bad:
+                    raise ValueError(f"{name}: {bad} NaN or ±Inf values among the surviving weights of "
+                                     f"{paths[i]!r}; expected finite values to rank (did training diverge?)")
         remaining = int(flat_m.sum())
         k = math.ceil(fraction * remaining - 1e-9)
         if k == 0:

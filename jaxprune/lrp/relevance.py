@@ -224,7 +224,7 @@ def _check_rules(rules: tuple[tuple[str, R.Rule], ...], params: dict) -> None:
                                      f"per-channel values (the last axis of the input to {name!r})")
 
 
-def _check_inputs(model: nn.Module, params: dict, x: Any, target: Any) -> tuple[Array, Array]:
+def _check_inputs(prog: Program, params: dict, x: Any, target: Any) -> tuple[Array, Array]:
     """Shape/dtype of ``x`` and ``target``, the target's class range, and that a concrete ``x`` is finite (NaN or
     ±Inf would only come back as NaN relevance). The value checks need concrete arrays: under ``jax.jit`` /
     ``jax.vmap`` (a traced ``x`` or ``target``) they are skipped and a non-finite ``x`` gives NaN relevance."""
@@ -238,7 +238,7 @@ def _check_inputs(model: nn.Module, params: dict, x: Any, target: Any) -> tuple[
         first = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(f"x: expected finite values, got {int(bad.sum())} NaN/Inf entries (first at index "
                          f"{first}: {host[first]}); LRP of a non-finite input is NaN")
-    _check_forward(program(model), params, x)
+    _check_forward(prog, params, x)
     n = x.shape[0]
     if target is None:
         return x, jnp.full((n,), -1, jnp.int32)
@@ -248,7 +248,7 @@ def _check_inputs(model: nn.Module, params: dict, x: Any, target: Any) -> tuple[
     if t.shape != (n,) or not jnp.issubdtype(t.dtype, jnp.integer):
         raise ValueError(f"target: expected None, an int, or int class indices of shape ({n},), got shape "
                          f"{t.shape} dtype {t.dtype}")
-    out_name = linear_layers(program(model))[-1][0]
+    out_name = linear_layers(prog)[-1][0]
     classes = params[out_name]["kernel"].shape[-1]
     if not isinstance(t, jax.core.Tracer) and (np.any(np.asarray(t) < 0) or np.any(np.asarray(t) >= classes)):
         raise ValueError(f"target: class indices must lie in [0, {classes})")
@@ -270,6 +270,6 @@ def relevance(model: nn.Module, variables: Any, x: Any, *, composite: C.Composit
     comp = C.get(composite)
     rules = comp.assign(linear_layers(prog))
     params = canonical_params(variables)
-    x, t = _check_inputs(model, params, x, target)
+    x, t = _check_inputs(prog, params, x, target)
     _check_rules(rules, params)
     return _core_jit(prog, rules, params, x, t)
