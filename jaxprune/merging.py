@@ -21,8 +21,9 @@ Folding is a segment sum over the next layer's input axis (:func:`fold`), never 
   authors' inverted ratio with raw variances (``bn_scale="paper"``).
 * ``mode="prune"`` (the authors' ``--model-type prune``) makes the same selection and drops every pruned unit.
 
-Network level (:func:`merge`, :func:`merge_layer`) for the library's MLP, LeNet5, ConvNet, VGG and ResNet (the
-internal conv of each block): decompose, fold into the consumer, then shrink both with
+Network level (:func:`merge`, :func:`merge_layer`) for any model whose graph (:mod:`jaxprune.graph`) shows the
+layer followed by a bias or a BatchNorm and a positively homogeneous path (ReLU, pooling, flatten) to the layers
+reading it — the library's models are ordinary users: decompose, fold into every consumer, then shrink with
 :func:`jaxprune.structured.remove_units`. Layers are processed in forward order, each decomposed as it stands after
 its predecessors were merged.
 """
@@ -37,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import models, structured
+from jaxprune import graph, models, structured
 
 Array = jax.Array
 PyTree = Any
@@ -278,27 +279,106 @@ def fold(w: Array, dec: Decomposition, axis: int = 0) -> Array:
     return jnp.moveaxis(y, 0, axis)
 
 
-@jax.jit
-def _fold_full(kernel: Array, dec: Decomposition) -> Array:
-    """Fold into a consumer kernel at full size (kept rows replaced, pruned rows left for physical removal).
+# ----------------------------------------------------------------------------------------------- network level
+# The wiring (which BatchNorm follows a layer, which layers read it) is the model's graph (jaxprune.graph), the one
+# structured pruning uses, so merging and physical removal can never disagree about the topology.
+def mergeable_layers(model: Any, *, variables: PyTree = None, x: Any = None) -> tuple[str, ...]:
+    """Layers that can be merged, in forward order: every layer :func:`jaxprune.structured.remove_units` can shrink
+    alone (not output layers, nor layers whose outputs are summed with a residual), read from the model's graph."""
+    return structured.prunable_layers(model, variables=variables, x=x)
 
-    Conv ``(kh, kw, n, out)``: axis 2. Dense ``(p·n, out)``: rows are (position, channel) with channel fastest,
-    as flattening NHWC gives (``p = 1`` after a dense layer or global average pooling).
-    """
-    n = dec.target.shape[0]
-    if kernel.ndim == 4:
-        x = jnp.moveaxis(kernel, 2, 0)
-        x = x.at[dec.keep].set(fold(x, dec, 0))
-        return jnp.moveaxis(x, 0, 2)
-    if kernel.ndim == 2 and kernel.shape[0] % n == 0:
-        x = kernel.reshape(-1, n, kernel.shape[1])
-        return x.at[:, dec.keep].set(fold(x, dec, 1)).reshape(kernel.shape)
-    raise ValueError(f"consumer kernel of shape {kernel.shape} cannot take the {n} units of the merged layer")
+
+def _graph(model: Any, variables: PyTree, x: Any = None) -> graph.Graph:
+    return graph.build(model, variables, graph.example_input(model, variables, x))
+
+
+def _link(g: graph.Graph, layer: str) -> graph.Layer:
+    """The graph layer of a mergeable ``layer``; a clear error for anything else."""
+    l = g.layer(layer)
+    why = g.why_not_prunable(layer)
+    if why is not None:
+        extra = (": it is an output layer, its units are the logits and no later layer could absorb them"
+                 if why == graph.OUTPUT else
+                 f" ({why})")
+        raise ValueError(f"layer={layer!r} cannot be merged{extra}; mergeable layers: {g.prunable()}")
+    if not g.homogeneous[layer]:
+        raise ValueError(f"layer={layer!r}: merging needs the path to the layers reading it to be positively "
+                         "homogeneous (ReLU, max/average pooling, reshapes): relu(s·v) = s·relu(v) for s > 0 is what "
+                         "lets a kept unit stand in for a pruned one")
+    if l.chain and l.bn is None and l.bias is None:
+        raise ValueError(f"layer={layer!r}: merging supports a bias or a BatchNorm after the layer; its per-channel "
+                         "chain is another affine map")
+    return l
+
+
+def decompose_layer(model: Any, variables: PyTree, layer: str, n_keep: int, *, mode: str = "merge",
+                    criterion: str = "l1", threshold: float | None = None, lam: float = LAMBDA,
+                    bn_scale: str = "exact", scale: str = "norm", key: Array | None = None,
+                    keep: Any | None = None, x: Any = None) -> Decomposition:
+    """The decomposition of one mergeable layer of any model (``threshold=None``: 0.45 without BatchNorm, 0.1 with
+    it, the paper's settings). The BatchNorm after a layer (and its epsilon) is read from the model's graph."""
+    g = _graph(model, variables, x)
+    l = _link(g, layer)
+    leaves = g.net.leaves
+    kernel = jnp.moveaxis(leaves[l.kernel], l.out_axis, -1)
+    bn = l.bn
+    if bn is None:
+        return decompose_dense(kernel, n_keep, bias=None if l.bias is None else leaves[l.bias], criterion=criterion,
+                               threshold=DENSE_THRESHOLD if threshold is None else threshold, mode=mode,
+                               scale=scale, key=key, keep=keep)
+    ones = jnp.ones((l.units,), kernel.dtype)
+    gamma = ones if bn["scale"] is None else leaves[bn["scale"]]
+    beta = 0 * ones if bn["bias"] is None else leaves[bn["bias"]]
+    mean = leaves[bn["mean"]]
+    if bn.get("layer_bias") is not None:  # BN(conv(x) + c) normalises with mean − c
+        mean = mean - leaves[bn["layer_bias"]]
+    return decompose_conv_bn(kernel, n_keep, gamma=gamma, beta=beta, mean=mean, var=leaves[bn["var"]],
+                             eps=float(bn["epsilon"]), criterion=criterion,
+                             threshold=CONV_BN_THRESHOLD if threshold is None else threshold, lam=lam,
+                             bn_scale=bn_scale, mode=mode, scale=scale, key=key, keep=keep)
+
+
+def _fold_slice(w: Array, axis: int, ids: np.ndarray, units: np.ndarray, dec: Decomposition, what: str) -> Array:
+    """Fold ``dec`` into the entries of ``w``'s ``axis`` that hold the layer's units (``ids`` per entry, ``units``
+    the layer's unit ids in order); entries are laid out as ``s`` repeats of the ``n`` units (a flatten tiles them,
+    channel fastest). Kept units' entries become ``Σ s_j w_j``; pruned entries are left for removal."""
+    n = units.size
+    pos = np.flatnonzero(np.isin(ids, units))
+    if pos.size % n or not np.array_equal(ids[pos].reshape(-1, n), np.tile(units, (pos.size // n, 1))):
+        raise ValueError(f"{what}: reads the merged layer's units in a layout other than repeats of all of them; "
+                         "cannot fold")
+    x = jnp.moveaxis(w, axis, 0)
+    grid = pos.reshape(-1, n)  # (s, n)
+    sub = x[jnp.asarray(grid)]  # (s, n, ...)
+    folded = jax.vmap(lambda rows: fold(rows, dec, 0))(sub)  # (s, k, ...)
+    x = x.at[jnp.asarray(grid[:, np.asarray(dec.keep)])].set(folded)
+    return jnp.moveaxis(x, 0, axis)
+
+
+def fold_into_consumers(g: graph.Graph, layer: str, dec: Decomposition) -> list[Array]:
+    """The variables' leaves with ``dec`` folded into every layer reading ``layer`` (full size)."""
+    l = g.layer(layer)
+    if dec.target.shape[0] != l.units:
+        raise ValueError(f"layer {layer!r} has {l.units} units, the decomposition {dec.target.shape[0]}")
+    units = g.unit_ids[layer]
+    cls = g.cls
+    mine = set(cls[units].tolist())
+    consumer_axes = {(c.kernel, c.in_axis) for c in g.layers.values()}
+    leaves = list(g.net.leaves)
+    for leaf, axis, ids in g.slices:
+        if not set(cls[ids].tolist()) & mine or (leaf, axis) == (l.kernel, l.out_axis):
+            continue
+        if (leaf, axis) not in consumer_axes:
+            continue  # the layer's own bias / BatchNorm entries: removed with the pruned units
+        canon = {int(cls[u]): int(u) for u in units}
+        leaves[leaf] = _fold_slice(leaves[leaf], axis, np.asarray([canon.get(int(cls[i]), -1) for i in ids]),
+                                   units, dec, f"layer reading {layer!r} ({g.net.paths[leaf]})")
+    return leaves
 
 
 def fold_params(params: PyTree, layer: str, consumer: str, dec: Decomposition) -> PyTree:
-    """``params`` with ``dec`` folded into ``consumer``'s kernel, full size (any architecture; paths such as
-    ``'block0_0/conv_1'``).
+    """``params`` with ``dec`` folded into ``consumer``'s kernel, full size (linen params of a dense or conv
+    consumer reading ``layer`` directly or through a channel-last flatten; paths such as ``'block0_0/conv_1'``).
 
     The kept units' incoming rows of ``consumer`` become ``Σ s_j V_j``; pruned rows and ``layer`` itself are left
     as they are, for :func:`jaxprune.structured.remove_units` (or masking) to remove.
@@ -311,106 +391,89 @@ def fold_params(params: PyTree, layer: str, consumer: str, dec: Decomposition) -
     if produced != dec.target.shape[0]:
         raise ValueError(f"layer {layer!r} has {produced} units, the decomposition {dec.target.shape[0]}")
     cons = structured.layer_params(variables, consumer)
-    cons["kernel"] = _fold_full(cons["kernel"], dec)
+    kernel = cons["kernel"]
+    n = dec.target.shape[0]
+    axis = 2 if kernel.ndim == 4 else 0
+    if kernel.shape[axis] % n:
+        raise ValueError(f"consumer kernel of shape {kernel.shape} cannot take the {n} units of the merged layer")
+    ids = np.tile(np.arange(n), kernel.shape[axis] // n)
+    cons["kernel"] = _fold_slice(kernel, axis, ids, np.arange(n), dec, f"consumer {consumer!r}")
     return structured.set_path(params, consumer.split("/"), cons)
 
 
-# ----------------------------------------------------------------------------------------------- network level
-# The wiring (which BatchNorm follows a layer, which layer reads it) is jaxprune.structured's, so merging and
-# physical removal can never disagree about the topology.
-def mergeable_layers(model: nn.Module) -> tuple[str, ...]:
-    """Layers of a library model that can be merged, in forward order: hidden dense layers (MLP, LeNet5,
-    ConvNet), convs (LeNet5, ConvNet, VGG) and ResNet's block-internal ``conv_0`` (never the output layer, stems,
-    ``conv_1`` or shortcuts, whose outputs are summed with a residual)."""
-    return structured.prunable_layers(model)
-
-
-def _link(model: nn.Module, layer: str) -> tuple[str | None, str]:
-    """``(bn path or None, consumer path)`` of a mergeable layer; a clear error for anything else."""
-    if layer == getattr(model, "output_layer", None):
-        raise ValueError(f"layer={layer!r} is the output layer: its units are the logits and no later layer "
-                         f"could absorb them; mergeable layers: {mergeable_layers(model)}")
-    e = structured.edge(model, layer)
-    return (None if e.bn is None else "/".join(e.bn)), "/".join(e.consumer)
-
-
-def decompose_layer(model: nn.Module, variables: PyTree, layer: str, n_keep: int, *, mode: str = "merge",
-                    criterion: str = "l1", threshold: float | None = None, lam: float = LAMBDA,
-                    bn_scale: str = "exact", scale: str = "norm", key: Array | None = None,
-                    keep: Any | None = None) -> Decomposition:
-    """The decomposition of one mergeable layer of a library model (``threshold=None``: 0.45 without BatchNorm,
-    0.1 with it, the paper's settings)."""
-    bn_path, _ = _link(model, layer)
-    p = structured.layer_params(variables, layer)
-    if bn_path is None:
-        return decompose_dense(p["kernel"], n_keep, bias=p.get("bias"), criterion=criterion,
-                               threshold=DENSE_THRESHOLD if threshold is None else threshold, mode=mode,
-                               scale=scale, key=key, keep=keep)
-    bn = structured.layer_params(variables, bn_path)
-    st = structured.get_path(variables["batch_stats"], bn_path.split("/"))
-    return decompose_conv_bn(p["kernel"], n_keep, gamma=bn["scale"], beta=bn["bias"], mean=st["mean"],
-                             var=st["var"], eps=BN_EPSILON, criterion=criterion,
-                             threshold=CONV_BN_THRESHOLD if threshold is None else threshold, lam=lam,
-                             bn_scale=bn_scale, mode=mode, scale=scale, key=key, keep=keep)
-
-
-def apply(model: nn.Module, variables: PyTree, layer: str, dec: Decomposition) -> tuple[nn.Module, PyTree]:
-    """Fold ``dec`` into the consumer of ``layer`` and physically remove the pruned units: the smaller model and
+def apply(model: Any, variables: PyTree, layer: str, dec: Decomposition, *, x: Any = None) -> tuple[Any, PyTree]:
+    """Fold ``dec`` into the layers reading ``layer`` and physically remove the pruned units: the smaller model and
     its variables."""
-    _, consumer = _link(model, layer)
-    folded = {**variables, "params": fold_params(variables["params"], layer, consumer, dec)}
-    return structured.remove_units(model, folded, layer, dec.keep)
+    spec = graph.example_input(model, variables, x)
+    g = graph.build(model, variables, spec)
+    _link(g, layer)
+    folded = g.net.with_leaves(fold_into_consumers(g, layer, dec))
+    return structured.remove_units(model, folded, layer, dec.keep, x=spec)
 
 
-def merge_layer(model: nn.Module, variables: PyTree, layer: str, n_keep: int,
-                **kwargs) -> tuple[nn.Module, PyTree, Decomposition]:
+def merge_layer(model: Any, variables: PyTree, layer: str, n_keep: int,
+                **kwargs) -> tuple[Any, PyTree, Decomposition]:
     """:func:`decompose_layer` then :func:`apply`: ``(new_model, new_variables, decomposition)``."""
     dec = decompose_layer(model, variables, layer, n_keep, **kwargs)
-    new_model, new_variables = apply(model, variables, layer, dec)
+    new_model, new_variables = apply(model, variables, layer, dec, x=kwargs.get("x"))
     return new_model, new_variables, dec
 
 
 class Merged(NamedTuple):
-    model: nn.Module
+    model: Any
     variables: PyTree
     decompositions: dict[str, Decomposition]
     report: dict[str, dict]  # layer → summary()
 
 
-def merge(model: nn.Module, variables: PyTree, widths: Mapping[str, int], *, mode: str = "merge",
+def merge(model: Any, variables: PyTree, widths: Mapping[str, int], *, mode: str = "merge",
           criterion: str = "l1", threshold: float | None = None, lam: float = LAMBDA, bn_scale: str = "exact",
-          scale: str = "norm", key: Array | None = None, keep: Mapping[str, Any] | None = None) -> Merged:
-    """Merge (or prune) several layers to the given widths ``{layer: n_keep}``, in forward order.
+          scale: str = "norm", key: Array | None = None, keep: Mapping[str, Any] | None = None,
+          x: Any = None) -> Merged:
+    """Merge (or prune) several layers to the given widths ``{layer: n_keep}``, in forward order, each decomposed
+    as it stands after its predecessors were merged.
 
     ``keep``: optional explicit kept indices per layer (e.g. from data-driven scores); ``key`` is split per layer
-    (needed by the ``random``/``kmeans`` criteria).
+    (needed by the ``random``/``kmeans`` criteria). ``x``: an example input (default: inferred).
     """
+    spec = graph.example_input(model, variables, x)
+    g = graph.build(model, variables, spec)
     for layer in widths:
-        _link(model, layer)
+        _link(g, layer)
     for layer in keep or {}:
         if layer not in widths:
             raise ValueError(f"keep: layer {layer!r} is not in widths {list(widths)}")
     decs: dict[str, Decomposition] = {}
-    for i, layer in enumerate(l for l in mergeable_layers(model) if l in widths):
+    for i, layer in enumerate(l for l in g.layers if l in widths):
         k = None if key is None else jax.random.fold_in(key, i)
         model, variables, dec = merge_layer(model, variables, layer, widths[layer], mode=mode, criterion=criterion,
                                             threshold=threshold, lam=lam, bn_scale=bn_scale, scale=scale, key=k,
-                                            keep=(keep or {}).get(layer))
+                                            keep=(keep or {}).get(layer), x=spec)
         decs[layer] = dec
     return Merged(model, variables, decs, {layer: summary(d) for layer, d in decs.items()})
 
 
-def widths_for_ratio(model: nn.Module, params: PyTree, ratio: float,
-                     layers: Sequence[str] | None = None) -> dict[str, int]:
-    """``{layer: round(n·(1 − ratio))}`` (at least 1) for the given (default: all) mergeable layers."""
+def widths_for_ratio(model: Any, variables: PyTree, ratio: float, layers: Sequence[str] | None = None, *,
+                     x: Any = None) -> dict[str, int]:
+    """``{layer: round(n·(1 − ratio))}`` (at least 1) for the given (default: all mergeable) layers.
+
+    ``variables``: the model's variables (bare linen params are accepted when ``layers`` is given)."""
     if not (isinstance(ratio, (int, float, np.floating)) and 0 <= ratio < 1):
         raise ValueError(f"ratio={ratio!r}: expected the fraction of units pruned, in [0, 1)")
-    chosen = list(mergeable_layers(model)) if layers is None else list(layers)
-    for layer in chosen:
-        _link(model, layer)
-    v = {"params": params}
-    return {layer: max(1, int(round(structured.layer_params(v, layer)["kernel"].shape[-1] * (1 - ratio))))
-            for layer in chosen}
+    if isinstance(variables, Mapping) and "params" not in variables and not graph._is_nnx_graphdef(model):
+        variables = {"params": variables}
+    if layers is None:
+        g = _graph(model, variables, x)
+        chosen = list(g.prunable())
+        sizes = {layer: g.layers[layer].units for layer in chosen}
+    else:
+        chosen = list(layers)
+        try:
+            sizes = {layer: int(structured.layer_params(variables, layer)["kernel"].shape[-1]) for layer in chosen}
+        except ValueError:
+            g = _graph(model, variables, x)
+            sizes = {layer: g.layer(layer).units for layer in chosen}
+    return {layer: max(1, int(round(n * (1 - ratio)))) for layer, n in sizes.items()}
 
 
 def widths_from_cfg(model: nn.Module, cfg: Sequence) -> dict[str, int]:
@@ -418,7 +481,7 @@ def widths_from_cfg(model: nn.Module, cfg: Sequence) -> dict[str, int]:
     ``[32, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 256, 256, 256, 'M', 256, 256, 256]``."""
     if not isinstance(model, models.VGG):
         raise ValueError(f"widths_from_cfg: expected a VGG model, got {type(model).__name__}")
-    convs = list(mergeable_layers(model))
+    convs = [f"conv_{i}" for i, v in enumerate(v for v in model.cfg if v != "M")]
     widths = [int(v) for v in cfg if str(v) != "M"]
     if len(widths) != len(convs):
         raise ValueError(f"cfg: {len(widths)} conv widths given, the model has {len(convs)} convs")

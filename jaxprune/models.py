@@ -1,7 +1,8 @@
 """Flax models used as pure functions: ``model.apply(variables, x, train=False) -> logits (n, classes)``.
 
-Inputs are NHWC ``(n, h, w, c)`` (MLPs flatten them; ``(n, d)`` works too). Layer names are fixed and
-predictable, which the pruning code relies on:
+Inputs are NHWC ``(n, h, w, c)`` (MLPs flatten them; ``(n, d)`` works too). The pruning code reads these models
+like any user model, from their graph (:mod:`jaxprune.graph`); each has a ``with_widths({layer: units})`` hook that
+structured pruning uses to rebuild it smaller. Layer names:
 
 * ``MLP``: ``dense_0 … dense_{L-1}`` (the last is the output layer);
 * ``LeNet5``: ``conv_0, conv_1, dense_0, dense_1, dense_2``;
@@ -57,6 +58,22 @@ CONV_CFGS: dict[int, tuple] = {
 }
 
 
+def _indexed_widths(widths, prefix: str, current: Sequence[int], what: str) -> tuple[int, ...]:
+    """``current`` with entries ``i`` replaced by ``widths[f"{prefix}{i}"]`` (the layers' module paths)."""
+    out = [int(w) for w in current]
+    for i in range(len(out)):
+        if f"{prefix}{i}" in widths:
+            out[i] = int(widths[f"{prefix}{i}"])
+    return tuple(out)
+
+
+def _unknown(widths, known: Sequence[str], model: nn.Module) -> None:
+    bad = sorted(set(widths) - set(known))
+    if bad:
+        raise ValueError(f"widths: {type(model).__name__} sets no width for layers {bad} (it has width fields for "
+                         f"{list(known)})")
+
+
 def _merge(prev: dict, new: dict) -> dict:
     return {**prev, **new}
 
@@ -91,6 +108,11 @@ class MLP(nn.Module):
     @property
     def output_layer(self) -> str:
         return f"dense_{len(self.features) - 1}"
+
+    def with_widths(self, widths: dict[str, int]) -> "MLP":
+        """The same MLP with ``{layer: units}`` (``dense_i``) changed: the structured-pruning hook."""
+        _unknown(widths, [f"dense_{i}" for i in range(len(self.features))], self)
+        return self.clone(features=_indexed_widths(widths, "dense_", self.features, "features"))
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -157,6 +179,11 @@ class LeNet5(nn.Module):
     weight_init: str = "he_normal"
     output_layer = "dense_2"
 
+    def with_widths(self, widths: dict[str, int]) -> "LeNet5":
+        names = ("conv_0", "conv_1", "dense_0", "dense_1")
+        _unknown(widths, names, self)
+        return self.clone(widths=tuple(int(widths.get(n, w)) for n, w in zip(names, self.widths)))
+
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         if len(self.widths) != 4:
@@ -203,6 +230,14 @@ class ConvNet(nn.Module):
     def output_layer(self) -> str:
         return f"dense_{len(self.hidden)}"
 
+    def with_widths(self, widths: dict[str, int]) -> "ConvNet":
+        convs = tuple(self.widths) if self.widths is not None else tuple(
+            v for v in CONV_CFGS.get(self.depth, ()) if v != "M")
+        _unknown(widths, [f"conv_{i}" for i in range(len(convs))] + [f"dense_{j}" for j in range(len(self.hidden))],
+                 self)
+        return self.clone(widths=_indexed_widths(widths, "conv_", convs, "widths"),
+                          hidden=_indexed_widths(widths, "dense_", self.hidden, "hidden"))
+
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         if self.depth not in CONV_CFGS:
@@ -223,6 +258,14 @@ class VGG(nn.Module):
     cfg: Sequence = VGG_CFGS["vgg16"]
     num_classes: int = 10
     output_layer = "dense_0"
+
+    def with_widths(self, widths: dict[str, int]) -> "VGG":
+        pos = [p for p, v in enumerate(self.cfg) if v != "M"]
+        _unknown(widths, [f"conv_{i}" for i in range(len(pos))], self)
+        cfg = list(self.cfg)
+        for i, p in enumerate(pos):
+            cfg[p] = int(widths.get(f"conv_{i}", cfg[p]))
+        return self.clone(cfg=tuple(cfg))
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
@@ -261,6 +304,15 @@ class ResNet(nn.Module):
     width: int = 16
     block_widths: Sequence[int] | None = None  # internal (conv_0) width of each block in order, 3n entries
     output_layer = "dense"
+
+    def with_widths(self, widths: dict[str, int]) -> "ResNet":
+        """Block-internal widths (``block{s}_{b}/conv_0``); residual (stage) widths are not fields of this model."""
+        n = (self.depth - 2) // 6
+        names = [f"block{s}_{b}/conv_0" for s in range(3) for b in range(n)]
+        _unknown(widths, names, self)
+        cur = tuple(self.block_widths) if self.block_widths is not None else tuple(
+            self.width * 2**s for s in range(3) for _ in range(n))
+        return self.clone(block_widths=tuple(int(widths.get(k, w)) for k, w in zip(names, cur)))
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:

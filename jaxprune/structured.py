@@ -22,7 +22,6 @@ stay aligned). Output layers are never shrunk.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -31,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import models
+from jaxprune import graph
 
 Array = jax.Array
 Variables = dict[str, Any]
@@ -191,92 +190,40 @@ def n_keep_for(n_units: int, fraction: float) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- topology
-@dataclasses.dataclass(frozen=True)
-class Edge:
-    """How one shrinkable layer is wired: its params path, the BatchNorm after it, the layer reading it."""
-
-    layer: tuple[str, ...]
-    bn: tuple[str, ...] | None
-    consumer: tuple[str, ...]
-    rebuild: Callable[[int], nn.Module]  # n_units → model with this layer's width replaced
+def _graph(model: Any, variables: Any, x: Any = None) -> graph.Graph:
+    return graph.build(model, variables, graph.example_input(model, variables, x))
 
 
-def _replace(seq: Sequence, i: int, value: Any) -> tuple:
-    out = list(seq)
-    out[i] = value
-    return tuple(out)
+def prunable_layers(model: Any, kind: str = "all", *, variables: Any = None, x: Any = None) -> tuple[str, ...]:
+    """Layers :func:`remove_units` can shrink alone, in forward order; ``kind``: all, conv or dense.
 
-
-def _edges(model: nn.Module) -> dict[str, Edge]:
-    """Shrinkable layers of ``model`` by name (``'dense_0'``, ``'conv_1'``, ``'block0_0/conv_0'``)."""
-    edges: dict[str, Edge] = {}
-    if isinstance(model, models.MLP):
-        f = tuple(model.features)
-        for i in range(len(f) - 1):
-            edges[f"dense_{i}"] = Edge((f"dense_{i}",), None, (f"dense_{i + 1}",),
-                                       lambda n, i=i: model.clone(features=_replace(f, i, n)))
-    elif isinstance(model, models.LeNet5):
-        w = tuple(model.widths)
-        names = ("conv_0", "conv_1", "dense_0", "dense_1", "dense_2")
-        for i in range(4):
-            edges[names[i]] = Edge((names[i],), None, (names[i + 1],),
-                                   lambda n, i=i: model.clone(widths=_replace(w, i, n)))
-    elif isinstance(model, models.ConvNet):
-        convs = tuple(model.widths) if model.widths is not None else tuple(
-            v for v in models.CONV_CFGS.get(model.depth, ()) if v != "M")
-        hidden = tuple(model.hidden)
-        k = len(convs)
-        for i in range(k):
-            nxt = f"conv_{i + 1}" if i + 1 < k else "dense_0"
-            edges[f"conv_{i}"] = Edge((f"conv_{i}",), None, (nxt,),
-                                      lambda n, i=i: model.clone(widths=_replace(convs, i, n)))
-        for j in range(len(hidden)):
-            edges[f"dense_{j}"] = Edge((f"dense_{j}",), None, (f"dense_{j + 1}",),
-                                       lambda n, j=j: model.clone(hidden=_replace(hidden, j, n)))
-    elif isinstance(model, models.VGG):
-        cfg = tuple(model.cfg)
-        pos = [p for p, v in enumerate(cfg) if v != "M"]
-        for i, p in enumerate(pos):
-            nxt = f"conv_{i + 1}" if i + 1 < len(pos) else "dense_0"
-            edges[f"conv_{i}"] = Edge((f"conv_{i}",), (f"bn_{i}",), (nxt,),
-                                      lambda n, p=p: model.clone(cfg=_replace(cfg, p, n)))
-    elif isinstance(model, models.ResNet):
-        if (model.depth - 2) % 6 or model.depth < 8:
-            raise ValueError(f"model: ResNet depth={model.depth} is not 6n+2")
-        nb = (model.depth - 2) // 6
-        widths = tuple(model.block_widths) if model.block_widths is not None else tuple(
-            model.width * 2**s for s in range(3) for _ in range(nb))
-        for s in range(3):
-            for b in range(nb):
-                blk, i = f"block{s}_{b}", s * nb + b
-                edges[f"{blk}/conv_0"] = Edge((blk, "conv_0"), (blk, "bn_0"), (blk, "conv_1"),
-                                              lambda n, i=i: model.clone(block_widths=_replace(widths, i, n)))
-    else:
-        raise TypeError(f"model: structured pruning supports jaxprune.models MLP, LeNet5, ConvNet, VGG and "
-                        f"ResNet, got {type(model).__name__}")
-    return edges
-
-
-def prunable_layers(model: nn.Module, kind: str = "all") -> tuple[str, ...]:
-    """Names of the layers :func:`remove_units` can shrink, in forward order; ``kind``: all, conv or dense."""
+    Read from the model's graph (:mod:`jaxprune.graph`): every linear layer whose units neither are the model's
+    outputs nor are coupled to another layer's (a residual add) or to the input. ``variables`` (or an example input
+    ``x``) is needed to trace the model; coupled layers shrink together through :func:`remove_many`
+    (:func:`coupled_groups` lists them)."""
     if kind not in ("all", "conv", "dense"):
         raise ValueError(f"kind={kind!r}: expected 'all', 'conv' or 'dense'")
-    names = tuple(_edges(model))
-    if kind == "all":
-        return names
-    return tuple(n for n in names if ("conv" in n.rsplit("/", 1)[-1]) == (kind == "conv"))
+    variables = _need(model, variables, x, "prunable_layers")
+    g = _graph(model, variables, x)
+    return tuple(n for n in g.prunable() if kind == "all" or g.layers[n].kind == kind)
 
 
-def edge(model: nn.Module, layer: str) -> Edge:
-    """The :class:`Edge` of a shrinkable ``layer``; a ValueError naming the shrinkable layers otherwise."""
-    edges = _edges(model)
-    if layer not in edges:
-        out = getattr(model, "output_layer", None)
-        why = ("it is the output layer" if layer == out else
-               "a ResNet keeps residual widths aligned, so only block-internal conv_0 layers shrink"
-               if isinstance(model, models.ResNet) else "no such shrinkable layer")
-        raise ValueError(f"layer={layer!r}: cannot remove units ({why}); expected one of {tuple(edges)}")
-    return edges[layer]
+def coupled_groups(model: Any, variables: Any, *, x: Any = None) -> tuple[tuple[str, ...], ...]:
+    """Groups of layers whose units are coupled (residual adds) and can only shrink together, each unit index
+    kept or removed in every layer of the group alike (:func:`remove_many`)."""
+    return _graph(model, variables, x).coupled_groups()
+
+
+def _need(model: Any, variables: Any, x: Any, fn: str) -> Any:
+    """``variables``, or abstract ones initialised for the example input ``x`` (a TypeError naming both)."""
+    if variables is not None or graph._is_nnx_module(model):
+        return variables
+    if x is None:
+        raise TypeError(f"{fn}: pass variables= (the model's variables) or x= (an example input or its shape) so "
+                        "the model's graph can be traced")
+    spec = graph.example_input(model, None, x)
+    kwargs = dict(graph.call_kwargs(model))
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(spec.shape, spec.dtype), **kwargs))
 
 
 def get_path(tree: Mapping, path: Sequence[str]) -> Any:
@@ -294,11 +241,22 @@ def set_path(tree: Mapping, path: Sequence[str], value: Any) -> dict:
 
 
 def layer_params(variables: Variables, layer: str) -> dict:
-    """``{'kernel': …, ['bias': …]}`` of ``layer`` (``'conv_1'``, ``'block0_0/conv_0'``)."""
+    """``{'kernel': …, ['bias': …]}`` of ``layer`` (``'conv_1'``, ``'block0_0/conv_0'``) in linen variables."""
     try:
         return dict(get_path(variables["params"], layer.split("/")))
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(f"layer={layer!r}: not found in variables['params']") from None
+
+
+def unit_params(g: graph.Graph, layer: str) -> dict:
+    """``{'kernel': (…, units) with the units last, ['bias': (units,)]}`` of a graph layer (any model)."""
+    l = g.layer(layer)
+    leaves = g.net.leaves
+    out = {"kernel": jnp.moveaxis(leaves[l.kernel], l.out_axis, -1)}
+    bias = l.bias if l.bias is not None else (l.bn or {}).get("layer_bias")
+    if bias is not None:
+        out["bias"] = leaves[bias]
+    return out
 
 
 def _check_keep(keep: Any, n: int, layer: str, allow_empty: bool = False) -> np.ndarray:
@@ -320,49 +278,37 @@ def _check_keep(keep: Any, n: int, layer: str, allow_empty: bool = False) -> np.
     return k
 
 
-def _consumer_take(kernel: Array, keep: np.ndarray, n: int, what: str) -> Array:
-    """Keep input channels ``keep`` of the layer reading a width-``n`` output: conv ``(kh, kw, n, out)``, or dense
-    ``(s·n, out)`` after a channel-last flatten (``s`` spatial positions; ``s = 1`` after global pooling)."""
-    if kernel.ndim == 4:
-        if kernel.shape[2] != n:
-            raise ValueError(f"{what}: expects {kernel.shape[2]} input channels, the pruned layer has {n}; "
-                             "cannot follow this shape")
-        return kernel[:, :, keep, :]
-    if kernel.ndim == 2 and kernel.shape[0] % n == 0:
-        s = kernel.shape[0] // n
-        return kernel.reshape(s, n, kernel.shape[1])[:, keep, :].reshape(s * keep.size, kernel.shape[1])
-    raise ValueError(f"{what}: kernel of shape {kernel.shape} does not read a width-{n} layer; cannot follow "
-                     "this shape")
+def _keeps(g: graph.Graph, keep: Mapping[str, Any], allow_empty: bool = False) -> dict[str, np.ndarray]:
+    out = {}
+    for layer, k in keep.items():
+        l = g.layer(layer)
+        out[layer] = _check_keep(k, l.units, layer, allow_empty)
+    return out
 
 
-def remove_units(model: nn.Module, variables: Variables, layer: str, keep: Array) -> tuple[nn.Module, Variables]:
-    """Physically keep only units ``keep: (k,) int`` of ``layer``: its kernel/bias, the following BatchNorm's
-    scale/bias and mean/var, and the next layer's input dimension. Returns ``(smaller model, its variables)``;
-    the smaller network computes the same logits as ``model`` with the removed units masked
-    (:func:`mask_units`)."""
-    e = edge(model, layer)
-    params = variables["params"]
-    lp = layer_params(variables, layer)
-    n = int(lp["kernel"].shape[-1])
-    k = _check_keep(keep, n, layer)
-    new_params = set_path(params, e.layer, {name: leaf[..., k] for name, leaf in lp.items()})
-    new_vars = dict(variables)
-    if e.bn is not None:
-        bn = dict(get_path(params, e.bn))
-        new_params = set_path(new_params, e.bn, {name: leaf[k] for name, leaf in bn.items()})
-        if "batch_stats" not in variables:
-            raise ValueError(f"variables: {layer!r} is followed by BatchNorm {'/'.join(e.bn)!r}; expected a "
-                             "'batch_stats' collection")
-        stats = dict(get_path(variables["batch_stats"], e.bn))
-        new_vars["batch_stats"] = set_path(variables["batch_stats"], e.bn, {s: v[k] for s, v in stats.items()})
-    cons = dict(get_path(params, e.consumer))
-    cons["kernel"] = _consumer_take(cons["kernel"], k, n, f"next layer {'/'.join(e.consumer)!r}")
-    new_params = set_path(new_params, e.consumer, cons)
-    new_vars["params"] = new_params
-    return e.rebuild(int(k.size)), new_vars
+def remove_units(model: Any, variables: Variables, layer: str, keep: Array, *,
+                 x: Any = None) -> tuple[Any, Variables]:
+    """Physically keep only units ``keep: (k,) int`` of ``layer``: its kernel/bias, the BatchNorm after it (scale,
+    bias, mean, var), and the input rows of every layer reading it (through flattening, pooling, concatenation).
+    Returns ``(smaller model, its variables)``; the smaller network computes the same logits as ``model`` with the
+    removed units masked (:func:`mask_units`). A layer coupled to others (a residual add) is refused: remove
+    their units together with :func:`remove_many`. ``x``: an example input (default: inferred)."""
+    return remove_many(model, variables, {layer: keep}, x=x)
 
 
-def mask_units(model: nn.Module, variables: Variables, layer: str, keep: Array) -> Variables:
+def remove_many(model: Any, variables: Variables, keep: Mapping[str, Array], *,
+                x: Any = None) -> tuple[Any, Variables]:
+    """:func:`remove_units` for every ``layer → kept indices`` at once (indices refer to the original widths).
+    Coupled layers (one residual width) are shrunk together when every one of them keeps the same units."""
+    spec = graph.example_input(model, variables, x)
+    g = graph.build(model, variables, spec)
+    k = _keeps(g, keep)
+    leaves = graph.shrink(g, k)
+    widths = {layer: int(v.size) for layer, v in k.items()}
+    return graph.rebuild(g, leaves, widths, spec)
+
+
+def mask_units(model: Any, variables: Variables, layer: str, keep: Array, *, x: Any = None) -> Variables:
     """Same shapes, units outside ``keep`` silenced: their kernel columns/filters and bias zeroed and, when a
     BatchNorm follows, its scale and offset zeroed too (so the unit's post-BN activation is exactly 0).
 
@@ -370,25 +316,23 @@ def mask_units(model: nn.Module, variables: Variables, layer: str, keep: Array) 
     mask or float indices are refused), and the masked network computes the same logits as the shrunk one. The one
     difference: an empty ``keep`` is allowed here and silences the whole layer (e.g. one-shot unit pruning at
     100 % sparsity), while :func:`remove_units` refuses to build a zero-width layer."""
-    e = edge(model, layer)
-    lp = layer_params(variables, layer)
-    n = int(lp["kernel"].shape[-1])
-    k = _check_keep(keep, n, layer, allow_empty=True)
-    on = jnp.zeros((n,), bool).at[k].set(True)
-    zero = lambda leaf: jnp.where(on, leaf, jnp.zeros_like(leaf))
-    params = set_path(variables["params"], e.layer, {name: zero(leaf) for name, leaf in lp.items()})
-    if e.bn is not None:
-        bn = dict(get_path(params, e.bn))
-        params = set_path(params, e.bn, {name: zero(leaf) for name, leaf in bn.items()})
-    return {**variables, "params": params}
+    return mask_many(model, variables, {layer: keep}, x=x)
+
+
+def mask_many(model: Any, variables: Variables, keep: Mapping[str, Array], *, x: Any = None) -> Variables:
+    """:func:`mask_units` for every ``layer → kept indices`` at once (coupled layers, e.g. one residual width,
+    are masked together when every one of them keeps the same units)."""
+    g = _graph(model, variables, x)
+    k = _keeps(g, keep, allow_empty=True)
+    return g.net.with_leaves(graph.silence(g, k))
 
 
 # ----------------------------------------------------------------------------------------------- whole models
 ScoreSource = str | Mapping[str, Array] | Callable[[str, dict], Array]
 
 
-def select_layers(model: nn.Module, variables: Variables, n_keep: Mapping[str, int], criterion: ScoreSource,
-                  *, key: Array | None = None) -> dict[str, Array]:
+def select_layers(model: Any, variables: Variables, n_keep: Mapping[str, int], criterion: ScoreSource,
+                  *, key: Array | None = None, x: Any = None) -> dict[str, Array]:
     """Kept indices for several layers at once, all scored on the *unpruned* ``variables``.
 
     ``criterion``: a weight criterion name (:data:`CRITERIA`), a dict ``layer → (n_units,)`` of data-driven
@@ -399,10 +343,13 @@ def select_layers(model: nn.Module, variables: Variables, n_keep: Mapping[str, i
         raise ValueError(f"criterion={criterion!r}: expected one of {CRITERIA}, a dict of scores or a callable")
     if criterion == "random" and key is None:
         raise ValueError("key: criterion='random' needs a jax.random key")
+    g = _graph(model, variables, x)
     keep = {}
     for i, (layer, nk) in enumerate(n_keep.items()):
-        edge(model, layer)
-        lp = layer_params(variables, layer)
+        why = g.why_not_prunable(layer)
+        if why is not None:
+            raise ValueError(f"layer={layer!r}: cannot remove units ({why}); layers that can: {g.prunable()}")
+        lp = unit_params(g, layer)
         lkey = None if key is None else jax.random.fold_in(key, i)
         if isinstance(criterion, str):
             keep[layer] = select_units(lp["kernel"], nk, criterion, bias=lp.get("bias"), key=lkey)
@@ -420,39 +367,19 @@ def select_layers(model: nn.Module, variables: Variables, n_keep: Mapping[str, i
     return keep
 
 
-def remove_many(model: nn.Module, variables: Variables,
-                keep: Mapping[str, Array]) -> tuple[nn.Module, Variables]:
-    """Apply :func:`remove_units` for every ``layer → kept indices`` (indices refer to the original widths)."""
-    for layer, k in keep.items():
-        model, variables = remove_units(model, variables, layer, k)
-    return model, variables
+def widths(model: Any, variables: Variables, *, x: Any = None) -> dict[str, int]:
+    """Current number of units of every layer :func:`remove_units` can shrink."""
+    g = _graph(model, variables, x)
+    return {layer: g.layers[layer].units for layer in g.prunable()}
 
 
-def widths(model: nn.Module, variables: Variables) -> dict[str, int]:
-    """Current number of units of every shrinkable layer."""
-    return {layer: int(layer_params(variables, layer)["kernel"].shape[-1]) for layer in prunable_layers(model)}
-
-
-def count_flops(model: nn.Module, variables: Variables, input_shape: Sequence[int]) -> dict[str, Any]:
+def count_flops(model: Any, variables: Variables, input_shape: Sequence[int]) -> dict[str, Any]:
     """Multiply-accumulates of the conv and dense layers for one example of shape ``input_shape[1:]``:
     ``{'macs': int, 'flops': 2·macs, 'layers': {path: macs}}`` (BatchNorm, bias and pooling are not counted).
 
-    A layer's MACs are its kernel size times its number of output positions (``h·w`` for a conv, 1 for dense).
-    """
-    x = jax.ShapeDtypeStruct((1,) + tuple(input_shape[1:]), jnp.float32)
-    _, inter = jax.eval_shape(
-        lambda v, x: model.apply(v, x, train=False, capture_intermediates=True, mutable=["intermediates"]),
-        variables, x)
-    layers: dict[str, int] = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"]):
-        names = [str(getattr(p, "key", p)) for p in path]
-        if names[-1] != "kernel" or leaf.ndim not in (2, 4):
-            continue
-        try:
-            out = get_path(inter["intermediates"], names[:-1])["__call__"][0]
-        except (KeyError, TypeError):
-            continue
-        positions = int(np.prod(out.shape[1:-1])) if len(out.shape) > 2 else 1
-        layers["/".join(names[:-1])] = positions * int(np.prod(leaf.shape))
+    A layer's MACs are its kernel size times its number of output positions (``h·w`` for a conv, 1 for dense),
+    read from the model's graph."""
+    g = graph.build(model, variables, jax.ShapeDtypeStruct((1,) + tuple(input_shape[1:]), jnp.float32))
+    layers = graph.count_macs(g)
     macs = int(sum(layers.values()))
     return {"macs": macs, "flops": 2 * macs, "layers": layers}

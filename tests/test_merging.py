@@ -140,7 +140,7 @@ def test_resnet_block_conv_merges_exactly():
     model = models.ResNet(depth=8, num_classes=3, width=4)
     variables = _init(model, (1, 8, 8, 3), rng)
     widths = {}
-    for layer in merging.mergeable_layers(model):
+    for layer in merging.mergeable_layers(model, variables=variables):
         blk = layer.split("/")[0]
         n = structured.layer_params(variables, layer)["kernel"].shape[-1]
         variables, _ = _plant_conv_bn(variables, layer, f"{blk}/bn_0", n // 2, rng)
