@@ -218,3 +218,16 @@ def test_count_flops_of_a_user_model_closed_form():
     assert f["layers"] == expect and f["macs"] == sum(expect.values())
     assert st.count_flops(models.LeNet5(), models.init(models.LeNet5(), KEY, (1, 28, 28, 1)),
                           (1, 28, 28, 1))["layers"]["conv_1"] == 100 * 2400
+
+
+def test_readme_bring_your_own_model_example_runs_as_written():
+    import re
+    from pathlib import Path
+
+    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    section = text.split("## Bring your own model", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    assert ns["small"].hidden == (16, 16) and ns["sv"]["params"]["fc2"]["kernel"].shape == (16, 16)
+    assert st.prunable_layers(ns["model"], variables=ns["v"]) == ("fc1", "fc2")
