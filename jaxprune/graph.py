@@ -261,8 +261,11 @@ POOLS = frozenset({"reduce_window_max", "reduce_window_min", "reduce_window_sum"
 REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin", "reduce_and",
                         "reduce_or"})
 LINEAR = frozenset({"dot_general", "conv_general_dilated"})
-# weight-free maps that are linear in their activation operands: LRP shares relevance in proportion to inputs
-PROPORTIONAL = frozenset({"reduce_window_sum", "reduce_sum", "cumsum"})
+# LRP through pooling and reductions: sums are linear maps of their inputs, whose relevance is shared in proportion
+# to the inputs ("prop"); max/min send it to the winner through their own VJP ("plain"); others are refused
+_REDUCE_ROLES = {"reduce_window_sum": "prop", "reduce_sum": "prop", "cumsum": "prop", "reduce_window_max": "plain",
+                 "reduce_window_min": "plain", "reduce_max": "plain", "reduce_min": "plain", "cummax": "plain",
+                 "cummin": "plain"}
 
 
 def _jaxpr_elementwise(jaxpr) -> bool:
@@ -548,7 +551,6 @@ def _analyse(n: Net, prog: Program) -> Graph:
     kinds, roles, notes, near = [], [], [], []
     layers: list[dict] = []
     slices: dict[tuple[int, int], np.ndarray] = {}
-    consumer_of: dict[int, list[int]] = {}
     uses: dict[int, list[int]] = {}
     for k, e in enumerate(prog.eqns):
         for a in e.ins:
@@ -604,7 +606,7 @@ def _analyse(n: Net, prog: Program) -> Graph:
                 sources[o] = src
         elif e.name in LINEAR:
             kind, role, note = _linear(e, k, prog, origin, sources, leaf_of, n, layers, new_units, add_slice,
-                                       consumer_of, last_layer, freeze, shapes)
+                                       last_layer, freeze, shapes)
             w = e.ins[1] if len(e.ins) > 1 else None
             if kind != "linear" and isinstance(w, int) and w in leaf_of:
                 refused[n.module_path(leaf_of[w]) or n.paths[leaf_of[w]]] = note
@@ -829,7 +831,7 @@ def _chain_params(prog: Program, chain: list[int], start: int, sources, n: Net) 
 
 
 def _linear(e: Eqn, k: int, prog: Program, origin, sources, leaf_of, n: Net, layers, new_units, add_slice,
-            consumer_of, last_layer, freeze, shapes):
+            last_layer, freeze, shapes):
     a, w = e.ins[0], e.ins[1]
     lead = lambda why: ("opaque", "unsupported", why)
     if not (isinstance(a, int) and a in origin) or isinstance(w, tuple) or w in origin:
@@ -980,33 +982,20 @@ def _move(e: Eqn, act_in, origin, new_units, freeze, uf, shapes):
             else:
                 origin[e.outs[0]] = ids
         return "move", "plain", ""
-    if name in POOLS:
+    if name in POOLS or name in REDUCTIONS:
         if name.startswith("cum"):
-            if int(e.params.get("axis", 0)) == nd - 1:
-                return opaque(f"{name} over the channel axis")
-            origin[e.outs[0]] = ids
-            return "pool", "prop" if name in PROPORTIONAL else "plain" if name in ("cummax", "cummin") else \
-                "unsupported", "" if name in PROPORTIONAL or name in ("cummax", "cummin") else f"{name}"
-        wd = tuple(e.params.get("window_dimensions", ()))
-        ws = tuple(e.params.get("window_strides", ()))
-        if not wd or wd[-1] != 1 or ws[-1] != 1:
-            return opaque(f"{name} with a window over the channel axis")
-        origin[e.outs[0]] = ids
-        if name == "reduce_window_sum":
-            return "pool", "prop", ""
-        if name in ("reduce_window_max", "reduce_window_min"):
-            return "pool", "plain", ""
-        return "pool", "unsupported", f"{name} (a generic reduce_window)"
-    if name in REDUCTIONS:
-        axes = tuple(int(x) for x in e.params.get("axes", ()))
-        if nd - 1 in axes or not oshape:
+            over_channels = int(e.params.get("axis", 0)) == nd - 1
+        elif name in POOLS:
+            wd = tuple(e.params.get("window_dimensions", ()))
+            ws = tuple(e.params.get("window_strides", ()))
+            over_channels = not wd or wd[-1] != 1 or ws[-1] != 1
+        else:
+            over_channels = nd - 1 in tuple(int(x) for x in e.params.get("axes", ())) or not oshape
+        if over_channels:
             return opaque(f"{name} over the channel axis")
         origin[e.outs[0]] = ids
-        if name == "reduce_sum":
-            return "reduce", "prop", ""
-        if name in ("reduce_max", "reduce_min"):
-            return "reduce", "plain", ""
-        return "reduce", "unsupported", f"{name}"
+        role = _REDUCE_ROLES.get(name, "unsupported")
+        return ("pool" if name in POOLS else "reduce"), role, "" if role != "unsupported" else name
     return opaque(f"{name}")
 
 
