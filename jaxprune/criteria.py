@@ -1,39 +1,48 @@
-"""Data-driven unit (neuron / filter) importance for structured pruning (Yeom et al. 2021, "Pruning by explaining").
+"""Data-driven unit (neuron / filter) importance for structured pruning (Yeom et al. 2021, "Pruning by explaining"),
+on any Flax model (linen, or NNX through ``nnx.split``), read from its graph (:mod:`jaxprune.graph`).
 
-Every criterion returns ``dict[layer name -> (n_units,) float32]`` for the hidden linear layers (``dense_i``,
-``conv_i``; not the output layer); higher means more important (kept). These plug into
-``jaxprune.structured.select_by_scores`` per layer, or into :func:`global_keep` for one ranking across layers.
+Every criterion returns ``dict[layer name -> (n_units,) float32]`` for the model's non-output linear layers (named
+by module path, e.g. ``"fc1"``, ``"block1/conv_a"``; :func:`jaxprune.lrp.non_output_layers`), in forward order;
+higher means more important (kept). These plug into ``jaxprune.structured.select_by_scores`` per layer, or into
+:func:`global_keep` for one ranking across layers.
 
-* ``weight``: L1 norm of a unit's incoming weights (Li et al. 2017); normalised by the layer's L1 norm.
+* ``weight``: L1 norm of a unit's incoming weights (Li et al. 2017), read from the layer's kernel leaf along its
+  output axis (the raw kernel, BatchNorm not folded in); normalised by the layer's L1 norm.
 * ``grad``: ``|mean ∂L/∂z|`` over samples (and positions) at the pre-activation ``z`` (Sun et al. 2017); layer L2.
 * ``taylor``: ``|mean z · ∂L/∂z|`` (Molchanov et al. 2017); layer L2.
 * ``lrp``: relevance summed over samples (and positions) at the unit's output; layer L1.
 
-``L`` is the per-sample cross-entropy at the given labels; LRP explains the label's logit.
-BatchNorm models are canonized first (so ``z`` is the BatchNorm output, the input to the ReLU).
+``L`` is the per-sample cross-entropy at the given labels; LRP explains the label's logit. ``z`` is the layer's
+pre-activation as the graph defines it: the output of its chain (bias, BatchNorm), the input to the activation.
+The gradients are taken with zero probes added there while the model's own program runs
+(:func:`jaxprune.graph.run`).
+
+``weight`` needs no data, but the graph (which layers exist, which is the output) is traced for an input shape:
+pass ``x`` (an array, a ``jax.ShapeDtypeStruct`` or a shape tuple); without it the shape is inferred from the
+kernels (:func:`example_input`).
 """
 from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune import lrp, structured
+from jaxprune import graph, lrp, structured
 from jaxprune.lrp import composites as C
-from jaxprune.lrp.relevance import (_check_forward, canonical_params, forward, hidden_layers, linear_layers,
-                                     program, split_variables)
+from jaxprune.lrp.relevance import build_graph, non_output_layers, num_classes, static
 
 Array = jax.Array
 Scores = dict[str, Array]
 
-__all__ = ["CRITERIA", "NORMS", "scores", "weight", "grad", "taylor", "lrp_scores", "normalize", "global_keep"]
+__all__ = ["CRITERIA", "NORMS", "scores", "weight", "grad", "taylor", "lrp_scores", "normalize", "global_keep",
+           "example_input"]
 
 CRITERIA = ("weight", "grad", "taylor", "lrp")
 NORMS = {"weight": "l1", "grad": "l2", "taylor": "l2", "lrp": "l1"}  # Yeom et al.'s per-layer normalisations
+SEARCH_SIDES = tuple(range(1, 65)) + (96, 112, 128, 192, 224, 256)  # square input sides tried by example_input
 
 
 def normalize(values: Array, norm: str, *, name: str = "values") -> Array:
@@ -63,50 +72,96 @@ def _unit_mean(a: Array) -> Array:
     return jnp.mean(a.reshape(-1, a.shape[-1]), axis=0)
 
 
-def _check_batch(prog, params: dict, x: Any, y: Any) -> tuple[Array, Array]:
+def _check_batch(model: Any, variables: Any, x: Any, y: Any) -> tuple[graph.Graph, Array, Array]:
+    """The graph for the reference batch ``x: (n, …)`` float and its labels ``y: (n,)`` int in ``[0, C)``."""
     x = jnp.asarray(x)
     if x.ndim < 2 or x.shape[0] < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x: expected a non-empty float reference batch (n, …), got shape {x.shape} dtype {x.dtype}")
-    _check_forward(prog, params, x)
-    classes = _classes(prog, params)
+    g = build_graph(model, variables, x)
+    classes = num_classes(g)
     y = np.asarray(y)
     if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"y: expected int labels of shape ({x.shape[0]},), got shape {y.shape} dtype {y.dtype}")
     if y.min() < 0 or y.max() >= classes:
         raise ValueError(f"y: labels must lie in [0, {classes})")
-    return x, jnp.asarray(y, jnp.int32)
+    return g, x, jnp.asarray(y, jnp.int32)
 
 
-def _classes(prog, params) -> int:
-    return int(params[linear_layers(prog)[-1][0]]["kernel"].shape[-1])
+# ----------------------------------------------------------------------------------------------- weight
+def _as_spec(x: Any) -> jax.ShapeDtypeStruct:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if isinstance(x, (tuple, list)) and all(isinstance(d, (int, np.integer)) for d in x):
+        return jax.ShapeDtypeStruct(tuple(int(d) for d in x), jnp.float32)
+    return jax.ShapeDtypeStruct(tuple(np.shape(x)), jnp.result_type(x))
 
 
-def weight(model: nn.Module, variables: Any, *, norm: str | None = "l1") -> Scores:
-    """Incoming-weight L1 norm per unit: dense kernel ``(in, out)`` → ``(out,)``, conv ``(kh, kw, cin, cout)``."""
-    params, _ = split_variables(variables)
-    layers = hidden_layers(program(model))
-    raw = {k: jnp.sum(jnp.abs(structured.unit_vectors(params[k]["kernel"])), axis=1) for k in layers}
+def example_input(model: Any, variables: Any) -> jax.ShapeDtypeStruct:
+    """An input shape ``(1, …)`` float32 the model runs on, inferred from its kernels (for :func:`weight`, whose
+    scores do not depend on it): each 2-D leaf ``(d_in, d_out)`` proposes ``(1, d_in)``; each leaf of rank
+    ``k ≥ 3`` (a channel-last conv kernel ``(*window, c_in, c_out)``) proposes square inputs ``(1, s, …, s, c_in)``
+    with ``k − 2`` spatial axes, ``s`` in :data:`SEARCH_SIDES` (shape-only traces; the first that runs wins). A
+    ValueError naming ``x`` when none runs (pass ``x`` then)."""
+    n = graph.net(model, variables)
+    dense, conv = [], []
+    for a in n.leaves:
+        shp = tuple(np.shape(a))
+        if len(shp) == 2 and (1, shp[0]) not in dense:
+            dense.append((1, shp[0]))
+        elif len(shp) >= 3 and (len(shp) - 2, shp[-2]) not in conv:
+            conv.append((len(shp) - 2, shp[-2]))
+    tried = [*dense, *[(1, *(s,) * d, c) for d, c in conv for s in SEARCH_SIDES]]
+    for shape in tried:
+        spec = jax.ShapeDtypeStruct(shape, jnp.float32)
+        try:
+            graph.build(model, variables, spec)
+        except (ValueError, TypeError):
+            continue
+        return spec
+    raise ValueError("x: cannot infer an input shape the model runs on from its kernels (tried dense inputs "
+                     f"{dense} and square conv inputs of sides {SEARCH_SIDES[0]}..{SEARCH_SIDES[-1]}); pass x "
+                     "(an example batch, a jax.ShapeDtypeStruct or a shape tuple)")
+
+
+def _incoming_l1(kernel: Array, out_axis: int) -> Array:
+    """``Σ |w|`` over every kernel axis but ``out_axis``: ``(units,)``."""
+    k = jnp.moveaxis(jnp.asarray(kernel), out_axis, 0)
+    return jnp.sum(jnp.abs(k.reshape(k.shape[0], -1)), axis=1)
+
+
+def weight(model: Any, variables: Any, x: Any = None, *, norm: str | None = "l1") -> Scores:
+    """Incoming-weight L1 norm per unit of each non-output layer, from its kernel leaf along its output axis
+    (dense ``(in, out)`` → ``(out,)``, conv ``(kh, kw, cin, cout)`` → ``(cout,)``). ``x``: an example input (array,
+    ``jax.ShapeDtypeStruct`` or shape tuple) to trace the graph for; inferred when None (:func:`example_input`)."""
+    spec = example_input(model, variables) if x is None else _as_spec(x)
+    g = build_graph(model, variables, spec)
+    layers = non_output_layers(g)
+    leaves = g.net.leaves
+    raw = {k: _incoming_l1(leaves[g.layers[k].kernel], g.layers[k].out_axis) for k in layers}
     return _normalize_layers("weight", raw, layers, norm)
 
 
+# ----------------------------------------------------------------------------------------------- gradients
 @jax.jit
 def _ce(logits: Array, y: Array) -> Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
 
-def _pre_activation_grads(prog, params: dict, x: Array, y: Array) -> tuple[dict, dict]:
-    shapes = jax.eval_shape(lambda v: forward(prog, params, v, where="pre")[1], x)
-    zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
+def _pre_activation_grads(sg, layers: tuple[str, ...], leaves: list, x: Array, y: Array) -> tuple[dict, dict]:
+    """``({layer: z}, {layer: ∂L/∂z})``, ``z: (n, …, units)`` each layer's pre-activation, ``L = Σ CE``."""
+    g = sg.graph
+    shapes = jax.eval_shape(lambda v: graph.run(g, leaves, v)[1], x)
+    zeros = {k: jnp.zeros(shapes[k].shape, shapes[k].dtype) for k in layers}
 
     def loss(p):
-        logits, z = forward(prog, params, x, probes=p, where="pre")
-        return jnp.sum(_ce(logits, y)), z
+        logits, z = graph.run(g, leaves, x, probes=p)
+        return jnp.sum(_ce(logits, y)), {k: z[k] for k in layers}
 
-    g, z = jax.grad(loss, has_aux=True)(zeros)
-    return z, g
+    gr, z = jax.grad(loss, has_aux=True)(zeros)
+    return z, gr
 
 
-_pre_activation_grads_jit = jax.jit(_pre_activation_grads, static_argnums=0)
+_pre_activation_grads_jit = jax.jit(_pre_activation_grads, static_argnums=(0, 1))
 
 
 @jax.jit
@@ -115,50 +170,50 @@ def _grad_taylor(z: dict, g: dict) -> tuple[dict, dict]:
 
 
 def _gradient_scores(which: int, model, variables, x, y, norm) -> Scores:
-    prog = program(model)
-    params = canonical_params(variables)
-    x, y = _check_batch(prog, params, x, y)
-    z, g = _pre_activation_grads_jit(prog, params, x, y)
-    raw = _grad_taylor(z, g)
-    criterion, layers = ("grad", "taylor")[which], hidden_layers(prog)
+    g, x, y = _check_batch(model, variables, x, y)
+    layers = non_output_layers(g)
+    z, gr = _pre_activation_grads_jit(static(g), layers, list(g.net.leaves), x, y)
+    raw = _grad_taylor(z, gr)
+    criterion = ("grad", "taylor")[which]
     if which == 0:  # a NaN pre-activation gets a zero ReLU gradient: only z·∂L/∂z shows it (Taylor: below)
         for k in layers:
             structured._check_scores(raw[1][k], f"{criterion} scores of layer {k!r} (z·∂L/∂z)")
     return _normalize_layers(criterion, raw[which], layers, norm)
 
 
-def grad(model: nn.Module, variables: Any, x: Any, y: Any, *, norm: str | None = "l2") -> Scores:
-    """``|mean ∂L/∂z|`` at each hidden layer's pre-activation, over the reference batch ``x: (n, …)``, ``y: (n,)``."""
+def grad(model: Any, variables: Any, x: Any, y: Any, *, norm: str | None = "l2") -> Scores:
+    """``|mean ∂L/∂z|`` at each non-output layer's pre-activation, over the reference batch ``x: (n, …)``,
+    ``y: (n,)``."""
     return _gradient_scores(0, model, variables, x, y, norm)
 
 
-def taylor(model: nn.Module, variables: Any, x: Any, y: Any, *, norm: str | None = "l2") -> Scores:
+def taylor(model: Any, variables: Any, x: Any, y: Any, *, norm: str | None = "l2") -> Scores:
     """``|mean z · ∂L/∂z|`` (first-order Taylor estimate of the loss change when the unit is removed)."""
     return _gradient_scores(1, model, variables, x, y, norm)
 
 
-def lrp_scores(model: nn.Module, variables: Any, x: Any, y: Any = None, *,
+def lrp_scores(model: Any, variables: Any, x: Any, y: Any = None, *,
                composite: C.Composite | lrp.Rule | str = "zplus", norm: str | None = "l1") -> Scores:
-    """Relevance summed over the reference batch at each hidden unit (ReLU output; relevance is the same at the
-    pre-activation, as ReLU passes it through). ``y=None`` explains the predicted classes."""
-    prog = program(model)
+    """Relevance summed over the reference batch (and positions) at each non-output layer's units (the
+    pre-activation; ReLU passes relevance through, so it equals the activation's). ``y=None`` explains the
+    predicted classes."""
     if y is not None:
-        _check_batch(prog, canonical_params(variables), x, y)
+        _check_batch(model, variables, x, y)
     rel = lrp.relevance(model, variables, x, composite=composite, target=y)
-    layers = hidden_layers(prog)
-    raw = {k: jnp.sum(rel.layers[k].reshape(-1, rel.layers[k].shape[-1]), axis=0) for k in layers}
-    return _normalize_layers("lrp", raw, layers, norm)
+    raw = {k: jnp.sum(r.reshape(-1, r.shape[-1]), axis=0) for k, r in rel.layers.items()}
+    return _normalize_layers("lrp", raw, list(rel.layers), norm)
 
 
-def scores(criterion: str, model: nn.Module, variables: Any, x: Any = None, y: Any = None, *,
+def scores(criterion: str, model: Any, variables: Any, x: Any = None, y: Any = None, *,
            normalized: bool = True, composite: C.Composite | lrp.Rule | str = "zplus") -> Scores:
     """Scores of ``criterion`` (one of :data:`CRITERIA`), with Yeom et al.'s normalisation unless
-    ``normalized=False``. ``x, y``: the reference batch (unused by ``weight``)."""
+    ``normalized=False``. ``x, y``: the reference batch (``weight`` uses only ``x``'s shape, and infers one when
+    ``x`` is None)."""
     if criterion not in CRITERIA:
         raise ValueError(f"criterion={criterion!r}: expected one of {CRITERIA}")
     norm = NORMS[criterion] if normalized else "none"
     if criterion == "weight":
-        return weight(model, variables, norm=norm)
+        return weight(model, variables, x, norm=norm)
     if x is None or (y is None and criterion != "lrp"):
         raise ValueError(f"criterion={criterion!r} needs a reference batch: pass x (n, …) and labels y (n,)")
     if criterion == "lrp":

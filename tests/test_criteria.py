@@ -2,6 +2,7 @@
 Σ z ∂L/∂z = Σ w ∂L/∂w + b ∂L/∂b for a linear layer), a hand-written z⁺ pass, and the global ranking."""
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +33,31 @@ def test_weight_is_incoming_l1_per_unit():
     np.testing.assert_allclose(s["dense_0"], _l1(np.abs(k).sum(0)), rtol=1e-5)
     raw = criteria.scores("weight", model, v, normalized=False)
     np.testing.assert_allclose(raw["dense_0"], np.abs(k).sum(0), rtol=1e-5)
+
+
+def test_weight_input_shape_given_or_inferred():
+    """``weight`` reads only kernels; the graph's input shape is inferred (first square side that runs), or given
+    as a shape tuple or an example batch — the scores are the same. A model no inferred shape runs on names x."""
+    model = models.LeNet5(num_classes=3)
+    v = models.init(model, jax.random.PRNGKey(0), (1, 16, 16, 1))
+    assert criteria.example_input(model, v).shape == (1, 16, 16, 1)
+    inferred = criteria.weight(model, v)
+    for x in ((1, 16, 16, 1), jnp.zeros((2, 17, 17, 1)), jax.ShapeDtypeStruct((1, 16, 16, 1), jnp.float32)):
+        given = criteria.weight(model, v, x)
+        assert list(given) == list(inferred) == ["conv_0", "conv_1", "dense_0", "dense_1"]
+        for k in given:
+            np.testing.assert_array_equal(given[k], inferred[k])
+
+    class Sequences(nn.Module):  # reads (n, t, d): no (1, d) or image-shaped guess runs
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2, name="head")(nn.relu(nn.Dense(4, name="fc")(x[:, 0, :])))
+
+    sv = Sequences().init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 5)))
+    with pytest.raises(ValueError, match="x: cannot infer an input shape"):
+        criteria.scores("weight", Sequences(), sv)
+    np.testing.assert_allclose(criteria.scores("weight", Sequences(), sv, jnp.zeros((1, 3, 5)), normalized=False)["fc"],
+                               np.abs(np.asarray(sv["params"]["fc"]["kernel"])).sum(0), rtol=1e-6)
 
 
 @pytest.fixture(scope="module")

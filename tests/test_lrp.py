@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxprune import lrp, models
+from jaxprune import graph, lrp, models
 from jaxprune.lrp import composites, rules
 
 # ----------------------------------------------------------------------------------------------- references
@@ -193,15 +193,25 @@ def test_lrp0_equals_gradient_times_input(model, shape):
     np.testing.assert_allclose(np.asarray(rel.input), np.asarray(x * g), rtol=1e-3, atol=1e-5)
 
 
+def _relevance_above_pool(model, v, x, rel, rule):
+    """Relevance at the pooling output ``pool_1`` (the input of ``dense_0``, after flattening), from the rule of
+    the layer after the pooling applied to the relevance the pass reports at ``dense_0``'s units."""
+    pooled = np.asarray(models.representations(model, v, x)["pool_1"])  # (n, 2, 2, 16)
+    p = v["params"]["dense_0"]
+    above = rule.backward(rules.DenseOp(), jnp.asarray(pooled.reshape(len(pooled), -1)), p["kernel"], p["bias"],
+                          rel.layers["dense_0"])
+    return np.asarray(above).reshape(pooled.shape)
+
+
 def test_max_pool_sends_relevance_to_the_winner():
     model = models.LeNet5(num_classes=3)
     v = _init(model, (1, 16, 16, 1))
     x = jax.random.uniform(jax.random.PRNGKey(4), (2, 16, 16, 1))
     rel = lrp.relevance(model, v, x, composite="zplus")
     reps = models.representations(model, v, x)
-    below, above = np.asarray(rel.layers["conv_1"]), np.asarray(rel.layers["pool_1"])  # (2,4,4,16), (2,2,2,16)
+    below, above = np.asarray(rel.layers["conv_1"]), _relevance_above_pool(model, v, x, rel, rules.ZPlus())
     act = np.asarray(reps["conv_1"])
-    n, h, w, c = below.shape
+    n, h, w, c = below.shape  # (2, 4, 4, 16); above: (2, 2, 2, 16)
     win = below.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4).reshape(n, h // 2, w // 2, c, 4)
     a = act.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4).reshape(n, h // 2, w // 2, c, 4)
     np.testing.assert_allclose(win.sum(-1), above, rtol=1e-5, atol=1e-7)
@@ -216,7 +226,7 @@ def test_avg_pool_redistributes_in_proportion():
     x = jax.random.uniform(jax.random.PRNGKey(6), (2, 16, 16, 1))
     rel = lrp.relevance(model, v, x, composite="zplus")
     act = np.asarray(models.representations(model, v, x)["conv_1"])
-    above = np.asarray(rel.layers["pool_1"])
+    above = _relevance_above_pool(model, v, x, rel, rules.ZPlus())
     share = act / np.repeat(np.repeat(act.reshape(2, 2, 2, 2, 2, 16).sum((2, 4)), 2, 1), 2, 2).clip(1e-30)
     want = share * np.repeat(np.repeat(above, 2, 1), 2, 2)
     np.testing.assert_allclose(np.asarray(rel.layers["conv_1"]), want, rtol=1e-4, atol=1e-7)
@@ -279,22 +289,32 @@ def test_batchnorm_folding_preserves_the_network_function():
     model = models.VGG((4, "M", 6, 6, "M"), num_classes=3)
     v = _random_bn(_init(model, (1, 4, 4, 2)), 0)
     before = jax.tree_util.tree_map(np.array, v)
-    folded = lrp.fold_batchnorm(v)
-    assert set(folded) == {"params"} and not any(k.startswith("bn_") for k in folded["params"])
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 2))
-    out, _ = lrp.forward(lrp.program(model), folded["params"], x)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(model.apply(v, x)), rtol=1e-4, atol=1e-5)
+    folded = lrp.fold_batchnorm(model, v, x)
+    assert jax.tree_util.tree_structure(folded) == jax.tree_util.tree_structure(v)  # the same model's variables
+    for i in range(3):  # every BatchNorm left as the identity plus the folded offset
+        np.testing.assert_array_equal(folded["params"][f"bn_{i}"]["scale"], 1.0)
+        np.testing.assert_array_equal(folded["batch_stats"][f"bn_{i}"]["mean"], 0.0)
+        np.testing.assert_allclose(folded["batch_stats"][f"bn_{i}"]["var"], 1 - 1e-5, rtol=1e-7)
+        g = v["params"][f"bn_{i}"]["scale"] / np.sqrt(v["batch_stats"][f"bn_{i}"]["var"] + 1e-5)
+        np.testing.assert_allclose(folded["params"][f"conv_{i}"]["kernel"], v["params"][f"conv_{i}"]["kernel"] * g,
+                                   rtol=1e-6)
+        np.testing.assert_allclose(folded["params"][f"bn_{i}"]["bias"], v["params"][f"bn_{i}"]["bias"]
+                                   - v["batch_stats"][f"bn_{i}"]["mean"] * g, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(model.apply(folded, x)), np.asarray(model.apply(v, x)), rtol=1e-4,
+                               atol=1e-5)
     jax.tree_util.tree_map(np.testing.assert_array_equal, before, jax.tree_util.tree_map(np.asarray, v))
     rel = lrp.relevance(model, v, x, composite="epsilon_alpha2_beta1")
-    assert rel.input.shape == x.shape and set(rel.layers) == {"conv_0", "conv_1", "conv_2", "pool_0", "pool_1",
-                                                               "gap"}
+    assert rel.input.shape == x.shape and list(rel.layers) == ["conv_0", "conv_1", "conv_2"]
+    again = lrp.relevance(model, folded, x, composite="epsilon_alpha2_beta1")
+    np.testing.assert_allclose(np.asarray(again.input), np.asarray(rel.input), rtol=1e-3, atol=1e-6)
 
 
 def test_batchnorm_folding_needs_batch_stats():
     model = models.VGG((4, "M"), num_classes=2)
     v = _init(model, (1, 4, 4, 3))
-    with pytest.raises(ValueError, match="batch_stats"):
-        lrp.fold_batchnorm({"params": v["params"]})
+    with pytest.raises(ValueError, match="variables: .*batch_stats"):
+        lrp.fold_batchnorm(model, {"params": v["params"]}, jnp.ones((1, 4, 4, 3)))
 
 
 # ----------------------------------------------------------------------------------------------- batching
@@ -325,7 +345,8 @@ def test_default_target_is_the_predicted_class():
 
 # ----------------------------------------------------------------------------------------------- composites
 def test_composite_assignment_by_role_kind_and_name():
-    layers = lrp.linear_layers(lrp.program(models.LeNet5()))
+    model = models.LeNet5()
+    layers = graph.build(model, _init(model, (1, 28, 28, 1)), jnp.zeros((1, 28, 28, 1)))
     got = dict(composites.epsilon_gamma_box(-1.0, 1.0, epsilon=0.1, gamma=0.5).assign(layers))
     assert got == {"conv_0": rules.ZBox(-1.0, 1.0), "conv_1": rules.Gamma(0.5), "dense_0": rules.Epsilon(0.1),
                    "dense_1": rules.Epsilon(0.1), "dense_2": rules.Epsilon(0.1)}
@@ -351,8 +372,8 @@ def test_relevance_rejects_bad_input():
         lrp.relevance(model, v, jnp.ones((2, 4), jnp.int32), composite="zplus")
     with pytest.raises(ValueError, match="composite"):
         lrp.relevance(model, v, x, composite="nope")
-    with pytest.raises(TypeError, match="ResNet"):
-        lrp.program(models.ResNet(8))
+    with pytest.raises(ValueError, match="composite names \\['dense_9'\\] match no linear layer"):
+        lrp.relevance(model, v, x, composite=composites.Composite.of(names={"dense_9": rules.Flat()}))
 
 
 def test_relevance_refuses_a_non_finite_concrete_x():

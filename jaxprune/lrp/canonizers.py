@@ -1,60 +1,84 @@
-"""Canonizers: pure parameter transforms that make a network LRP-friendly without changing its function.
+"""Canonizers: pure variable transforms that make a network LRP-friendly without changing its function.
 
-:func:`fold_batchnorm` merges every BatchNorm into the convolution (or dense layer) before it, pairing names as
-the library's models do (``conv_i``/``bn_i``, ``X_conv``/``X_bn``) at every nesting level. The input variables
-are not modified; "undoing" the canonizer is simply using the original variables again.
+:func:`fold_batchnorm` finds every BatchNorm that directly follows a linear layer from the model's graph
+(:mod:`jaxprune.graph`: the inference form ``(z − mean) · scale / sqrt(var + ε) + bias`` in the layer's chain,
+read from the traced program, not from names) and returns the **same model's** variables with the BatchNorm
+folded into the layer and left in place as the identity plus an offset:
+
+* kernel ``W → W · a`` with ``a = scale / sqrt(var + ε)`` per output unit (along the kernel's output axis);
+* BatchNorm ``scale → 1``, ``mean → 0``, ``var → 1 − ε`` (so ``sqrt(var + ε) = 1`` exactly in float32/16),
+  ``bias → (b − mean) · a + bias_bn`` (the folded offset, ``b`` the layer's own bias);
+* the layer's own bias (a conv with a bias before BatchNorm) → 0.
+
+So the original model (its ``apply``, its BatchNorm modules, its checkpoints' structure) computes the same
+function on the folded variables, and every tool keeps working on them. Where the BatchNorm has no bias
+(``use_bias=False``) the offset goes into the layer's bias, and where neither has one into ``mean`` (``−offset``).
+LRP itself folds chains inside :func:`jaxprune.graph.run`, so this canonizer is for users who want folded
+weights (inspection, export, other tools); the input variables are not modified. Applying it twice changes
+nothing more.
 """
 from __future__ import annotations
 
-import re
-from typing import Any
+from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-__all__ = ["fold_batchnorm", "batchnorm_pairs"]
+from jaxprune import graph
 
-Variables = dict[str, Any]
-
-
-def batchnorm_pairs(params: dict) -> list[tuple[str, str]]:
-    """``[(linear_name, bn_name), …]`` for the BatchNorms directly in ``params`` (one nesting level)."""
-    pairs = []
-    for name in params:
-        m = re.fullmatch(r"bn_(\d+)", name) or re.fullmatch(r"(.*)_bn", name)
-        if m is None:
-            continue
-        lin = f"conv_{m.group(1)}" if name.startswith("bn_") else f"{m.group(1)}_conv"
-        if name.startswith("bn_") and lin not in params:
-            lin = f"dense_{m.group(1)}"
-        if lin not in params:
-            raise ValueError(f"params: BatchNorm {name!r} has no preceding layer {lin!r} to fold into")
-        pairs.append((lin, name))
-    return pairs
+__all__ = ["fold_batchnorm", "weight_env"]
 
 
-def _fold(params: dict, stats: dict, epsilon: float) -> dict:
-    out = {k: v for k, v in params.items()}
-    for lin, bn in batchnorm_pairs(params):
-        if bn not in stats:
-            raise ValueError(f"variables: BatchNorm {bn!r} has no batch_stats (mean/var); pass the full variables")
-        kernel = params[lin]["kernel"]
-        g = params[bn]["scale"] / jnp.sqrt(stats[bn]["var"] + epsilon)  # (c,)
-        bias = params[lin].get("bias", jnp.zeros_like(g))
-        out[lin] = {"kernel": kernel * g, "bias": (bias - stats[bn]["mean"]) * g + params[bn]["bias"]}
-        del out[bn]
-    for k, v in params.items():
-        if isinstance(v, dict) and k in out and "kernel" not in v and "scale" not in v:
-            out[k] = _fold(v, stats.get(k, {}), epsilon)
-    return out
+def weight_env(g: graph.Graph, leaves: Sequence[jax.Array]) -> dict:
+    """Values of the program's constants, ``leaves`` and every weight-only computation (e.g. BatchNorm's
+    ``rsqrt(var + ε) · scale``): the environment :func:`jaxprune.graph.folded` reads a layer's chain from."""
+    prog = g.program
+    env: dict = dict(prog.consts)
+    env.update(zip(prog.leaf_ids, leaves))
+    for k, e in enumerate(prog.eqns):
+        if g.kinds[k] == "weight":
+            env.update(zip(e.outs, e.bind(*[a[1] if isinstance(a, tuple) else env[a] for a in e.ins])))
+    return env
 
 
-def fold_batchnorm(variables: Variables, epsilon: float = 1e-5) -> Variables:
-    """``{'params': …, 'batch_stats': …}`` → ``{'params': …}`` with each BatchNorm folded into its layer.
+def fold_batchnorm(model: Any, variables: Any, x: Any) -> Any:
+    """The variables of ``model`` with every BatchNorm that follows a linear layer folded into it (see the module
+    docstring); the same structure as ``variables`` (a linen dict of collections, or an NNX ``State``).
 
-    ``y = scale (conv(x) + b − mean) / sqrt(var + ε) + bias`` becomes a conv with kernel ``w · g`` and bias
-    ``(b − mean) g + bias``, ``g = scale / sqrt(var + ε)`` (per output channel). ``epsilon``: the BatchNorm's
-    (the library's models use 1e-5).
+    ``model``/``variables``: a linen module with ``{'params': …, 'batch_stats': …}`` or an NNX ``(graphdef,
+    state)`` (an ``nnx.Module`` with ``variables=None``: its state is returned). ``x``: an example input (array
+    or ``jax.ShapeDtypeStruct`` ``(n, …)``) the graph is traced for; the result does not depend on it.
     """
-    if not isinstance(variables, dict) or "params" not in variables:
-        raise ValueError("variables: expected a dict {'params': ..., 'batch_stats': ...}")
-    return {"params": _fold(variables["params"], variables.get("batch_stats", {}), epsilon)}
+    from jaxprune.lrp.relevance import build_graph
+
+    g = build_graph(model, variables, x)
+    leaves = list(g.net.leaves)
+    env = weight_env(g, leaves)
+    for name, layer in g.layers.items():
+        bn = layer.bn
+        if bn is None:
+            continue
+        eps = float(bn["epsilon"])
+        if not 0.0 <= eps < 1.0:
+            raise ValueError(f"model: BatchNorm after layer {name!r} has epsilon={eps}; folding leaves it as the "
+                             "identity with var = 1 - epsilon, which needs 0 <= epsilon < 1")
+        w, b = graph.folded(g, layer, env)
+        kernel = leaves[layer.kernel]
+        leaves[layer.kernel] = w.astype(jnp.result_type(kernel))
+
+        def put(i: int | None, value) -> None:
+            if i is not None:
+                leaves[i] = jnp.broadcast_to(jnp.asarray(value, jnp.result_type(leaves[i])), np.shape(leaves[i]))
+
+        put(bn["mean"], 0.0)
+        put(bn["var"], 1.0 - eps)
+        put(bn["scale"], 1.0)
+        put(bn["layer_bias"], 0.0)
+        if bn["bias"] is not None:
+            put(bn["bias"], b)
+        elif bn["layer_bias"] is not None:
+            put(bn["layer_bias"], b)
+        else:
+            put(bn["mean"], -b)
+    return g.net.with_leaves(leaves)

@@ -1,16 +1,22 @@
-"""Composites: which rule each linear layer uses, chosen by layer name or kind (as zennit's composites).
+"""Composites: which rule each linear layer uses, chosen by layer path, role or kind (as zennit's composites).
 
-Lookup order for a layer: an exact ``names`` entry, then its role (``"input"`` for the first linear layer,
-``"output"`` for the last), then its kind (``"dense"`` or ``"conv"``), then ``default``.
+Layers are those of the model's graph (:mod:`jaxprune.graph`), named by module path (``"block1/conv_a"``).
+Lookup order for a layer: an exact ``names`` entry, then its role (``"input"``: a layer reading the model input,
+``graph.input_layers()``; ``"output"``: a layer producing the model's outputs, ``graph.output_layers()``; a layer
+with both roles takes the ``"input"`` rule), then its kind (``"dense"`` or ``"conv"``), then ``default``.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Mapping, Sequence
 
+from jaxprune import graph
 from jaxprune.lrp import rules as R
 
-__all__ = ["Composite", "epsilon_all", "zplus_all", "epsilon_plus", "epsilon_alpha2_beta1", "epsilon_gamma_box",
+LayerInfo = tuple[str, str, tuple[str, ...]]  # (name, kind, roles)
+
+__all__ = ["Composite", "layer_info",
+           "epsilon_all", "zplus_all", "epsilon_plus", "epsilon_alpha2_beta1", "epsilon_gamma_box",
            "epsilon_plus_flat", "PRESETS", "get"]
 
 KINDS = ("dense", "conv", "input", "output")
@@ -38,23 +44,35 @@ class Composite:
         """Build from dicts: ``Composite.of(Epsilon(), kinds={"conv": ZPlus()}, names={"dense_0": Flat()})``."""
         return cls(default, tuple((kinds or {}).items()), tuple((names or {}).items()))
 
-    def rule_for(self, name: str, kind: str, role: str | None = None) -> R.Rule:
+    def rule_for(self, name: str, kind: str, roles: Sequence[str] = ()) -> R.Rule:
+        """The rule of layer ``name`` of ``kind`` with ``roles`` (a subset of ``("input", "output")``)."""
         by_name, by_kind = dict(self.names), dict(self.kinds)
         if name in by_name:
             return by_name[name]
-        if role is not None and role in by_kind:
-            return by_kind[role]
+        for role in ("input", "output"):
+            if role in roles and role in by_kind:
+                return by_kind[role]
         return by_kind.get(kind, self.default)
 
-    def assign(self, layers: tuple[tuple[str, str], ...]) -> tuple[tuple[str, R.Rule], ...]:
-        """Rules for ``layers`` = ``((name, kind), …)`` in forward order: ``((name, rule), …)``."""
-        unknown = set(dict(self.names)) - {n for n, _ in layers}
+    def assign(self, layers: "graph.Graph | Sequence[LayerInfo]") -> tuple[tuple[str, R.Rule], ...]:
+        """Rules for the linear layers of a graph (or ``((name, kind, roles), …)`` as :func:`layer_info` gives
+        them), in forward order: ``((name, rule), …)``. A ``names`` entry matching no layer is a ValueError
+        naming it and listing the model's layers."""
+        if isinstance(layers, graph.Graph):
+            layers = layer_info(layers)
+        known = [n for n, _, _ in layers]
+        unknown = [n for n, _ in self.names if n not in known]
         if unknown:
-            raise ValueError(f"composite names {sorted(unknown)} match no linear layer; the model has "
-                             f"{[n for n, _ in layers]}")
-        last = len(layers) - 1
-        return tuple((n, self.rule_for(n, k, "input" if i == 0 else "output" if i == last else None))
-                     for i, (n, k) in enumerate(layers))
+            raise ValueError(f"composite names {unknown} match no linear layer; the model has {known}")
+        return tuple((n, self.rule_for(n, k, roles)) for n, k, roles in layers)
+
+
+def layer_info(g: graph.Graph) -> tuple[LayerInfo, ...]:
+    """``((name, kind, roles), …)`` of ``g``'s linear layers in forward order; ``roles`` holds ``"input"`` for a
+    layer reading the model input and ``"output"`` for one producing the model's outputs."""
+    ins, outs = set(g.input_layers()), set(g.output_layers())
+    return tuple((n, l.kind, tuple(r for r, s in (("input", ins), ("output", outs)) if n in s))
+                 for n, l in g.layers.items())
 
 
 def epsilon_all(epsilon: float = 1e-6) -> Composite:

@@ -1,233 +1,151 @@
-"""A functional forward over the params pytree of the library's models, and LRP relevance through it.
+"""LRP relevance of any Flax model, propagated through the model's own program (:mod:`jaxprune.graph`).
 
-:func:`program` turns a model (``MLP``, ``LeNet5``, ``ConvNet``, ``VGG``) into a tuple of steps using the fixed
-layer names of :mod:`jaxprune.models`. :func:`forward` runs those steps with an optional rule per linear layer and
-optional additive *probes* (zeros) at the hidden representations: the VJP with respect to a probe is the
-relevance (or gradient) arriving there, so one ``jax.vjp`` call returns the input relevance and the relevance of
-every hidden unit.
+:func:`relevance` builds the model's graph for ``x``'s shape (cached), assigns a rule to every linear layer with a
+composite (by path, role, kind) and replays the program with :func:`jaxprune.graph.run` in LRP mode: each layer's
+bias/BatchNorm chain is folded into it and its VJP is the rule; activations pass relevance unchanged; residual
+adds, sum/average pooling and means share it in proportion to their inputs; max pooling and reshapes keep their
+VJPs. Zero *probes* added at every non-output layer's pre-activation make one ``jax.vjp`` call return the input
+relevance and the relevance arriving at every hidden unit.
 
-Marker steps name two places per hidden layer: ``("pre", name)`` right after the linear layer (and its
-BatchNorm), before the ReLU, and ``("post", name)`` where :func:`jaxprune.models.representations` sows the
-same name (after the ReLU, or after pooling for ``pool_j`` and ``gap``).
+The jitted core takes the graph as a static argument through :class:`StaticGraph` (equal for graphs of one traced
+program, without the variables' values) and the variables' leaves as ordinary arguments, so it is compiled once
+per model, variable shapes and input shape, and works under ``jax.jit`` and ``jax.vmap``.
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import models
-from jaxprune.lrp import canonizers
+from jaxprune import graph
 from jaxprune.lrp import composites as C
 from jaxprune.lrp import rules as R
 
 Array = jax.Array
-Step = tuple
-Program = tuple[Step, ...]
 
-__all__ = ["Relevance", "program", "linear_layers", "hidden_layers", "forward", "relevance", "split_variables",
-           "canonical_params",
+__all__ = ["Relevance", "StaticGraph", "static", "build_graph", "non_output_layers", "num_classes", "relevance",
            "PROPORTIONAL_EPSILON"]
 
-PROPORTIONAL_EPSILON = 1e-9  # stabiliser of average pooling's proportional rule
+PROPORTIONAL_EPSILON = 1e-9  # stabiliser of the proportional (z-rule) redistribution of pooling, means, adds
 
 
-# ----------------------------------------------------------------------------------------------- programs
-def _hidden(name: str, relu: bool = True) -> list[Step]:
-    return [("pre", name)] + ([("relu",)] if relu else []) + [("post", name)]
-
-
-def _conv_stack(cfg, batch_norm: bool) -> list[Step]:
-    steps, i, j = [], 0, 0
-    for v in cfg:
-        if v == "M":
-            steps += [("pool", "max"), ("post", f"pool_{j}")]
-            j += 1
-            continue
-        steps.append(("conv", f"conv_{i}", "SAME"))
-        if batch_norm:
-            steps.append(("bn", f"bn_{i}"))
-        steps += _hidden(f"conv_{i}")
-        i += 1
-    return steps
-
-
-def _dense_head(widths: int, start: int = 0) -> list[Step]:
-    steps: list[Step] = [("flatten",)]
-    for j in range(widths):
-        steps.append(("dense", f"dense_{start + j}"))
-        if j < widths - 1:
-            steps += _hidden(f"dense_{start + j}")
-    return steps
-
-
-def program(model: nn.Module) -> Program:
-    """The model's forward as steps: ``("dense"|"conv", name[, padding])``, ``("bn", name)``, ``("relu",)``,
-    ``("pool", "max"|"avg")``, ``("gap",)``, ``("flatten",)``, ``("pre"|"post", name)``."""
-    if isinstance(model, models.MLP):
-        steps: list[Step] = [("flatten",)]
-        last = len(model.features) - 1
-        for i in range(len(model.features)):
-            steps.append(("dense", f"dense_{i}"))
-            if i < last:
-                steps += _hidden(f"dense_{i}", relu=i not in tuple(model.no_relu_after))
-        return tuple(steps)
-    if isinstance(model, models.LeNet5):
-        steps = []
-        for i, pad in enumerate((model.padding.upper(), "VALID")):
-            steps += [("conv", f"conv_{i}", pad), *_hidden(f"conv_{i}"), ("pool", model.pool), ("post", f"pool_{i}")]
-        return tuple(steps + _dense_head(3))
-    if isinstance(model, models.ConvNet):
-        if model.depth not in models.CONV_CFGS:
-            raise ValueError(f"model.depth={model.depth}: expected one of {tuple(models.CONV_CFGS)}")
-        dense = len(tuple(getattr(model, "hidden", (256, 256)))) + 1
-        return tuple(_conv_stack(models.CONV_CFGS[model.depth], batch_norm=False) + _dense_head(dense))
-    if isinstance(model, models.VGG):
-        return tuple(_conv_stack(model.cfg, batch_norm=True) + [("gap",), ("post", "gap"), ("dense", "dense_0")])
-    raise TypeError(f"model: LRP supports jaxprune.models.MLP, LeNet5, ConvNet and VGG; got {type(model).__name__}")
-
-
-def linear_layers(prog: Program) -> tuple[tuple[str, str], ...]:
-    """``((name, kind), …)`` of the dense/conv layers in forward order."""
-    return tuple((s[1], s[0]) for s in prog if s[0] in ("dense", "conv"))
-
-
-def hidden_layers(prog: Program) -> tuple[str, ...]:
-    """Names of the linear layers whose units can be pruned (all but the output layer)."""
-    return tuple(s[1] for s in prog if s[0] == "pre")
-
-
-# ----------------------------------------------------------------------------------------------- forward
-def _batchnorm(x: Array, p: dict, s: dict, eps: float = 1e-5) -> Array:
-    return (x - s["mean"]) / jnp.sqrt(s["var"] + eps) * p["scale"] + p["bias"]
-
-
-def forward(prog: Program, params: dict, x: Array, *, batch_stats: dict | None = None,
-            rules: dict[str, R.Rule] | None = None, probes: dict[str, Array] | None = None,
-            where: str = "post") -> tuple[Array, dict[str, Array]]:
-    """Logits and the values at the ``where`` markers (``"pre"`` or ``"post"``): ``((n, C), {name: (n, …)})``.
-
-    ``rules``: a rule per linear layer name turns the pass into an LRP pass (ReLU and average pooling switch to
-    their relevance backward too); ``None`` is the ordinary network. ``probes[name]`` is added at the marker.
-    """
-    lrp = rules is not None
-    seen: dict[str, Array] = {}
-    for step in prog:
-        kind = step[0]
-        if kind == "flatten":
-            x = x.reshape((x.shape[0], -1))
-        elif kind in ("dense", "conv"):
-            name = step[1]
-            op = R.DenseOp() if kind == "dense" else R.ConvOp(step[2])
-            p = params[name]
-            x = R.apply_linear(rules.get(name) if lrp else None, op, x, p["kernel"], p.get("bias"))
-        elif kind == "bn":
-            if step[1] in params:  # absent once canonized
-                if lrp:
-                    raise ValueError(f"params: BatchNorm {step[1]!r} must be folded before LRP "
-                                     "(jaxprune.lrp.canonizers.fold_batchnorm)")
-                x = _batchnorm(x, params[step[1]], (batch_stats or {})[step[1]])
-        elif kind == "relu":
-            x = R.relu(x) if lrp else jax.nn.relu(x)
-        elif kind == "pool":
-            if step[1] == "max":
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))  # VJP: everything to the winner
-            else:
-                x = R.proportional(R.AvgPoolOp(), PROPORTIONAL_EPSILON, x) if lrp else R.AvgPoolOp()(x)
-        elif kind == "gap":
-            x = R.proportional(R.MeanOp(), PROPORTIONAL_EPSILON, x) if lrp else R.MeanOp()(x)
-        elif kind == where:
-            if probes is not None:
-                x = x + probes[step[1]]
-            seen[step[1]] = x
-    return x, seen
-
-
-# ----------------------------------------------------------------------------------------------- relevance
 class Relevance(NamedTuple):
     """Output of :func:`relevance`."""
 
     input: Array  # (n, *x.shape[1:]) relevance of each input feature
-    layers: dict[str, Array]  # name -> (n, …) relevance at each hidden representation (post-activation/pooling)
+    layers: dict[str, Array]  # layer -> (n, …, units) relevance at its units (pre-activation), forward order
     logits: Array  # (n, C)
     target: Array  # (n,) int32 the explained class
 
 
-def split_variables(variables: Any) -> tuple[dict, dict]:
-    """``(params, batch_stats)`` from ``{'params': …, ['batch_stats': …]}`` or a bare params dict."""
-    if not isinstance(variables, dict):
-        raise TypeError(f"variables: expected a dict of params or {{'params': ...}}, got {type(variables).__name__}")
-    if "params" in variables:
-        return variables["params"], variables.get("batch_stats", {})
-    return variables, {}
+# ----------------------------------------------------------------------------------------------- graph plumbing
+@dataclasses.dataclass(frozen=True, eq=False)
+class StaticGraph:
+    """A graph as a static ``jax.jit`` argument: equal (and hashed) by its traced program, which
+    :func:`jaxprune.graph.build` shares between all graphs of one model, variable shapes and input shape. Holds
+    the graph without its variables (``net=None``): jitted functions take the leaves as arguments. The program
+    stays alive while a jit cache entry holds this object, so its ``id`` is never reused meanwhile."""
+
+    graph: graph.Graph
+
+    def __hash__(self) -> int:
+        return hash(id(self.graph.program))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StaticGraph) and other.graph.program is self.graph.program
 
 
-def canonical_params(variables: Any) -> dict:
-    """Bare params with every BatchNorm folded into its layer (unchanged if there is none)."""
-    params, stats = split_variables(variables)
-    if canonizers.batchnorm_pairs(params):
-        return canonizers.fold_batchnorm({"params": params, "batch_stats": stats})["params"]
-    return params
+def static(g: graph.Graph) -> StaticGraph:
+    """``g`` without its variables' values, as a static jit argument."""
+    return StaticGraph(dataclasses.replace(g, net=None))
 
 
-def _core(prog: Program, rules: tuple, params: dict, x: Array, target: Array) -> Relevance:
-    rule_map = dict(rules)
-    shapes = jax.eval_shape(lambda v: forward(prog, params, v, rules=None)[1], x)
-    zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()}
-    logits, vjp = jax.vjp(lambda v, p: forward(prog, params, v, rules=rule_map, probes=p)[0], x, zeros)
-    t = jnp.where(target < 0, jnp.argmax(logits, -1), target).astype(jnp.int32)
-    r_x, r_layers = vjp(jax.nn.one_hot(t, logits.shape[-1], dtype=logits.dtype) * logits)
-    return Relevance(r_x, r_layers, logits, t)
+def non_output_layers(g: graph.Graph) -> tuple[str, ...]:
+    """The linear layers whose units are not the model's outputs, in forward order (the prunable candidates the
+    criteria score, and where :func:`relevance` reports hidden relevance)."""
+    outs = set(g.output_layers())
+    return tuple(n for n in g.layers if n not in outs)
 
 
-_core_jit = jax.jit(_core, static_argnums=(0, 1))
+def _spec(x: Any) -> jax.ShapeDtypeStruct:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    return jax.ShapeDtypeStruct(tuple(np.shape(x)), jnp.result_type(x))
 
 
-@functools.lru_cache(maxsize=256)
-def _forward_error(prog: Program, tree: Any, leaves: tuple, x: jax.ShapeDtypeStruct) -> str | None:
-    """Why the forward pass fails on abstract ``params``/``x`` (first line of the error), or None (cached)."""
+def _failing_module(model: Any, variables: Any, spec: jax.ShapeDtypeStruct) -> tuple[str, tuple | None] | None:
+    """``(module path, its kernel's shape or None)`` of the innermost linen module in which the forward pass on
+    ``spec`` fails; None for NNX models (no interceptor) or when the failure is outside any submodule."""
+    import flax.linen as nn
+
     try:
-        jax.eval_shape(lambda p, v: forward(prog, p, v)[0], jax.tree_util.tree_unflatten(tree, leaves), x)
-    except (TypeError, ValueError) as e:
-        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return None
+        n = graph.net(model, variables)
+    except (TypeError, ValueError):
+        return None
+    if n.kind != "linen":
+        return None
+    stack: list[str] = []
+    failed: list[str] = []
+
+    def interceptor(f, args, kwargs, context):
+        if context.method_name != "__call__":
+            return f(*args, **kwargs)
+        stack.append("/".join(context.module.path))
+        try:
+            return f(*args, **kwargs)
+        except Exception:
+            if not failed:
+                failed.append(stack[-1])
+            raise
+        finally:
+            stack.pop()
+
+    try:
+        with nn.intercept_methods(interceptor):
+            jax.eval_shape(lambda ls, v: n.apply(ls, v), n.leaves, spec)
+    except Exception:  # the failure we are locating
+        pass
+    if not failed or not failed[0]:
+        return None
+    path = failed[0]
+    kernel = next((np.shape(a) for i, a in enumerate(n.leaves) if n.module_path(i) == path and np.ndim(a) >= 2),
+                  None)
+    return path, (tuple(kernel) if kernel is not None else None)
 
 
-def _check_forward(prog: Program, params: dict, x: Array, name: str = "x") -> None:
-    """A ValueError naming ``name`` (and what the first layer reads) unless the model's forward pass accepts
-    ``x``'s shape — instead of a deep JAX shape error from inside the jitted pass. Works on tracers."""
-    leaves, tree = jax.tree_util.tree_flatten(params)
-    spec = tuple(jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in leaves)
-    err = _forward_error(prog, tree, spec, jax.ShapeDtypeStruct(x.shape, x.dtype))
-    if err is not None:
-        first, kind = linear_layers(prog)[0]
-        k = params[first]["kernel"]
-        reads = (f"NHWC input with {k.shape[-2]} channels" if kind == "conv" else
-                 f"{k.shape[0]} features per example after flattening")
-        raise ValueError(f"{name}: shape {tuple(x.shape)} does not match the model's input (first layer {first!r}: "
-                         f"kernel {tuple(k.shape)}, {reads}); the forward pass fails with: {err}")
+def build_graph(model: Any, variables: Any, x: Any, *, name: str = "x") -> graph.Graph:
+    """:func:`jaxprune.graph.build` with errors that name the argument: ``name`` (``x: shape … does not match the
+    model's input``, with the linen layer the forward pass fails in and its kernel shape) or ``variables`` (a
+    collection the model needs is missing, e.g. ``batch_stats``). ``x``: an array or ``jax.ShapeDtypeStruct``."""
+    spec = _spec(x)
+    try:
+        return graph.build(model, variables, spec)
+    except ValueError as e:
+        if not str(e).startswith("x:"):
+            raise
+        cause = e.__cause__ if e.__cause__ is not None else e
+        msg = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        import flax.errors
+
+        if isinstance(cause, flax.errors.ScopeCollectionNotFound):
+            raise ValueError(f"variables: the model needs a collection the variables lack (pass the full "
+                             f"variables, e.g. {{'params': ..., 'batch_stats': ...}}): {msg}") from cause
+        where = _failing_module(model, variables, spec)
+        at = ""
+        if where is not None:
+            path, kernel = where
+            at = f" (the forward pass fails in layer {path!r}" + (f", kernel {kernel}" if kernel else "") + ")"
+        raise ValueError(f"{name}: shape {tuple(spec.shape)} does not match the model's input{at}; the forward "
+                         f"pass fails with: {msg}") from cause
 
 
-def _check_rules(rules: tuple[tuple[str, R.Rule], ...], params: dict) -> None:
-    """ZBox bounds must broadcast against their layer's input: a float, or one value per input channel."""
-    for name, rule in rules:
-        if isinstance(rule, R.ZBox):
-            c = int(params[name]["kernel"].shape[-2])  # dense (in, out): in; conv HWIO: input channels
-            for bound in ("low", "high"):
-                value = getattr(rule, bound)
-                if np.shape(value) not in ((), (1,), (c,)):
-                    raise ValueError(f"composite: ZBox {bound}={value!r} on layer {name!r}: expected a float or {c} "
-                                     f"per-channel values (the last axis of the input to {name!r})")
-
-
-def _check_inputs(prog: Program, params: dict, x: Any, target: Any) -> tuple[Array, Array]:
-    """Shape/dtype of ``x`` and ``target``, the target's class range, and that a concrete ``x`` is finite (NaN or
-    ±Inf would only come back as NaN relevance). The value checks need concrete arrays: under ``jax.jit`` /
-    ``jax.vmap`` (a traced ``x`` or ``target``) they are skipped and a non-finite ``x`` gives NaN relevance."""
+# ----------------------------------------------------------------------------------------------- checks
+def _check_x(x: Any) -> Array:
+    """A float batch ``(n, …)``; a concrete ``x`` must be finite (NaN or ±Inf would only come back as NaN
+    relevance). Under ``jax.jit`` / ``jax.vmap`` (a traced ``x``) the value check is skipped."""
     x = jnp.asarray(x)
     if x.ndim < 2 or not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"x: expected a float batch (n, …) like the model's inputs, got shape {x.shape} "
@@ -238,38 +156,94 @@ def _check_inputs(prog: Program, params: dict, x: Any, target: Any) -> tuple[Arr
         first = tuple(int(i) for i in np.argwhere(bad)[0])
         raise ValueError(f"x: expected finite values, got {int(bad.sum())} NaN/Inf entries (first at index "
                          f"{first}: {host[first]}); LRP of a non-finite input is NaN")
-    _check_forward(prog, params, x)
-    n = x.shape[0]
+    return x
+
+
+def num_classes(g: graph.Graph) -> int:
+    """Classes of a model returning logits ``(n, C)``; a ValueError naming ``model`` for any other output."""
+    prog = g.program
+    outs = [o for o in prog.out_ids]
+    shape = prog.shapes.get(outs[0]) if len(outs) == 1 and isinstance(outs[0], int) else None
+    if shape is None or len(shape) != 2:
+        got = [prog.shapes.get(o) if isinstance(o, int) else "a constant" for o in outs]
+        raise ValueError(f"model: expected it to return logits (n, classes), got outputs of shapes {got}")
+    return int(shape[-1])
+
+
+def _check_target(g: graph.Graph, n: int, target: Any) -> Array:
+    """``(n,)`` int32 class indices (-1: the predicted class) from None, an int or ``(n,)`` ints."""
     if target is None:
-        return x, jnp.full((n,), -1, jnp.int32)
+        return jnp.full((n,), -1, jnp.int32)
     t = jnp.asarray(target)
     if t.ndim == 0:
         t = jnp.full((n,), t)
     if t.shape != (n,) or not jnp.issubdtype(t.dtype, jnp.integer):
         raise ValueError(f"target: expected None, an int, or int class indices of shape ({n},), got shape "
                          f"{t.shape} dtype {t.dtype}")
-    out_name = linear_layers(prog)[-1][0]
-    classes = params[out_name]["kernel"].shape[-1]
+    classes = num_classes(g)
     if not isinstance(t, jax.core.Tracer) and (np.any(np.asarray(t) < 0) or np.any(np.asarray(t) >= classes)):
         raise ValueError(f"target: class indices must lie in [0, {classes})")
-    return x, t.astype(jnp.int32)
+    return t.astype(jnp.int32)
 
 
-def relevance(model: nn.Module, variables: Any, x: Any, *, composite: C.Composite | R.Rule | str,
+def _check_rules(g: graph.Graph, rules: tuple[tuple[str, R.Rule], ...]) -> None:
+    """ZBox bounds must broadcast against their layer's input: a float, or one value per input channel."""
+    for name, rule in rules:
+        if isinstance(rule, R.ZBox):
+            layer = g.layers[name]
+            c = int(np.shape(g.net.leaves[layer.kernel])[layer.in_axis])
+            for bound in ("low", "high"):
+                value = getattr(rule, bound)
+                if np.shape(value) not in ((), (1,), (c,)):
+                    raise ValueError(f"composite: ZBox {bound}={value!r} on layer {name!r}: expected a float or {c} "
+                                     f"per-channel values (the last axis of the input to {name!r})")
+
+
+# ----------------------------------------------------------------------------------------------- relevance
+def _core(sg: StaticGraph, rules: tuple, layers: tuple[str, ...], leaves: list, x: Array,
+          target: Array) -> Relevance:
+    g = sg.graph
+    rule_map = dict(rules)
+    shapes = jax.eval_shape(lambda v: graph.run(g, leaves, v)[1], x)
+    zeros = {k: jnp.zeros(shapes[k].shape, shapes[k].dtype) for k in layers}
+
+    def f(v, p):
+        return graph.run(g, leaves, v, rules=rule_map, probes=p, lrp_epsilon=PROPORTIONAL_EPSILON)[0]
+
+    logits, vjp = jax.vjp(f, x, zeros)
+    t = jnp.where(target < 0, jnp.argmax(logits, -1), target).astype(jnp.int32)
+    r_x, r_layers = vjp(jax.nn.one_hot(t, logits.shape[-1], dtype=logits.dtype) * logits)
+    return Relevance(r_x, r_layers, logits, t)
+
+
+_core_jit = jax.jit(_core, static_argnums=(0, 1, 2))
+
+
+def relevance(model: Any, variables: Any, x: Any, *, composite: C.Composite | R.Rule | str,
               target: Any = None) -> Relevance:
     """LRP of ``model`` at ``x: (n, …)`` for class ``target: (n,) int`` (default: the predicted class).
 
-    The output relevance is the target logit (all other logits zero). ``variables``: ``{'params': …,
-    ['batch_stats': …]}`` or bare params; BatchNorm is folded into the preceding layer first. ``composite``:
-    a :class:`~jaxprune.lrp.composites.Composite`, one rule for every layer, or a preset name. Jitted; works
-    under ``jax.jit`` and ``jax.vmap`` (map over a per-sample batch of one). A concrete ``x`` holding NaN or
-    ±Inf is a ValueError naming ``x``; under ``jax.jit`` / ``jax.vmap`` that value check (like the target's
-    class range) is skipped and a non-finite ``x`` gives NaN relevance.
+    ``model``/``variables``: a ``flax.linen.Module`` with ``{'params': …, ['batch_stats': …]}``, or an NNX model
+    as ``nnx.split`` gives it (``(graphdef, state)``; an ``nnx.Module`` with ``variables=None`` is split here).
+    The model must return logits ``(n, C)``; the output relevance is the target logit (all other logits zero).
+    BatchNorm and biases are folded into their layer inside the pass (the variables are not changed).
+    ``composite``: a :class:`~jaxprune.lrp.composites.Composite`, one rule for every layer, or a preset name.
+
+    Returns :class:`Relevance`: ``input`` like ``x``; ``layers[name]: (n, …, units)`` the relevance arriving at
+    each non-output linear layer's pre-activation (ReLU passes relevance through, so it is also the relevance of
+    the activation). Jitted; works under ``jax.jit`` and ``jax.vmap`` (map over a per-sample batch of one). A
+    concrete ``x`` holding NaN or ±Inf is a ValueError naming ``x``; under ``jax.jit`` / ``jax.vmap`` that value
+    check (like the target's class range) is skipped and a non-finite ``x`` gives NaN relevance. An operation LRP
+    cannot follow (a product of two activations, a softmax inside the net) raises
+    :class:`jaxprune.graph.UnsupportedError` naming it and the layer before it.
     """
-    prog = program(model)
     comp = C.get(composite)
-    rules = comp.assign(linear_layers(prog))
-    params = canonical_params(variables)
-    x, t = _check_inputs(prog, params, x, target)
-    _check_rules(rules, params)
-    return _core_jit(prog, rules, params, x, t)
+    x = _check_x(x)
+    g = build_graph(model, variables, x)
+    num_classes(g)
+    rules = comp.assign(g)
+    _check_rules(g, rules)
+    t = _check_target(g, x.shape[0], target)
+    layers = non_output_layers(g)
+    rel = _core_jit(static(g), rules, layers, list(g.net.leaves), x, t)
+    return rel._replace(layers={k: rel.layers[k] for k in layers})
