@@ -19,7 +19,7 @@ The gradients are taken with zero probes added there while the model's own progr
 
 ``weight`` needs no data, but the graph (which layers exist, which is the output) is traced for an input shape:
 pass ``x`` (an array, a ``jax.ShapeDtypeStruct`` or a shape tuple); without it the shape is inferred from the
-kernels (:func:`example_input`).
+kernels (:func:`jaxprune.graph.example_input`).
 """
 from __future__ import annotations
 
@@ -37,12 +37,10 @@ from jaxprune.lrp.relevance import build_graph, non_output_layers, num_classes, 
 Array = jax.Array
 Scores = dict[str, Array]
 
-__all__ = ["CRITERIA", "NORMS", "scores", "weight", "grad", "taylor", "lrp_scores", "normalize", "global_keep",
-           "example_input"]
+__all__ = ["CRITERIA", "NORMS", "scores", "weight", "grad", "taylor", "lrp_scores", "normalize", "global_keep"]
 
 CRITERIA = ("weight", "grad", "taylor", "lrp")
 NORMS = {"weight": "l1", "grad": "l2", "taylor": "l2", "lrp": "l1"}  # Yeom et al.'s per-layer normalisations
-SEARCH_SIDES = tuple(range(1, 65)) + (96, 112, 128, 192, 224, 256)  # square input sides tried by example_input
 
 
 def normalize(values: Array, norm: str, *, name: str = "values") -> Array:
@@ -88,41 +86,6 @@ def _check_batch(model: Any, variables: Any, x: Any, y: Any) -> tuple[graph.Grap
 
 
 # ----------------------------------------------------------------------------------------------- weight
-def _as_spec(x: Any) -> jax.ShapeDtypeStruct:
-    if isinstance(x, jax.ShapeDtypeStruct):
-        return x
-    if isinstance(x, (tuple, list)) and all(isinstance(d, (int, np.integer)) for d in x):
-        return jax.ShapeDtypeStruct(tuple(int(d) for d in x), jnp.float32)
-    return jax.ShapeDtypeStruct(tuple(np.shape(x)), jnp.result_type(x))
-
-
-def example_input(model: Any, variables: Any) -> jax.ShapeDtypeStruct:
-    """An input shape ``(1, …)`` float32 the model runs on, inferred from its kernels (for :func:`weight`, whose
-    scores do not depend on it): each 2-D leaf ``(d_in, d_out)`` proposes ``(1, d_in)``; each leaf of rank
-    ``k ≥ 3`` (a channel-last conv kernel ``(*window, c_in, c_out)``) proposes square inputs ``(1, s, …, s, c_in)``
-    with ``k − 2`` spatial axes, ``s`` in :data:`SEARCH_SIDES` (shape-only traces; the first that runs wins). A
-    ValueError naming ``x`` when none runs (pass ``x`` then)."""
-    n = graph.net(model, variables)
-    dense, conv = [], []
-    for a in n.leaves:
-        shp = tuple(np.shape(a))
-        if len(shp) == 2 and (1, shp[0]) not in dense:
-            dense.append((1, shp[0]))
-        elif len(shp) >= 3 and (len(shp) - 2, shp[-2]) not in conv:
-            conv.append((len(shp) - 2, shp[-2]))
-    tried = [*dense, *[(1, *(s,) * d, c) for d, c in conv for s in SEARCH_SIDES]]
-    for shape in tried:
-        spec = jax.ShapeDtypeStruct(shape, jnp.float32)
-        try:
-            graph.build(model, variables, spec)
-        except (ValueError, TypeError):
-            continue
-        return spec
-    raise ValueError("x: cannot infer an input shape the model runs on from its kernels (tried dense inputs "
-                     f"{dense} and square conv inputs of sides {SEARCH_SIDES[0]}..{SEARCH_SIDES[-1]}); pass x "
-                     "(an example batch, a jax.ShapeDtypeStruct or a shape tuple)")
-
-
 def _incoming_l1(kernel: Array, out_axis: int) -> Array:
     """``Σ |w|`` over every kernel axis but ``out_axis``: ``(units,)``."""
     k = jnp.moveaxis(jnp.asarray(kernel), out_axis, 0)
@@ -132,8 +95,8 @@ def _incoming_l1(kernel: Array, out_axis: int) -> Array:
 def weight(model: Any, variables: Any, x: Any = None, *, norm: str | None = "l1") -> Scores:
     """Incoming-weight L1 norm per unit of each non-output layer, from its kernel leaf along its output axis
     (dense ``(in, out)`` → ``(out,)``, conv ``(kh, kw, cin, cout)`` → ``(cout,)``). ``x``: an example input (array,
-    ``jax.ShapeDtypeStruct`` or shape tuple) to trace the graph for; inferred when None (:func:`example_input`)."""
-    spec = example_input(model, variables) if x is None else _as_spec(x)
+    ``jax.ShapeDtypeStruct`` or shape tuple) to trace the graph for; inferred when None (:func:`jaxprune.graph.example_input`)."""
+    spec = graph.example_input(model, variables, x)
     g = build_graph(model, variables, spec)
     layers = non_output_layers(g)
     leaves = g.net.leaves

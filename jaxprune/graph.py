@@ -1331,14 +1331,14 @@ def count_macs(g: Graph) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------------------------- example inputs
-_SIDES = (28, 32, 8, 16, 24, 12, 6, 64, 224, 4, 2, 1)
+_SIDES = (28, 32) + tuple(s for s in range(1, 65) if s not in (28, 32)) + (96, 112, 128, 192, 224, 256)
 
 
 def example_input(model: Any, variables: Any, x: Any = None) -> jax.ShapeDtypeStruct:
     """``x`` as a ``ShapeDtypeStruct`` (an array, a shape tuple or a struct), or, when ``None``, an input shape the
     model accepts, inferred from its variables: ``(1, d)`` for each dense kernel's input size ``d``, then
-    ``(1, s, s, c)`` for each conv kernel's input channels ``c`` and a few common sides ``s`` (28, 32, …) — the
-    first that ``apply`` runs on. Pass ``x`` (or its shape) whenever the model's input size matters (FLOPs, or a
+    ``(1, s, …, s, c)`` for each conv kernel's input channels ``c`` and square sides ``s`` (28, 32, then 1–64,
+    96 … 256) — the first that ``apply`` runs on (shape-only traces). Pass ``x`` (or its shape) whenever the model's input size matters (FLOPs, or a
     model whose layer sizes depend on the image size beyond these sides)."""
     if x is not None:
         if isinstance(x, jax.ShapeDtypeStruct):
@@ -1359,8 +1359,8 @@ def example_input(model: Any, variables: Any, x: Any = None) -> jax.ShapeDtypeSt
         shp = np.shape(a)
         if len(shp) == 2:
             cands.append((1, int(shp[0])))
-        elif len(shp) == 4:
-            cands += [(1, s, s, int(shp[2])) for s in _SIDES]
+        elif len(shp) >= 3:  # a channel-last conv kernel (*window, c_in, c_out): square inputs of each side
+            cands += [(1, *(s,) * (len(shp) - 2), int(shp[-2])) for s in _SIDES]
     specs = [_spec(a) for a in n.leaves]
     first = None
     for c in dict.fromkeys(cands):
