@@ -24,9 +24,9 @@ Rules are frozen dataclasses (hashable, so they are static under ``jit``):
 * :class:`ZBox` — ``c = x w − l w⁺ − h w⁻`` for inputs bounded by ``l ≤ x ≤ h`` (the first layer).
 
 ``(x w)⁺`` means ``x⁺ w⁺ + x⁻ w⁻`` (the positive part of each product), so the rules also hold for signed inputs.
-Weight-free linear maps (average pooling, global average pooling) redistribute in proportion to contributions
-(:func:`proportional`); max pooling needs no rule (its gradient already sends everything to the winner); ReLU passes
-relevance unchanged (:func:`relu`).
+Everything between linear layers (activations, pooling, residual adds) is handled where the model's graph is
+replayed (:func:`jaxprune.graph.run`): weight-free linear maps share relevance in proportion to their inputs, max
+pooling keeps its gradient (everything to the winner), activations pass relevance unchanged.
 """
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ from jax import lax
 Array = jax.Array
 Op = Callable[[Array, Array], Array]
 
-__all__ = ["DenseOp", "ConvOp", "AvgPoolOp", "MeanOp", "Rule", "Epsilon", "ZPlus", "AlphaBeta", "Gamma", "Flat",
-           "WSquare", "ZBox", "ALPHA2_BETA1", "ALPHA1_BETA0", "linear", "apply_linear", "proportional", "relu",
+__all__ = ["DenseOp", "ConvOp", "Rule", "Epsilon", "ZPlus", "AlphaBeta", "Gamma", "Flat",
+           "WSquare", "ZBox", "ALPHA2_BETA1", "ALPHA1_BETA0", "linear", "apply_linear",
            "stabilize", "safe_divide"]
 
 
@@ -66,26 +66,6 @@ class ConvOp:
     def __call__(self, x: Array, w: Array) -> Array:
         return lax.conv_general_dilated(x, w, self.strides, self.padding,
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@dataclasses.dataclass(frozen=True)
-class AvgPoolOp:
-    """Non-overlapping-or-not average pooling over H, W: ``(n, h, w, c) -> (n, h', w', c)``."""
-
-    window: tuple[int, int] = (2, 2)
-    strides: tuple[int, int] = (2, 2)
-
-    def __call__(self, x: Array) -> Array:
-        dims, strides = (1, *self.window, 1), (1, *self.strides, 1)
-        return lax.reduce_window(x, 0.0, lax.add, dims, strides, "VALID") / (self.window[0] * self.window[1])
-
-
-@dataclasses.dataclass(frozen=True)
-class MeanOp:
-    """Global average pooling ``(n, h, w, c) -> (n, c)``."""
-
-    def __call__(self, x: Array) -> Array:
-        return jnp.mean(x, axis=(1, 2))
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -295,30 +275,3 @@ def apply_linear(rule: Rule | None, op: Op, x: Array, w: Array, b: Array | None)
     """The layer under ``rule``; ``rule=None`` is the plain layer (ordinary gradients)."""
     b = jnp.zeros((w.shape[-1],), x.dtype) if b is None else b
     return op(x, w) + b if rule is None else linear(rule, op, x, w, b)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def proportional(f: Callable[[Array], Array], epsilon: float, x: Array) -> Array:
-    """A weight-free linear map ``f`` (average pooling) whose VJP shares relevance in proportion to ``x``."""
-    return f(x)
-
-
-def _prop_fwd(f, epsilon, x):
-    return f(x), x
-
-
-def _prop_bwd(f, epsilon, x, r):
-    s = safe_divide(r, stabilize(f(x), epsilon))
-    return (x * jax.vjp(f, x)[1](s)[0],)
-
-
-proportional.defvjp(_prop_fwd, _prop_bwd)
-
-
-@jax.custom_vjp
-def relu(x: Array) -> Array:
-    """ReLU whose VJP passes relevance through unchanged."""
-    return jnp.maximum(x, 0)
-
-
-relu.defvjp(lambda x: (jnp.maximum(x, 0), None), lambda _, r: (r,))
