@@ -26,15 +26,25 @@ Replicas (``Task.num_replicas = K > 1``): seeds ``seed, seed+1, …, seed+K-1`` 
 the run with seed ``seed + r``. Checkpoints hold the stacked trees (a leading K axis on every leaf); a level record
 holds the mean over replicas under the usual keys, ``<key>_std`` (sample standard deviation) and the per-replica
 records under ``replicas``. ``Task.mesh``: train data-parallel over that mesh (:mod:`jaxprune.distributed`).
+
+IMP in your own loop: the pieces :func:`capture` (a rewind point, or a level's trained state),
+:func:`prune_and_rewind` / :func:`start_level` (each ``rewind`` mode), :func:`random_mask_branch` and
+:func:`reinit_branch` are pure functions of (params, optimizer state, mask, key) for any params pytree and any
+optax optimizer wrapped in :func:`jaxprune.masks.masked`; :func:`run` is their orchestrator (checkpoints, level
+records). A :class:`Task` takes a :class:`jaxprune.train.OptimConfig` or any optax ``GradientTransformation``
+(``lr`` rewinding then re-``init``s it: its step count, hence its schedule, restarts), any ``loss(logits,
+labels)``, models with or without a ``train`` argument, and batches from an iterator (``train_batches``) as well
+as in-memory arrays; ``workdir=None`` runs in memory without checkpoints.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import flax.linen as nn
 import jax
@@ -89,23 +99,41 @@ class ImpConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """Everything a level's training needs: the model, data (device arrays) and the training recipe."""
+    """Everything a level's training needs: the model, data and the training recipe.
+
+    Data: in-memory device arrays ``x_train, y_train`` (shuffled per epoch, ``batch_size`` examples a step), or
+    ``train_batches(start_step)``: a callable returning an iterable of ``(x, y)`` batches for the steps
+    ``start_step, start_step + 1, …`` (called once per training run: a level, a branch; step rewinding starts
+    at ``rewind_step``), e.g. a generator or a tf.data / grain pipeline yielding numpy arrays. Test data:
+    ``x_test, y_test`` or ``test_batches()`` (an iterable of ``(x, y)``).
+    ``optim``: a :class:`jaxprune.train.OptimConfig` or any optax ``GradientTransformation`` (not wrapped in
+    :func:`jaxprune.masks.masked`: IMP wraps it); with the latter ``rewind="finetune"`` needs ``finetune_optim``
+    (the optimizer of the fine-tuning runs, with the same state structure, e.g. the same optimizer at a
+    constant learning rate). ``loss(logits, labels) -> scalar``: the mean training loss of a batch (default
+    softmax cross-entropy with integer labels); accuracy is ``argmax(logits) == labels``. Models whose
+    ``__call__`` has no ``train`` argument are called without one. Iterator batches, custom losses and models
+    without ``train`` need ``num_replicas=1`` (iterator batches also ``mesh=None``).
+    """
 
     model: nn.Module
-    x_train: jax.Array
-    y_train: jax.Array
-    x_test: jax.Array
-    y_test: jax.Array
-    optim: train.OptimConfig
-    num_steps: int
-    batch_size: int
+    x_train: jax.Array | None = None
+    y_train: jax.Array | None = None
+    x_test: jax.Array | None = None
+    y_test: jax.Array | None = None
+    optim: train.OptimConfig | optax.GradientTransformation | None = None
+    num_steps: int | None = None
+    batch_size: int | None = None  # in-memory training data only
     seed: int = 0
     loop: str = "auto"
-    eval_every_epoch: bool = False
+    eval_every_epoch: bool = False  # iterator batches: every log_every (100) steps
     num_replicas: int = 1  # K seeds (seed, seed+1, …) trained as one vmapped program
     replica_layout: str = "vmap"  # see jaxprune.replicas.LAYOUTS
     mesh: Any = None  # jax.sharding.Mesh for data-parallel training (None: the default device)
     augment: str = "none"  # training-batch augmentation, a name of jaxprune.augment.NAMES
+    loss: Callable[[jax.Array, jax.Array], jax.Array] | None = None  # None: softmax cross-entropy
+    train_batches: Callable[[int], Iterable] | None = None  # start step -> (x, y) batches from that step on
+    test_batches: Callable[[], Iterable] | None = None  # -> (x, y) batches of the test set
+    finetune_optim: optax.GradientTransformation | None = None  # rewind="finetune" with an optax optim
 
     def __post_init__(self):
         augmentation.by_name(self.augment)  # refuses unknown names
@@ -113,14 +141,69 @@ class Task:
             raise ValueError(f"num_replicas={self.num_replicas!r}: expected an integer >= 1")
         if self.replica_layout not in replicas.LAYOUTS:
             raise ValueError(f"replica_layout={self.replica_layout!r}: expected one of {replicas.LAYOUTS}")
+        if not isinstance(self.optim, (train.OptimConfig, optax.GradientTransformation)):
+            raise ValueError(f"optim={self.optim!r}: expected a jaxprune.train.OptimConfig or an optax "
+                             "GradientTransformation (e.g. optax.adamw(1e-3))")
+        if self.finetune_optim is not None and (isinstance(self.optim, train.OptimConfig) or not isinstance(
+                self.finetune_optim, optax.GradientTransformation)):
+            raise ValueError("finetune_optim: expected an optax GradientTransformation beside an optax optim (an "
+                             "OptimConfig fine-tunes at ImpConfig.finetune_lr)")
+        if not (isinstance(self.num_steps, (int, np.integer)) and self.num_steps >= 1):
+            raise ValueError(f"num_steps={self.num_steps!r}: expected an integer >= 1 (training steps per level)")
+        if self.train_batches is None:
+            if self.x_train is None or self.y_train is None or self.batch_size is None:
+                raise ValueError("expected training data: x_train, y_train and batch_size, or train_batches")
+        else:
+            if self.x_train is not None or self.y_train is not None:
+                raise ValueError("train_batches and x_train/y_train: expected one source of training data")
+            if self.num_replicas != 1 or self.mesh is not None:
+                raise ValueError("train_batches: expected num_replicas=1 and mesh=None (replicas and data "
+                                 "parallelism need in-memory arrays)")
+        if self.test_batches is None and (self.x_test is None or self.y_test is None):
+            raise ValueError("expected test data: x_test and y_test, or test_batches")
+        if self.num_replicas != 1 and (self.loss is not None or not _takes_train(self.model)):
+            raise ValueError(f"num_replicas={self.num_replicas}: a custom loss or a model without a train argument "
+                             "needs num_replicas=1")
+
+
+def _takes_train(model: nn.Module) -> bool:
+    """Whether ``model.__call__`` accepts ``train=`` (a parameter of that name, or ``**kwargs``)."""
+    try:
+        params = inspect.signature(type(model).__call__).parameters
+    except (TypeError, ValueError):
+        return True
+    return "train" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _input_shape(task: Task) -> tuple:
+    """The training inputs' shape: ``x_train``'s, else the first batch's of ``train_batches(0)``."""
+    if task.x_train is not None:
+        return tuple(task.x_train.shape)
+    first = next(iter(task.train_batches(0)), None)
+    if first is None:
+        raise ValueError("train_batches(0) yielded no batch")
+    return tuple(np.shape(first[0]))
+
+
+def init_variables(task: Task, key: jax.Array) -> dict:
+    """The model's variables ``{'params', ['batch_stats']}`` from ``key`` (:func:`jaxprune.models.init` for
+    models with a ``train`` argument)."""
+    shape = _input_shape(task)
+    if _takes_train(task.model):
+        return models.init(task.model, key, shape)
+    x = jnp.zeros((1,) + shape[1:], jnp.float32)
+    variables = task.model.init({"params": key, "dropout": key}, x)
+    return {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
 
 
 def expected_density(level: int, fraction: float) -> float:
     return (1.0 - fraction) ** level
 
 
-class _Keys:
-    """Every random stream, derived from the seed alone (resume-safe)."""
+class Keys:
+    """Every random stream of :func:`run`, derived from the seed alone (resume-safe): ``init`` (the model's
+    initial weights), ``data`` (data order, dropout, augmentation), ``reinit(level)`` and ``random_mask(level)``
+    (the control branches)."""
 
     def __init__(self, seed: int):
         root = jax.random.PRNGKey(seed)
@@ -131,6 +214,9 @@ class _Keys:
 
     def random_mask(self, level: int) -> jax.Array:
         return jax.random.fold_in(self.branch, 2 * level + 1)
+
+
+_Keys = Keys  # the former private name
 
 
 class _Rep:
@@ -156,40 +242,84 @@ class _Rep:
         return tree if self.k == 1 else replicas.index(tree, 0)
 
 
-def _make_trainer(task: Task, tx: optax.GradientTransformation) -> train.Trainer:
-    aug = augmentation.by_name(task.augment)
-    if task.num_replicas == 1:
-        return train.make_trainer(task.model, tx, task.mesh, aug)
-    return replicas.make_trainer(task.model, tx, task.num_replicas, task.mesh, task.replica_layout, aug)
+# ------------------------------------------------------------------------------------------- pure pieces
+# IMP as functions of (params, optimizer state, mask, key) for any params pytree and any optax optimizer ``tx``
+# wrapped in ``masks.masked`` (the mask lives in its state, so one compiled step serves every level). States are
+# ``train.TrainState(step, params, batch_stats, opt_state)`` (``batch_stats={}`` for models without BatchNorm);
+# :func:`capture` builds one from a loop's variables. :func:`start_level`, :func:`reinit_branch` and
+# :func:`fresh_state` are jnp-only (jit/vmap-able); :func:`prune_and_rewind` ranks with masks.magnitude_prune
+# (jittable where that is), :func:`random_mask_branch` with masks.random_like (host-side).
 
 
-class _Setup:
-    """Optimizers and compiled trainers for a task, built once and shared by all levels.
+def capture(params: PyTree, opt_state: PyTree, step: int | jax.Array = 0,
+            batch_stats: PyTree | None = None) -> train.TrainState:
+    """A training state for the pieces below: the rewind point (the state at step ``k``: 0 for ``rewind="init"``,
+    ``rewind_step`` for ``"step"``), or a level's trained state. The arrays are copied, so a train step that
+    donates its input buffers cannot invalidate the point."""
+    copy = lambda t: jax.tree_util.tree_map(jnp.copy, t)
+    return train.TrainState(jnp.asarray(step, jnp.int32), copy(params), copy({} if batch_stats is None else
+                                                                             batch_stats), copy(opt_state))
 
-    ``finetune_lr``: the constant learning rate of ``rewind="finetune"`` (None: the schedule's final one)."""
 
-    def __init__(self, task: Task, keys: _Keys | None = None, finetune_lr: float | None = None):
-        self.task = task
-        self.rep = _Rep(task.seed, task.num_replicas)
-        self.schedule = train.make_schedule(task.optim, task.num_steps)
-        self.tx = masks.masked(train.make_optimizer(task.optim, self.schedule))
-        self.finetune_lr = float(self.schedule(task.num_steps) if finetune_lr is None else finetune_lr)
-        self.tx_finetune = masks.masked(train.make_optimizer(task.optim,
-                                                             optax.constant_schedule(self.finetune_lr)))
-        self.trainer = _make_trainer(task, self.tx)
-        self._trainer_ft = None
-        self.init_variables = self.rep.seeded(lambda s: models.init(task.model, _Keys(s).init, task.x_train.shape))
+def fresh_state(tx: optax.GradientTransformation, params: PyTree, mask: PyTree,
+                batch_stats: PyTree | None = None) -> train.TrainState:
+    """``params`` (masked) with a fresh ``tx.init`` holding ``mask``, at step 0: the optimizer's step counts,
+    hence its schedule (and ``optax.inject_hyperparams`` values), start over."""
+    st = train.create_state({"params": params, "batch_stats": {} if batch_stats is None else batch_stats}, tx)
+    return st._replace(params=masks.apply_mask(st.params, mask), opt_state=masks.with_mask(tx, st.opt_state, mask))
 
-    def trainer_for(self, rewind: str) -> tuple[train.Trainer, optax.GradientTransformation]:
-        if rewind == "finetune":
-            if self._trainer_ft is None:
-                self._trainer_ft = _make_trainer(self.task, self.tx_finetune)
-            return self._trainer_ft, self.tx_finetune
-        return self.trainer, self.tx
 
-    def fresh(self, variables: dict, mask: PyTree, tx: optax.GradientTransformation) -> train.TrainState:
-        st = train.create_state(variables, tx)
-        return st._replace(params=masks.apply_mask(st.params, mask), opt_state=masks.with_mask(tx, st.opt_state, mask))
+def _masked_state(tx, st: train.TrainState, mask: PyTree, step: int | None = None) -> train.TrainState:
+    return train.TrainState(st.step if step is None else jnp.asarray(step, jnp.int32),
+                            masks.apply_mask(st.params, mask), st.batch_stats, masks.with_mask(tx, st.opt_state, mask))
+
+
+def start_level(tx: optax.GradientTransformation, rewind: str, mask: PyTree, trained: train.TrainState,
+                point: train.TrainState) -> train.TrainState:
+    """Where a pruned level with ``mask`` starts training, from the previous level's ``trained`` state and the
+    rewind ``point`` (:func:`capture`):
+
+    * ``init`` / ``step`` — ``point``'s weights, optimizer state and step (pruned entries zeroed);
+    * ``lr``       — ``trained``'s surviving weights, a fresh ``tx.init`` at step 0 (the whole schedule again);
+    * ``finetune`` — ``trained``'s weights and optimizer state, step 0 (``tx``: the fine-tuning optimizer).
+
+    Train it to the level's end (``num_steps``); ``step`` levels run ``num_steps - k`` steps."""
+    if rewind not in REWINDS:
+        raise ValueError(f"rewind={rewind!r}: expected one of {REWINDS}")
+    if rewind in ("init", "step"):
+        return _masked_state(tx, point, mask)
+    if rewind == "lr":
+        return fresh_state(tx, trained.params, mask, trained.batch_stats)
+    return _masked_state(tx, trained, mask, step=0)
+
+
+def prune_and_rewind(tx: optax.GradientTransformation, rewind: str, trained: train.TrainState,
+                     point: train.TrainState, mask: PyTree, prunable: PyTree, fraction: float,
+                     scope: str = "global") -> tuple[train.TrainState, PyTree]:
+    """One IMP level: prune ``fraction`` of the remaining prunable weights of ``trained`` by magnitude
+    (:func:`jaxprune.masks.magnitude_prune`), then :func:`start_level`. Returns ``(start, new_mask)``."""
+    new = masks.magnitude_prune(trained.params, mask, prunable, fraction, scope)
+    return start_level(tx, rewind, new, trained, point), new
+
+
+def random_mask_branch(key: jax.Array, tx: optax.GradientTransformation, rewind: str, mask: PyTree,
+                       prunable: PyTree, trained: train.TrainState,
+                       point: train.TrainState) -> tuple[train.TrainState, PyTree]:
+    """The random-mask control: the level's per-layer densities at random positions
+    (:func:`jaxprune.masks.random_like`), from the level's start point. Returns ``(start, branch_mask)``."""
+    bmask = masks.random_like(key, mask, prunable)
+    return start_level(tx, rewind, bmask, trained, point), bmask
+
+
+def reinit_branch(tx: optax.GradientTransformation, rewind: str, mask: PyTree, point: train.TrainState,
+                  params: PyTree, batch_stats: PyTree | None = None) -> train.TrainState:
+    """The reinit control: the level's ``mask`` on fresh weights ``params`` (e.g. the model initialised from
+    another key), a fresh optimizer; under ``rewind="step"`` at ``point``'s step and schedule position (fresh
+    moments, ``point``'s step counts), as the main branch."""
+    fresh = fresh_state(tx, params, mask, batch_stats)
+    if rewind == "step":
+        return fresh._replace(step=point.step, opt_state=_fresh_moments_at(tx, fresh.opt_state, point.opt_state))
+    return fresh
 
 
 def _fresh_moments_at(tx: optax.GradientTransformation, fresh: masks.MaskedState,
@@ -202,9 +332,61 @@ def _fresh_moments_at(tx: optax.GradientTransformation, fresh: masks.MaskedState
     return fresh._replace(inner=jax.tree_util.tree_map(lambda p, f, a: f if p else a, is_param, fresh.inner, at.inner))
 
 
-def _masked_state(tx, st: train.TrainState, mask: PyTree, step: int | None = None) -> train.TrainState:
-    return train.TrainState(st.step if step is None else jnp.asarray(step, jnp.int32),
-                            masks.apply_mask(st.params, mask), st.batch_stats, masks.with_mask(tx, st.opt_state, mask))
+# ------------------------------------------------------------------------------------------- orchestration
+def _make_trainer(task: Task, tx: optax.GradientTransformation) -> train.Trainer:
+    aug = augmentation.by_name(task.augment)
+    if task.num_replicas == 1:
+        return train.make_trainer(task.model, tx, task.mesh, aug, loss=task.loss, train_arg=_takes_train(task.model))
+    return replicas.make_trainer(task.model, tx, task.num_replicas, task.mesh, task.replica_layout, aug)
+
+
+def _base_tx(task: Task) -> tuple[optax.GradientTransformation, optax.Schedule | None]:
+    """The task's masked optimizer and (for an OptimConfig) its schedule."""
+    if isinstance(task.optim, train.OptimConfig):
+        schedule = train.make_schedule(task.optim, task.num_steps)
+        return masks.masked(train.make_optimizer(task.optim, schedule)), schedule
+    return masks.masked(task.optim), None
+
+
+class _Setup:
+    """Optimizers and compiled trainers for a task, built once and shared by all levels.
+
+    ``finetune_lr``: the constant learning rate of ``rewind="finetune"`` (None: the schedule's final one); with an
+    optax optimizer the fine-tuning optimizer is ``task.finetune_optim`` (``finetune_lr`` is None)."""
+
+    def __init__(self, task: Task, keys: Keys | None = None, finetune_lr: float | None = None):
+        self.task = task
+        self.rep = _Rep(task.seed, task.num_replicas)
+        self.tx, self.schedule = _base_tx(task)
+        if self.schedule is not None:
+            self.finetune_lr = float(self.schedule(task.num_steps) if finetune_lr is None else finetune_lr)
+            self.tx_finetune = masks.masked(train.make_optimizer(task.optim,
+                                                                 optax.constant_schedule(self.finetune_lr)))
+        else:
+            self.finetune_lr = None
+            self.tx_finetune = None if task.finetune_optim is None else masks.masked(task.finetune_optim)
+        self.trainer = _make_trainer(task, self.tx)
+        self._trainer_ft = None
+        self.init_variables = self.rep.seeded(lambda s: init_variables(task, Keys(s).init))
+
+    def trainer_for(self, rewind: str) -> tuple[train.Trainer, optax.GradientTransformation]:
+        if rewind == "finetune":
+            if self.tx_finetune is None:
+                raise ValueError("rewind='finetune' with an optax optimizer: set Task.finetune_optim (the "
+                                 "fine-tuning optimizer, e.g. the same optimizer at a constant learning rate)")
+            if self._trainer_ft is None:
+                self._trainer_ft = _make_trainer(self.task, self.tx_finetune)
+            return self._trainer_ft, self.tx_finetune
+        return self.trainer, self.tx
+
+    def fresh(self, variables: dict, mask: PyTree, tx: optax.GradientTransformation) -> train.TrainState:
+        return fresh_state(tx, variables["params"], mask, variables.get("batch_stats", {}))
+
+
+def _evaluate(task: Task, trainer: train.Trainer, state: train.TrainState) -> dict:
+    if task.test_batches is not None:
+        return train.evaluate_batches(trainer, train.variables_of(state), task.test_batches())
+    return train.evaluate(trainer, train.variables_of(state), task.x_test, task.y_test)
 
 
 def _train_level(setup: _Setup, start: train.TrainState, rewind: str, label: str,
@@ -213,13 +395,16 @@ def _train_level(setup: _Setup, start: train.TrainState, rewind: str, label: str
     trainer, _ = setup.trainer_for(rewind)
     eval_fn = None
     if task.eval_every_epoch:
-        eval_fn = lambda s: {f"test_{k}": v for k, v in train.evaluate(trainer, train.variables_of(s),
-                                                                       task.x_test, task.y_test).items()}
-    res = train.run(trainer, start, task.x_train, task.y_train, batch_size=task.batch_size,
-                    num_steps=task.num_steps, data_key=setup.rep.seeded(lambda s: _Keys(s).data), loop=task.loop,
-                    snapshot_step=snapshot_step, log_prefix=label, eval_fn=eval_fn)
-    ev = train.evaluate(trainer, train.variables_of(res.state), task.x_test, task.y_test)
-    return res, ev
+        eval_fn = lambda s: {f"test_{k}": v for k, v in _evaluate(task, trainer, s).items()}
+    data_key = setup.rep.seeded(lambda s: Keys(s).data)
+    if task.train_batches is not None:
+        res = train.run_batches(trainer, start, task.train_batches(int(start.step)), num_steps=task.num_steps,
+                                data_key=data_key, snapshot_step=snapshot_step, log_prefix=label, eval_fn=eval_fn)
+    else:
+        res = train.run(trainer, start, task.x_train, task.y_train, batch_size=task.batch_size,
+                        num_steps=task.num_steps, data_key=data_key, loop=task.loop,
+                        snapshot_step=snapshot_step, log_prefix=label, eval_fn=eval_fn)
+    return res, _evaluate(task, trainer, res.state)
 
 
 def _start_state(setup: _Setup, cfg: ImpConfig, mask: PyTree, prev: train.TrainState,
@@ -227,17 +412,8 @@ def _start_state(setup: _Setup, cfg: ImpConfig, mask: PyTree, prev: train.TrainS
     """Start point of a pruned level (``init_vars`` replaces the weights for the reinit branch)."""
     _, tx = setup.trainer_for(cfg.rewind)
     if init_vars is not None:
-        fresh = setup.fresh(init_vars, mask, tx)
-        if cfg.rewind == "step":  # fresh weights and moments, the schedule at step k as in the main branch
-            return fresh._replace(step=rewind_point.step,
-                                  opt_state=_fresh_moments_at(tx, fresh.opt_state, rewind_point.opt_state))
-        return fresh
-    if cfg.rewind in ("init", "step"):
-        return _masked_state(tx, rewind_point, mask)
-    if cfg.rewind == "lr":
-        return setup.fresh({"params": prev.params, "batch_stats": prev.batch_stats}, mask, tx)
-    # finetune: trained weights and optimizer moments, the final learning rate, a full run of steps.
-    return _masked_state(tx, prev, mask, step=0)
+        return reinit_branch(tx, cfg.rewind, mask, rewind_point, init_vars["params"], init_vars.get("batch_stats", {}))
+    return start_level(tx, cfg.rewind, mask, prev, rewind_point)
 
 
 def _level_record(level: int, mask: PyTree, prunable: PyTree, res: train.RunResult, ev: dict) -> dict:
@@ -296,9 +472,8 @@ def finished_levels(workdir: Path) -> list[int]:
 
 
 def _template(task: Task, seed: int) -> PyTree:
-    tx = masks.masked(train.make_optimizer(task.optim, train.make_schedule(task.optim, task.num_steps)))
-    init = lambda s: models.init(task.model, _Keys(s).init, task.x_train.shape)
-    st = _Rep(seed, task.num_replicas).seeded(lambda s: train.create_state(init(s), tx))
+    tx, _ = _base_tx(task)
+    st = _Rep(seed, task.num_replicas).seeded(lambda s: train.create_state(init_variables(task, Keys(s).init), tx))
     return _ckpt_tree(st, masks.ones_like(st.params), st, 0, seed, task.num_replicas)
 
 
@@ -323,36 +498,59 @@ def load_level(workdir: str | Path, level: int, task: Task) -> dict:
     return checkpoint.restore(path / "checkpoint", _template(task, task.seed), sha256=sha, hint=_redo_hint(path))
 
 
-def run(task: Task, cfg: ImpConfig, workdir: str | Path, *, config_record: dict | None = None,
-        on_level: Callable[[list[dict]], None] | None = None, added_later: dict | None = None) -> list[dict]:
+def run(task: Task, cfg: ImpConfig, workdir: str | Path | None, *, config_record: dict | None = None,
+        on_level: Callable[[list[dict]], None] | None = None, added_later: dict | None = None,
+        volatile: Sequence[str] | None = None,
+        on_checkpoint: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Run (or resume) IMP in ``workdir``; returns one record per level (see module docstring).
 
-    ``config_record``: the full settings, stored in ``config.json``; a workdir holding a run with other settings is
-    refused. ``added_later``: the caller's settings that older ``config.json`` files lack, with the values those
-    runs used. ``on_level(records)`` is called after each finished level (results files, plots).
+    ``workdir=None``: in memory, nothing written and nothing resumed. ``config_record``: the full settings, stored
+    in ``config.json``; a workdir holding a run with other settings is refused, except for the keys in
+    ``volatile`` (settings that may change on a resume; default: the flags of ``experiments/imp.py`` that do).
+    ``added_later``: the caller's settings that older ``config.json`` files lack, with the values those runs
+    used. ``on_level(records)`` is called after each finished level (results files, plots);
+    ``on_checkpoint(level, tree)`` with the level's checkpoint tree (as :func:`load_level` returns it), also when
+    ``workdir`` is None.
     """
-    workdir = Path(workdir)
+    workdir = None if workdir is None else Path(workdir)
     if cfg.rewind == "step" and cfg.rewind_step >= task.num_steps:
         raise ValueError(f"rewind_step={cfg.rewind_step}: expected a step before the end of training "
                          f"(0 <= rewind_step < {task.num_steps}, the training length in steps)")
-    keys = _Keys(task.seed)
+    optax_optim = not isinstance(task.optim, train.OptimConfig)
+    if optax_optim and cfg.finetune_lr is not None:
+        raise ValueError(f"finetune_lr={cfg.finetune_lr}: with an optax optimizer set Task.finetune_optim instead "
+                         "(the fine-tuning optimizer itself)")
+    if optax_optim and cfg.rewind == "finetune" and task.finetune_optim is None:
+        raise ValueError("rewind='finetune' with an optax optimizer: set Task.finetune_optim (the fine-tuning "
+                         "optimizer, e.g. the same optimizer at a constant learning rate)")
+    keys = Keys(task.seed)
     setup = _Setup(task, keys, cfg.finetune_lr)
-    if cfg.rewind == "finetune" and setup.finetune_lr <= 0:
+    if cfg.rewind == "finetune" and not optax_optim and setup.finetune_lr <= 0:
         raise ValueError(f"--rewind=finetune trains at the final learning rate of --schedule={task.optim.schedule}, "
                          f"which is {setup.finetune_lr}: no weight would change. Set --finetune_lr (ImpConfig."
                          "finetune_lr) to a positive learning rate")
     rep = setup.rep
+    if cfg.rewind == "finetune" and optax_optim:  # fine-tuning continues the trained optimizer state
+        shapes = jax.eval_shape(lambda v: (setup.tx.init(v["params"]), setup.tx_finetune.init(v["params"])),
+                                rep.first(setup.init_variables))
+        if jax.tree_util.tree_structure(shapes[0]) != jax.tree_util.tree_structure(shapes[1]):
+            raise ValueError("Task.finetune_optim: its state has another structure than optim's, so fine-tuning "
+                             "cannot continue the trained optimizer state; expected the same optimizer with another "
+                             "learning rate (e.g. optax.adamw(optax.constant_schedule(1e-4)) beside "
+                             "optax.adamw(schedule))")
     prunable = masks.prunable_leaves(rep.first(setup.init_variables)["params"], exclude=cfg.exclude,
                                      biases=cfg.prune_biases)
     # Settings are recorded only once they are known to be valid, so a corrected rerun is not refused; the
     # workdir is created only then, so a refused run leaves nothing behind.
-    if config_record is not None:
-        checkpoint.check_run_config(workdir, config_record, _VOLATILE, {**_ADDED_LATER, **(added_later or {})})
-    workdir.mkdir(parents=True, exist_ok=True)
+    if config_record is not None and workdir is not None:
+        checkpoint.check_run_config(workdir, config_record, _VOLATILE if volatile is None else tuple(volatile),
+                                    {**_ADDED_LATER, **(added_later or {})})
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
     dense_mask = masks.ones_like(setup.init_variables["params"])
     init_state = rep.device(lambda v, m: setup.fresh(v, m, setup.tx), setup.init_variables, dense_mask)
 
-    done = finished_levels(workdir)
+    done = [] if workdir is None else finished_levels(workdir)
     if len(done) > cfg.levels + 1:  # lowering would drop finished levels from the results
         raise ValueError(f"levels={cfg.levels}: {workdir} already holds {len(done)} finished levels (0..{done[-1]}, "
                          f"i.e. --levels={done[-1]}); --levels may be raised to extend a run, not lowered below "
@@ -387,8 +585,11 @@ def run(task: Task, cfg: ImpConfig, workdir: str | Path, *, config_record: dict 
         if level > 0 and cfg.branch != "none":
             rec["branch"] = _run_branch(setup, cfg, keys, level, mask, prunable, prev, rewind_point)
         rec["wall_seconds"] = time.perf_counter() - t0
-        _save_level(workdir / f"level_{level}",
-                    _ckpt_tree(res.state, mask, rewind_point, level, task.seed, task.num_replicas), rec)
+        tree = _ckpt_tree(res.state, mask, rewind_point, level, task.seed, task.num_replicas)
+        if workdir is not None:
+            _save_level(workdir / f"level_{level}", tree, rec)
+        if on_checkpoint is not None:
+            on_checkpoint(level, tree)
         logging.info("%sdensity %.4f test accuracy %.4f", label, rec["density"], rec["test_accuracy"])
         records.append(rec)
         prev = res.state
@@ -397,16 +598,16 @@ def run(task: Task, cfg: ImpConfig, workdir: str | Path, *, config_record: dict 
     return records
 
 
-def _run_branch(setup: _Setup, cfg: ImpConfig, keys: _Keys, level: int, mask, prunable, prev, rewind_point) -> dict:
+def _run_branch(setup: _Setup, cfg: ImpConfig, keys: Keys, level: int, mask, prunable, prev, rewind_point) -> dict:
     label = f"[level {level} {cfg.branch}] "
     rep = setup.rep
     if cfg.branch == "random_mask":
-        bkeys = rep.seeded(lambda s: _Keys(s).random_mask(level))
+        bkeys = rep.seeded(lambda s: Keys(s).random_mask(level))
         bmask = rep.host(lambda k, m: masks.random_like(k, m, prunable), bkeys, mask)
         start = rep.device(lambda m, p, rp: _start_state(setup, cfg, m, p, rp), bmask, prev, rewind_point)
     else:
         bmask = mask
-        fresh = rep.seeded(lambda s: models.init(setup.task.model, _Keys(s).reinit(level), setup.task.x_train.shape))
+        fresh = rep.seeded(lambda s: init_variables(setup.task, Keys(s).reinit(level)))
         start = rep.device(lambda m, p, rp, iv: _start_state(setup, cfg, m, p, rp, init_vars=iv),
                            bmask, prev, rewind_point, fresh)
     res, ev = _train_level(setup, start, cfg.rewind, label)

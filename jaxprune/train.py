@@ -12,6 +12,11 @@ Data parallelism: ``make_trainer(model, tx, mesh=distributed.data_mesh())`` shar
 devices and replicates the rest (:mod:`jaxprune.distributed`); ``run`` and ``evaluate`` place the arrays.
 Replicas: a :class:`Trainer` with ``replicas=K`` (built by :mod:`jaxprune.replicas`) trains K stacked states at
 once; ``run`` then takes ``data_key: (K, 2)`` and reports per-replica metrics as lists.
+
+Batches from an iterator (a generator, a tf.data / grain pipeline): :func:`run_batches` and
+:func:`evaluate_batches` (one jitted step per batch; ``Trainer.step`` with ``idx=None`` takes the batch itself).
+``make_trainer(..., loss=f)`` trains on any ``f(logits, labels)``; ``train_arg=False`` for models whose
+``__call__`` has no ``train`` argument.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -143,19 +148,27 @@ class Trainer(NamedTuple):
 
 
 def step_functions(model: nn.Module, tx: optax.GradientTransformation, mesh=None,
-                   augment: Callable[[Array, Array], Array] | None = None) -> tuple[Callable, ...]:
-    """The un-jitted ``(step, scan, evaluate)`` of :func:`make_trainer` (for vmapping them into replicas)."""
+                   augment: Callable[[Array, Array], Array] | None = None,
+                   loss: Callable[[Array, Array], Array] | None = None,
+                   train_arg: bool = True) -> tuple[Callable, ...]:
+    """The un-jitted ``(step, scan, evaluate)`` of :func:`make_trainer` (for vmapping them into replicas).
 
-    def step(state: TrainState, x_all: Array, y_all: Array, idx: Array, key: Array):
-        x, y = distributed.constrain_batch((x_all[idx], y_all[idx]), mesh)
+    ``step(state, x_all, y_all, idx, key)`` trains on ``x_all[idx]``; with ``idx=None`` on ``(x_all, y_all)``
+    themselves (a batch from an iterator, see :func:`run_batches`)."""
+    loss_fn_ = cross_entropy if loss is None else loss
+    kw = {"train": True} if train_arg else {}
+
+    def step(state: TrainState, x_all: Array, y_all: Array, idx: Array | None, key: Array):
+        batch = (x_all, y_all) if idx is None else (x_all[idx], y_all[idx])
+        x, y = distributed.constrain_batch(batch, mesh)
         dropout_key, augment_key = step_keys(key, state.step)
         if augment is not None:  # its own stream, so augmenting leaves the dropout masks as they were
             x = augment(augment_key, x)
 
         def loss_fn(params):
             v = {"params": params, "batch_stats": state.batch_stats} if state.batch_stats else {"params": params}
-            logits, new = model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key})
-            return cross_entropy(logits, y), (logits, new.get("batch_stats", {}))
+            logits, new = model.apply(v, x, **kw, mutable=["batch_stats"], rngs={"dropout": dropout_key})
+            return loss_fn_(logits, y), (logits, new.get("batch_stats", {}))
 
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -168,19 +181,26 @@ def step_functions(model: nn.Module, tx: optax.GradientTransformation, mesh=None
 
     def evaluate(variables, x, y, weight):
         x, y, weight = distributed.constrain_batch((x, y, weight), mesh)
-        logits = model.apply(variables, x, train=False)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        logits = model.apply(variables, x, **({"train": False} if train_arg else {}))
+        if loss is None:
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        else:  # per example: the loss of a batch of one (a mean loss, summed with weights below)
+            losses = jax.vmap(lambda l, t: loss(l[None], t[None]))(logits, y)
         return jnp.sum(losses * weight), jnp.sum((jnp.argmax(logits, -1) == y) * weight)
 
     return step, scan, evaluate
 
 
 def make_trainer(model: nn.Module, tx: optax.GradientTransformation, mesh=None,
-                 augment: Callable[[Array, Array], Array] | None = None) -> Trainer:
+                 augment: Callable[[Array, Array], Array] | None = None,
+                 loss: Callable[[Array, Array], Array] | None = None, train_arg: bool = True) -> Trainer:
     """Jitted step/scan/evaluate. ``mesh`` (see :func:`jaxprune.distributed.data_mesh`): data-parallel over its
     devices (batch sizes must be multiples of the device count); ``None``: the default device. ``augment(key, x)``
-    (see :mod:`jaxprune.augment`) transforms every training batch inside the step; evaluation never sees it."""
-    return Trainer(*(jax.jit(f) for f in step_functions(model, tx, mesh, augment)), mesh=mesh)
+    (see :mod:`jaxprune.augment`) transforms every training batch inside the step; evaluation never sees it.
+    ``loss(logits, labels) -> scalar``: the mean training loss of a batch (default :func:`cross_entropy`); the
+    evaluation loss is its mean over single examples. ``train_arg=False``: the model's ``__call__`` takes no
+    ``train`` argument. Accuracy is ``argmax(logits) == labels`` (integer labels)."""
+    return Trainer(*(jax.jit(f) for f in step_functions(model, tx, mesh, augment, loss, train_arg)), mesh=mesh)
 
 
 def step_keys(data_key: Array, step: Array | int) -> tuple[Array, Array]:
@@ -283,6 +303,74 @@ def run(trainer: Trainer, state: TrainState, x: Array, y: Array, *, batch_size: 
         logging.info("%sepoch %.2f step %d/%d loss=%.4f acc=%.4f%s %.0f ex/s eta %.0fs", log_prefix, rec["epoch"],
                      s, num_steps, np.mean(loss), np.mean(acc), extra, rec["examples_per_s"], eta)
     return RunResult(state, loss, acc, snapshot, time.perf_counter() - t0, history)
+
+
+def run_batches(trainer: Trainer, state: TrainState, batches: Iterable, *, num_steps: int, data_key: Array,
+                snapshot_step: int | None = None, log_prefix: str = "", log_every: int = 100,
+                eval_fn: Callable[[TrainState], dict] | None = None) -> RunResult:
+    """:func:`run` over batches from an iterator: one jitted step per ``(x, y)`` batch, from ``state.step`` until
+    ``state.step == num_steps``.
+
+    ``batches`` yields the batches of steps ``state.step, state.step + 1, …`` (a generator, a tf.data / grain
+    pipeline as numpy); running out before ``num_steps`` is a ValueError. Batches of one shape compile once.
+    Dropout and augmentation keys are drawn from ``data_key`` by step, as in :func:`run`. Metrics and
+    ``eval_fn`` are taken every ``log_every`` steps and at the end (the train metrics: means over those steps).
+    Single-replica trainers without a mesh only."""
+    if trainer.replicas is not None or trainer.mesh is not None:
+        raise ValueError("run_batches: expected a single-replica trainer without a mesh (train.make_trainer(model, "
+                         "tx)); replicas and data parallelism need in-memory arrays (train.run)")
+    if log_every < 1:
+        raise ValueError(f"log_every={log_every}: expected >= 1")
+    start = s = int(state.step)
+    snapshot = state if snapshot_step is not None and start == snapshot_step else None
+    t0 = time.perf_counter()
+    history: list[dict] = []
+    loss = acc = float("nan")
+    losses, corrects, seen = [], [], 0
+    it = iter(batches)
+    while s < num_steps:
+        try:
+            xb, yb = next(it)
+        except StopIteration:
+            raise ValueError(f"batches ran out at step {s}: expected batches for steps {start}..{num_steps - 1} "
+                             f"({num_steps - start} batches)") from None
+        xb, yb = jnp.asarray(xb), jnp.asarray(yb)
+        state, (l, c) = trainer.step(state, xb, yb, None, data_key)
+        s += 1
+        losses.append(l)
+        corrects.append(c)
+        seen += int(yb.shape[0])
+        if snapshot_step is not None and s == snapshot_step:
+            snapshot = state
+        if s % log_every == 0 or s == num_steps:
+            loss = float(np.mean(np.asarray(jnp.stack(losses), np.float64)))
+            acc = float(np.sum(np.asarray(jnp.stack(corrects), np.float64)) / seen)
+            elapsed = time.perf_counter() - t0
+            rec = {"step": s, "train_loss": loss, "train_accuracy": acc,
+                   "steps_per_s": (s - start) / max(elapsed, 1e-9)}
+            if eval_fn is not None:
+                rec.update(eval_fn(state))
+            history.append(rec)
+            extra = "".join(f" {k}={v:.4f}" for k, v in rec.items() if k.startswith("test_"))
+            logging.info("%sstep %d/%d loss=%.4f acc=%.4f%s", log_prefix, s, num_steps, loss, acc, extra)
+            losses, corrects, seen = [], [], 0
+    return RunResult(state, loss, acc, snapshot, time.perf_counter() - t0, history)
+
+
+def evaluate_batches(trainer: Trainer, variables: dict, batches: Iterable) -> dict[str, float]:
+    """:func:`evaluate` over ``(x, y)`` batches from an iterator (each batch shape compiles once)."""
+    if trainer.replicas is not None or trainer.mesh is not None:
+        raise ValueError("evaluate_batches: expected a single-replica trainer without a mesh")
+    tot_loss = tot_correct = np.float64(0.0)
+    n = 0
+    for xb, yb in batches:
+        xb, yb = jnp.asarray(xb), jnp.asarray(yb)
+        l, c = trainer.evaluate(variables, xb, yb, jnp.ones((yb.shape[0],), jnp.float32))
+        tot_loss, tot_correct = tot_loss + np.float64(l), tot_correct + np.float64(c)
+        n += int(yb.shape[0])
+    if n == 0:
+        raise ValueError("evaluate_batches: no batches (empty evaluation set)")
+    return {"loss": float(tot_loss / n), "accuracy": float(tot_correct / n)}
 
 
 def _metric(x: Array) -> float | list[float]:
