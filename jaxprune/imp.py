@@ -161,9 +161,6 @@ class Task:
                                  "parallelism need in-memory arrays)")
         if self.test_batches is None and (self.x_test is None or self.y_test is None):
             raise ValueError("expected test data: x_test and y_test, or test_batches")
-        if self.num_replicas != 1 and (self.loss is not None or not _takes_train(self.model)):
-            raise ValueError(f"num_replicas={self.num_replicas}: a custom loss or a model without a train argument "
-                             "needs num_replicas=1")
 
 
 def _takes_train(model: nn.Module) -> bool:
@@ -337,7 +334,8 @@ def _make_trainer(task: Task, tx: optax.GradientTransformation) -> train.Trainer
     aug = augmentation.by_name(task.augment)
     if task.num_replicas == 1:
         return train.make_trainer(task.model, tx, task.mesh, aug, loss=task.loss, train_arg=_takes_train(task.model))
-    return replicas.make_trainer(task.model, tx, task.num_replicas, task.mesh, task.replica_layout, aug)
+    return replicas.make_trainer(task.model, tx, task.num_replicas, task.mesh, task.replica_layout, aug,
+                                 loss=task.loss, train_arg=_takes_train(task.model))
 
 
 def _base_tx(task: Task) -> tuple[optax.GradientTransformation, optax.Schedule | None]:

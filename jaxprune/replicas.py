@@ -66,15 +66,16 @@ def _unrolled(fn: Callable, in_axes: tuple) -> Callable:
 
 
 def make_trainer(model: nn.Module, tx: optax.GradientTransformation, num_replicas: int, mesh=None,
-                 layout: str = "vmap", augment=None) -> train.Trainer:
+                 layout: str = "vmap", augment=None, loss=None, train_arg: bool = True) -> train.Trainer:
     """A trainer for stacked states ``(K, …)``: ``step(state, x_all, y_all, idx (K, b), key (K, 2))``,
     ``scan(…, idx (K, s, b), key (K, 2))``, ``evaluate(variables (K, …), x, y, weight) -> ((K,), (K,))``.
-    ``augment``: as in :func:`jaxprune.train.make_trainer` (each replica augments with its own key)."""
+    ``augment``, ``loss``, ``train_arg``: as in :func:`jaxprune.train.make_trainer` (each replica augments with its
+    own key)."""
     if not (isinstance(num_replicas, int) and num_replicas >= 1):
         raise ValueError(f"num_replicas={num_replicas!r}: expected an integer >= 1")
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
-    step, _, evaluate = train.step_functions(model, tx, mesh, augment)
+    step, _, evaluate = train.step_functions(model, tx, mesh, augment, loss=loss, train_arg=train_arg)
     batched = jax.vmap if layout == "vmap" else _unrolled
     rstep = batched(step, in_axes=(0, None, None, 0, 0))
 

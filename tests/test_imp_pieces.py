@@ -272,3 +272,17 @@ def test_readme_example_runs_as_printed():
     k, m = np.asarray(ns["state"].params["dense_0"]["kernel"]), np.asarray(ns["mask"]["dense_0"]["kernel"])
     assert (k[~m] == 0).all() and m.mean() == pytest.approx(0.125, abs=1e-3)
     assert np.asarray(ns["mask"]["dense_1"]["kernel"]).all()
+
+
+def test_replicas_take_a_custom_loss_and_a_model_without_train():
+    """Replica r of a K=2 in-memory run with a custom loss equals the single run with seed + r."""
+    arrays = dict(x_train=jnp.asarray(TR.images), y_train=jnp.asarray(TR.labels), batch_size=BATCH,
+                  train_batches=None)
+    cfg = imp.ImpConfig(levels=1, fraction=FRACTION, rewind="init", exclude=EXCLUDE)
+    both = imp.run(_task(num_replicas=2, **arrays), cfg, None)
+    for r in range(2):
+        one = imp.run(_task(seed=SEED + r, **arrays), cfg, None)
+        for level in range(2):
+            np.testing.assert_allclose(both[level]["replicas"][r]["test_accuracy"], one[level]["test_accuracy"],
+                                       atol=1e-6)
+            np.testing.assert_allclose(both[level]["replicas"][r]["density"], one[level]["density"], atol=1e-9)
