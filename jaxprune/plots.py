@@ -102,3 +102,79 @@ def decision_boundaries(panels: Sequence[tuple[str, np.ndarray]], xx: np.ndarray
     if title:
         fig.suptitle(title, fontsize=9)
     _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------- IMP analyses
+def _density_axis(ax) -> None:
+    """Density on a log axis, dense on the left (as :func:`accuracy_vs_density`)."""
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("density (fraction of prunable weights kept)")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def similarity_vs_density(density: Sequence[float], per_layer: Mapping[str, Sequence[float | None]],
+                          path: str | Path, *, metric: str, title: str = "") -> None:
+    """Similarity of each layer to the same layer of the dense network against density, one line per layer
+    (``per_layer[layer][k]`` at ``density[k]``; ``None`` values are gaps)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in per_layer.items():
+        ax.plot(density, [np.nan if v is None else v for v in values], "o-", label=name)
+    _density_axis(ax)
+    ax.set_ylabel(f"{metric} to the dense layer")
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def barrier_vs_density(series: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float] | None]],
+                       path: str | Path, *, ylabel: str = "error barrier (percentage points)", title: str = "",
+                       scale: float = 100.0) -> None:
+    """Instability (error barrier of linear interpolation) against density: ``series[label] = (densities,
+    barriers, std or None)``, values multiplied by ``scale`` (100: fractions to percentage points)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (d, b, std) in series.items():
+        b = scale * np.asarray(b, float)
+        ax.plot(d, b, "o-", label=label)
+        if std is not None:
+            e = scale * np.asarray(std, float)
+            ax.fill_between(d, b - e, b + e, alpha=0.2)
+    _density_axis(ax)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def interpolation_paths(alphas: Sequence[float], curves: Mapping[str, Sequence[float]], path: str | Path, *,
+                        ylabel: str = "test error (%)", title: str = "", scale: float = 100.0) -> None:
+    """Error along the linear path between two networks (``α = 0`` … ``1``), one line per label (e.g. level)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    cmap = plt.get_cmap("viridis", max(len(curves), 2))
+    for i, (label, y) in enumerate(curves.items()):
+        ax.plot(alphas, scale * np.asarray(y, float), "o-", ms=3, color=cmap(i), label=label)
+    ax.set_xlabel("interpolation α (0: the level's network, 1: its copy)")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title(title)
+    _save(fig, path)
+
+
+def overlap_vs_density(density: Sequence[float], observed: Mapping[str, Sequence[float | None]],
+                       expected: Mapping[str, Sequence[float | None]], path: str | Path, *, ylabel: str,
+                       title: str = "") -> None:
+    """Mask overlap against density: ``observed[label]`` solid, ``expected[label]`` (random masks of the same
+    densities) dashed in the same colour; ``None`` values are gaps."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    gap = lambda vs: [np.nan if v is None else v for v in vs]
+    for i, (label, values) in enumerate(observed.items()):
+        colour = f"C{i % 10}"
+        ax.plot(density, gap(values), "o-", color=colour, label=label)
+        if label in expected:
+            ax.plot(density, gap(expected[label]), "--", color=colour, alpha=0.8, label=f"{label}, random")
+    _density_axis(ax)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title(title)
+    _save(fig, path)
