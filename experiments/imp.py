@@ -297,23 +297,6 @@ def _apply_fn(model):
     return lambda variables, x: model.apply(variables, x, train=False)
 
 
-def level_start(rewind: str, tx: optax.GradientTransformation, mask: Any, prev: train.TrainState,
-                rewind_point: train.TrainState) -> train.TrainState:
-    """The state a pruned level trains from (one replica), rebuilt from its checkpoints as :mod:`jaxprune.imp` builds
-    it: ``rewind_point`` (init/step) or the previous level's trained state ``prev`` (lr: fresh optimizer; finetune:
-    its moments, step 0) with ``mask`` installed. ``tx``: the level's masked optimizer (finetune: its own)."""
-    def masked_state(st: train.TrainState, step=None) -> train.TrainState:
-        return train.TrainState(st.step if step is None else jnp.asarray(step, jnp.int32),
-                                masks.apply_mask(st.params, mask), st.batch_stats,
-                                masks.with_mask(tx, st.opt_state, mask))
-
-    if rewind in ("init", "step"):
-        return masked_state(rewind_point)
-    if rewind == "lr":
-        return masked_state(train.create_state({"params": prev.params, "batch_stats": prev.batch_stats}, tx))
-    return masked_state(prev, step=0)
-
-
 class _Analyzer:
     """The analyses of one IMP workdir: reads finished levels back from their checkpoints, computes what
     ``analysis.json`` lacks (or holds for other settings or checkpoints), writes it and the plots."""
@@ -366,7 +349,7 @@ class _Analyzer:
         if level == 0:
             return ck["rewind_point"], self.trainer("init")[0]
         trainer, tx = self.trainer(self.cfg.rewind)
-        fn = lambda m, p, rp: level_start(self.cfg.rewind, tx, m, p, rp)
+        fn = lambda m, p, rp: imp.start_level(tx, self.cfg.rewind, m, p, rp)
         args = (ck["mask"], self.level(level - 1)["state"], ck["rewind_point"])
         return (fn(*args) if self.k == 1 else jax.vmap(fn)(*args)), trainer
 

@@ -34,7 +34,6 @@ the parameter shapes compared). A model with none of these is refused with this 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 from typing import Any, Callable, Mapping, Sequence
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
