@@ -1013,15 +1013,14 @@ def run(g: Graph, leaves: Sequence[Array], x: Array, *, rules: Mapping[str, Any]
     BatchNorm), with ``probes[layer]`` (zeros of ``z``'s shape) added there when given — the VJP with respect to a
     probe is the gradient (or, with ``rules``, the relevance) arriving at the layer's units.
 
-    ``rules``: ``{layer: rule}`` (a :class:`jaxprune.lrp.rules.Rule` per linear layer) turns the pass into an LRP
+    ``rules``: ``{layer: f(op, x, w, b) -> z}`` (e.g. a :class:`jaxprune.lrp.rules.Rule` through
+    ``functools.partial(rules.apply_linear, rule)``: the layer's value, its VJP the rule) turns the pass into an LRP
     pass: each layer's chain (bias, BatchNorm) is folded into it and its VJP becomes the rule; activations pass
     relevance unchanged; residual adds, sums and pooling sums, and per-channel affine maps not folded into a layer
     share relevance in proportion to their inputs (``lrp_epsilon`` stabilises the division); max pooling, reshapes
     and concatenations keep their VJPs (they move relevance without changing it). An operation LRP cannot follow
     raises :class:`UnsupportedError` naming it and the layer before it.
     """
-    from jaxprune.lrp import rules as R
-
     prog = g.program
     lrp = rules is not None
     env: dict = dict(prog.consts)
@@ -1041,7 +1040,7 @@ def run(g: Graph, leaves: Sequence[Array], x: Array, *, rules: Mapping[str, Any]
                 continue  # computed, folded, at the end of its chain
             if k in chain_end or k in by_eqn:
                 name = chain_end.get(k, by_eqn.get(k))
-                z = _lrp_layer(g, g.layers[name], env, rules.get(name), R)
+                z = _lrp_layer(g, g.layers[name], env, rules.get(name))
                 outs = [z]
                 e = prog.eqns[k]
             else:
@@ -1115,13 +1114,15 @@ class BoundOp:
         return self.prim.bind(x, w, **dict(self.params))
 
 
-def _lrp_layer(g: Graph, layer: Layer, env: dict, rule, R) -> Array:
+def _lrp_layer(g: Graph, layer: Layer, env: dict, rule) -> Array:
     prog = g.program
     e = prog.eqns[layer.eqn]
     x = _read(env, prog, e.ins[0])
     w, b = folded(g, layer, env)
     op = BoundOp(e.prim, tuple(sorted(e.params.items())))
-    return R.apply_linear(rule, op, x, w, b)
+    if rule is None:
+        return op(x, w) + b
+    return rule(op, x, w, b)
 
 
 def _passthrough(e: Eqn, args: list, is_act: list) -> Array:
@@ -1137,10 +1138,19 @@ def _passthrough(e: Eqn, args: list, is_act: list) -> Array:
     return f(args[i])
 
 
+def stabilize(z: Array, epsilon: float) -> Array:
+    """``z + ε·sign(z)`` with sign(0) = +1, so the result is never smaller in magnitude than ``ε``."""
+    return z + epsilon * jnp.where(z >= 0, 1.0, -1.0).astype(z.dtype)
+
+
+def safe_divide(r: Array, z: Array) -> Array:
+    """``r / z`` where ``z ≠ 0``, else 0 (an output no input contributes to passes nothing back)."""
+    nz = z != 0
+    return jnp.where(nz, r / jnp.where(nz, z, 1.0), 0.0)
+
+
 def _proportional(e: Eqn, args: list, is_act: list, epsilon: float) -> Array:
     """The z-rule on a map linear in its activation operands: ``R_i = x_i · (∂z/∂x_i)ᵀ (R / stab(z))``."""
-    from jaxprune.lrp.rules import safe_divide, stabilize
-
     pos = [i for i, f in enumerate(is_act) if f]
 
     def fn(*acts):

@@ -14,6 +14,7 @@ per model, variable shapes and input shape, and works under ``jax.jit`` and ``ja
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -203,7 +204,7 @@ def _check_rules(g: graph.Graph, rules: tuple[tuple[str, R.Rule], ...]) -> None:
 def _core(sg: StaticGraph, rules: tuple, layers: tuple[str, ...], leaves: list, x: Array,
           target: Array) -> Relevance:
     g = sg.graph
-    rule_map = dict(rules)
+    rule_map = {name: functools.partial(R.apply_linear, rule) for name, rule in rules}
     shapes = jax.eval_shape(lambda v: graph.run(g, leaves, v)[1], x)
     zeros = {k: jnp.zeros(shapes[k].shape, shapes[k].dtype) for k in layers}
 

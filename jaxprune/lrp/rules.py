@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxprune.graph import safe_divide, stabilize  # the z-rule's division, shared with the graph replay
+
 Array = jax.Array
 Op = Callable[[Array, Array], Array]
 
@@ -69,17 +71,6 @@ class ConvOp:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def stabilize(z: Array, epsilon: float) -> Array:
-    """``z + ε·sign(z)`` with sign(0) = +1, so the result is never smaller in magnitude than ``ε``."""
-    return z + epsilon * jnp.where(z >= 0, 1.0, -1.0).astype(z.dtype)
-
-
-def safe_divide(r: Array, z: Array) -> Array:
-    """``r / z`` where ``z ≠ 0``, else 0 (an output no input contributes to passes nothing back)."""
-    nz = z != 0
-    return jnp.where(nz, r / jnp.where(nz, z, 1.0), 0.0)
-
-
 def _back(op: Op, w: Array, s: Array, x_like: Array) -> Array:
     """``Σ_j w_ij s_j``: the transpose of the linear map ``u ↦ op(u, w)`` applied to ``s``."""
     return jax.vjp(lambda u: op(u, w), x_like)[1](s)[0]
