@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
 import logging as pylogging
 import platform
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 import optax
 
-from jaxprune import augment, checkpoint, data, models, train
+from jaxprune import augment, checkpoint, data, graph, models, train
 
 NORMALIZATIONS = ("none", "standardize", "unit")
 
@@ -182,8 +183,11 @@ POOL = ("pool", "max", "LeNet5's pooling (avg: the original LeNet-5's, as the pr
         models.POOLS)
 PADDING = ("padding", "same", "padding of LeNet5's first convolution (valid: 24×24 maps and a 256-unit flatten, as "
                               "PyTorch LeNet5s and the pruned-layer-similarity study's)", models.PADDINGS)
+# --model=module.path:ClassName's constructor arguments (a user model; see build_model).
+MODEL_KWARGS = ("model_kwargs", "", "for --model=module.path:ClassName: a JSON object of constructor keyword "
+                                    "arguments, e.g. '{\"hidden\": [300, 100]}' (JSON arrays become tuples)")
 # Flags added after workdirs were first written: an older config.json ran with their defaults.
-ADDED_LATER = {row[0]: row[1] for row in (WEIGHT_INIT, AUGMENT, POOL, PADDING)}
+ADDED_LATER = {row[0]: row[1] for row in (WEIGHT_INIT, AUGMENT, POOL, PADDING, MODEL_KWARGS)}
 # Flags shared by the experiments that train a single network per seed (merge, filter_prune).
 TRAIN_SPEC = [
     ("dataset", "fashion_mnist", "fashion_mnist, mnist, digits, or a TFDS name (e.g. cifar10)"),
@@ -191,7 +195,9 @@ TRAIN_SPEC = [
     ("normalize", "unit", "input scaling: [0,1] as loaded, train mean/std, or [-1,1]", NORMALIZATIONS),
     ("max_train_examples", 0, "keep only the first N training examples (0: all)"),
     ("max_test_examples", 0, "keep only the first N test examples (0: all)"),
-    ("model", "lenet300", "lenet300, mlp, lenet5, conv2/4/6, vgg11/16/19, resnet20/56, or vgg (with --vgg_cfg)"),
+    ("model", "lenet300", "lenet300, mlp, lenet5, conv2/4/6, vgg11/16/19, resnet20/56, vgg (with --vgg_cfg), or "
+                          "module.path:ClassName (a model of your own; see --model_kwargs)"),
+    MODEL_KWARGS,
     ("hidden", ["300", "100"], "hidden widths for --model=mlp"),
     ("vgg_cfg", [], "conv widths and M pools for --model=vgg, e.g. 16,16,M,32,32,M,64,64"),
     WEIGHT_INIT,
@@ -209,14 +215,239 @@ TRAIN_SPEC = [
 ]
 
 
-def build_model(c: dict, num_classes: int):
-    """The model named by a config with ``model``, ``hidden`` and ``vgg_cfg`` (``vgg`` = a custom VGG)."""
-    if c["model"] == "vgg":
+# ----------------------------------------------------------------------------------------------- models
+# Flags that configure the library's models only; with --model=module.path:ClassName they must keep their defaults
+# (the user model's own settings go to --model_kwargs).
+LIBRARY_MODEL_FLAGS = ("hidden", "vgg_cfg", "weight_init", "use_bias", "pool", "padding", "dropout", "reference_bug")
+USER_MODEL_CONTRACT = (
+    "a flax.linen.Module subclass, constructed as ClassName(**model_kwargs) (plus num_classes=<the dataset's class "
+    "count> when it has a num_classes field that model_kwargs leaves out), applied as model.apply(variables, x"
+    "[, train=...]) to NHWC inputs (n, h, w, c) (MLPs flatten them), returning logits (n, num_classes); a `train` "
+    "argument of __call__, when it has one, is True while training (dropout, BatchNorm statistics) and False "
+    "otherwise. Pruning reads its layers from its graph (jaxprune.graph): removing units needs a "
+    "with_widths(dict[layer, int]) method or integer / tuple-of-integer width fields")
+
+
+def is_user_model(name: Any) -> bool:
+    """Whether ``--model`` names a model of the user's (``module.path:ClassName``) rather than one of the library's."""
+    return isinstance(name, str) and ":" in name
+
+
+def _json_object(value: Any) -> dict:
+    """``--model_kwargs`` as the plain JSON object it holds (a dict given to an importable entry point is taken as
+    JSON would give it back); ``""`` gives ``{}``."""
+    if isinstance(value, Mapping):
+        obj = json.loads(json.dumps(dict(value)))
+    else:
+        text = "" if value is None else str(value).strip()
+        if not text:
+            return {}
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"model_kwargs={text!r}: not valid JSON ({e}); expected a JSON object of constructor "
+                             "keyword arguments, e.g. '{\"hidden\": [300, 100]}'") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"model_kwargs={value!r}: expected a JSON object of constructor keyword arguments "
+                         f"(e.g. '{{\"hidden\": [300, 100]}}'), got a JSON {type(obj).__name__}")
+    return obj
+
+
+def parse_model_kwargs(value: Any) -> dict:
+    """``--model_kwargs`` as constructor keyword arguments, hashable (Flax models are compared and cached by their
+    fields): JSON arrays become tuples, nested JSON objects ``flax.core.FrozenDict``s."""
+    from flax.core import FrozenDict
+
+    def hashable(v):
+        if isinstance(v, list):
+            return tuple(hashable(a) for a in v)
+        if isinstance(v, dict):
+            return FrozenDict({k: hashable(a) for k, a in v.items()})
+        return v
+
+    return {k: hashable(v) for k, v in _json_object(value).items()}
+
+
+def canonical_model_kwargs(c: dict) -> dict:
+    """``c`` with ``model_kwargs`` in one canonical JSON spelling (sorted keys; ``""`` for none), so the same
+    arguments make the same run identity however they were typed; bad JSON is refused here, naming the flag."""
+    if "model_kwargs" not in c:
+        return c
+    obj = _json_object(c["model_kwargs"])
+    return {**c, "model_kwargs": json.dumps(obj, sort_keys=True) if obj else ""}
+
+
+def _spec_parts(spec: str) -> tuple[str, str]:
+    module_name, _, attr = spec.partition(":")
+    if not module_name.strip() or not attr.strip() or ":" in attr:
+        raise ValueError(f"model={spec!r}: expected module.path:ClassName (e.g. mymodels:MyMLP) for a model of your "
+                         "own, or a library model name (lenet300, mlp, lenet5, conv4, vgg16, resnet20, ...)")
+    return module_name.strip(), attr.strip()
+
+
+def user_model_class(spec: str) -> type:
+    """The class ``module.path:ClassName`` names (``ClassName`` may be dotted: ``Outer.Inner``); errors name --model."""
+    import importlib
+
+    import flax.linen as nn
+
+    module_name, attr = _spec_parts(spec)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # ModuleNotFoundError, or the module's own error while importing
+        raise ValueError(f"model={spec!r}: cannot import module {module_name!r} ({type(e).__name__}: {e}); it must "
+                         "be importable from the Python path (e.g. a file mymodels.py in the directory the experiment "
+                         "runs from, or a folder on PYTHONPATH)") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = sorted(n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module)
+                           and v.__module__ == module.__name__)
+            raise ValueError(f"model={spec!r}: module {module_name!r} has no attribute {attr!r}"
+                             + (f"; its flax.linen.Module classes: {', '.join(names)}" if names else
+                                " (and defines no flax.linen.Module class)"))
+        obj = getattr(obj, part)
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover
+        nnx = None
+    if isinstance(obj, type) and nnx is not None and issubclass(obj, nnx.Module):
+        raise ValueError(f"model={spec!r}: {attr} is an NNX module; the experiments train linen models only (their "
+                         "training loop, jaxprune.train, calls model.apply(variables, x, train=...)). Write it as a "
+                         "flax.linen.Module, or use the library functions directly: they take NNX models as "
+                         "nnx.split gives them (see jaxprune.graph)")
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        what = f"an instance of {type(obj).__name__}" if not isinstance(obj, type) else f"the class {obj.__name__}"
+        raise ValueError(f"model={spec!r}: expected a flax.linen.Module subclass, got {what}; the contract: "
+                         f"{USER_MODEL_CONTRACT}")
+    return obj
+
+
+@functools.lru_cache(maxsize=None)
+def _with_train(cls: type) -> type:
+    """``cls`` itself when its ``__call__`` takes ``train``; else a subclass of the same name whose ``__call__``
+    takes (and ignores) ``train``, so the training loop's ``model.apply(v, x, train=...)`` runs it unchanged (same
+    fields, same variables, ``clone``/``with_widths`` keep the subclass). One subclass per class."""
+    import inspect
+
+    try:
+        params = inspect.signature(cls.__call__).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        params = {}
+    if "train" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return cls
+
+    def __call__(self, x, train: bool = False):
+        return super(adapted, self).__call__(x)
+
+    adapted = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
+                                          "__qualname__": cls.__qualname__, "__doc__": cls.__doc__})
+    return adapted
+
+
+def _field_names(cls: type) -> list[str]:
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+
+
+def check_model(model, spec: str, input_shape: Sequence[int], num_classes: int) -> None:
+    """Refuse a model that does not run on one input of ``input_shape[1:]`` or gives no ``(1, num_classes)``
+    logits, naming ``--model`` / ``--model_kwargs`` (abstract evaluation: nothing is computed)."""
+    import jax.numpy as jnp
+
+    shape = (1,) + tuple(int(d) for d in input_shape[1:])
+    try:
+        out, _ = jax.eval_shape(lambda: model.init_with_output(
+            {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(0)}, jnp.zeros(shape, jnp.float32),
+            train=False))
+    except Exception as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"model={spec!r}: {type(model).__name__} does not run on the dataset's inputs of shape "
+                         f"{shape} ({type(e).__name__}: {msg}); check --model_kwargs") from None
+    got = getattr(out, "shape", None)
+    if got != (1, num_classes):
+        what = got if got is not None else f"a {type(out).__name__}"
+        raise ValueError(f"model={spec!r}: {type(model).__name__} returns {what} on inputs of shape {shape}; "
+                         f"expected logits of shape (1, {num_classes}) for the dataset's {num_classes} classes (give "
+                         "the model a num_classes field, or set its output width through --model_kwargs)")
+
+
+def build_user_model(c: dict, num_classes: int, input_shape: Sequence[int] | None = None,
+                     defaults: dict | None = None):
+    """The model of ``--model=module.path:ClassName`` with ``--model_kwargs`` (see :data:`USER_MODEL_CONTRACT`);
+    ``defaults``: the experiment's flag defaults, to refuse library-model flags set with a user model."""
+    spec = c["model"]
+    if defaults is not None:
+        plain = lambda v: json.loads(json.dumps(list(v) if isinstance(v, tuple) else v))
+        changed = [k for k in LIBRARY_MODEL_FLAGS if k in c and k in defaults and plain(c[k]) != plain(defaults[k])]
+        if changed:
+            raise ValueError(f"{changed[0]}={c[changed[0]]!r}: configures the library's models only, not "
+                             f"--model={spec}; set a model of your own through --model_kwargs (flags: "
+                             f"{', '.join('--' + k for k in changed)})")
+    cls = user_model_class(spec)
+    kwargs = parse_model_kwargs(c.get("model_kwargs", ""))
+    given = json.dumps(_json_object(c.get("model_kwargs", "")), sort_keys=True)
+    fields = _field_names(cls)
+    added = "num_classes" in fields and "num_classes" not in kwargs
+    if added:
+        kwargs["num_classes"] = int(num_classes)
+    try:
+        model = _with_train(cls)(**kwargs)
+    except Exception as e:  # unknown or missing arguments, or the model's own checks
+        raise ValueError(f"model_kwargs={given}: {cls.__name__}(**model_kwargs"
+                         f"{f', num_classes={num_classes}' if added else ''}) fails ({type(e).__name__}: {e}); its "
+                         f"fields: {', '.join(fields) or 'none'}") from None
+    if input_shape is not None:
+        check_model(model, spec, input_shape, num_classes)
+    return model
+
+
+def build_model(c: dict, num_classes: int, *, input_shape: Sequence[int] | None = None, defaults: dict | None = None,
+                **library_kwargs):
+    """The model a config names: ``model`` = a library model (``hidden`` / ``vgg_cfg`` / ``weight_init`` and
+    ``library_kwargs`` such as ``use_bias`` configure it; ``vgg`` = a custom VGG) or ``module.path:ClassName`` with
+    ``model_kwargs`` (:func:`build_user_model`; ``input_shape`` (n, …) checks it runs and gives ``num_classes``
+    logits, ``defaults`` refuses library-model flags set beside it)."""
+    if is_user_model(c["model"]):
+        return build_user_model(c, num_classes, input_shape, defaults)
+    if _json_object(c.get("model_kwargs", "")):
+        raise ValueError(f"model_kwargs={c['model_kwargs']!r}: applies to --model=module.path:ClassName only, not "
+                         f"the library model {c['model']!r} (configure it with its own flags)")
+    if c["model"] == "vgg" and "vgg_cfg" in c:  # experiments without --vgg_cfg get models.build's refusal
         if not c["vgg_cfg"]:
             raise ValueError("vgg_cfg: --model=vgg needs conv widths and M pools, e.g. 16,16,M,32,32,M,64,64")
         cfg = tuple("M" if str(v).upper() == "M" else int(v) for v in c["vgg_cfg"])
         return models.VGG(cfg, num_classes)
-    return models.build(c["model"], num_classes, hidden=int_list(c["hidden"], "hidden"), weight_init=c["weight_init"])
+    return models.build(c["model"], num_classes, hidden=int_list(c["hidden"], "hidden"), weight_init=c["weight_init"],
+                        **library_kwargs)
+
+
+def output_layers(model, input_shape: Sequence[int], variables: dict | None = None) -> tuple[str, ...]:
+    """The layers whose units are the model's outputs (read from its graph, :mod:`jaxprune.graph`; abstract
+    variables when none are given): what weight pruning leaves alone, for any model."""
+    import jax.numpy as jnp
+
+    spec = jax.ShapeDtypeStruct((1,) + tuple(int(d) for d in input_shape[1:]), jnp.float32)
+    if variables is None:
+        variables = jax.eval_shape(lambda: models.init(model, jax.random.PRNGKey(0), spec.shape))
+    return graph.build(model, variables, spec).output_layers()
+
+
+def representations(model, variables: dict, x) -> dict:
+    """Named representations in forward order, ``{name: (n, …)}``: what the model records in its
+    ``representations`` collection (the library's models: every layer's activation, then ``logits``;
+    :func:`jaxprune.models.representations`), or for a model that records none (a user model) the output of
+    every linear layer (after its bias / BatchNorm, before its activation; output layers give the logits), named
+    by the layer's module path, read from the model's graph."""
+    kwargs = dict(graph.call_kwargs(model))  # train=False where __call__ takes it, as models.representations
+    _, state = model.apply(variables, x, mutable=["representations"], **kwargs)
+    named = state.get("representations", {}).get("named")
+    if named:
+        return dict(named)
+    g = graph.build(model, variables, x)
+    _, z = graph.run(g, g.net.leaves, x)
+    return {name: z[name] for name in g.layers if name in z}
 
 
 def optim_config(c: dict, spe: int) -> train.OptimConfig:

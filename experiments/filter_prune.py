@@ -55,7 +55,7 @@ _VOLATILE = ("workdir", "max_rounds")  # a finished run can be extended by more 
 
 
 def _config(config: dict) -> dict:
-    c = common.with_defaults(config, DEFAULTS)
+    c = common.canonical_model_kwargs(common.with_defaults(config, DEFAULTS))
     if c["criterion"] not in ALL_CRITERIA:
         raise ValueError(f"criterion={c['criterion']!r}: expected one of {ALL_CRITERIA}")
     if not 0.0 < float(c["fraction"]) < 1.0:
@@ -80,35 +80,38 @@ def round_widths(current: dict[str, int], original: dict[str, int], fraction: fl
     return out
 
 
-def _layer_widths(model, variables, layers) -> dict[str, int]:
-    all_widths = structured.widths(model, variables)
+def _layer_widths(model, variables, layers, x=None) -> dict[str, int]:
+    all_widths = structured.widths(model, variables, x=x)
     return {layer: all_widths[layer] for layer in layers}
 
 
 def _keep(c: dict, model, variables, widths: dict[str, int], x_ref, y_ref, key) -> dict[str, jax.Array]:
     """Kept filter indices per layer under the configured criterion."""
+    example = (1,) + tuple(x_ref.shape[1:])
     if c["criterion"] in structured.CRITERIA:
-        return structured.select_layers(model, variables, widths, c["criterion"], key=key)
+        return structured.select_layers(model, variables, widths, c["criterion"], key=key, x=example)
     scores = criteria.scores(c["criterion"], model, variables, x_ref, y_ref, normalized=False)
     missing = [layer for layer in widths if layer not in scores]
     if missing:
         raise ValueError(f"criterion={c['criterion']!r} gives no scores for layers {missing} of "
                          f"{type(model).__name__} (it covers {sorted(scores)})")
-    return structured.select_layers(model, variables, widths, {k: scores[k] for k in widths})
+    return structured.select_layers(model, variables, widths, {k: scores[k] for k in widths}, x=example)
 
 
 def _measure(model, variables, x_test, y_test, input_shape) -> dict:
     flops = structured.count_flops(model, variables, input_shape)
-    return {"widths": structured.widths(model, variables), "params": models.count_params(variables["params"]),
+    return {"widths": structured.widths(model, variables, x=(1,) + tuple(input_shape[1:])),
+            "params": models.count_params(variables["params"]),
             "flops": flops["flops"], "accuracy": common.accuracy(model, variables, x_test, y_test)}
 
 
 def _restore_shrunk(model, widths: dict[str, int], path: Path, input_shape):
     """The model of the given widths and its variables from a round checkpoint."""
     template = models.init(model, jax.random.PRNGKey(0), input_shape)
-    keep = {layer: jnp.arange(w) for layer, w in widths.items()
-            if w != structured.widths(model, template)[layer]}
-    model, template = structured.remove_many(model, template, keep)
+    example = (1,) + tuple(input_shape[1:])
+    current = structured.widths(model, template, x=example)
+    keep = {layer: jnp.arange(w) for layer, w in widths.items() if w != current[layer]}
+    model, template = structured.remove_many(model, template, keep, x=example)
     return model, checkpoint.restore(path, template)
 
 
@@ -116,21 +119,22 @@ def run(config: dict, workdir: str | Path) -> dict:
     """Train, then prune → fine-tune for the configured rounds; returns the ``results.json`` dict."""
     c = _config(config)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint.check_run_config(workdir, c, _VOLATILE, added_later=common.ADDED_LATER)
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                               c["max_test_examples"])
-    model = common.build_model(c, tr.num_classes)
-    layers = structured.prunable_layers(model, c["layer_kind"])
+    model = common.build_model(c, tr.num_classes, input_shape=tr.images.shape, defaults=DEFAULTS)
+    example = (1,) + tuple(tr.images.shape[1:])
+    layers = structured.prunable_layers(model, c["layer_kind"], x=example)
     if not layers:
         raise ValueError(f"layer_kind={c['layer_kind']!r}: {type(model).__name__} has no such prunable layer")
+    workdir.mkdir(parents=True, exist_ok=True)  # a refused model or flag leaves no workdir
+    checkpoint.check_run_config(workdir, c, _VOLATILE, added_later=common.ADDED_LATER)
     x, y, xt, yt = train.to_device(tr.images, tr.labels, te.images, te.labels)
     variables, trained = common.train_network(c, model, x, y, c["seed"], workdir / "trained")
     spe = train.steps_per_epoch(len(tr.labels), c["batch_size"])
     ft_steps = train.parse_duration(c["finetune_steps"], spe, "finetune_steps")
     ref = np.random.default_rng(c["seed"]).permutation(len(tr.labels))[:c["reference_examples"]]
     x_ref, y_ref = x[ref], y[ref]
-    original = _layer_widths(model, variables, layers)
+    original = _layer_widths(model, variables, layers, example)
 
     first = _measure(model, variables, xt, yt, x.shape)
     rounds = [{"round": 0, **first, "accuracy_before_finetune": first["accuracy"],
@@ -161,7 +165,7 @@ def run(config: dict, workdir: str | Path) -> dict:
     stopped = False
     for r in range(1, c["max_rounds"] + 1):
         d = workdir / f"round_{r}"
-        widths = _layer_widths(model, variables, layers)
+        widths = _layer_widths(model, variables, layers, example)
         if (d / "round.json").exists():
             rec = checkpoint.read_json(d / "round.json")
             model, variables = _restore_shrunk(model, rec["widths"], d / "checkpoint", x.shape)
@@ -178,7 +182,7 @@ def run(config: dict, workdir: str | Path) -> dict:
             break
         key = jax.random.fold_in(jax.random.PRNGKey(c["seed"]), r)
         keep = _keep(c, model, variables, target, x_ref, y_ref, key)
-        model, variables = structured.remove_many(model, variables, keep)
+        model, variables = structured.remove_many(model, variables, keep, x=example)
         before = _measure(model, variables, xt, yt, x.shape)
         removed_acc = before["accuracy"]
         if c["bn_recalibration_batches"] > 0:

@@ -5,12 +5,15 @@ number ``n`` of reference samples per class and every seed, ``n·C`` fresh sampl
 (weight, grad, taylor, lrp; :mod:`jaxprune.criteria`) scores the hidden units on them, the ``n_prune`` globally
 lowest-scoring units are physically removed (:func:`jaxprune.structured.remove_many`) and the network is
 evaluated, without fine-tuning, on the training set and on a held-out set with extra Gaussian input noise.
+``--model=module.path:ClassName`` (with ``--model_kwargs``) runs the same on a model of your own (2-D inputs,
+C logits; see :func:`experiments.common.build_user_model`). Networks are evaluated by their own ``apply``.
 
 Writes to ``--workdir``: ``<dataset>/model`` (the trained net, reused on a rerun), ``results.json``,
 ``<dataset>_accuracy_vs_n.png`` (train and noisy test), ``<dataset>_boundaries.png``.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from pathlib import Path
@@ -20,11 +23,14 @@ import numpy as np
 from absl import logging
 
 from experiments import common
-from jaxprune import checkpoint, criteria, data, lrp, models, plots, structured, train
+from jaxprune import checkpoint, criteria, data, graph, lrp, models, plots, structured, train
 
 SPEC = [
     ("datasets", ["moons", "circles", "spiral"], "toy datasets (moons, circles, spiral)"),
     ("num_train", 0, "training points per dataset (0: 2000 moons/circles, 4000 spiral)"),
+    ("model", "mlp", "mlp (the ReLU net of --hidden, --dropout, --weight_init, --reference_bug), or "
+                     "module.path:ClassName (a model of your own on 2-D inputs; see --model_kwargs)"),
+    common.MODEL_KWARGS,
     ("hidden", ["1000", "1000", "1000"], "hidden widths"),
     ("dropout", 0.5, "dropout rate after the first hidden layer"),
     common.WEIGHT_INIT,
@@ -61,18 +67,27 @@ def _check(c: dict) -> None:
     if min(ns) < 1:
         raise ValueError(f"samples_per_class={','.join(map(str, ns))}: expected positive integers")
     common.int_list(c["hidden"], "hidden")  # before any training
+    if c["model"] != "mlp" and not common.is_user_model(c["model"]):
+        raise ValueError(f"model={c['model']!r}: expected mlp or module.path:ClassName (a model of your own)")
+    build_model(c, 2)  # a user model is imported and checked here (its output width is checked per dataset)
     if c["composite"] not in lrp.composites.PRESETS:
         raise ValueError(f"composite={c['composite']!r}: expected one of {sorted(lrp.composites.PRESETS)}")
 
 
-def build_model(c: dict, num_classes: int) -> models.MLP:
+def build_model(c: dict, num_classes: int, check: bool = False):
+    """The ``--model``: the ReLU MLP of ``--hidden`` (dropout after the first layer), or a user model
+    (:func:`experiments.common.build_user_model`; ``check``: it must give ``num_classes`` logits on 2-D inputs)."""
+    if common.is_user_model(c["model"]):
+        return common.build_user_model(c, num_classes, (1, 2) if check else None, DEFAULTS)
+    if common.parse_model_kwargs(c["model_kwargs"]):
+        raise ValueError(f"model_kwargs={c['model_kwargs']!r}: applies to --model=module.path:ClassName only")
     hidden = common.int_list(c["hidden"], "hidden")
     rates = (float(c["dropout"]),) + (0.0,) * (len(hidden) - 1)
     return models.MLP(hidden + (num_classes,), dropout=rates, weight_init=c["weight_init"],
                       no_relu_after=(len(hidden) - 1,) if c["reference_bug"] else ())
 
 
-def train_model(c: dict, model: models.MLP, x: np.ndarray, y: np.ndarray, workdir: Path) -> tuple[dict, dict]:
+def train_model(c: dict, model, x: np.ndarray, y: np.ndarray, workdir: Path) -> tuple[dict, dict]:
     """Train (or restore from ``workdir/model``) the network; ``(variables, info)``."""
     key = jax.random.PRNGKey(c["model_seed"])
     init_key, data_key = jax.random.split(key)
@@ -95,23 +110,20 @@ def train_model(c: dict, model: models.MLP, x: np.ndarray, y: np.ndarray, workdi
     return variables, info
 
 
-def logits_np(model: models.MLP, variables: dict, x: np.ndarray) -> np.ndarray:
-    """Eval-mode ``model.apply`` of an MLP in numpy: ``(n, d) -> (n, C)``. Every pruned network has new shapes, and
-    XLA would compile each of them; numpy evaluates them at once (tests check it equals ``model.apply``)."""
-    p = variables["params"]
-    last = len(model.features) - 1
-    h = np.asarray(x, np.float32).reshape(len(x), -1)
-    for i in range(last + 1):
-        h = h @ np.asarray(p[f"dense_{i}"]["kernel"])
-        if model.use_bias:
-            h = h + np.asarray(p[f"dense_{i}"]["bias"])
-        if i < last and i not in tuple(model.no_relu_after):
-            h = np.maximum(h, 0)
-    return h
+@functools.partial(jax.jit, static_argnames="model")
+def _logits(model, variables: dict, x: jax.Array) -> jax.Array:
+    return model.apply(variables, x, **dict(graph.call_kwargs(model)))
+
+
+def logits(model, variables: dict, x: np.ndarray) -> np.ndarray:
+    """The model's own eval-mode forward, ``model.apply(variables, x[, train=False])``: ``(n, d) -> (n, C)``, jitted
+    once per (model, input shape); every pruned network is a new model, compiled once (faster than a forward in
+    numpy for these widths)."""
+    return np.asarray(_logits(model, variables, jax.numpy.asarray(x, jax.numpy.float32)))
 
 
 def accuracy(model, variables, x, y) -> float:
-    return float(np.mean(np.argmax(logits_np(model, variables, x), -1) == y))
+    return float(np.mean(np.argmax(logits(model, variables, x), -1) == y))
 
 
 def reference_samples(name: str, per_class: int, num_classes: int, seed: int) -> data.Dataset:
@@ -123,7 +135,7 @@ def prune(model, variables, scores: dict, n_prune: int):
     """Physically remove the ``n_prune`` globally lowest-scoring units: ``(model, variables, keep)``."""
     keep = criteria.global_keep(scores, n_prune)
     host = jax.tree_util.tree_map(np.asarray, variables)  # numpy leaves: slicing needs no compile per shape
-    small, small_vars = structured.remove_many(model, host, keep)
+    small, small_vars = structured.remove_many(model, host, keep, x=(1, 2))  # the toy inputs are 2-D
     return small, small_vars, keep
 
 
@@ -153,7 +165,7 @@ def _grid(x: np.ndarray, steps: int = 150):
 
 
 def _predict_grid(model, variables, grid, shape) -> np.ndarray:
-    return np.argmax(logits_np(model, variables, grid), -1).reshape(shape)
+    return np.argmax(logits(model, variables, grid), -1).reshape(shape)
 
 
 def run_dataset(c: dict, name: str, workdir: Path) -> dict:
@@ -163,10 +175,10 @@ def run_dataset(c: dict, name: str, workdir: Path) -> dict:
     rng = np.random.RandomState(c["model_seed"] + 12_345)
     noisy = (te.images + rng.normal(0.0, c["noise"], te.images.shape)).astype(np.float32)
     k = tr.num_classes
-    model = build_model(c, k)
+    model = build_model(c, k, check=True)
     variables, info = train_model(c, model, tr.images, tr.labels, workdir / name)
-    widths = structured.widths(model, variables)
-    hidden = [l for l in widths if l != model.output_layer]
+    widths = structured.widths(model, variables, x=(1, 2))  # the layers units can be removed from: every hidden
+    hidden = list(widths)  # layer (output layers are never among them)
     if c["n_prune"] >= sum(widths[l] for l in hidden):
         total = sum(widths[l] for l in hidden)
         raise ValueError(f"n_prune={c['n_prune']}: expected fewer than the {total} hidden units")
@@ -231,7 +243,7 @@ def summary(results: dict, n: int) -> list[dict]:
 
 def run(config: dict, workdir: str | Path) -> dict:
     """Run the experiment described by ``config`` (keys = flag names, missing ones from ``DEFAULTS``)."""
-    c = common.with_defaults(config, DEFAULTS)
+    c = common.canonical_model_kwargs(common.with_defaults(config, DEFAULTS))
     _check(c)
     workdir = Path(workdir)
     record = {**c, "workdir": str(workdir)}

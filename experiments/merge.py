@@ -47,7 +47,7 @@ DEFAULTS = common.defaults(SPEC)
 
 
 def _config(config: dict) -> dict:
-    c = common.with_defaults(config, DEFAULTS)
+    c = common.canonical_model_kwargs(common.with_defaults(config, DEFAULTS))
     if not c["seeds"]:
         raise ValueError("seeds: expected at least one seed")
     if not c["criteria"]:
@@ -67,7 +67,7 @@ def _load_source(c: dict, path: str) -> tuple[object, dict, object, object, obje
     if (Path(path) / "trained.json").exists():  # a seed folder of an earlier experiments.merge run
         tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                                   c["max_test_examples"], 0)
-        model = common.build_model(c, te.num_classes)
+        model = common.build_model(c, te.num_classes, input_shape=te.images.shape, defaults=DEFAULTS)
         x_train, x_test, y_test = train.to_device(tr.images, te.images, te.labels)
         template = models.init(model, jax.random.PRNGKey(0), x_test.shape)
         return (model, checkpoint.restore(Path(path) / "checkpoint", template), x_train, x_test, y_test,
@@ -77,12 +77,12 @@ def _load_source(c: dict, path: str) -> tuple[object, dict, object, object, obje
             {"source_workdir": path, "level_0": records[0]})
 
 
-def _settings(c: dict, model, params) -> list[tuple[str, float | None, dict[str, int]]]:
+def _settings(c: dict, model, variables) -> list[tuple[str, float | None, dict[str, int]]]:
     """``(label, ratio, widths)`` for every pruning level of the sweep."""
     if c["pruned_cfg"]:
         return [("cfg", None, merging.widths_from_cfg(model, c["pruned_cfg"]))]
     layers = list(c["layers"]) or None
-    return [(f"{float(r):g}", float(r), merging.widths_for_ratio(model, params, float(r), layers))
+    return [(f"{float(r):g}", float(r), merging.widths_for_ratio(model, variables, float(r), layers))
             for r in c["ratios"]]
 
 
@@ -95,7 +95,7 @@ def evaluate_seed(c: dict, model, variables, x_test, y_test, x_train=None) -> di
     original = common.accuracy(model, variables, x_test, y_test)
     n_orig = models.count_params(variables["params"])
     runs = []
-    for label, ratio, widths in _settings(c, model, variables["params"]):
+    for label, ratio, widths in _settings(c, model, variables):
         for crit in c["criteria"]:
             for mode in merging.MODES:
                 t0 = time.perf_counter()
@@ -181,13 +181,13 @@ def run(config: dict, workdir: str | Path) -> dict:
                 data = (*train.to_device(tr.images, tr.labels, te.images, te.labels), tr.num_classes)
                 meta.update(num_train=len(tr.labels), num_test=len(te.labels))
             x_train, y_train, x_test, y_test, num_classes = data
-            model = common.build_model(c, num_classes)
+            model = common.build_model(c, num_classes, input_shape=x_train.shape, defaults=DEFAULTS)
             if not 1 <= c["batch_size"] <= len(y_train):
                 raise ValueError(f"batch_size={c['batch_size']}: expected 1..{len(y_train)} (training set size)")
             variables, trained = common.train_network(c, model, x_train, y_train, seed, workdir / f"seed_{seed}")
         res = evaluate_seed(c, model, variables, x_test, y_test, x_train)
         per_seed.append({"seed": seed, "trained": trained, **res})
-        meta["mergeable_layers"] = list(merging.mergeable_layers(model))
+        meta["mergeable_layers"] = list(merging.mergeable_layers(model, variables=variables))
         _write(workdir, c, per_seed, meta, finished=False)
     return _write(workdir, c, per_seed, meta, finished=True)
 

@@ -20,7 +20,9 @@ config, dense accuracy and, per method, a map sparsity → accuracy as mean/std/
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import numpy as np
@@ -36,7 +38,9 @@ SPEC = [
     ("normalize", "unit", "input scaling: [0,1] as loaded, train mean/std, or [-1,1]", common.NORMALIZATIONS),
     ("max_train_examples", 0, "keep only the first N training examples (0: all)"),
     ("max_test_examples", 0, "keep only the first N test examples (0: all)"),
-    ("model", "mlp", "mlp, lenet300, lenet5, conv2, conv4, conv6, vgg11, vgg16, resnet20"),
+    ("model", "mlp", "mlp, lenet300, lenet5, conv2, conv4, conv6, vgg11, vgg16, resnet20, or module.path:ClassName "
+                     "(a model of your own; see --model_kwargs)"),
+    common.MODEL_KWARGS,
     ("hidden", ["1000", "1000", "500", "200"], "hidden widths for --model=mlp"),
     ("use_bias", False, "dense layers with biases (mlp/lenet300)"),
     common.WEIGHT_INIT,
@@ -60,18 +64,21 @@ def _key(k: float) -> str:
     return f"{k:g}"
 
 
-def weight_pruned(params: dict, output_layer: str, sparsity: float, scope: str) -> dict:
-    """Zero the ``ceil(sparsity·n)`` smallest-|w| weights of the kernels of every layer but the output layer."""
-    prunable = masks.prunable_leaves(params, exclude=(f"^{output_layer}/",))
+def weight_pruned(params: dict, output_layer: str | Sequence[str], sparsity: float, scope: str) -> dict:
+    """Zero the ``ceil(sparsity·n)`` smallest-|w| weights of the kernels of every layer but the output layer(s)
+    (a module path or several, e.g. :func:`experiments.common.output_layers`)."""
+    outputs = (output_layer,) if isinstance(output_layer, str) else tuple(output_layer)
+    prunable = masks.prunable_leaves(params, exclude=tuple(f"^{re.escape(layer)}/" for layer in outputs))
     mask = masks.magnitude_prune(params, masks.ones_like(params), prunable, sparsity, scope)
     return masks.apply_mask(params, mask)
 
 
 def unit_pruned(model, variables: dict, sparsity: float, scope: str, criterion: str = "l2",
-                key: jax.Array | None = None) -> dict:
+                key: jax.Array | None = None, *, x=None) -> dict:
     """Zero ``ceil(sparsity·n)`` units of every shrinkable layer (layerwise) or of all of them ranked together by
-    score (``scope='global'``; score-based criteria only). Shapes are unchanged."""
-    layers = structured.prunable_layers(model)
+    score (``scope='global'``; score-based criteria only). Shapes are unchanged. ``x``: an example input (or its
+    shape) the model's graph is traced on (default: inferred from the variables)."""
+    layers = structured.prunable_layers(model, variables=variables, x=x)
     keys = {layer: None if key is None else jax.random.fold_in(key, i) for i, layer in enumerate(layers)}
     keep: dict[str, np.ndarray] = {}
     if scope == "layerwise":
@@ -93,7 +100,7 @@ def unit_pruned(model, variables: dict, sparsity: float, scope: str, criterion: 
             keep[layer] = np.flatnonzero(~removed[offset:offset + s.size])
             offset += s.size
     for layer, k in keep.items():
-        variables = structured.mask_units(model, variables, layer, k)
+        variables = structured.mask_units(model, variables, layer, k, x=x)
     return variables
 
 
@@ -109,8 +116,8 @@ def _build(c: dict):
         raise ValueError("seeds: expected at least one seed")
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                               c["max_test_examples"])
-    model = models.build(c["model"], tr.num_classes, hidden=common.int_list(c["hidden"], "hidden"),
-                         use_bias=c["use_bias"], weight_init=c["weight_init"])
+    model = common.build_model(c, tr.num_classes, input_shape=tr.images.shape, defaults=DEFAULTS,
+                               use_bias=c["use_bias"])
     if not 1 <= c["batch_size"] <= len(tr.labels):
         raise ValueError(f"batch_size={c['batch_size']}: expected 1..{len(tr.labels)} (the training set size)")
     num_steps = train.parse_duration(c["training_steps"], train.steps_per_epoch(len(tr.labels), c["batch_size"]),
@@ -133,15 +140,17 @@ def run_seed(c: dict, seed: int, tr, te, model, sparsities: list[float], num_ste
                        num_steps=num_steps, data_key=data_key, loop=c["loop"], log_prefix=f"seed {seed}: ")
     trained = train.variables_of(result.state)
     dense = train.evaluate(trainer, trained, xt, yt)["accuracy"]
+    example = (1,) + tuple(x.shape[1:])
+    outputs = common.output_layers(model, example, trained)  # never weight-pruned (unit pruning: not prunable)
     out = {"seed": seed, "dense_accuracy": dense, "train_loss": result.train_loss,
            "train_seconds": result.seconds, "accuracy": {}}
     for method in c["methods"]:
         accs = {}
         for s in sparsities:
             if method == "weight":
-                v = {**trained, "params": weight_pruned(trained["params"], model.output_layer, s, c["scope"])}
+                v = {**trained, "params": weight_pruned(trained["params"], outputs, s, c["scope"])}
             else:
-                v = unit_pruned(model, trained, s, c["scope"], c["unit_criterion"], prune_key)
+                v = unit_pruned(model, trained, s, c["scope"], c["unit_criterion"], prune_key, x=example)
             accs[_key(s)] = train.evaluate(trainer, v, xt, yt)["accuracy"]
             logging.info("seed %d %s sparsity %.2f: accuracy %.4f", seed, method, s, accs[_key(s)])
         out["accuracy"][method] = accs
@@ -159,10 +168,10 @@ def summarize(per_seed: list[dict], methods, sparsities) -> dict:
 
 def run(config: dict, workdir: str | Path) -> dict:
     """Run (or finish) the sweep for every seed; returns the ``results.json`` dict."""
-    c = common.with_defaults(config, DEFAULTS)
+    c = common.canonical_model_kwargs(common.with_defaults(config, DEFAULTS))
     workdir = Path(workdir)
+    tr, te, model, sparsities, seeds, num_steps = _build(c)  # refused before anything is written
     workdir.mkdir(parents=True, exist_ok=True)
-    tr, te, model, sparsities, seeds, num_steps = _build(c)
     record = {**c, "workdir": str(workdir)}
     same = {k: v for k, v in record.items() if k not in ("seeds", "workdir", "methods", "sparsities")}
     per_seed = []
@@ -172,7 +181,8 @@ def run(config: dict, workdir: str | Path) -> dict:
             done = checkpoint.read_json(path)
             have = set(done["accuracy"]) >= set(c["methods"]) and all(
                 set(map(_key, sparsities)) <= set(done["accuracy"][m]) for m in c["methods"])
-            if done.get("config") == same and have:
+            older = {k: v for k, v in common.ADDED_LATER.items() if k in same}  # settings added since
+            if {**older, **done.get("config", {})} == same and have:
                 logging.info("seed %d: finished earlier, skipped", seed)
                 per_seed.append(done)
                 continue

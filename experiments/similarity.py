@@ -1,7 +1,7 @@
 """Layer similarity of IMP-pruned networks to the dense one: ``python -m experiments.similarity
 --flagfile=experiments/configs/similarity_lenet5_mnist.cfg``.
 
-Reads a finished ``experiments.imp`` workdir, takes the representations (``models.representations``) of a fixed
+Reads a finished ``experiments.imp`` workdir, takes the representations (``common.representations``) of a fixed
 set of inputs (the first ``--num_inputs`` of the ``--probe_split`` split, as that run loaded it) for the dense network
 (level 0) and every level, and computes every chosen similarity
 
@@ -29,7 +29,7 @@ from absl import app, logging
 
 from experiments import common
 from experiments import imp as imp_exp
-from jaxprune import checkpoint, models, plots, similarity
+from jaxprune import checkpoint, plots, similarity
 
 def _gram_cosine(k, l):
     return jnp.vdot(k, l) / jnp.sqrt(jnp.vdot(k, k) * jnp.vdot(l, l))
@@ -118,8 +118,10 @@ def check_config(config: dict) -> dict:
 
 def representations(model, variables: list[dict], x: np.ndarray, names: list[str] | None
                     ) -> tuple[list[str], list[dict]]:
-    """Per level ``{name: (n, …)}`` for the chosen layer names (all, in forward order, when ``names`` is empty)."""
-    reps = [models.representations(model, v, x) for v in variables]
+    """Per level ``{name: (n, …)}`` for the chosen layer names (all, in forward order, when ``names`` is empty):
+    :func:`experiments.common.representations` — the library models' recorded activations, or for a user model
+    (``--model=module.path:ClassName`` in the IMP run) every linear layer's output, named by its module path."""
+    reps = [common.representations(model, v, x) for v in variables]
     avail = list(reps[0])
     names = list(names) if names else avail
     missing = [n for n in names if n not in avail]

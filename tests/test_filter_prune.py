@@ -54,9 +54,9 @@ def _spy(monkeypatch):
     removed, started = [], []
     real_remove, real_create = structured.remove_many, train.create_state
 
-    def remove_many(model, variables, keep):
+    def remove_many(model, variables, keep, **kw):
         removed.append(keep)
-        return real_remove(model, variables, keep)
+        return real_remove(model, variables, keep, **kw)
 
     def create_state(variables, tx):
         started.append(variables)

@@ -13,12 +13,37 @@ TINY = {"datasets": ["moons", "spiral"], "num_train": 256, "hidden": ["24", "24"
 
 
 @pytest.mark.parametrize("bug", [False, True])
-def test_numpy_forward_equals_model_apply(bug):
+def test_pruned_networks_are_evaluated_by_their_own_apply(bug):
+    """``prune`` gives a smaller model whose own ``apply`` (what the accuracies and decision boundaries use) computes
+    the full network with the removed units' outgoing weights zeroed (recomputed in numpy), with or without the
+    reference net's missing last ReLU."""
     model = lrp_toy.build_model({**lrp_toy.DEFAULTS, "hidden": ["5", "6", "7"], "reference_bug": bug}, 3)
     assert model.no_relu_after == ((2,) if bug else ())
     v = models.init(model, jax.random.PRNGKey(0), (1, 2))
-    x = np.random.RandomState(0).normal(size=(10, 2)).astype(np.float32)
-    np.testing.assert_allclose(lrp_toy.logits_np(model, v, x), model.apply(v, x), rtol=1e-5, atol=1e-6)
+    rng = np.random.RandomState(0)
+    x = rng.normal(size=(40, 2)).astype(np.float32)
+    y = rng.randint(0, 3, size=40)
+    np.testing.assert_allclose(lrp_toy.logits(model, v, x), model.apply(v, x), rtol=1e-6, atol=1e-6)
+    hidden = ["dense_0", "dense_1", "dense_2"]
+    scores = {l: rng.permutation(n).astype(np.float32) for l, n in zip(hidden, (5, 6, 7))}
+    small, small_vars, keep = lrp_toy.prune(model, v, scores, 6)
+    assert list(keep) == hidden
+    removed = {l: np.setdiff1d(np.arange(n), np.asarray(keep[l])) for l, n in zip(hidden, (5, 6, 7))}
+    assert sum(r.size for r in removed.values()) == 6
+    gone = np.concatenate([scores[l][removed[l]] for l in hidden])
+    kept = np.concatenate([scores[l][np.asarray(keep[l])] for l in hidden])
+    assert gone.max() < kept.min()  # the 6 globally lowest scores (the 0s and 1s of the three layers) went
+    assert small.features == tuple(len(keep[l]) for l in hidden) + (3,) and small.no_relu_after == model.no_relu_after
+    p = jax.tree_util.tree_map(np.array, v["params"])
+    for i, l in enumerate(hidden):
+        p[f"dense_{i + 1}"]["kernel"][removed[l]] = 0.0
+    want = np.asarray(model.apply({"params": p}, x))
+    got = lrp_toy.logits(small, small_vars, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert lrp_toy.accuracy(small, small_vars, x, y) == float(np.mean(np.argmax(want, -1) == y))
+    xx, yy, grid = lrp_toy._grid(x, steps=7)
+    np.testing.assert_array_equal(lrp_toy._predict_grid(small, small_vars, grid, xx.shape),
+                                  np.argmax(np.asarray(model.apply({"params": p}, grid)), -1).reshape(7, 7))
 
 
 def test_reference_samples_are_balanced_and_seeded():
