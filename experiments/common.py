@@ -19,6 +19,15 @@ from jaxprune import augment, checkpoint, data, graph, models, train
 NORMALIZATIONS = ("none", "standardize", "unit")
 
 
+# Flag rows for multi-host runs (jaxprune.distributed.initialize's arguments); they do not change results.
+DISTRIBUTED_FLAGS = [
+    ("coordinator_address", "", "multi-host: 'host:port' of process 0 (empty: single host)"),
+    ("num_processes", 1, "multi-host: number of processes (one per host)"),
+    ("process_id", 0, "multi-host: this process's index in [0, num_processes)"),
+    ("distributed", False, "multi-host: call jax.distributed.initialize() with cluster auto-detection"),
+]
+
+
 def load_data(dataset: str, data_dir: str | None, normalize: str = "none", max_train: int = 0,
               max_test: int = 0, seed: int = 0) -> tuple[data.Dataset, data.Dataset]:
     """Train and test splits, normalised with the *train* statistics; ``max_*`` > 0 keeps the first examples."""

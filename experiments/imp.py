@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,9 @@ SPEC = [
     ("normalize", "none", "input scaling: [0,1] as loaded, train mean/std, or [-1,1]", common.NORMALIZATIONS),
     ("max_train_examples", 0, "keep only the first N training examples (0: all)"),
     ("max_test_examples", 0, "keep only the first N test examples (0: all)"),
-    ("model", "lenet300", "mlp, lenet300, lenet5, conv2, conv4, conv6, vgg11, vgg16, resnet20, resnet56"),
+    ("model", "lenet300", "mlp, lenet300, lenet5, conv2, conv4, conv6, vgg11, vgg16, resnet20, resnet56, or "
+                          "module.path:ClassName (a model of your own; see --model_kwargs)"),
+    common.MODEL_KWARGS,
     ("hidden", ["300", "100"], "hidden widths for --model=mlp"),
     ("use_bias", True, "dense layers with biases (mlp/lenet300)"),
     common.WEIGHT_INIT,
@@ -78,8 +81,11 @@ SPEC = [
     ("eval_every_epoch", False, "evaluate on the test set after every epoch"),
     ("num_replicas", 1, "train seeds seed, seed+1, … seed+K-1 as one vmapped program"),
     ("replica_layout", "vmap", "how replicas share the program (see jaxprune.replicas)", replicas.LAYOUTS),
-    *distributed.FLAGS,
+    *common.DISTRIBUTED_FLAGS,
 ]
+# May change between a run and its resumption (they do not change results).
+VOLATILE = ("workdir", "levels", "eval_every_epoch", "replica_layout", "coordinator_address", "num_processes",
+            "process_id", "distributed")
 ANALYSES = ("similarity", "overlap", "instability")
 ANALYSIS_SPEC = [
     ("analyses", [], "analyses of every level, any of similarity, overlap, instability (-> analysis.json)"),
@@ -105,11 +111,11 @@ class Built:
 
 def build(config: dict) -> Built:
     """Data, model, optimizer and IMP settings from a config dict (missing keys take ``DEFAULTS``)."""
-    c = common.with_defaults(config, DEFAULTS)
+    c = common.canonical_model_kwargs(common.with_defaults(config, DEFAULTS))
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                               c["max_test_examples"], c["seed"])
-    model = models.build(c["model"], tr.num_classes, hidden=common.int_list(c["hidden"], "hidden"),
-                         use_bias=c["use_bias"], weight_init=c["weight_init"], pool=c["pool"], padding=c["padding"])
+    model = common.build_model(c, tr.num_classes, input_shape=tr.images.shape, defaults=DEFAULTS,
+                               use_bias=c["use_bias"], pool=c["pool"], padding=c["padding"])
     if not 1 <= c["batch_size"] <= len(tr.labels):
         raise ValueError(f"batch_size={c['batch_size']}: expected 1..{len(tr.labels)} (the training set size)")
     spe = train.steps_per_epoch(len(tr.labels), c["batch_size"])
@@ -123,7 +129,8 @@ def build(config: dict) -> Built:
         gamma=c["gamma"], warmup_steps=duration("warmup", c["warmup"]), clip_grad_norm=c["clip_grad_norm"])
     mesh = distributed.data_mesh()
     distributed.check_divisible(c["batch_size"], mesh)
-    exclude = tuple(c["exclude"]) + (() if c["prune_output"] else (f"^{model.output_layer}/",))
+    exclude = tuple(c["exclude"]) + (() if c["prune_output"] else tuple(
+        f"^{re.escape(layer)}/" for layer in common.output_layers(model, tr.images.shape)))
     cfg = imp.ImpConfig(levels=c["levels"], fraction=c["prune_fraction"], scope=c["scope"], rewind=c["rewind"],
                         rewind_step=duration("rewind_step", c["rewind_step"]), branch=c["branch"], exclude=exclude,
                         prune_biases=c["prune_biases"], finetune_lr=c["finetune_lr"])
@@ -141,7 +148,7 @@ def train_and_evaluate(config: dict, workdir: str | Path) -> dict:
     """Run (or resume) IMP as described by ``config``; returns the ``results.json`` dict."""
     workdir = Path(workdir)
     b = build(config)
-    record = {**DEFAULTS, **config, "workdir": str(workdir)}
+    record = common.canonical_model_kwargs({**DEFAULTS, **config, "workdir": str(workdir)})
     settings = analysis_settings(record, b)  # refused before anything is written
     analyzer = _Analyzer(b, workdir, settings) if settings else None
 
@@ -162,7 +169,8 @@ def train_and_evaluate(config: dict, workdir: str | Path) -> dict:
         return results
 
     imp_record = {k: v for k, v in record.items() if k not in ANALYSIS_FLAGS}  # analyses may change on a resume
-    levels = imp.run(b.task, b.imp, workdir, config_record=imp_record, on_level=write, added_later=ADDED_LATER)
+    levels = imp.run(b.task, b.imp, workdir, config_record=imp_record, on_level=write, added_later=ADDED_LATER,
+                     volatile=VOLATILE)
     return write(levels)
 
 
@@ -372,8 +380,8 @@ class _Analyzer:
         v0, vk = train.variables_of(self.level(0)["state"]), train.variables_of(self.level(level)["state"])
         per = []
         for r in range(self.k):
-            dense = models.representations(self.task.model, _replica(v0, r, self.k), x)
-            reps = models.representations(self.task.model, _replica(vk, r, self.k), x)
+            dense = common.representations(self.task.model, _replica(v0, r, self.k), x)
+            reps = common.representations(self.task.model, _replica(vk, r, self.k), x)
             bad = [n for n in dense if not (np.isfinite(np.asarray(dense[n])).all()
                                             and np.isfinite(np.asarray(reps[n])).all())]
             ok = {n: reps[n] for n in reps if n not in bad}

@@ -29,15 +29,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 PyTree = Any
 AXIS = "data"
 
-# Flag rows (experiments.common SPEC format) for multi-host runs; they do not change results.
-FLAGS = [
-    ("coordinator_address", "", "multi-host: 'host:port' of process 0 (empty: single host)"),
-    ("num_processes", 1, "multi-host: number of processes (one per host)"),
-    ("process_id", 0, "multi-host: this process's index in [0, num_processes)"),
-    ("distributed", False, "multi-host: call jax.distributed.initialize() with cluster auto-detection"),
-]
-
-
 def initialize(coordinator_address: str = "", num_processes: int = 1, process_id: int = 0, *,
                auto: bool = False, local_device_ids: Sequence[int] | None = None) -> bool:
     """Join a multi-host run (``jax.distributed.initialize``); a no-op for a single host. Returns whether it joined.

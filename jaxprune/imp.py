@@ -504,7 +504,7 @@ def run(task: Task, cfg: ImpConfig, workdir: str | Path | None, *, config_record
 
     ``workdir=None``: in memory, nothing written and nothing resumed. ``config_record``: the full settings, stored
     in ``config.json``; a workdir holding a run with other settings is refused, except for the keys in
-    ``volatile`` (settings that may change on a resume; default: the flags of ``experiments/imp.py`` that do).
+    ``volatile``: the keys of ``config_record`` that may change on a resume (default: ``levels`` only).
     ``added_later``: the caller's settings that older ``config.json`` files lack, with the values those runs
     used. ``on_level(records)`` is called after each finished level (results files, plots);
     ``on_checkpoint(level, tree)`` with the level's checkpoint tree (as :func:`load_level` returns it), also when
@@ -623,8 +623,8 @@ def _save_level(d: Path, tree: PyTree, rec: dict) -> None:
     checkpoint.write_json(d / "level.json", rec)  # the "finished" marker, written last
 
 
-# May change between a run and its resumption (they do not change results).
-_VOLATILE = ("workdir", "levels", "eval_every_epoch", "replica_layout", "coordinator_address", "num_processes",
-             "process_id", "distributed")
+# May change between a run and its resumption without changing results: a caller's own settings (its flags) are
+# its to name (``run(volatile=…)``); the library knows only its own.
+_VOLATILE = ("levels",)
 # Settings added after workdirs were first written: a config.json without them ran with these values.
 _ADDED_LATER = {"num_replicas": 1}

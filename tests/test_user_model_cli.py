@@ -257,11 +257,6 @@ def test_lrp_toy_on_a_user_model(mymodels, tmp_path):
     assert (tmp_path / "moons_boundaries.png").stat().st_size > 0
 
 
-def _imp_takes_user_models() -> bool:
-    return "model_kwargs" in imp_experiment.DEFAULTS
-
-
-@pytest.mark.skipif(not _imp_takes_user_models(), reason="experiments.imp has no --model_kwargs yet")
 def test_imp_and_similarity_on_a_user_model(mymodels, tmp_path):
     from experiments import similarity as similarity_experiment
 
