@@ -56,9 +56,11 @@ def test_triangular_solves_invert_the_upper_factor(shape, x64):
     np.testing.assert_allclose(np.asarray(_linalg.solve_upper(R, jnp.asarray(c), right=True)) @ r, c, atol=1e-10)
 
 
-def test_serial_calls_depend_on_the_previous_result_values_unchanged():
+def test_serial_calls_depend_on_the_previous_result_values_unchanged(monkeypatch):
     """The deadlock guard's dependency: ``serial(fn, …)`` gates every floating argument on the previous result,
-    ``serial.op`` only the smallest (its consumer is one op reading all of them); integers and values untouched."""
+    ``serial.op`` only the smallest (its consumer is one op reading all of them); integers and values untouched.
+    Active on jaxlib <= 0.11.0 only; forced on here so that it is tested on every version."""
+    monkeypatch.setattr(_linalg, "_SERIALISE", True)
     big, small, count = jnp.arange(12.0).reshape(4, 3), jnp.ones((2, 2)), jnp.asarray(3)
 
     def gated(smallest_only):
@@ -75,6 +77,25 @@ def test_serial_calls_depend_on_the_previous_result_values_unchanged():
 
     assert gated(False) == {(4, 3), (2, 2)}
     assert gated(True) == {(2, 2)}
+
+
+def test_serialisation_is_a_pass_through_where_jaxlib_does_not_deadlock(monkeypatch):
+    """jaxlib 0.10.2 and 0.11.0 deadlock on concurrent LAPACK calls, 0.11.1+ do not (BUILD-notes): there
+    ``after`` returns its argument itself and a ``Serial`` program has no extra ops."""
+    import re
+
+    import jaxlib
+    release = tuple(int(re.match(r"\d*", v).group() or 0) for v in jaxlib.__version__.split(".")[:3])
+    assert _linalg._SERIALISE == (release < (0, 11, 1))
+    monkeypatch.setattr(_linalg, "_SERIALISE", False)
+    x = (jnp.ones((3, 2)), jnp.arange(3))
+    assert _linalg.after(x, jnp.float32(1.0)) is x
+
+    def run(a, b):
+        serial = _linalg.Serial()
+        return serial(jnp.linalg.cholesky, serial(lambda m: m @ m.T + 3 * jnp.eye(3), a)), serial.op(jnp.sin, b)
+    eqns = jax.make_jaxpr(run)(jnp.ones((3, 3)), jnp.ones((2,))).jaxpr.eqns
+    assert not [e for e in eqns if e.primitive.name == "add" and e.outvars[0].aval.shape == (2,)]
 
 
 @pytest.mark.parametrize("kappa", [1.0, 30.0, 1e3, 1e6])

@@ -1,31 +1,42 @@
 """Dense building blocks of the similarity code: Gram matrices that skip the redundant half of their flops,
-triangular solves, and the serialisation of LAPACK-backed calls inside a traced program."""
+triangular solves, and the serialisation of LAPACK-backed calls inside a traced program (jaxlib <= 0.11.0 only)."""
 from __future__ import annotations
+
+import re
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 from jax.lax import linalg as lax_linalg
 
 Array = jax.Array
 _LEAF = 256  # blocks of at most 2·_LEAF columns are multiplied whole
 
 
+# The only switch of the workaround below: jaxlib <= 0.11.0 deadlocks on concurrent LAPACK calls (see after;
+# 0.10.2 and 0.11.0 hang, 0.11.1, 0.11.2 and 0.12.0.1 do not); on later releases after and Serial pass values
+# through untouched. "0.10.2" → (0, 10, 2); "0.12.0.dev20250101" → (0, 12, 0).
+_SERIALISE = tuple(int(re.match(r"\d*", v).group() or 0) for v in jaxlib.__version__.split(".")[:3]) < (0, 11, 1)
+
+
 def after(x, token, *, smallest_only: bool = False):
     """``x`` (a pytree of arrays), made to depend on ``token`` (any pytree), values unchanged.
 
     Used to run the LAPACK factorisations of independent layers one after another inside one jitted program:
-    jaxlib 0.10.2's CPU LAPACK kernels split a batched call over XLA's intra-op thread pool and block a pool
-    thread while waiting, so as many concurrent SVD/eigh calls as the pool has threads (2 on a 2-core machine)
-    deadlock the process. XLA:CPU runs independent ops concurrently by data dependencies (an
+    jaxlib 0.10.2's (and 0.11.0's) CPU LAPACK kernels split a batched call over XLA's intra-op thread pool and
+    block a pool thread while waiting, so as many concurrent SVD/eigh calls as the pool has threads (2 on a 2-core
+    machine) deadlock the process. XLA:CPU runs independent ops concurrently by data dependencies (an
     ``optimization_barrier`` is dropped after scheduling), so the dependency is a real one: ``a + 0·t`` with a
     finite scalar ``t`` taken from ``token`` (exactly ``a``; XLA does not fold ``0·t`` for floats), on every
     floating leaf ``a`` — or, with ``smallest_only``, on the smallest one only, which suffices when the consumer is
     one op reading every leaf (it cannot start before all its operands exist) and spares copying the large ones.
-    Each call stays internally parallel.
+    Each call stays internally parallel. On jaxlib >= 0.11.1 (no such deadlock) ``x`` is returned as is.
     """
+    if not _SERIALISE or token is None:
+        return x
     leaves, tree = jax.tree_util.tree_flatten(x)
     floating = [i for i, a in enumerate(leaves) if jnp.issubdtype(a.dtype, jnp.floating)]
-    if token is None or not floating:
+    if not floating:
         return x
     t = jnp.nan_to_num(jax.tree_util.tree_leaves(token)[0].ravel()[0].astype(jnp.float32), posinf=0.0, neginf=0.0)
     for i in [min(floating, key=lambda j: leaves[j].size)] if smallest_only else floating:
@@ -38,7 +49,8 @@ class Serial:
     arguments made to depend (:func:`after`) on the previous call's result. Used for the LAPACK-backed calls
     (SVD, eigh, Cholesky, triangular solves) only, so at most one runs at a time while XLA's own ops (GEMMs,
     elementwise work) still overlap with them. ``serial.op(fn, *args)``: the same for an ``fn`` that is a single
-    op reading all its arguments (one triangular solve, say): only the smallest argument carries the dependency."""
+    op reading all its arguments (one triangular solve, say): only the smallest argument carries the dependency.
+    On jaxlib >= 0.11.1 both are plain calls (:func:`after` passes its arguments through)."""
 
     def __init__(self):
         self.token = None

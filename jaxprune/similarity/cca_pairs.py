@@ -24,8 +24,7 @@ arithmetic makes it as accurate, and the thin SVD otherwise:
   correlations).
 
 ``eps`` is the machine epsilon of the computation dtype. Results agree with the single-pair functions to rounding
-(tested in float64 on full-rank, rank-deficient, dead-unit and ``p > n`` layers). The LAPACK-backed calls
-(Cholesky, SVD, triangular solves) run one at a time (:class:`._linalg.Serial`); XLA's GEMMs overlap with them.
+(tested in float64 on full-rank, rank-deficient, dead-unit and ``p > n`` layers).
 """
 from __future__ import annotations
 
