@@ -231,3 +231,19 @@ def test_readme_bring_your_own_model_example_runs_as_written():
     exec(compile(code, "README.md", "exec"), ns)
     assert ns["small"].hidden == (16, 16) and ns["sv"]["params"]["fc2"]["kernel"].shape == (16, 16)
     assert st.prunable_layers(ns["model"], variables=ns["v"]) == ("fc1", "fc2")
+
+
+def test_merging_an_nnx_dense_layer_is_exact_for_positive_multiples():
+    m = U.nnx_model()
+    k, b = np.asarray(m.hidden.kernel[...]).copy(), np.random.default_rng(1).normal(size=8).astype(np.float32)
+    for dst, src, s in ((6, 0, 2.0), (7, 3, 0.5)):
+        k[:, dst], b[dst] = s * k[:, src], s * b[src]
+    m.hidden.kernel[...] = jnp.asarray(k)
+    m.hidden.bias[...] = jnp.asarray(b)
+    gd, state = nnx.split(m)
+    x = jax.random.normal(KEY, (2, 6, 6, 3))
+    out = merging.merge(gd, state, {"hidden": 6}, keep={"hidden": np.arange(6)}, threshold=0.99, x=x)
+    assert out.report["hidden"]["merged"] == 2
+    merged = nnx.merge(out.model, out.variables)
+    assert merged.head.kernel[...].shape == (6, 3)
+    np.testing.assert_allclose(merged(x), m(x), rtol=1e-5, atol=1e-5)
