@@ -459,6 +459,75 @@ def representations(model, variables: dict, x) -> dict:
     return {name: z[name] for name in g.layers if name in z}
 
 
+# ----------------------------------------------------------------------------------------------- run identity
+# One rule for every experiment (OpenLTH's idea): every artefact an experiment stores and reuses on a rerun — a
+# trained network, a finished round, a per-seed table — records under "settings" the settings that produced it, and
+# only those (a trained network: its data, model and training settings, not the pruning evaluated on it later).
+# A rerun in the same workdir reuses an artefact only when its recorded settings agree with the run's; otherwise
+#  * an artefact that costs training (a trained network, a round) is refused before any work, the error naming
+#    every differing setting with its old and its new value (check_stored, called for all of them up front), and
+#  * a derived artefact (an evaluation table) is recomputed (stored_matches says whether it is current; the caller
+#    logs what changed).
+# A record written before settings were recorded (no "settings" block) cannot be checked: it is refused, saying to
+# delete it (or to use a new --workdir), unless the caller vouches for it (``legacy_ok``: a workdir-level
+# config.json checked by checkpoint.check_run_config already holds the same settings, as in experiments.filter_prune).
+# Comparisons are of the values as JSON stores them; settings added after records were first written take their
+# ``added_later`` value in an older record that lacks them.
+
+# What a trained network of a TRAIN_SPEC config depends on (plus its seed): everything but data_dir (where the data
+# lie, not what they are: a workdir stays usable on another machine).
+NOT_TRAINING_SETTINGS = ("data_dir",)
+
+
+def settings_of(c: dict, keys: Sequence[str]) -> dict:
+    """The settings ``keys`` of config ``c`` (those it has), as JSON stores them."""
+    return checkpoint.as_stored({k: c[k] for k in keys if k in c})
+
+
+def training_settings(c: dict, seed: int) -> dict:
+    """What a network trained by :func:`train_network` from a :data:`TRAIN_SPEC` config depends on."""
+    keys = [row[0] for row in TRAIN_SPEC if row[0] not in NOT_TRAINING_SETTINGS]
+    return {**settings_of(c, keys), "seed": int(seed)}
+
+
+def stored_matches(record: dict | None, settings: dict, added_later: Mapping | None = None,
+                   legacy: str = "settings") -> tuple[bool, dict]:
+    """``(current, diff)`` of a stored record against the settings a run wants: ``current`` when the record holds a
+    settings block (under ``"settings"``, or ``legacy``: an older key for the same thing) equal to ``settings``;
+    ``diff`` names what differs (``{}`` when the record holds no settings at all)."""
+    if record is None:
+        return False, {}
+    old = record.get("settings", record.get(legacy))
+    if old is None:
+        return False, {}
+    diff = checkpoint.settings_diff(old, settings, dict(ADDED_LATER if added_later is None else added_later))
+    return not diff, diff
+
+
+def check_stored(path: str | Path, settings: dict, what: str, *, added_later: Mapping | None = None,
+                 legacy_ok: bool = False) -> bool:
+    """The rule for an artefact that costs training, recorded in the JSON file ``path`` (its finished marker):
+    ``False`` when there is none yet (make it), ``True`` when it was made with ``settings`` (reuse it); a
+    ValueError, before any work, when it was made with other settings (naming each, old -> new) or when its record
+    holds no settings (written by an older version; accepted as is with ``legacy_ok``)."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    record = checkpoint.read_json(path)
+    if "settings" not in record:
+        if legacy_ok:
+            return True
+        raise ValueError(f"{path}: {what} recorded without the settings it was made with (written by an older "
+                         f"version), so it cannot be checked against this run's settings; delete {path.parent} to "
+                         "make it again with these settings, or use a new --workdir")
+    _, diff = stored_matches(record, settings, added_later)
+    if diff:
+        raise ValueError(f"{path}: {what} was made with other settings ({checkpoint.format_settings_diff(diff)}); "
+                         f"it would be reused as if made with the new ones: use a new --workdir, go back to the "
+                         f"old settings, or delete {path.parent} to make it again")
+    return True
+
+
 def optim_config(c: dict, spe: int) -> train.OptimConfig:
     """The optimizer of a :data:`TRAIN_SPEC` config (``spe``: steps per epoch, for milestones in epochs)."""
     return train.OptimConfig(optimizer=c["optimizer"], lr=c["lr"], momentum=c["momentum"],
@@ -467,15 +536,22 @@ def optim_config(c: dict, spe: int) -> train.OptimConfig:
                              gamma=c["gamma"])
 
 
-def train_network(c: dict, model, x_train, y_train, seed: int, out: Path) -> tuple[dict, dict]:
+def train_network(c: dict, model, x_train, y_train, seed: int, out: Path, *,
+                  legacy_ok: bool = False) -> tuple[dict, dict]:
     """Train one network of a :data:`TRAIN_SPEC` config (or reload it from ``out``): ``(variables, record)``.
 
-    ``out`` holds ``checkpoint/`` and ``trained.json``, written last (the finished marker)."""
+    ``out`` holds ``checkpoint/`` and ``trained.json``, written last (the finished marker), which records the
+    :func:`training_settings`; a network trained with other settings is refused (:func:`check_stored`; callers
+    check every seed with :func:`check_trained` before training any). ``legacy_ok``: a ``trained.json`` without
+    settings is reused (the caller checked them otherwise)."""
     out = Path(out)
+    settings = training_settings(c, seed)
     init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
     template = models.init(model, init_key, x_train.shape)
-    if (out / "trained.json").exists():
-        return checkpoint.restore(out / "checkpoint", template), checkpoint.read_json(out / "trained.json")
+    if check_stored(out / "trained.json", settings, "a trained network", legacy_ok=legacy_ok):
+        rec = checkpoint.read_json(out / "trained.json")
+        return checkpoint.restore(out / "checkpoint", template, rec.get("sha256"),
+                                  hint=f"; delete {out} to train it again"), rec
     if out.exists():  # a partial run: start over
         shutil.rmtree(out)
     spe = train.steps_per_epoch(len(y_train), c["batch_size"])
@@ -490,11 +566,19 @@ def train_network(c: dict, model, x_train, y_train, seed: int, out: Path) -> tup
                     log_prefix=f"[seed {seed}] ")
     variables = train.variables_of(res.state)
     rec = {"seed": seed, "steps": steps, "steps_per_epoch": spe, "train_loss": res.train_loss,
-           "train_accuracy": res.train_accuracy, "seconds": res.seconds}
+           "train_accuracy": res.train_accuracy, "seconds": res.seconds, "settings": settings}
     out.mkdir(parents=True)
-    checkpoint.save(out / "checkpoint", variables)
+    rec["sha256"] = checkpoint.save(out / "checkpoint", variables)
     checkpoint.write_json(out / "trained.json", rec)  # the "finished" marker, written last
     return variables, rec
+
+
+def check_trained(c: dict, seeds: Sequence[int], out_of_seed, *, legacy_ok: bool = False) -> None:
+    """Refuse, before any training, a run whose workdir holds a network of one of ``seeds`` trained with other
+    settings (``out_of_seed(seed)``: the folder :func:`train_network` uses for it)."""
+    for seed in seeds:
+        check_stored(Path(out_of_seed(seed)) / "trained.json", training_settings(c, seed), "a trained network",
+                     legacy_ok=legacy_ok)
 
 
 @functools.lru_cache(maxsize=16)

@@ -98,6 +98,22 @@ def _keep(c: dict, model, variables, widths: dict[str, int], x_ref, y_ref, key) 
     return structured.select_layers(model, variables, widths, {k: scores[k] for k in widths}, x=example)
 
 
+def _preflight(c: dict, model, layers, x_train, y_train) -> None:
+    """Refuse, before any training, a criterion that cannot score the pruned layers of the model: the first
+    round's selection is made once on the untrained network (data-driven criteria on a few training examples)."""
+    example = (1,) + tuple(x_train.shape[1:])
+    variables = models.init(model, jax.random.PRNGKey(0), x_train.shape)
+    widths = _layer_widths(model, variables, layers, example)
+    original = dict(widths)
+    target = round_widths(widths, original, float(c["fraction"]), float(c["max_pruned_fraction"]))
+    n = min(int(c["reference_examples"]), 8, len(y_train))
+    try:
+        _keep(c, model, variables, target, jnp.asarray(x_train[:n]), jnp.asarray(y_train[:n]), jax.random.PRNGKey(0))
+    except (TypeError, KeyError, NotImplementedError, ValueError) as e:
+        raise ValueError(f"criterion={c['criterion']!r} with model={c['model']!r} (layer_kind={c['layer_kind']!r}) "
+                         f"cannot select filters ({type(e).__name__}: {e})") from None
+
+
 def _measure(model, variables, x_test, y_test, input_shape) -> dict:
     flops = structured.count_flops(model, variables, input_shape)
     return {"widths": structured.widths(model, variables, x=(1,) + tuple(input_shape[1:])),
@@ -126,10 +142,14 @@ def run(config: dict, workdir: str | Path) -> dict:
     layers = structured.prunable_layers(model, c["layer_kind"], x=example)
     if not layers:
         raise ValueError(f"layer_kind={c['layer_kind']!r}: {type(model).__name__} has no such prunable layer")
+    _preflight(c, model, layers, tr.images, tr.labels)
     workdir.mkdir(parents=True, exist_ok=True)  # a refused model or flag leaves no workdir
+    # Run identity (experiments.common): config.json records the settings of the rounds (all but max_rounds),
+    # trained/trained.json those of the trained network; a trained.json of an older version without settings is
+    # vouched for by config.json, checked here first.
     checkpoint.check_run_config(workdir, c, _VOLATILE, added_later=common.ADDED_LATER)
     x, y, xt, yt = train.to_device(tr.images, tr.labels, te.images, te.labels)
-    variables, trained = common.train_network(c, model, x, y, c["seed"], workdir / "trained")
+    variables, trained = common.train_network(c, model, x, y, c["seed"], workdir / "trained", legacy_ok=True)
     spe = train.steps_per_epoch(len(tr.labels), c["batch_size"])
     ft_steps = train.parse_duration(c["finetune_steps"], spe, "finetune_steps")
     ref = np.random.default_rng(c["seed"]).permutation(len(tr.labels))[:c["reference_examples"]]

@@ -8,13 +8,16 @@ evaluated, without fine-tuning, on the training set and on a held-out set with e
 ``--model=module.path:ClassName`` (with ``--model_kwargs``) runs the same on a model of your own (2-D inputs,
 C logits; see :func:`experiments.common.build_user_model`). Networks are evaluated by their own ``apply``.
 
-Writes to ``--workdir``: ``<dataset>/model`` (the trained net, reused on a rerun), ``results.json``,
+Writes to ``--workdir``: ``<dataset>/model`` and ``<dataset>/train.json`` (the trained net and its record, with
+the settings it was trained with: reused on a rerun when they agree, refused before any training, naming each
+differing setting, when they do not — the run-identity rule of :mod:`experiments.common`), ``results.json``,
 ``<dataset>_accuracy_vs_n.png`` (train and noisy test), ``<dataset>_boundaries.png``.
 """
 from __future__ import annotations
 
 import functools
 import itertools
+import shutil
 import time
 from pathlib import Path
 
@@ -87,15 +90,59 @@ def build_model(c: dict, num_classes: int, check: bool = False):
                       no_relu_after=(len(hidden) - 1,) if c["reference_bug"] else ())
 
 
-def train_model(c: dict, model, x: np.ndarray, y: np.ndarray, workdir: Path) -> tuple[dict, dict]:
-    """Train (or restore from ``workdir/model``) the network; ``(variables, info)``."""
+# What a dataset's trained network depends on (with the dataset's name): the training data, model and training.
+TRAINING_SETTINGS = ("num_train", "model", "model_kwargs", "hidden", "dropout", "weight_init", "reference_bug",
+                     "optimizer", "lr", "momentum", "training_steps", "batch_size", "model_seed")
+
+
+def training_settings(c: dict, name: str) -> dict:
+    return {"dataset": name, **common.settings_of(c, TRAINING_SETTINGS)}
+
+
+def preflight(c: dict) -> None:
+    """Refuse, before any training, a criterion the model cannot be scored or pruned with: per dataset, every
+    criterion scores the untrained network on one reference sample per class and the lowest units are removed."""
+    for name in c["datasets"]:
+        k = int(data.make_toy(name, 8, 0).num_classes)
+        ref = reference_samples(name, 1, k, 0)
+        model = build_model(c, k, check=True)
+        variables = models.init(model, jax.random.PRNGKey(0), ref.images.shape)
+        widths = structured.widths(model, variables, x=(1, 2))
+        total = sum(widths.values())
+        if not widths:
+            raise ValueError(f"model={c['model']!r}: no hidden layer units can be removed from")
+        if c["n_prune"] >= total:
+            raise ValueError(f"n_prune={c['n_prune']}: expected fewer than the {total} hidden units")
+        for crit in c["criteria"]:
+            try:
+                sc = criteria.scores(crit, model, variables, ref.images, ref.labels, composite=c["composite"])
+                _remove_lowest(model, variables, {l: sc[l] for l in widths}, c["n_prune"])
+            except (ValueError, TypeError, KeyError, NotImplementedError) as e:
+                raise ValueError(f"criteria={crit!r} with model={c['model']!r} on {name}: cannot score or prune "
+                                 f"({type(e).__name__}: {e})") from None
+
+
+def check_trained(c: dict, workdir: Path) -> None:
+    """Refuse, before any training, a workdir holding a dataset's network trained with other settings."""
+    for name in c["datasets"]:
+        common.check_stored(Path(workdir) / name / "train.json", training_settings(c, name), "a trained network")
+
+
+def train_model(c: dict, model, x: np.ndarray, y: np.ndarray, workdir: Path, name: str = "") -> tuple[dict, dict]:
+    """Train (or restore from ``workdir/model``) the network of dataset ``name``; ``(variables, info)``.
+    ``workdir/train.json`` (written last: the finished marker) records the :func:`training_settings`; a network
+    trained with other settings is refused (:func:`experiments.common.check_stored`)."""
     key = jax.random.PRNGKey(c["model_seed"])
     init_key, data_key = jax.random.split(key)
     variables = models.init(model, init_key, x.shape)
     ckpt = workdir / "model"
     info_path = workdir / "train.json"
-    if ckpt.exists() and info_path.exists():
-        return checkpoint.restore(ckpt, variables), checkpoint.read_json(info_path)
+    settings = training_settings(c, name or workdir.name)
+    if common.check_stored(info_path, settings, "a trained network"):
+        info = checkpoint.read_json(info_path)
+        return checkpoint.restore(ckpt, variables, info.get("sha256"), hint=f"; delete {workdir} to retrain"), info
+    if ckpt.exists():  # a partial run (no finished marker): start over
+        shutil.rmtree(ckpt)
     spe = train.steps_per_epoch(len(y), c["batch_size"])
     steps = train.parse_duration(c["training_steps"], spe, "training_steps")
     optim = train.OptimConfig(optimizer=c["optimizer"], lr=c["lr"], momentum=c["momentum"])
@@ -104,8 +151,9 @@ def train_model(c: dict, model, x: np.ndarray, y: np.ndarray, workdir: Path) -> 
     res = train.run(train.make_trainer(model, tx), train.create_state(variables, tx), xs, ys,
                     batch_size=c["batch_size"], num_steps=steps, data_key=data_key, loop="scan")
     variables = train.variables_of(res.state)
-    checkpoint.save(ckpt, variables)
-    info = {"steps": steps, "seconds": res.seconds, "final_train_loss": res.train_loss}
+    sha = checkpoint.save(ckpt, variables)
+    info = {"steps": steps, "seconds": res.seconds, "final_train_loss": res.train_loss, "settings": settings,
+            "sha256": sha}
     checkpoint.write_json(info_path, info)
     return variables, info
 
@@ -133,6 +181,10 @@ def reference_samples(name: str, per_class: int, num_classes: int, seed: int) ->
 
 def prune(model, variables, scores: dict, n_prune: int):
     """Physically remove the ``n_prune`` globally lowest-scoring units: ``(model, variables, keep)``."""
+    return _remove_lowest(model, variables, scores, n_prune)
+
+
+def _remove_lowest(model, variables, scores: dict, n_prune: int):
     keep = criteria.global_keep(scores, n_prune)
     host = jax.tree_util.tree_map(np.asarray, variables)  # numpy leaves: slicing needs no compile per shape
     small, small_vars = structured.remove_many(model, host, keep, x=(1, 2))  # the toy inputs are 2-D
@@ -176,7 +228,7 @@ def run_dataset(c: dict, name: str, workdir: Path) -> dict:
     noisy = (te.images + rng.normal(0.0, c["noise"], te.images.shape)).astype(np.float32)
     k = tr.num_classes
     model = build_model(c, k, check=True)
-    variables, info = train_model(c, model, tr.images, tr.labels, workdir / name)
+    variables, info = train_model(c, model, tr.images, tr.labels, workdir / name, name)
     widths = structured.widths(model, variables, x=(1, 2))  # the layers units can be removed from: every hidden
     hidden = list(widths)  # layer (output layers are never among them)
     if c["n_prune"] >= sum(widths[l] for l in hidden):
@@ -246,6 +298,8 @@ def run(config: dict, workdir: str | Path) -> dict:
     c = common.canonical_model_kwargs(common.with_defaults(config, DEFAULTS))
     _check(c)
     workdir = Path(workdir)
+    check_trained(c, workdir)  # before any training
+    preflight(c)
     record = {**c, "workdir": str(workdir)}
     results = {"config": record, "environment": common.environment(), "datasets": {}}
     for name in c["datasets"]:

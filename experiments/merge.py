@@ -4,7 +4,10 @@ For every seed: train the network (or load level 0 of an ``experiments.imp`` wor
 then for every criterion and pruning ratio (or the single ``--pruned_cfg``) evaluate the original, the pruned and
 the merged network on the test set — no data is used by pruning or merging, and nothing is retrained.
 
-Writes to ``--workdir``: ``seed_<s>/`` (trained checkpoint + ``trained.json``, reused when the command is re-run),
+Writes to ``--workdir``: ``seed_<s>/`` (trained checkpoint + ``trained.json``, which records the training
+settings: a rerun reuses the network when they agree and refuses, before any training, naming each differing
+setting, when they do not — see the run-identity rule in :mod:`experiments.common`; the evaluation is recomputed
+on every run),
 ``results.json`` (config, per-seed runs with per-layer merge reports, mean/std summary), ``metrics.csv`` and
 ``accuracy_vs_ratio.png``.
 
@@ -65,6 +68,7 @@ def _load_source(c: dict, path: str) -> tuple[object, dict, object, object, obje
     from experiments import imp as imp_experiment
 
     if (Path(path) / "trained.json").exists():  # a seed folder of an earlier experiments.merge run
+        _check_source(c, Path(path) / "trained.json")
         tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                                   c["max_test_examples"], 0)
         model = common.build_model(c, te.num_classes, input_shape=te.images.shape, defaults=DEFAULTS)
@@ -75,6 +79,42 @@ def _load_source(c: dict, path: str) -> tuple[object, dict, object, object, obje
     built, variables, records = imp_experiment.load_levels(path)
     return (built.model, variables[0], built.task.x_train, built.task.x_test, built.task.y_test,
             {"source_workdir": path, "level_0": records[0]})
+
+
+# What the network of a merge seed folder must share with this run's flags: the data and model they build.
+SOURCE_SETTINGS = ("dataset", "normalize", "max_train_examples", "max_test_examples", "model", "model_kwargs",
+                   "hidden", "vgg_cfg", "weight_init")
+
+
+def _check_source(c: dict, path: Path) -> None:
+    """A merge seed folder given as ``--source_workdir`` is read with this run's data and model flags: refuse one
+    trained on other data or another model (naming each differing setting), or one recorded without settings."""
+    rec = checkpoint.read_json(path)
+    if "settings" not in rec:
+        raise ValueError(f"source_workdir: {path} records no settings (written by an older version), so its "
+                         "data and model cannot be checked against this run's flags; retrain it, or load an "
+                         "experiments.imp workdir")
+    diff = checkpoint.settings_diff({k: v for k, v in rec["settings"].items() if k in SOURCE_SETTINGS},
+                                    common.settings_of(c, SOURCE_SETTINGS), common.ADDED_LATER)
+    if diff:
+        raise ValueError(f"source_workdir: {path} was trained on other data or another model than this run's flags "
+                         f"give ({checkpoint.format_settings_diff(diff)}); pass the flags it was trained with")
+
+
+def _preflight(c: dict, model, variables) -> None:
+    """Refuse, before any training, settings that cannot work with the model: every pruning level and criterion
+    is merged once on the untrained ``variables`` (merging is data-free and cheap)."""
+    if not merging.mergeable_layers(model, variables=variables):
+        raise ValueError(f"model={c['model']!r}: {type(model).__name__} has no layer neuron merging applies to")
+    threshold = None if c["threshold"] < 0 else c["threshold"]
+    for label, _, widths in _settings(c, model, variables)[:1]:
+        for crit in c["criteria"]:
+            try:
+                merging.merge(model, variables, widths, mode="merge", criterion=crit, threshold=threshold,
+                              lam=c["lam"], bn_scale=c["bn_scale"], scale=c["scale"], key=jax.random.PRNGKey(0))
+            except (ValueError, TypeError, KeyError, NotImplementedError) as e:
+                raise ValueError(f"criteria={crit!r} with model={c['model']!r} (setting {label}) cannot be merged "
+                                 f"({type(e).__name__}: {e})") from None
 
 
 def _settings(c: dict, model, variables) -> list[tuple[str, float | None, dict[str, int]]]:
@@ -165,25 +205,32 @@ def run(config: dict, workdir: str | Path) -> dict:
     c = _config(config)
     workdir = Path(workdir)
     c["workdir"] = str(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in c["seeds"]]
     data = None
     per_seed: list[dict] = []
     meta: dict = {}
+    if not c["source_workdir"]:  # everything a rerun cannot reuse is refused before any training
+        tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
+                                  c["max_test_examples"], 0)
+        data = (*train.to_device(tr.images, tr.labels, te.images, te.labels), tr.num_classes)
+        meta.update(num_train=len(tr.labels), num_test=len(te.labels))
+        model = common.build_model(c, tr.num_classes, input_shape=tr.images.shape, defaults=DEFAULTS)
+        if not 1 <= c["batch_size"] <= len(tr.labels):
+            raise ValueError(f"batch_size={c['batch_size']}: expected 1..{len(tr.labels)} (training set size)")
+        common.check_trained(c, seeds, lambda s: workdir / f"seed_{s}")
+        _preflight(c, model, models.init(model, jax.random.PRNGKey(0), tr.images.shape))
+    else:
+        for seed in seeds:  # a merge seed folder trained on other data or another model: refused up front
+            path = Path(c["source_workdir"].replace("{seed}", str(seed))) / "trained.json"
+            if path.exists():
+                _check_source(c, path)
+    workdir.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         if c["source_workdir"]:
             model, variables, x_train, x_test, y_test, trained = _load_source(
                 c, c["source_workdir"].replace("{seed}", str(seed)))
         else:
-            if data is None:
-                tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
-                                          c["max_test_examples"], 0)
-                data = (*train.to_device(tr.images, tr.labels, te.images, te.labels), tr.num_classes)
-                meta.update(num_train=len(tr.labels), num_test=len(te.labels))
-            x_train, y_train, x_test, y_test, num_classes = data
-            model = common.build_model(c, num_classes, input_shape=x_train.shape, defaults=DEFAULTS)
-            if not 1 <= c["batch_size"] <= len(y_train):
-                raise ValueError(f"batch_size={c['batch_size']}: expected 1..{len(y_train)} (training set size)")
+            x_train, y_train, x_test, y_test, _ = data
             variables, trained = common.train_network(c, model, x_train, y_train, seed, workdir / f"seed_{seed}")
         res = evaluate_seed(c, model, variables, x_test, y_test, x_train)
         per_seed.append({"seed": seed, "trained": trained, **res})

@@ -78,6 +78,11 @@ def unit_pruned(model, variables: dict, sparsity: float, scope: str, criterion: 
     """Zero ``ceil(sparsity·n)`` units of every shrinkable layer (layerwise) or of all of them ranked together by
     score (``scope='global'``; score-based criteria only). Shapes are unchanged. ``x``: an example input (or its
     shape) the model's graph is traced on (default: inferred from the variables)."""
+    return _unit_prune(model, variables, sparsity, scope, criterion, key, x=x)
+
+
+def _unit_prune(model, variables: dict, sparsity: float, scope: str, criterion: str = "l2",
+                key: jax.Array | None = None, *, x=None) -> dict:
     layers = structured.prunable_layers(model, variables=variables, x=x)
     keys = {layer: None if key is None else jax.random.fold_in(key, i) for i, layer in enumerate(layers)}
     keep: dict[str, np.ndarray] = {}
@@ -120,11 +125,30 @@ def _build(c: dict):
                                use_bias=c["use_bias"])
     if not 1 <= c["batch_size"] <= len(tr.labels):
         raise ValueError(f"batch_size={c['batch_size']}: expected 1..{len(tr.labels)} (the training set size)")
+    if "unit" in c["methods"] and c["scope"] == "global" and c["unit_criterion"] == "kmeans":
+        raise ValueError("unit_criterion='kmeans' has no per-unit score to rank globally; use --scope=layerwise")
+    _preflight(c, model, tr.images.shape, max(sparsities))
     num_steps = train.parse_duration(c["training_steps"], train.steps_per_epoch(len(tr.labels), c["batch_size"]),
                                      "training_steps")
     if num_steps < 1:
         raise ValueError(f"training_steps={c['training_steps']!r}: expected at least one step")
     return tr, te, model, sparsities, seeds, num_steps
+
+
+def _preflight(c: dict, model, input_shape, sparsity: float) -> None:
+    """Refuse, before any training, a method the model cannot be pruned with: each is applied once to the
+    untrained network at the highest sparsity."""
+    example = (1,) + tuple(input_shape[1:])
+    variables = models.init(model, jax.random.PRNGKey(0), input_shape)
+    try:
+        if "weight" in c["methods"]:
+            weight_pruned(variables["params"], common.output_layers(model, example, variables), sparsity, c["scope"])
+        if "unit" in c["methods"]:
+            _unit_prune(model, variables, sparsity, c["scope"], c["unit_criterion"], jax.random.PRNGKey(0),
+                        x=example)
+    except (TypeError, KeyError, NotImplementedError, ValueError) as e:
+        raise ValueError(f"methods={','.join(c['methods'])} with model={c['model']!r} (scope={c['scope']!r}, "
+                         f"unit_criterion={c['unit_criterion']!r}) cannot prune ({type(e).__name__}: {e})") from None
 
 
 def run_seed(c: dict, seed: int, tr, te, model, sparsities: list[float], num_steps: int) -> dict:
@@ -173,27 +197,33 @@ def run(config: dict, workdir: str | Path) -> dict:
     tr, te, model, sparsities, seeds, num_steps = _build(c)  # refused before anything is written
     workdir.mkdir(parents=True, exist_ok=True)
     record = {**c, "workdir": str(workdir)}
+    # Run identity (experiments.common): seed_<s>.json, an evaluation table, records the settings that produced it
+    # (all but the seeds, the workdir and the methods/sparsities, which may grow); one made with other settings,
+    # or lacking a method or sparsity asked for now, is recomputed — the network retrained, never reused.
     same = {k: v for k, v in record.items() if k not in ("seeds", "workdir", "methods", "sparsities")}
     per_seed = []
     for seed in seeds:
         path = workdir / f"seed_{seed}.json"
         if path.exists():
             done = checkpoint.read_json(path)
-            have = set(done["accuracy"]) >= set(c["methods"]) and all(
+            have = set(done.get("accuracy", {})) >= set(c["methods"]) and all(
                 set(map(_key, sparsities)) <= set(done["accuracy"][m]) for m in c["methods"])
-            older = {k: v for k, v in common.ADDED_LATER.items() if k in same}  # settings added since
-            if {**older, **done.get("config", {})} == same and have:
+            current, diff = common.stored_matches(done, same, legacy="config")  # "config": its older name
+            if current and have:
                 logging.info("seed %d: finished earlier, skipped", seed)
                 per_seed.append(done)
                 continue
+            why = (f"recorded with other settings ({checkpoint.format_settings_diff(diff)})" if diff else
+                   "lacks methods or sparsities asked for now" if current else "recorded without settings")
+            logging.warning("seed %d: %s; retraining and recomputing it", seed, why)
         r = run_seed(c, seed, tr, te, model, sparsities, num_steps)
-        r["config"] = same
+        r["settings"] = checkpoint.as_stored(same)
         checkpoint.write_json(path, r)
         per_seed.append(r)
     results = {"config": record, "environment": common.environment(), "sparsities": sparsities,
                "training_steps": num_steps, "num_train": len(tr.labels), "num_test": len(te.labels),
                **summarize(per_seed, c["methods"], sparsities),
-               "per_seed": [{k: v for k, v in r.items() if k != "config"} for r in per_seed]}
+               "per_seed": [{k: v for k, v in r.items() if k not in ("config", "settings")} for r in per_seed]}
     checkpoint.write_json(workdir / "results.json", results)
     pct = [100 * s for s in sparsities]
     plots.curves(pct, {m: [100 * results["accuracy"][m][_key(s)] for s in sparsities] for m in c["methods"]},

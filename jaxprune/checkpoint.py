@@ -90,6 +90,25 @@ def read_json(path: str | os.PathLike, hint: str = "") -> Any:
         raise ValueError(f"{path}: not valid JSON, the file is corrupt or truncated ({e}){hint}") from None
 
 
+def as_stored(obj: Any) -> Any:
+    """``obj`` as JSON gives it back (tuples become lists, ...): settings are compared in the form they are stored."""
+    return json.loads(json.dumps(obj))
+
+
+def settings_diff(old: dict, new: dict, added_later: dict | None = None) -> dict[str, tuple]:
+    """``{key: (old value, new value)}`` for every setting that differs between a stored record ``old`` and the
+    settings ``new`` (both as JSON holds them). ``added_later``: settings introduced after records were first
+    written, with the value an older record that lacks them was made with (only keys of ``new`` are filled in)."""
+    old, new = as_stored(old), as_stored(new)
+    old.update(as_stored({k: v for k, v in (added_later or {}).items() if k not in old and k in new}))
+    return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
+def format_settings_diff(diff: dict[str, tuple]) -> str:
+    """``"lr: 0.05 -> 0.5, training_steps: '5' -> '50'"`` (each differing setting, old value -> new value)."""
+    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+
+
 def check_run_config(workdir: str | os.PathLike, record: dict, volatile: tuple = (),
                      added_later: dict | None = None) -> None:
     """Record a run's settings in ``workdir/config.json``, or refuse to resume a run made with other settings.
@@ -100,14 +119,12 @@ def check_run_config(workdir: str | os.PathLike, record: dict, volatile: tuple =
     """
     path = Path(workdir) / "config.json"
     # compared as JSON holds them (tuples become lists), so an identical Python config is not refused
-    clean = json.loads(json.dumps({k: v for k, v in record.items() if k not in volatile}))
+    clean = as_stored({k: v for k, v in record.items() if k not in volatile})
     if not path.exists():
         write_json(path, clean)
         return
     old = {k: v for k, v in read_json(path).items() if k not in volatile}
-    old.update(json.loads(json.dumps({k: v for k, v in (added_later or {}).items() if k not in old and k in clean})))
-    diff = {k: (old.get(k), clean.get(k)) for k in set(old) | set(clean) if old.get(k) != clean.get(k)}
+    diff = settings_diff(old, clean, {k: v for k, v in (added_later or {}).items() if k not in volatile})
     if diff:
-        lines = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise ValueError(f"workdir {workdir} holds a run with a different config — different settings ({lines}); "
-                         "use a new --workdir or delete the old one")
+        raise ValueError(f"workdir {workdir} holds a run with a different config — different settings "
+                         f"({format_settings_diff(diff)}); use a new --workdir or delete the old one")

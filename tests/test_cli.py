@@ -70,3 +70,24 @@ def test_flag_errors_name_the_flag_and_leave_no_workdir(tmp_path):
     p = _cli(*small, "--rewind=finetune", "--schedule=cosine", "--finetune_lr=0.05")
     assert p.returncode == 0, p.stderr[-2000:]
     assert json.loads((wd / "config.json").read_text())["finetune_lr"] == 0.05
+
+
+def test_merge_rerun_with_other_training_settings_is_refused_in_one_line(tmp_path):
+    """Issue #17's reproduction: a rerun with --lr=0.5 --training_steps=50 in a workdir trained at lr 0.05 for 5
+    steps is refused (exit 2, naming both settings), not answered with the old network under the new settings."""
+    wd = tmp_path / "merge"
+    args = ["--dataset=digits", "--model=mlp", "--hidden=16,8", "--schedule=constant", "--milestones=",
+            "--weight_decay=0", "--batch_size=32", "--seeds=0", "--ratios=0.5", "--criteria=l2", f"--workdir={wd}"]
+
+    def merge(*extra):
+        return subprocess.run([sys.executable, "-m", "experiments.merge", *args, *extra], cwd=REPO,
+                              capture_output=True, text=True, timeout=600)
+
+    p = merge("--lr=0.05", "--training_steps=5")
+    assert p.returncode == 0, p.stderr[-2000:]
+    results = (wd / "results.json").read_text()
+    p = merge("--lr=0.5", "--training_steps=50")
+    assert p.returncode == 2, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "lr: 0.05 -> 0.5" in last and "training_steps: '5' -> '50'" in last
+    assert (wd / "results.json").read_text() == results  # nothing recorded under the new settings
