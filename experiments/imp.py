@@ -98,7 +98,8 @@ SPEC = [*SPEC, *ANALYSIS_SPEC]
 ANALYSIS_FLAGS = tuple(row[0] for row in ANALYSIS_SPEC)  # not IMP settings: never in config.json
 DEFAULTS = common.defaults(SPEC)
 # older config.json files ran with these values
-ADDED_LATER = {**common.ADDED_LATER, "exclude": [], "clip_grad_norm": 0.0, "prune_biases": False, "finetune_lr": None}
+ADDED_LATER = {**common.ADDED_LATER, "exclude": [], "clip_grad_norm": 0.0, "prune_biases": False, "finetune_lr": None,
+               "num_replicas": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,8 +170,8 @@ def train_and_evaluate(config: dict, workdir: str | Path) -> dict:
         return results
 
     imp_record = {k: v for k, v in record.items() if k not in ANALYSIS_FLAGS}  # analyses may change on a resume
-    levels = imp.run(b.task, b.imp, workdir, config_record=imp_record, on_level=write, added_later=ADDED_LATER,
-                     volatile=VOLATILE)
+    levels = imp.run(b.task, b.imp, workdir, on_level=write,
+                     before_start=lambda wd: checkpoint.check_run_config(wd, imp_record, VOLATILE, ADDED_LATER))
     return write(levels)
 
 

@@ -44,7 +44,7 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import jax
@@ -496,17 +496,16 @@ def load_level(workdir: str | Path, level: int, task: Task) -> dict:
     return checkpoint.restore(path / "checkpoint", _template(task, task.seed), sha256=sha, hint=_redo_hint(path))
 
 
-def run(task: Task, cfg: ImpConfig, workdir: str | Path | None, *, config_record: dict | None = None,
-        on_level: Callable[[list[dict]], None] | None = None, added_later: dict | None = None,
-        volatile: Sequence[str] | None = None,
+def run(task: Task, cfg: ImpConfig, workdir: str | Path | None, *,
+        on_level: Callable[[list[dict]], None] | None = None,
+        before_start: Callable[[Path], None] | None = None,
         on_checkpoint: Callable[[int, dict], None] | None = None) -> list[dict]:
     """Run (or resume) IMP in ``workdir``; returns one record per level (see module docstring).
 
-    ``workdir=None``: in memory, nothing written and nothing resumed. ``config_record``: the full settings, stored
-    in ``config.json``; a workdir holding a run with other settings is refused, except for the keys in
-    ``volatile``: the keys of ``config_record`` that may change on a resume (default: ``levels`` only).
-    ``added_later``: the caller's settings that older ``config.json`` files lack, with the values those runs
-    used. ``on_level(records)`` is called after each finished level (results files, plots);
+    ``workdir=None``: in memory, nothing written and nothing resumed. ``before_start(workdir)``: called once the
+    settings are known to be valid and before anything is written — where a caller checks its own run identity
+    (``experiments.imp`` stores its flags with :func:`jaxprune.checkpoint.check_run_config`), so a refused or
+    corrected run leaves nothing behind. ``on_level(records)`` is called after each finished level (results files, plots);
     ``on_checkpoint(level, tree)`` with the level's checkpoint tree (as :func:`load_level` returns it), also when
     ``workdir`` is None.
     """
@@ -540,9 +539,8 @@ def run(task: Task, cfg: ImpConfig, workdir: str | Path | None, *, config_record
                                      biases=cfg.prune_biases)
     # Settings are recorded only once they are known to be valid, so a corrected rerun is not refused; the
     # workdir is created only then, so a refused run leaves nothing behind.
-    if config_record is not None and workdir is not None:
-        checkpoint.check_run_config(workdir, config_record, _VOLATILE if volatile is None else tuple(volatile),
-                                    {**_ADDED_LATER, **(added_later or {})})
+    if before_start is not None and workdir is not None:
+        before_start(workdir)
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
     dense_mask = masks.ones_like(setup.init_variables["params"])
@@ -622,9 +620,3 @@ def _save_level(d: Path, tree: PyTree, rec: dict) -> None:
     rec["checkpoint_sha256"] = checkpoint.save(d / "checkpoint", tree)  # checked by load_level
     checkpoint.write_json(d / "level.json", rec)  # the "finished" marker, written last
 
-
-# May change between a run and its resumption without changing results: a caller's own settings (its flags) are
-# its to name (``run(volatile=…)``); the library knows only its own.
-_VOLATILE = ("levels",)
-# Settings added after workdirs were first written: a config.json without them ran with these values.
-_ADDED_LATER = {"num_replicas": 1}
