@@ -29,7 +29,7 @@ from absl import app, logging
 
 from experiments import common
 from experiments import imp as imp_exp
-from jaxprune import checkpoint, plots, similarity
+from jaxprune import analysis, checkpoint, plots, similarity
 
 def _gram_cosine(k, l):
     return jnp.vdot(k, l) / jnp.sqrt(jnp.vdot(k, k) * jnp.vdot(l, l))
@@ -58,18 +58,8 @@ STUDY_VARIANTS = {
 }
 
 # experiment metric name → (similarity name or (prepare, compare) pair, options)
-METRICS: dict[str, tuple] = {
-    "mean_cca": ("mean_cca", {}),
-    "svcca": ("svcca", {}),
-    "pwcca": ("pwcca", {}),
-    "pwcca_svcca": ("pwcca", {"svcca_compatible": True}),
-    "linear_cka": ("linear_cka", {}),
-    "linear_cka_debiased": ("linear_cka", {"debiased": True}),
-    "rbf_cka": ("rbf_cka", {}),
-    "nbs": ("nbs", {}),
-    **{name: (pair, {}) for name, pair in STUDY_VARIANTS.items()},
-}
-CCA_FAMILY = ("mean_cca", "svcca", "pwcca")
+METRICS: dict[str, tuple] = {**analysis.SIMILARITY_METRICS, **{name: (pair, {}) for name, pair in STUDY_VARIANTS.items()}}
+CCA_FAMILY = analysis.CCA_FAMILY
 
 SPEC = [
     ("imp_workdir", "", "a finished (or partly finished) experiments.imp workdir"),

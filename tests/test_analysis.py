@@ -15,8 +15,7 @@ import pytest
 
 from conftest import REPO
 from experiments import imp as imp_exp
-from experiments import similarity as sim_exp
-from jaxprune import analysis, data, imp, masks, models, replicas, train
+from jaxprune import analysis, data, imp, masks, models, train
 
 SMALL = dict(dataset="digits", model="mlp", hidden=["24"], optimizer="momentum", lr=0.05, schedule="step",
              milestones=["30"], training_steps="40", batch_size=64, prune_fraction=0.5, seed=3)
@@ -219,11 +218,6 @@ def test_random_overlap_like_matches_random_masks_with_the_same_layer_counts():
 
 
 # ----------------------------------------------------------------------------------------------- similarity
-def test_library_metric_names_are_those_of_experiments_similarity():
-    for name, spec in analysis.SIMILARITY_METRICS.items():
-        assert sim_exp.METRICS[name] == spec
-
-
 def test_similarity_of_the_dense_network_with_itself_is_one_for_every_metric(two_nets):
     model, _, (a, _), xt, _ = two_nets
     reps = models.representations(model, a, xt[:200])
