@@ -672,7 +672,7 @@ def _analyse(n: Net, prog: Program) -> Graph:
     for o in prog.out_ids:
         if isinstance(o, int) and o in origin:
             out_units |= set(origin[o].tolist())
-            freeze(origin[o], OUTPUT)
+    producer = {o: e for e in prog.eqns for o in e.outs}  # var id -> the equation computing it
     for li, l in enumerate(layers):
         chain, cur = [], l["var"]
         while True:
@@ -683,7 +683,7 @@ def _analyse(n: Net, prog: Program) -> Graph:
             cur = prog.eqns[us[0]].outs[0]
         for c in chain:
             kinds[c] = "chain"
-        bias, bn = _chain_params(prog, chain, l["var"], sources, n)
+        bias, bn = _chain_params(prog, chain, l["var"], sources, producer)
         lay[l["name"]] = dict(l, chain=tuple(chain), out=cur, bias=bias, batchnorm=bn)
     # consumers / producers
     uid_owner = np.asarray(owner, np.int64)
@@ -763,7 +763,8 @@ def _homogeneous(prog: Program, kinds, start: int, uses) -> bool:
     return True
 
 
-def _chain_params(prog: Program, chain: list[int], start: int, sources, n: Net) -> tuple[int | None, tuple | None]:
+def _chain_params(prog: Program, chain: list[int], start: int, sources,
+                  producer: dict) -> tuple[int | None, tuple | None]:
     """The bias leaf of a ``[add bias]`` chain, and BatchNorm's leaves when the chain is ``sub mean, mul
     rsqrt(var + eps)·scale, add bias`` (flax's inference form), found from the equations themselves."""
     eqns = [prog.eqns[c] for c in chain]
@@ -779,8 +780,6 @@ def _chain_params(prog: Program, chain: list[int], start: int, sources, n: Net) 
         s = sources.get(w, frozenset())
         return next(iter(s)) if len(s) == 1 else None
 
-    # producers of weight vars, for the rsqrt(var + eps) pattern
-    producer = {o: e for e in prog.eqns for o in e.outs}
     cur = start
     ops = []
     for e in eqns:

@@ -320,10 +320,11 @@ def decompose_layer(model: Any, variables: PyTree, layer: str, n_keep: int, *, m
     g = _graph(model, variables, x)
     l = _link(g, layer)
     leaves = g.net.leaves
-    kernel = jnp.moveaxis(leaves[l.kernel], l.out_axis, -1)
+    unit = structured.unit_params(g, layer)
+    kernel = unit["kernel"]
     bn = l.bn
     if bn is None:
-        return decompose_dense(kernel, n_keep, bias=None if l.bias is None else leaves[l.bias], criterion=criterion,
+        return decompose_dense(kernel, n_keep, bias=unit.get("bias"), criterion=criterion,
                                threshold=DENSE_THRESHOLD if threshold is None else threshold, mode=mode,
                                scale=scale, key=key, keep=keep)
     ones = jnp.ones((l.units,), kernel.dtype)
