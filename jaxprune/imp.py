@@ -54,7 +54,7 @@ import optax
 from absl import logging
 
 from jaxprune import augment as augmentation
-from jaxprune import checkpoint, masks, models, replicas, train
+from jaxprune import checkpoint, conventions, masks, models, replicas, train
 
 PyTree = Any
 REWINDS = ("init", "step", "lr", "finetune")
@@ -438,11 +438,12 @@ SUMMARY_KEYS = ("density", "test_accuracy", "test_loss", "train_loss", "train_ac
 
 
 def _summary(level: int, reps: list[dict]) -> dict:
-    """One level over K replicas: means under the usual keys, ``<key>_std`` (ddof=1), per-replica records."""
+    """One level over K replicas: means under the usual keys, ``<key>_std`` (ddof = 1,
+    :func:`jaxprune.conventions.summary`), per-replica records."""
     out: dict = {"level": level, "num_replicas": len(reps)}
     for key in SUMMARY_KEYS:
-        vals = np.asarray([r[key] for r in reps], np.float64)
-        out[key], out[f"{key}_std"] = float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        s = conventions.summary([r[key] for r in reps])
+        out[key], out[f"{key}_std"] = s["mean"], s["std"]
     for key in ("kept_weights", "prunable_weights", "steps"):  # equal across replicas (exact pruning counts)
         vals = [r[key] for r in reps]
         out[key] = vals[0] if len(set(vals)) == 1 else float(np.mean(vals))

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxprune import conventions
+
 PyTree = Any
 Array = jax.Array
 SCOPES = ("global", "layerwise")
@@ -228,9 +230,9 @@ def prune_by_score(scores: PyTree, mask: PyTree, prunable: PyTree, fraction: flo
 
 
 def _count(fraction: float, remaining: np.ndarray) -> np.ndarray:
-    """``ceil(fraction · remaining)`` per entry (int64), in float64 with the ``1e-9`` slack that keeps
-    ``0.2 · 265`` at 53: the one count formula of both backends."""
-    return np.ceil(fraction * np.asarray(remaining, np.float64) - 1e-9).astype(np.int64)
+    """``ceil(fraction · remaining)`` per entry (int64 array): :func:`jaxprune.conventions.n_to_prune`, the one
+    count formula of both backends."""
+    return np.asarray(conventions.n_to_prune(fraction, remaining), np.int64)
 
 
 def _traced(leaves: list) -> bool:

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import graph, models, structured
+from jaxprune import conventions, graph, models, structured
 
 Array = jax.Array
 PyTree = Any
@@ -49,7 +49,7 @@ SCALES = ("norm", "projection")
 DENSE_THRESHOLD = 0.45  # the paper's LeNet-300-100 scripts
 CONV_BN_THRESHOLD = 0.1  # the paper's VGG-16 scripts
 LAMBDA = 0.85
-BN_EPSILON = 1e-5  # every BatchNorm in jaxprune.models
+BN_EPSILON = conventions.BN_EPSILON  # the default of decompose_conv_bn (merge() reads each model's own)
 
 
 class Decomposition(NamedTuple):
@@ -220,7 +220,7 @@ def decompose_dense(kernel: Array, n_keep: int, *, bias: Array | None = None, cr
 
 
 def decompose_conv_bn(kernel: Array, n_keep: int, *, gamma: Array, beta: Array, mean: Array, var: Array,
-                      eps: float = 1e-5, criterion: str = "l1", threshold: float = CONV_BN_THRESHOLD,
+                      eps: float = BN_EPSILON, criterion: str = "l1", threshold: float = CONV_BN_THRESHOLD,
                       lam: float = LAMBDA, bn_scale: str = "exact", mode: str = "merge", scale: str = "norm",
                       key: Array | None = None, keep: Any | None = None) -> Decomposition:
     """Algorithm 3 for a conv ``(kh, kw, cin, n)`` (no bias) followed by BatchNorm (``gamma, beta, mean, var: (n,)``).
@@ -456,7 +456,8 @@ def merge(model: Any, variables: PyTree, widths: Mapping[str, int], *, mode: str
 
 def widths_for_ratio(model: Any, variables: PyTree, ratio: float, layers: Sequence[str] | None = None, *,
                      x: Any = None) -> dict[str, int]:
-    """``{layer: round(n·(1 − ratio))}`` (at least 1) for the given (default: all mergeable) layers.
+    """``{layer: n − ceil(ratio·n)}`` (at least 1; :func:`jaxprune.conventions.n_to_prune`) for the given
+    (default: all mergeable) layers.
 
     ``variables``: the model's variables (bare linen params are accepted when ``layers`` is given)."""
     if not (isinstance(ratio, (int, float, np.floating)) and 0 <= ratio < 1):
@@ -474,7 +475,7 @@ def widths_for_ratio(model: Any, variables: PyTree, ratio: float, layers: Sequen
         except ValueError:
             g = _graph(model, variables, x)
             sizes = {layer: g.layer(layer).units for layer in chosen}
-    return {layer: max(1, int(round(n * (1 - ratio)))) for layer, n in sizes.items()}
+    return {layer: max(1, structured.n_keep_for(n, ratio)) for layer, n in sizes.items()}
 
 
 def widths_from_cfg(model: nn.Module, cfg: Sequence) -> dict[str, int]:

@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxprune import conventions
+
 Array = jax.Array
 Variables = dict[str, Any]
 
@@ -88,7 +90,8 @@ BN_MOMENTUM = 0.9  # running statistics: new = BN_MOMENTUM · old + (1 − BN_MO
 
 
 def _batchnorm(train: bool, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=1e-5, name=name)
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=conventions.BN_EPSILON,
+                        name=name)
 
 
 class MLP(nn.Module):

@@ -22,14 +22,13 @@ stay aligned). Output layers are never shrunk.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import graph
+from jaxprune import conventions, graph
 
 Array = jax.Array
 Variables = dict[str, Any]
@@ -182,10 +181,8 @@ def select_units(kernel: Array, n_keep: int, criterion: str, *, bias: Array | No
 
 
 def n_keep_for(n_units: int, fraction: float) -> int:
-    """Units kept when removing ``ceil(fraction · n_units)`` of them (the masks module's rounding)."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction={fraction}: expected a fraction of units to remove in [0, 1]")
-    return n_units - math.ceil(fraction * n_units - 1e-9)
+    """Units kept when removing ``ceil(fraction · n_units)`` of them (:func:`jaxprune.conventions.n_to_prune`)."""
+    return int(n_units) - conventions.n_to_prune(fraction, int(n_units))
 
 
 # ----------------------------------------------------------------------------------------------- topology
