@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import logging as pylogging
 import platform
 import shutil
+import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -97,39 +99,163 @@ def defaults(spec: FlagSpec) -> dict[str, Any]:
     return {row[0]: row[1] for row in spec}
 
 
-def with_defaults(config: dict, defaults: dict) -> dict:
-    """``config`` completed with ``defaults``; a key that is not a flag of the experiment is refused."""
+def with_defaults(config: dict, defaults: dict, renamed: Sequence[Renamed] = ()) -> dict:
+    """``config`` completed with ``defaults``; a renamed flag's old key is mapped to its new one (with a deprecation
+    warning, :func:`resolve_renamed`); a key that is not a flag of the experiment is refused."""
+    config = resolve_renamed(config, renamed)
     unknown = set(config) - set(defaults)
     if unknown:
         raise ValueError(f"config: unknown keys {sorted(unknown)}; expected a subset of {sorted(defaults)}")
     return {**defaults, **config}
 
 
-def define_flags(spec: FlagSpec) -> None:
-    from absl import flags
+# ----------------------------------------------------------------------------------------------- renamed flags
+# One name per concept across the experiments (docs/design.md, "Flag names"). A flag renamed in this release keeps
+# working until the next one: its old spelling is still defined, mapped to the new flag with a FutureWarning, and
+# refused beside the new one. Stored records (config.json) written under the old names are migrated silently.
+@dataclasses.dataclass(frozen=True)
+class Renamed:
+    """Old flags ``old`` (rows ``(name, default, help)``) replaced by the flag ``new``; ``convert`` maps the old
+    values (``{name: value}``, every old flag present, defaults filled in) to the new flag's value; ``hint`` says how
+    to write it now (shown in the warning)."""
 
+    old: tuple
+    new: str
+    convert: Callable[[dict], Any]
+    hint: str = ""
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(row[0] for row in self.old)
+
+    def value(self, given: Mapping[str, Any]) -> Any:
+        return self.convert({row[0]: given.get(row[0], row[1]) for row in self.old})
+
+
+def resolve_renamed(config: Mapping[str, Any], renamed: Sequence[Renamed]) -> dict:
+    """``config`` with every old key of ``renamed`` replaced by its new key (a FutureWarning per old flag used);
+    an old flag given together with its new one is refused (ValueError naming both)."""
+    out = dict(config)
+    for r in renamed:
+        given = {k: out.pop(k) for k in r.names if k in out}
+        if not given:
+            continue
+        flags_ = ", ".join(f"--{k}" for k in given)
+        if r.new in out:
+            raise ValueError(f"{flags_} and --{r.new}: {flags_} is the old name of --{r.new} (deprecated); give only "
+                             f"--{r.new}")
+        out[r.new] = r.value(given)
+        shown = ",".join(map(str, out[r.new])) if isinstance(out[r.new], (list, tuple)) else out[r.new]
+        warnings.warn(f"{flags_} is deprecated and will be removed in the next release: use --{r.new}={shown}"
+                      + (f" ({r.hint})" if r.hint else ""), FutureWarning, stacklevel=2)
+    return out
+
+
+def migrate_record(record: Mapping[str, Any], renamed: Sequence[Renamed]) -> dict:
+    """A stored settings record (``config.json``) written under old flag names, in the new names (no warning: the
+    user did not type them)."""
+    out = dict(record)
+    for r in renamed:
+        given = {k: out.pop(k) for k in r.names if k in out}
+        if given and r.new not in out:
+            out[r.new] = r.value(given)
+    return out
+
+
+def fraction_list(values: Sequence[Any] | str, name: str, *, upper_open: bool = False) -> list[float]:
+    """``--sparsity``-style lists → floats in [0, 1] (``[0, 1)`` with ``upper_open``), at least one; errors name the
+    flag and the expected form."""
+    if isinstance(values, str):
+        values = [v for v in values.split(",") if v.strip()]
+    hi = "1)" if upper_open else "1]"
+    out = []
+    for v in values:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = float("nan")
+        if not (0.0 <= f < 1.0 if upper_open else 0.0 <= f <= 1.0):  # NaN fails both
+            raise ValueError(f"{name}={v!r}: expected fractions in [0, {hi} (e.g. --{name}=0.5,0.9; not percent)")
+        out.append(f)
+    if not out:
+        raise ValueError(f"{name}: expected at least one fraction in [0, {hi} (e.g. --{name}=0.5)")
+    return out
+
+
+def seed_list(values: Sequence[Any] | str, name: str = "seeds") -> tuple[int, ...]:
+    """``--seeds`` → distinct integers >= 0 in the order given: ``"0,1,2"``, ``["0", "1"]``, ``[0, 1]``, or ranges
+    ``"a:b"`` (a, a+1, …, b-1; e.g. ``0:10``). At least one seed."""
+    if isinstance(values, str):
+        values = [v for v in values.split(",") if v.strip()]
+    elif isinstance(values, (int, np.integer)):
+        values = [values]
+    out: list[int] = []
+    for v in values:
+        text = str(v).strip()
+        try:
+            if ":" in text:
+                a, b = (int(t) for t in text.split(":"))
+                if b <= a:
+                    raise ValueError
+                out.extend(range(a, b))
+            else:
+                if isinstance(v, (float, bool)):
+                    raise ValueError
+                out.append(int(text))
+        except ValueError:
+            raise ValueError(f"{name}={text!r}: expected integer seeds >= 0 or ranges a:b with a < b (e.g. "
+                             f"--{name}=0,1,2 or --{name}=0:3)") from None
+    if not out:
+        raise ValueError(f"{name}: expected at least one seed (e.g. --{name}=0)")
+    bad = [s for s in out if s < 0]
+    if bad:
+        raise ValueError(f"{name}={bad[0]}: expected seeds >= 0")
+    if len(set(out)) != len(out):
+        dup = sorted({s for s in out if out.count(s) > 1})
+        raise ValueError(f"{name}: seed {dup[0]} is given twice; expected distinct seeds")
+    return tuple(out)
+
+
+def define_flags(spec: FlagSpec, renamed: Sequence[Renamed] = ()) -> None:
+    """Define ``spec``'s flags and the old names of ``renamed`` (each with its old default)."""
+    for r in renamed:
+        for name, default, help_ in r.old:
+            _define(name, default, f"deprecated, use --{r.new}: {help_}")
     for row in spec:
-        name, default, help_ = row[:3]
-        if len(row) > 3:
-            flags.DEFINE_enum(name, default, list(row[3]), help_)
-        elif default is None:
-            flags.DEFINE_float(name, None, help_)
-        elif isinstance(default, bool):
-            flags.DEFINE_boolean(name, default, help_)
-        elif isinstance(default, int):
-            flags.DEFINE_integer(name, default, help_)
-        elif isinstance(default, float):
-            flags.DEFINE_float(name, default, help_)
-        elif isinstance(default, (list, tuple)):
-            flags.DEFINE_list(name, list(default), help_)
-        else:
-            flags.DEFINE_string(name, default, help_)
+        _define(*row)
 
 
-def config_from_flags(spec: FlagSpec) -> dict[str, Any]:
+def _define(name: str, default: Any, help_: str, enum: Sequence[str] | None = None) -> None:
     from absl import flags
 
-    return {row[0]: getattr(flags.FLAGS, row[0]) for row in spec}
+    if enum is not None:
+        flags.DEFINE_enum(name, default, list(enum), help_)
+    elif default is None:
+        flags.DEFINE_float(name, None, help_)
+    elif isinstance(default, bool):
+        flags.DEFINE_boolean(name, default, help_)
+    elif isinstance(default, int):
+        flags.DEFINE_integer(name, default, help_)
+    elif isinstance(default, float):
+        flags.DEFINE_float(name, default, help_)
+    elif isinstance(default, (list, tuple)):
+        flags.DEFINE_list(name, list(default), help_)
+    else:
+        flags.DEFINE_string(name, default, help_)
+
+
+def config_from_flags(spec: FlagSpec, renamed: Sequence[Renamed] = ()) -> dict[str, Any]:
+    """The flags' values (keys: flag names); a renamed flag's old name is mapped to its new one
+    (:func:`resolve_renamed`; refused when both are on the command line)."""
+    from absl import flags
+
+    config = {row[0]: getattr(flags.FLAGS, row[0]) for row in spec}
+    for r in renamed:
+        given = {k: getattr(flags.FLAGS, k) for k in r.names if flags.FLAGS[k].present}
+        if given and not flags.FLAGS[r.new].present:
+            del config[r.new]
+        config.update(given)
+    return resolve_renamed(config, renamed)
 
 
 class _DropOrbaxInfo(pylogging.Filter):
@@ -147,7 +273,7 @@ def quiet_orbax() -> None:
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, KeyError)
 
 
-def launch(spec: FlagSpec, run_fn, report_fn=None) -> None:
+def launch(spec: FlagSpec, run_fn, report_fn=None, renamed: Sequence[Renamed] = ()) -> None:
     """The ``__main__`` of an experiment: define ``spec``'s flags, then ``run_fn(config, workdir)`` → results, print
     where ``results.json`` went and ``report_fn(results, config)`` (a string) — user errors as one line, exit 2."""
     from absl import app
@@ -156,13 +282,13 @@ def launch(spec: FlagSpec, run_fn, report_fn=None) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         quiet_orbax()
-        config = config_from_flags(spec)
+        config = config_from_flags(spec, renamed)
         results = run_fn(config, config["workdir"])
         print(f"results: {Path(config['workdir']) / 'results.json'}")
         if report_fn is not None:
             print(report_fn(results, config))
 
-    define_flags(spec)
+    define_flags(spec, renamed)
     app.run(guarded(main))
 
 

@@ -6,16 +6,20 @@ Train a network (or reload it from the workdir), then run exactly ``--max_rounds
 1. score every filter of every prunable conv layer with ``--criterion`` — a weight criterion of
    :mod:`jaxprune.structured` (``l1``, ``l2``, ``random``, ``kmeans``, ``l2_gm``) or a data-driven one of
    :mod:`jaxprune.criteria` (``grad``, ``taylor``, ``lrp``, on ``--reference_examples`` training examples);
-2. physically remove ``ceil(fraction · current width)`` filters per layer (never going below
+2. physically remove ``ceil(prune_fraction · current width)`` filters per layer (never going below
    ``ceil((1 − max_pruned_fraction) · original width)``, nor below one filter) — the pytree shrinks, the following
    BatchNorm and the next layer follow (:func:`jaxprune.structured.remove_many`);
 3. optionally re-estimate the BatchNorm statistics (``--bn_recalibration_batches``; the downstream statistics are
    stale once channels are gone), then fine-tune for ``--finetune_steps`` at the constant ``--finetune_lr`` (a
    fresh optimizer: the shapes changed).
 
-Per round: widths, parameter count, FLOPs, test accuracy before and after fine-tuning. Writes to ``--workdir``:
-``trained/`` (round 0), ``round_<r>/`` (checkpoint + ``round.json``, written last: a crash never loses a finished
-round, and a rerun resumes after the last one), ``results.json``, ``rounds.csv`` and ``accuracy_vs_params.png``.
+Per round: widths, parameter count, FLOPs, test accuracy before and after fine-tuning. One network per seed of
+``--seeds``; writes to ``--workdir``: ``config.json`` (the run identity: every flag but the seeds and the round
+count), per seed ``seed_<s>/`` with ``trained/`` (round 0), ``round_<r>/`` (checkpoint + ``round.json``, written
+last: a crash never loses a finished round, and a rerun resumes after the last one), ``results.json``,
+``rounds.csv`` and ``accuracy_vs_params.png``; and the same three files at the top, over seeds: accuracies as the
+mean under the usual keys, ``<key>_std`` (ddof = 1, :func:`jaxprune.conventions.summary`) and ``num_seeds``.
+A workdir of an earlier release (one seed, ``trained/`` at the top) is moved into ``seed_<s>/`` on the first rerun.
 
 Importable without side effects: :func:`run` takes a config dict (keys = flag names, defaults in ``DEFAULTS``).
 """
@@ -31,7 +35,7 @@ import numpy as np
 from absl import logging
 
 from experiments import common
-from jaxprune import augment, checkpoint, criteria, models, plots, structured, train
+from jaxprune import augment, checkpoint, conventions, criteria, models, plots, structured, train
 
 DATA_CRITERIA = ("grad", "taylor", "lrp")
 ALL_CRITERIA = structured.CRITERIA + DATA_CRITERIA
@@ -41,25 +45,34 @@ SPEC = [
     ("finetune_lr", 0.01, "constant learning rate of the fine-tuning optimizer"),
     ("criterion", "l1", "filter score", ALL_CRITERIA),
     ("reference_examples", 256, "training examples the data-driven criteria (grad, taylor, lrp) are computed on"),
-    ("fraction", 0.2, "fraction of each layer's current filters removed per round"),
+    ("prune_fraction", 0.2, "fraction of each layer's current filters removed per round"),
     ("max_pruned_fraction", 0.9, "no layer is pruned below (1 - this) of its original filters"),
     ("max_rounds", 4, "number of prune → fine-tune rounds"),
     ("layer_kind", "conv", "which layers are pruned", ("conv", "dense", "all")),
     ("bn_recalibration_batches", 0, "after each removal, re-estimate BatchNorm statistics on this many training "
                                     "batches before fine-tuning (0: keep the stale ones, as the reference loop)"),
-    ("seed", 0, "initialisation, data order, random criterion"),
+    ("seeds", ["0"], "one network per seed (initialisation, data order, random criterion); several give "
+                     "mean ± std"),
     ("workdir", "runs/filter_prune", "output directory (resumable)"),
 ]
 DEFAULTS = common.defaults(SPEC)
-_VOLATILE = ("workdir", "max_rounds")  # a finished run can be extended by more rounds
+# a finished run can be extended by more rounds or seeds (each seed_<s>/trained.json records its own seed)
+_VOLATILE = ("workdir", "max_rounds", "seeds")
+# Flag names of earlier releases (accepted with a deprecation warning until the next one).
+RENAMED = (common.Renamed((("fraction", 0.2, "fraction of each layer's current filters removed per round"),),
+                          "prune_fraction", lambda v: v["fraction"]),
+           common.Renamed((("seed", 0, "initialisation, data order, random criterion"),), "seeds",
+                          lambda v: [str(v["seed"])]))
+_ACCURACIES = ("accuracy_after_removal", "accuracy_before_finetune", "accuracy_after_finetune")
 
 
 def _config(config: dict) -> dict:
-    c = common.canonical_model_kwargs(common.with_defaults(config, DEFAULTS))
+    c = common.canonical_model_kwargs(common.with_defaults(config, DEFAULTS, RENAMED))
+    c["seeds"] = list(common.seed_list(c["seeds"]))
     if c["criterion"] not in ALL_CRITERIA:
         raise ValueError(f"criterion={c['criterion']!r}: expected one of {ALL_CRITERIA}")
-    if not 0.0 < float(c["fraction"]) < 1.0:
-        raise ValueError(f"fraction={c['fraction']}: expected a fraction of filters per round in (0, 1)")
+    if not 0.0 < float(c["prune_fraction"]) < 1.0:
+        raise ValueError(f"prune_fraction={c['prune_fraction']}: expected a fraction of filters per round in (0, 1)")
     if not 0.0 < float(c["max_pruned_fraction"]) < 1.0:
         raise ValueError(f"max_pruned_fraction={c['max_pruned_fraction']}: expected a value in (0, 1)")
     if not (isinstance(c["max_rounds"], int) and c["max_rounds"] >= 0):
@@ -105,7 +118,7 @@ def _preflight(c: dict, model, layers, x_train, y_train) -> None:
     variables = models.init(model, jax.random.PRNGKey(0), x_train.shape)
     widths = _layer_widths(model, variables, layers, example)
     original = dict(widths)
-    target = round_widths(widths, original, float(c["fraction"]), float(c["max_pruned_fraction"]))
+    target = round_widths(widths, original, float(c["prune_fraction"]), float(c["max_pruned_fraction"]))
     n = min(int(c["reference_examples"]), 8, len(y_train))
     try:
         _keep(c, model, variables, target, jnp.asarray(x_train[:n]), jnp.asarray(y_train[:n]), jax.random.PRNGKey(0))
@@ -132,7 +145,7 @@ def _restore_shrunk(model, widths: dict[str, int], path: Path, input_shape):
 
 
 def run(config: dict, workdir: str | Path) -> dict:
-    """Train, then prune → fine-tune for the configured rounds; returns the ``results.json`` dict."""
+    """Train, then prune → fine-tune for the configured rounds, for every seed; returns the ``results.json`` dict."""
     c = _config(config)
     workdir = Path(workdir)
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
@@ -144,63 +157,81 @@ def run(config: dict, workdir: str | Path) -> dict:
         raise ValueError(f"layer_kind={c['layer_kind']!r}: {type(model).__name__} has no such prunable layer")
     _preflight(c, model, layers, tr.images, tr.labels)
     workdir.mkdir(parents=True, exist_ok=True)  # a refused model or flag leaves no workdir
-    # Run identity (experiments.common): config.json records the settings of the rounds (all but max_rounds),
-    # trained/trained.json those of the trained network; a trained.json of an older version without settings is
-    # vouched for by config.json, checked here first.
-    checkpoint.check_run_config(workdir, c, _VOLATILE, added_later=common.ADDED_LATER)
-    x, y, xt, yt = train.to_device(tr.images, tr.labels, te.images, te.labels)
-    variables, trained = common.train_network(c, model, x, y, c["seed"], workdir / "trained", legacy_ok=True)
-    spe = train.steps_per_epoch(len(tr.labels), c["batch_size"])
+    # Run identity (experiments.common): config.json records the settings of the rounds (all but max_rounds and
+    # the seeds), seed_<s>/trained/trained.json those of each trained network; a trained.json of an older version
+    # without settings is vouched for by config.json, checked here first.
+    stored_seed = _stored_seed(workdir)
+    checkpoint.check_run_config(workdir, c, _VOLATILE, added_later=common.ADDED_LATER,
+                                migrate=lambda r: common.migrate_record(r, RENAMED))
+    _adopt_single_seed_layout(workdir, stored_seed)
+    data = train.to_device(tr.images, tr.labels, te.images, te.labels)
+    per_seed: dict[int, dict] = {}
+    for seed in c["seeds"]:
+        per_seed[seed] = _run_seed(c, seed, model, layers, data, workdir / f"seed_{seed}")
+    return _write(workdir, {**c, "workdir": str(workdir)}, per_seed, f"{len(per_seed)} seed(s)")
+
+
+def _stored_seed(workdir: Path) -> int | None:
+    """The seed of an earlier release's single-seed workdir (``config.json`` with ``seed``), else None."""
+    path = workdir / "config.json"
+    if not path.exists():
+        return None
+    seed = checkpoint.read_json(path).get("seed")
+    return None if seed is None else int(seed)
+
+
+def _adopt_single_seed_layout(workdir: Path, seed: int | None) -> None:
+    """Move an earlier release's ``trained/`` and ``round_<r>/`` (one seed, at the top) into ``seed_<seed>/``."""
+    old = [d for d in [workdir / "trained", *sorted(workdir.glob("round_*"))] if d.is_dir()]
+    if seed is None or not old:
+        return
+    dest = workdir / f"seed_{seed}"
+    if dest.exists():
+        raise ValueError(f"workdir={workdir}: holds both an earlier release's single-seed layout (trained/ at the top) "
+                         f"and {dest.name}/; move or delete one of them")
+    dest.mkdir()
+    for d in old:
+        d.rename(dest / d.name)
+    logging.info("workdir %s: moved the earlier release's trained/ and round_<r>/ into %s/", workdir, dest.name)
+
+
+def _run_seed(c: dict, seed: int, model, layers, data, workdir: Path) -> dict:
+    """One seed's train → prune → fine-tune rounds in ``workdir`` (``seed_<s>/``); its ``results.json`` dict."""
+    x, y, xt, yt = data
+    example = (1,) + tuple(x.shape[1:])
+    variables, trained = common.train_network(c, model, x, y, seed, workdir / "trained", legacy_ok=True)
+    spe = train.steps_per_epoch(len(y), c["batch_size"])
     ft_steps = train.parse_duration(c["finetune_steps"], spe, "finetune_steps")
-    ref = np.random.default_rng(c["seed"]).permutation(len(tr.labels))[:c["reference_examples"]]
+    ref = np.random.default_rng(seed).permutation(len(y))[:c["reference_examples"]]
     x_ref, y_ref = x[ref], y[ref]
     original = _layer_widths(model, variables, layers, example)
 
     first = _measure(model, variables, xt, yt, x.shape)
     rounds = [{"round": 0, **first, "accuracy_before_finetune": first["accuracy"],
                "accuracy_after_finetune": first["accuracy"], "train": trained}]
-    base = rounds[0]
+    meta = {"layers": list(layers), "original_widths": original, "finetune_steps": ft_steps}
 
-    def write() -> dict:
-        results = {"config": {**c, "workdir": str(workdir)}, "environment": common.environment(),
-                   "layers": list(layers), "original_widths": original, "finetune_steps": ft_steps,
-                   "rounds": rounds, "finished": len(rounds) == c["max_rounds"] + 1 or stopped}
-        checkpoint.write_json(workdir / "results.json", results)
-        rows = [{k: r[k] for k in ("round", "params", "flops", "pruned_filter_fraction",
-                                   "accuracy_before_finetune", "accuracy_after_finetune")} for r in rounds[1:]]
-        common.write_csv(workdir / "rounds.csv", [{"round": 0, "params": base["params"], "flops": base["flops"],
-                                                   "pruned_filter_fraction": 0.0,
-                                                   "accuracy_before_finetune": base["accuracy"],
-                                                   "accuracy_after_finetune": base["accuracy"]}, *rows],
-                         ["round", "params", "flops", "pruned_filter_fraction", "accuracy_before_finetune",
-                          "accuracy_after_finetune"])
-        frac = [r["params"] / base["params"] for r in rounds]
-        plots.curves([100 * f for f in frac],
-                     {"before fine-tuning": [100 * r["accuracy_before_finetune"] for r in rounds],
-                      "after fine-tuning": [100 * r["accuracy_after_finetune"] for r in rounds]},
-                     workdir / "accuracy_vs_params.png", xlabel="parameters left (%)", ylabel="test accuracy (%)",
-                     title=f"{c['model']} on {c['dataset']}: {c['criterion']} filter pruning")
-        return results
+    def write(finished: bool) -> dict:
+        return _write(workdir, {**c, "seed": seed, "workdir": str(workdir)}, {seed: {**meta, "rounds": rounds}},
+                      f"seed {seed}", finished)
 
-    stopped = False
     for r in range(1, c["max_rounds"] + 1):
         d = workdir / f"round_{r}"
         widths = _layer_widths(model, variables, layers, example)
         if (d / "round.json").exists():
             rec = checkpoint.read_json(d / "round.json")
             model, variables = _restore_shrunk(model, rec["widths"], d / "checkpoint", x.shape)
-            logging.info("round %d: finished earlier, resumed", r)
+            logging.info("seed %d round %d: finished earlier, resumed", seed, r)
             rounds.append(rec)
             continue
         if d.exists():
             shutil.rmtree(d)  # a round interrupted before its marker: redo it
-        target = round_widths(widths, original, float(c["fraction"]), float(c["max_pruned_fraction"]))
+        target = round_widths(widths, original, float(c["prune_fraction"]), float(c["max_pruned_fraction"]))
         if target == widths:
-            logging.info("round %d: every layer is at its floor (max_pruned_fraction=%g); stopping", r,
+            logging.info("seed %d round %d: every layer is at its floor (max_pruned_fraction=%g); stopping", seed, r,
                          c["max_pruned_fraction"])
-            stopped = True
-            break
-        key = jax.random.fold_in(jax.random.PRNGKey(c["seed"]), r)
+            return write(True)
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), r)
         keep = _keep(c, model, variables, target, x_ref, y_ref, key)
         model, variables = structured.remove_many(model, variables, keep, x=example)
         before = _measure(model, variables, xt, yt, x.shape)
@@ -216,10 +247,11 @@ def run(config: dict, workdir: str | Path) -> dict:
         res = train.run(train.make_trainer(model, tx, augment=augment.by_name(c["augment"])),
                         train.create_state(variables, tx), x, y,
                         batch_size=c["batch_size"], num_steps=ft_steps, data_key=jax.random.fold_in(key, 1),
-                        loop=c["loop"], log_prefix=f"[round {r}] ")
+                        loop=c["loop"], log_prefix=f"[seed {seed} round {r}] ")
         variables = train.variables_of(res.state)
         after = common.accuracy(model, variables, xt, yt)
         pruned = 1.0 - sum(before["widths"][k] for k in layers) / sum(original.values())
+        base = rounds[0]
         rec = {"round": r, "widths": before["widths"], "params": before["params"], "flops": before["flops"],
                "params_fraction": before["params"] / base["params"], "flops_fraction": before["flops"] / base["flops"],
                "pruned_filter_fraction": pruned, "accuracy_after_removal": removed_acc,
@@ -228,11 +260,55 @@ def run(config: dict, workdir: str | Path) -> dict:
         d.mkdir(parents=True)
         checkpoint.save(d / "checkpoint", variables)
         checkpoint.write_json(d / "round.json", rec)  # the "finished" marker, written last
-        logging.info("round %d: params %d (%.1f %%), accuracy %.4f -> %.4f", r, rec["params"],
+        logging.info("seed %d round %d: params %d (%.1f %%), accuracy %.4f -> %.4f", seed, r, rec["params"],
                      100 * rec["params_fraction"], rec["accuracy_before_finetune"], after)
         rounds.append(rec)
-        write()
-    return write()
+        write(False)
+    return write(True)
+
+
+def summarize_rounds(per_seed: dict[int, list[dict]]) -> list[dict]:
+    """Round records over seeds: the rounds every seed finished; widths/params/FLOPs of the first seed (the same
+    for every seed: the counts are exact), accuracies as mean, ``<key>_std`` (ddof = 1) and ``num_seeds``."""
+    runs = list(per_seed.values())
+    out = []
+    for i in range(min(len(r) for r in runs)):
+        per_run = ("train", "finetune_seconds") if len(runs) > 1 else ()  # one seed's own, not a summary's
+        rec = {k: v for k, v in runs[0][i].items() if k not in per_run}
+        for key in ("accuracy", *_ACCURACIES):
+            vals = [r[i][key] for r in runs if key in r[i]]
+            if len(vals) == len(runs):
+                s = conventions.summary(vals)
+                rec[key], rec[f"{key}_std"] = s["mean"], s["std"]
+        rec["num_seeds"] = len(runs)
+        out.append(rec)
+    return out
+
+
+def _write(workdir: Path, config: dict, per_seed: dict[int, dict], label: str, finished: bool = True) -> dict:
+    """``results.json``, ``rounds.csv`` and ``accuracy_vs_params.png`` of one seed or (at the top) of all seeds."""
+    first = next(iter(per_seed.values()))
+    rounds = summarize_rounds({s: r["rounds"] for s, r in per_seed.items()})
+    results = {"config": config, "environment": common.environment(), "layers": first["layers"],
+               "original_widths": first["original_widths"], "finetune_steps": first["finetune_steps"],
+               "rounds": rounds, "finished": finished and all(r.get("finished", True) for r in per_seed.values())}
+    if len(per_seed) > 1 or "seed" not in config:
+        results["per_seed"] = {str(s): r for s, r in per_seed.items()}
+    checkpoint.write_json(workdir / "results.json", results)
+    base = rounds[0]
+    columns = ["round", "params", "flops", "pruned_filter_fraction", "accuracy_before_finetune",
+               "accuracy_before_finetune_std", "accuracy_after_finetune", "accuracy_after_finetune_std"]
+    common.write_csv(workdir / "rounds.csv", [{"pruned_filter_fraction": 0.0, **r} for r in rounds], columns)
+    frac = [r["params"] / base["params"] for r in rounds]
+    pct = lambda key: [100 * r[key] for r in rounds]
+    plots.curves([100 * f for f in frac],
+                 {"before fine-tuning": pct("accuracy_before_finetune"),
+                  "after fine-tuning": pct("accuracy_after_finetune")},
+                 workdir / "accuracy_vs_params.png", xlabel="parameters left (%)", ylabel="test accuracy (%)",
+                 title=f"{config['model']} on {config['dataset']}: {config['criterion']} filter pruning, {label}",
+                 errors={"before fine-tuning": pct("accuracy_before_finetune_std"),
+                         "after fine-tuning": pct("accuracy_after_finetune_std")})
+    return results
 
 
 def format_table(results: dict) -> str:
@@ -253,4 +329,4 @@ def report(results: dict, config: dict) -> str:
 
 
 if __name__ == "__main__":
-    common.launch(SPEC, run, report)
+    common.launch(SPEC, run, report, RENAMED)

@@ -12,8 +12,9 @@ checkpoints it was computed from changed.
 Importable without side effects: :func:`train_and_evaluate` takes a config dict (keys = flag names, defaults in
 ``DEFAULTS``); :func:`load_levels` reads a finished workdir back for analysis (similarity, LRP, …).
 
-``--num_replicas=K`` trains seeds ``seed … seed+K-1`` as one vmapped program; ``results.json`` then holds the mean
-over replicas under the usual keys, ``<key>_std`` and the per-replica records under ``replicas``. Training is
+``--seeds=s,s+1,…,s+K-1`` (or ``--seeds=s:s+K``) trains the K seeds as one vmapped program (replicas);
+``results.json`` then holds the mean over replicas under the usual keys, ``<key>_std`` (ddof = 1) and the
+per-replica records under ``replicas``. Training is
 data-parallel over all devices (``--batch_size`` must be a multiple of the device count); for several hosts see
 :mod:`jaxprune.distributed` (``--coordinator_address``, ``--num_processes``, ``--process_id``).
 """
@@ -34,7 +35,7 @@ import optax
 from absl import app, logging
 
 from experiments import common
-from jaxprune import analysis, checkpoint, distributed, imp, masks, models, plots, replicas, train
+from jaxprune import analysis, checkpoint, conventions, distributed, imp, masks, models, plots, replicas, train
 from jaxprune import augment as augmentation
 
 SPEC = [
@@ -75,11 +76,11 @@ SPEC = [
     ("finetune_lr", None, "for --rewind=finetune: the constant learning rate (unset: the schedule's final one, "
                           "refused when 0 as at the end of --schedule=cosine)"),
     ("branch", "none", "control branch trained beside every pruned level", imp.BRANCHES),
-    ("seed", 0, "seed for initialisation, data order, dropout and control branches"),
+    ("seeds", ["0"], "seeds for initialisation, data order, dropout and control branches; several consecutive "
+                     "ones (0,1,2,3 or 0:4) train as replicas of one vmapped program"),
     ("workdir", "runs/imp", "output directory (resumable)"),
     ("loop", "auto", "epoch as lax.scan or a Python loop of jitted steps", ("auto", "scan", "python")),
     ("eval_every_epoch", False, "evaluate on the test set after every epoch"),
-    ("num_replicas", 1, "train seeds seed, seed+1, … seed+K-1 as one vmapped program"),
     ("replica_layout", "vmap", "how replicas share the program (see jaxprune.replicas)", replicas.LAYOUTS),
     *common.DISTRIBUTED_FLAGS,
 ]
@@ -98,8 +99,37 @@ SPEC = [*SPEC, *ANALYSIS_SPEC]
 ANALYSIS_FLAGS = tuple(row[0] for row in ANALYSIS_SPEC)  # not IMP settings: never in config.json
 DEFAULTS = common.defaults(SPEC)
 # older config.json files ran with these values
-ADDED_LATER = {**common.ADDED_LATER, "exclude": [], "clip_grad_norm": 0.0, "prune_biases": False, "finetune_lr": None,
-               "num_replicas": 1}
+ADDED_LATER = {**common.ADDED_LATER, "exclude": [], "clip_grad_norm": 0.0, "prune_biases": False, "finetune_lr": None}
+# Flag names of earlier releases (accepted with a deprecation warning until the next one): --seed=S
+# --num_replicas=K is --seeds=S,…,S+K-1.
+RENAMED = (common.Renamed((("seed", 0, "seed for initialisation, data order, dropout and control branches"),
+                           ("num_replicas", 1, "train seeds seed, seed+1, … seed+K-1 as one vmapped program")),
+                          "seeds", lambda v: [v["seed"] + r for r in range(int(v["num_replicas"]))]),)
+
+
+def seeds_of(c: dict) -> tuple[int, int]:
+    """``(first seed, number of replicas)`` of ``--seeds``: one seed, or consecutive ones (replicas)."""
+    seeds = common.seed_list(c["seeds"])
+    if list(seeds) != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise ValueError(f"seeds={','.join(map(str, seeds))}: several seeds train as replicas of one program, which "
+                         f"takes consecutive seeds (e.g. --seeds={seeds[0]}:{seeds[0] + len(seeds)}); run other "
+                         "seeds in their own --workdir")
+    return seeds[0], len(seeds)
+
+
+def canonical(config: dict) -> dict:
+    """A config in its stored form: old flag names mapped (:data:`RENAMED`), ``model_kwargs`` canonical, ``seeds``
+    as integers."""
+    c = common.canonical_model_kwargs(common.with_defaults(config, DEFAULTS, RENAMED))
+    return {**c, "seeds": list(common.seed_list(c["seeds"]))}
+
+
+def stored_config(workdir: Path) -> dict:
+    """The IMP settings ``workdir/config.json`` records, in the current flag names."""
+    if not (workdir / "config.json").exists():
+        raise FileNotFoundError(f"workdir={workdir}: no config.json; expected an experiments.imp output directory")
+    config = common.migrate_record(checkpoint.read_json(workdir / "config.json"), RENAMED)
+    return {k: v for k, v in config.items() if k in DEFAULTS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +142,10 @@ class Built:
 
 def build(config: dict) -> Built:
     """Data, model, optimizer and IMP settings from a config dict (missing keys take ``DEFAULTS``)."""
-    c = common.canonical_model_kwargs(common.with_defaults(config, DEFAULTS))
+    c = canonical(config)
+    seed, num_replicas = seeds_of(c)
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
-                              c["max_test_examples"], c["seed"])
+                              c["max_test_examples"], seed)
     model = common.build_model(c, tr.num_classes, input_shape=tr.images.shape, defaults=DEFAULTS,
                                use_bias=c["use_bias"], pool=c["pool"], padding=c["padding"])
     if not 1 <= c["batch_size"] <= len(tr.labels):
@@ -136,8 +167,8 @@ def build(config: dict) -> Built:
                         rewind_step=duration("rewind_step", c["rewind_step"]), branch=c["branch"], exclude=exclude,
                         prune_biases=c["prune_biases"], finetune_lr=c["finetune_lr"])
     task = imp.Task(model, *train.to_device(tr.images, tr.labels, te.images, te.labels), optim=optim,
-                    num_steps=num_steps, batch_size=c["batch_size"], seed=c["seed"], loop=c["loop"],
-                    eval_every_epoch=c["eval_every_epoch"], num_replicas=c["num_replicas"],
+                    num_steps=num_steps, batch_size=c["batch_size"], seed=seed, loop=c["loop"],
+                    eval_every_epoch=c["eval_every_epoch"], num_replicas=num_replicas,
                     replica_layout=c["replica_layout"], mesh=mesh, augment=c["augment"])
     meta = {"steps_per_epoch": spe, "training_steps": num_steps, "imp": dataclasses.asdict(cfg),
             "optim": dataclasses.asdict(optim), "num_train": len(tr.labels), "num_test": len(te.labels),
@@ -149,7 +180,7 @@ def train_and_evaluate(config: dict, workdir: str | Path) -> dict:
     """Run (or resume) IMP as described by ``config``; returns the ``results.json`` dict."""
     workdir = Path(workdir)
     b = build(config)
-    record = common.canonical_model_kwargs({**DEFAULTS, **config, "workdir": str(workdir)})
+    record = {**canonical(config), "workdir": str(workdir)}
     settings = analysis_settings(record, b)  # refused before anything is written
     analyzer = _Analyzer(b, workdir, settings) if settings else None
 
@@ -171,7 +202,8 @@ def train_and_evaluate(config: dict, workdir: str | Path) -> dict:
 
     imp_record = {k: v for k, v in record.items() if k not in ANALYSIS_FLAGS}  # analyses may change on a resume
     levels = imp.run(b.task, b.imp, workdir, on_level=write,
-                     before_start=lambda wd: checkpoint.check_run_config(wd, imp_record, VOLATILE, ADDED_LATER))
+                     before_start=lambda wd: checkpoint.check_run_config(
+                         wd, imp_record, VOLATILE, ADDED_LATER, migrate=lambda r: common.migrate_record(r, RENAMED)))
     return write(levels)
 
 
@@ -190,10 +222,7 @@ def load_levels(workdir: str | Path, replica: int | None = None) -> tuple[Built,
     ``num_replicas > 1`` the variables are stacked (leading replica axis) unless ``replica`` picks one.
     """
     workdir = Path(workdir)
-    if not (workdir / "config.json").exists():
-        raise FileNotFoundError(f"workdir={workdir}: no config.json; expected an experiments.imp output directory")
-    config = checkpoint.read_json(workdir / "config.json")
-    b = build({k: v for k, v in config.items() if k in DEFAULTS})
+    b = build(stored_config(workdir))
     variables, records = [], []
     for k in imp.finished_levels(workdir):
         tree = imp.load_level(workdir, k, b.task)
@@ -436,7 +465,7 @@ class _Analyzer:
         if self.k == 1:
             return per[0]
         out = _mean(per)
-        out["barrier_std"] = float(np.std([p["barrier"] for p in per], ddof=1))
+        out["barrier_std"] = conventions.summary([p["barrier"] for p in per])["std"]
         return {**out, "replicas": per}
 
     # --- bookkeeping
@@ -510,10 +539,8 @@ def run_analyses(workdir: str | Path, analyses: list[str] | tuple[str, ...], **o
       ``loss_barrier``, ``accuracy_a``, ``accuracy_b``.
     """
     workdir = Path(workdir)
-    if not (workdir / "config.json").exists():
-        raise FileNotFoundError(f"workdir={workdir}: no config.json; expected an experiments.imp output directory")
-    config = checkpoint.read_json(workdir / "config.json")
-    b = build({k: v for k, v in config.items() if k in DEFAULTS})
+    config = stored_config(workdir)
+    b = build(config)
     c = {**DEFAULTS, **options, "analyses": list(analyses)}
     settings = analysis_settings(c, b)
     records = [imp.read_level(workdir, k) for k in imp.finished_levels(workdir)]
@@ -579,7 +606,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     common.quiet_orbax()
-    config = common.config_from_flags(SPEC)
+    config = common.config_from_flags(SPEC, RENAMED)
     distributed.initialize(config["coordinator_address"], config["num_processes"], config["process_id"],
                            auto=config["distributed"])
     results = train_and_evaluate(config, config["workdir"])
@@ -612,5 +639,5 @@ def _summary_line(lv: dict) -> str:
 
 
 if __name__ == "__main__":
-    common.define_flags(SPEC)
+    common.define_flags(SPEC, RENAMED)
     app.run(common.guarded(main))

@@ -19,14 +19,16 @@ import functools
 import itertools
 import shutil
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 
 from experiments import common
-from jaxprune import checkpoint, criteria, data, graph, lrp, models, plots, structured, train
+from jaxprune import checkpoint, conventions, criteria, data, graph, lrp, models, plots, structured, train
 
 SPEC = [
     ("datasets", ["moons", "circles", "spiral"], "toy datasets (moons, circles, spiral)"),
@@ -47,10 +49,11 @@ SPEC = [
     ("criteria", list(criteria.CRITERIA), "pruning criteria"),
     ("composite", "zplus", "LRP composite for the lrp criterion", tuple(lrp.composites.PRESETS)),
     ("samples_per_class", ["1", "2", "5", "10", "20", "50", "100", "200"], "reference samples per class"),
-    ("seeds", 10, "repetitions (reference-sample seeds 0..seeds-1)"),
+    ("seeds", ["0:10"], "reference-sample seeds, one repetition each (e.g. 0,1,2 or 0:10; a single integer N is "
+                       "still read as the deprecated count 0..N-1 in this release)"),
     ("n_prune", 1000, "hidden units removed (globally lowest scores)"),
     ("noise", 0.3, "std of the Gaussian noise added to the held-out test inputs"),
-    ("plot_n", 5, "samples per class of the decision-boundary figure (seed 0)"),
+    ("plot_n", 5, "samples per class of the decision-boundary figure (the first seed)"),
     ("workdir", "runs/lrp_toy", "output directory"),
 ]
 DEFAULTS = common.defaults(SPEC)
@@ -64,8 +67,8 @@ def _check(c: dict) -> None:
     for k in c["criteria"]:
         if k not in criteria.CRITERIA:
             raise ValueError(f"criteria: {k!r} unknown; expected some of {criteria.CRITERIA}")
-    if c["seeds"] < 1 or not c["samples_per_class"]:
-        raise ValueError("seeds/samples_per_class: expected at least one seed and one n")
+    if not c["samples_per_class"]:
+        raise ValueError("samples_per_class: expected at least one n")
     ns = common.int_list(c["samples_per_class"], "samples_per_class")
     if min(ns) < 1:
         raise ValueError(f"samples_per_class={','.join(map(str, ns))}: expected positive integers")
@@ -199,15 +202,31 @@ def _pruned_ids(keep: dict, widths: dict) -> frozenset:
     return frozenset(out)
 
 
+def sample_seeds(value: Any) -> list[int]:
+    """``--seeds`` → reference-sample seeds. One plain integer ``N >= 1`` (``--seeds=10``) is, in this release, the
+    old count (seeds 0..N-1) with a FutureWarning; ``0:N`` is its new spelling (``--seeds=0`` was never a valid
+    count, so it is seed 0)."""
+    one = value if isinstance(value, (int, np.integer, str)) else value[0] if len(value) == 1 else None
+    old_form = (isinstance(one, (int, np.integer, str)) and not isinstance(one, bool)
+                and str(one).strip().isdigit() and int(str(one).strip()) >= 1
+                and not (isinstance(value, (list, tuple)) and isinstance(one, (int, np.integer))))
+    if old_form:
+        n = int(str(one).strip())
+        warnings.warn(f"--seeds={n} as a count of seeds is deprecated: it means seeds 0..{n - 1} in this release and "
+                      f"the single seed {n} in the next; write --seeds=0:{n} (or --seeds={n}:{n + 1} for seed {n})",
+                      FutureWarning, stacklevel=2)
+        return list(range(n))
+    return list(common.seed_list(value))
+
+
 def _mean_std(v) -> dict:
-    v = np.asarray(v, float)
-    return {"mean": float(v.mean()), "std": float(v.std()), "values": [float(a) for a in v]}
+    return {**conventions.summary(v), "values": [float(a) for a in v]}
 
 
 def _overlap(sets: list[frozenset]) -> dict:
     """Mean ± std over seed pairs of ``|A ∩ B| / |A|`` (all sets have the same size)."""
     vals = [len(a & b) / max(len(a), 1) for a, b in itertools.combinations(sets, 2)]
-    return _mean_std(vals) if vals else {"mean": 1.0, "std": 0.0, "values": []}
+    return _mean_std(vals) if vals else {"mean": 1.0, "std": 0.0, "n": 0, "values": []}
 
 
 def _grid(x: np.ndarray, steps: int = 150):
@@ -244,7 +263,7 @@ def run_dataset(c: dict, name: str, workdir: Path) -> dict:
     t0 = time.perf_counter()
     for n in common.int_list(c["samples_per_class"], "samples_per_class"):
         rows = {crit: {"train": [], "noisy": [], "sets": [], "per_layer": []} for crit in c["criteria"]}
-        for s in range(c["seeds"]):
+        for s in c["seeds"]:
             ref = reference_samples(name, n, k, s)
             for crit in c["criteria"]:
                 sc = criteria.scores(crit, model, variables, ref.images, ref.labels, composite=c["composite"])
@@ -254,7 +273,7 @@ def run_dataset(c: dict, name: str, workdir: Path) -> dict:
                 r["noisy"].append(accuracy(small, small_vars, noisy, te.labels))
                 r["sets"].append(_pruned_ids(keep, widths))
                 r["per_layer"].append([widths[l] - int(keep[l].shape[0]) for l in hidden])
-                if n == c["plot_n"] and s == 0:
+                if n == c["plot_n"] and s == c["seeds"][0]:
                     panels.append((f"{crit} ({r['train'][-1]:.3f})", _predict_grid(small, small_vars, grid, xx.shape)))
         for crit, r in rows.items():
             out[crit][str(n)] = {
@@ -274,7 +293,7 @@ def run_dataset(c: dict, name: str, workdir: Path) -> dict:
                      title=f"{name}: {c['n_prune']} of {sum(widths[l] for l in hidden)} hidden units removed")
     if len(panels) > 1:
         plots.decision_boundaries(panels, xx, yy, tr.images, tr.labels, workdir / f"{name}_boundaries.png",
-                                  title=f"{name}: n={c['plot_n']} per class, seed 0", num_classes=k)
+                                  title=f"{name}: n={c['plot_n']} per class, seed {c['seeds'][0]}", num_classes=k)
     return {"num_classes": k, "num_train": int(len(tr.labels)), "num_test": int(len(te.labels)),
             "hidden_units": int(sum(widths[l] for l in hidden)), "training": info, "before": before,
             "criteria": out, "seconds": time.perf_counter() - t0}
@@ -296,6 +315,7 @@ def summary(results: dict, n: int) -> list[dict]:
 def run(config: dict, workdir: str | Path) -> dict:
     """Run the experiment described by ``config`` (keys = flag names, missing ones from ``DEFAULTS``)."""
     c = common.canonical_model_kwargs(common.with_defaults(config, DEFAULTS))
+    c["seeds"] = sample_seeds(c["seeds"])
     _check(c)
     workdir = Path(workdir)
     check_trained(c, workdir)  # before any training
@@ -310,7 +330,8 @@ def run(config: dict, workdir: str | Path) -> dict:
 
 def report(results: dict, config: dict) -> str:
     n = config["plot_n"]
-    lines = [f"accuracy after pruning at n={n} per class, mean ± std over {config['seeds']} seeds"]
+    seeds = results["config"]["seeds"]
+    lines = [f"accuracy after pruning at n={n} per class, mean ± std (ddof = 1) over {len(seeds)} seeds"]
     for r in summary(results, n):
         lines.append(f"{r['dataset']:8s} {r['criterion']:7s} train {r['train_mean']:.4f} ± {r['train_std']:.4f}  "
                      f"noisy test {r['noisy_mean']:.4f} ± {r['noisy_std']:.4f}  overlap {r['overlap']:.3f}")

@@ -1,7 +1,7 @@
 """Neuron merging vs. pruning without fine-tuning: ``python -m experiments.merge --flagfile=experiments/configs/X.cfg``.
 
 For every seed: train the network (or load level 0 of an ``experiments.imp`` workdir with ``--source_workdir``),
-then for every criterion and pruning ratio (or the single ``--pruned_cfg``) evaluate the original, the pruned and
+then for every criterion and sparsity (or the single ``--pruned_cfg``) evaluate the original, the pruned and
 the merged network on the test set — no data is used by pruning or merging, and nothing is retrained.
 
 Writes to ``--workdir``: ``seed_<s>/`` (trained checkpoint + ``trained.json``, which records the training
@@ -9,13 +9,14 @@ settings: a rerun reuses the network when they agree and refuses, before any tra
 setting, when they do not — see the run-identity rule in :mod:`experiments.common`; the evaluation is recomputed
 on every run),
 ``results.json`` (config, per-seed runs with per-layer merge reports, mean/std summary), ``metrics.csv`` and
-``accuracy_vs_ratio.png``.
+``accuracy_vs_sparsity.png``.
 
 Importable without side effects: :func:`run` takes a config dict (keys = flag names, defaults in ``DEFAULTS``).
 """
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -23,19 +24,20 @@ import numpy as np
 from absl import logging
 
 from experiments import common
-from jaxprune import checkpoint, merging, models, plots, structured, train
+from jaxprune import checkpoint, conventions, merging, models, plots, structured, train
 
 SPEC = [
     *common.TRAIN_SPEC,
     ("seeds", ["0", "1", "2"], "one trained network per seed (initialisation and data order)"),
     ("source_workdir", "", "load the trained networks instead of training: an experiments.imp workdir (level 0) "
                            "or a seed_<s> folder of an experiments.merge workdir; '{seed}' is replaced by each seed"),
-    ("ratios", ["0.5", "0.6", "0.7", "0.8"], "fractions of units pruned in every merged layer"),
-    ("pruned_cfg", [], "instead of --ratios, a VGG's target conv widths (e.g. the paper's pruned VGG-16 cfg); "
+    ("sparsity", ["0.5", "0.6", "0.7", "0.8"], "sparsities swept: fractions of units pruned in every merged layer, "
+                                               "in [0, 1)"),
+    ("pruned_cfg", [], "instead of --sparsity, a VGG's target conv widths (e.g. the paper's pruned VGG-16 cfg); "
                        "'M' entries are ignored"),
     ("layers", [], "layers to merge (default: every mergeable layer)"),
     ("criteria", ["l1", "l2", "l2_gm"], "unit selection criteria (jaxprune.structured)"),
-    ("threshold", -1.0, "cosine threshold for merging (0: always merge, > 1: never); negative: the paper's "
+    ("threshold", None, "cosine threshold for merging (0: always merge, > 1: never); unset: the paper's "
                         "settings, 0.45 without BatchNorm and 0.1 with it"),
     ("lam", merging.LAMBDA, "conv+BN: weight of the cosine distance against the BN offset mismatch"),
     ("bn_scale", "exact", "conv+BN merge scale: the derived one or the authors' (inverted, raw variance)",
@@ -47,19 +49,25 @@ SPEC = [
     ("workdir", "runs/merge", "output directory (trained networks are reused on re-runs)"),
 ]
 DEFAULTS = common.defaults(SPEC)
+# Flag names of earlier releases (accepted with a deprecation warning until the next one).
+RENAMED = (common.Renamed((("ratios", [], "fractions of units pruned in every merged layer"),), "sparsity",
+                          lambda v: list(v["ratios"])),)
 
 
 def _config(config: dict) -> dict:
-    c = common.canonical_model_kwargs(common.with_defaults(config, DEFAULTS))
-    if not c["seeds"]:
-        raise ValueError("seeds: expected at least one seed")
+    c = common.canonical_model_kwargs(common.with_defaults(config, DEFAULTS, RENAMED))
+    c["seeds"] = list(common.seed_list(c["seeds"]))
+    if c["threshold"] is not None and c["threshold"] < 0:  # an earlier release's "unset"
+        warnings.warn(f"--threshold={c['threshold']:g}: a negative threshold for the paper's settings is deprecated "
+                      "and will be refused in the next release; leave --threshold unset", FutureWarning, stacklevel=2)
+        c["threshold"] = None
     if not c["criteria"]:
         raise ValueError("criteria: expected at least one criterion")
     for crit in c["criteria"]:
         if crit not in structured.CRITERIA:
             raise ValueError(f"criteria: {crit!r} is not one of {structured.CRITERIA}")
-    if not c["ratios"] and not c["pruned_cfg"]:
-        raise ValueError("ratios: expected at least one ratio (or --pruned_cfg)")
+    if not c["pruned_cfg"]:
+        common.fraction_list(c["sparsity"], "sparsity", upper_open=True)
     return c
 
 
@@ -106,7 +114,7 @@ def _preflight(c: dict, model, variables) -> None:
     is merged once on the untrained ``variables`` (merging is data-free and cheap)."""
     if not merging.mergeable_layers(model, variables=variables):
         raise ValueError(f"model={c['model']!r}: {type(model).__name__} has no layer neuron merging applies to")
-    threshold = None if c["threshold"] < 0 else c["threshold"]
+    threshold = c["threshold"]
     for label, _, widths in _settings(c, model, variables)[:1]:
         for crit in c["criteria"]:
             try:
@@ -118,12 +126,12 @@ def _preflight(c: dict, model, variables) -> None:
 
 
 def _settings(c: dict, model, variables) -> list[tuple[str, float | None, dict[str, int]]]:
-    """``(label, ratio, widths)`` for every pruning level of the sweep."""
+    """``(label, sparsity, widths)`` for every pruning level of the sweep."""
     if c["pruned_cfg"]:
         return [("cfg", None, merging.widths_from_cfg(model, c["pruned_cfg"]))]
     layers = list(c["layers"]) or None
     return [(f"{float(r):g}", float(r), merging.widths_for_ratio(model, variables, float(r), layers))
-            for r in c["ratios"]]
+            for r in c["sparsity"]]
 
 
 def evaluate_seed(c: dict, model, variables, x_test, y_test, x_train=None) -> dict:
@@ -131,7 +139,7 @@ def evaluate_seed(c: dict, model, variables, x_test, y_test, x_train=None) -> di
 
     With ``bn_recalibration_batches > 0`` (BatchNorm models; ``x_train`` needed) ``test_accuracy`` is measured
     after re-estimating the statistics, and ``test_accuracy_stale_bn`` keeps the data-free one."""
-    threshold = None if c["threshold"] < 0 else c["threshold"]
+    threshold = c["threshold"]
     original = common.accuracy(model, variables, x_test, y_test)
     n_orig = models.count_params(variables["params"])
     runs = []
@@ -151,7 +159,7 @@ def evaluate_seed(c: dict, model, variables, x_test, y_test, x_train=None) -> di
                                                         num_batches=c["bn_recalibration_batches"])
                     extra, acc = {"test_accuracy_stale_bn": acc}, common.accuracy(out.model, fresh, x_test, y_test)
                 n_params = models.count_params(out.variables["params"])
-                runs.append({"setting": label, "ratio": ratio, "criterion": crit, "mode": mode,
+                runs.append({"setting": label, "sparsity": ratio, "criterion": crit, "mode": mode,
                              "test_accuracy": acc, **extra, "num_params": n_params,
                              "param_fraction": n_params / n_orig,
                              "widths": widths, "merge_seconds": seconds, "layers": out.report})
@@ -160,7 +168,8 @@ def evaluate_seed(c: dict, model, variables, x_test, y_test, x_train=None) -> di
 
 
 def summarize(per_seed: list[dict]) -> dict:
-    """``{criterion: {setting: {original|prune|merge: {mean, std}, gain: {mean, std}}}}`` over seeds."""
+    """``{criterion: {setting: {original|prune|merge|gain: {mean, std, n}}}}`` over seeds
+    (:func:`jaxprune.conventions.summary`: std with ddof = 1)."""
     out: dict = {}
     orig = np.array([s["original"]["test_accuracy"] for s in per_seed])
     runs0 = per_seed[0]["runs"]
@@ -170,8 +179,7 @@ def summarize(per_seed: list[dict]) -> dict:
                                      and r["setting"] == setting and r["mode"] == m) for s in per_seed])
                    for m in merging.MODES}
             cell = {"original": orig, **acc, "gain": acc["merge"] - acc["prune"]}
-            out.setdefault(crit, {})[setting] = {k: {"mean": float(v.mean()), "std": float(v.std())}
-                                                 for k, v in cell.items()}
+            out.setdefault(crit, {})[setting] = {k: conventions.summary(v) for k, v in cell.items()}
     return out
 
 
@@ -194,7 +202,7 @@ def _write(workdir: Path, c: dict, per_seed: list[dict], meta: dict, finished: b
         for m in merging.MODES:
             ys[f"{m} {crit}"] = [100 * cells[s][m]["mean"] for s in settings]
             errs[f"{m} {crit}"] = [100 * cells[s][m]["std"] for s in settings]
-    plots.curves(x, ys, workdir / "accuracy_vs_ratio.png", xlabel="fraction of units pruned per layer",
+    plots.curves(x, ys, workdir / "accuracy_vs_sparsity.png", xlabel="fraction of units pruned per layer",
                  ylabel="test accuracy (%)", errors=errs,
                  title=f"{c['model']} / {c['dataset']}, no fine-tuning ({len(per_seed)} seed(s))")
     return results
@@ -205,7 +213,7 @@ def run(config: dict, workdir: str | Path) -> dict:
     c = _config(config)
     workdir = Path(workdir)
     c["workdir"] = str(workdir)
-    seeds = [int(s) for s in c["seeds"]]
+    seeds = c["seeds"]
     data = None
     per_seed: list[dict] = []
     meta: dict = {}
@@ -251,4 +259,4 @@ def report(results: dict, config: dict) -> str:
 
 
 if __name__ == "__main__":
-    common.launch(SPEC, run, report)
+    common.launch(SPEC, run, report, RENAMED)

@@ -19,7 +19,6 @@ config, dense accuracy and, per method, a map sparsity → accuracy as mean/std/
 """
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Sequence
@@ -29,7 +28,7 @@ import numpy as np
 from absl import logging
 
 from experiments import common
-from jaxprune import checkpoint, masks, models, plots, structured, train
+from jaxprune import checkpoint, conventions, criteria, masks, models, plots, structured, train
 
 METHODS = ("weight", "unit")
 SPEC = [
@@ -49,7 +48,8 @@ SPEC = [
     ("momentum", 0.9, "momentum for momentum/nesterov"),
     ("training_steps", "3ep", "training length, steps ('2000') or epochs ('3ep')"),
     ("batch_size", 100, "training batch size"),
-    ("sparsities", ["0", "25", "50", "60", "70", "80", "90", "95", "97", "99"], "sparsities in percent"),
+    ("sparsity", ["0", "0.25", "0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "0.97", "0.99"],
+     "sparsities swept: fractions of each pruned layer's weights (or units) removed, in [0, 1]"),
     ("methods", ["weight", "unit"], "pruning methods to evaluate: weight, unit"),
     ("scope", "layerwise", "rank within each layer or across all pruned layers", masks.SCOPES),
     ("unit_criterion", "l2", "unit score for unit pruning", structured.CRITERIA),
@@ -58,6 +58,9 @@ SPEC = [
     ("loop", "auto", "epoch as lax.scan or a Python loop of jitted steps", ("auto", "scan", "python")),
 ]
 DEFAULTS = common.defaults(SPEC)
+# Flag names of earlier releases (accepted with a deprecation warning until the next one).
+RENAMED = (common.Renamed((("sparsities", [], "sparsities in percent"),), "sparsity",
+                          lambda v: [f"{float(p) / 100:g}" for p in v["sparsities"]], "fractions, not percent"),)
 
 
 def _key(k: float) -> str:
@@ -96,14 +99,9 @@ def _unit_prune(model, variables: dict, sparsity: float, scope: str, criterion: 
             raise ValueError("unit_criterion='kmeans' has no per-unit score to rank globally; use --scope=layerwise")
         scores = [np.asarray(structured.unit_scores(structured.layer_params(variables, layer)["kernel"], criterion,
                                                     key=keys[layer]), np.float64) for layer in layers]
-        flat = np.concatenate(scores)
-        n_remove = math.ceil(sparsity * flat.size - 1e-9)
-        removed = np.zeros(flat.size, bool)
-        removed[np.argsort(flat, kind="stable")[:n_remove]] = True  # lowest first; ties: earlier layer/unit first
-        offset = 0
-        for layer, s in zip(layers, scores):
-            keep[layer] = np.flatnonzero(~removed[offset:offset + s.size])
-            offset += s.size
+        n_remove = conventions.n_to_prune(sparsity, sum(s.size for s in scores))
+        keep = {k: np.asarray(v) for k, v in criteria.global_keep(dict(zip(layers, scores)), n_remove,
+                                                                  min_keep=0).items()}
     for layer, k in keep.items():
         variables = structured.mask_units(model, variables, layer, k, x=x)
     return variables
@@ -113,12 +111,8 @@ def _build(c: dict):
     bad = [m for m in c["methods"] if m not in METHODS]
     if bad or not c["methods"]:
         raise ValueError(f"methods={c['methods']}: expected a non-empty subset of {METHODS}")
-    sparsities = [float(s) / 100 for s in c["sparsities"]]
-    if not sparsities or any(not 0 <= s <= 1 for s in sparsities):
-        raise ValueError(f"sparsities={c['sparsities']}: expected percentages in [0, 100]")
-    seeds = common.int_list(c["seeds"], "seeds")
-    if not seeds:
-        raise ValueError("seeds: expected at least one seed")
+    sparsities = common.fraction_list(c["sparsity"], "sparsity")
+    seeds = common.seed_list(c["seeds"])
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                               c["max_test_examples"])
     model = common.build_model(c, tr.num_classes, input_shape=tr.images.shape, defaults=DEFAULTS,
@@ -182,17 +176,19 @@ def run_seed(c: dict, seed: int, tr, te, model, sparsities: list[float], num_ste
 
 
 def summarize(per_seed: list[dict], methods, sparsities) -> dict:
-    """Mean and (population) std over seeds of the dense and pruned accuracies."""
-    dense = np.array([r["dense_accuracy"] for r in per_seed])
-    acc = {m: {_key(s): [r["accuracy"][m][_key(s)] for r in per_seed] for s in sparsities} for m in methods}
-    return {"dense_accuracy": {"mean": float(dense.mean()), "std": float(dense.std())},
-            "accuracy": {m: {k: float(np.mean(v)) for k, v in d.items()} for m, d in acc.items()},
-            "accuracy_std": {m: {k: float(np.std(v)) for k, v in d.items()} for m, d in acc.items()}}
+    """Mean and std over seeds (:func:`jaxprune.conventions.summary`, ddof = 1) of the dense and pruned
+    accuracies."""
+    dense = conventions.summary([r["dense_accuracy"] for r in per_seed])
+    acc = {m: {_key(s): conventions.summary([r["accuracy"][m][_key(s)] for r in per_seed]) for s in sparsities}
+           for m in methods}
+    return {"dense_accuracy": dense,
+            "accuracy": {m: {k: v["mean"] for k, v in d.items()} for m, d in acc.items()},
+            "accuracy_std": {m: {k: v["std"] for k, v in d.items()} for m, d in acc.items()}}
 
 
 def run(config: dict, workdir: str | Path) -> dict:
     """Run (or finish) the sweep for every seed; returns the ``results.json`` dict."""
-    c = common.canonical_model_kwargs(common.with_defaults(config, DEFAULTS))
+    c = common.canonical_model_kwargs(common.with_defaults(config, DEFAULTS, RENAMED))
     workdir = Path(workdir)
     tr, te, model, sparsities, seeds, num_steps = _build(c)  # refused before anything is written
     workdir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +196,7 @@ def run(config: dict, workdir: str | Path) -> dict:
     # Run identity (experiments.common): seed_<s>.json, an evaluation table, records the settings that produced it
     # (all but the seeds, the workdir and the methods/sparsities, which may grow); one made with other settings,
     # or lacking a method or sparsity asked for now, is recomputed — the network retrained, never reused.
-    same = {k: v for k, v in record.items() if k not in ("seeds", "workdir", "methods", "sparsities")}
+    same = {k: v for k, v in record.items() if k not in ("seeds", "workdir", "methods", "sparsity")}
     per_seed = []
     for seed in seeds:
         path = workdir / f"seed_{seed}.json"
@@ -252,4 +248,4 @@ def report(results: dict, config: dict) -> str:
 
 
 if __name__ == "__main__":
-    common.launch(SPEC, run, report)
+    common.launch(SPEC, run, report, RENAMED)

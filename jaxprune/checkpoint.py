@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -110,12 +110,13 @@ def format_settings_diff(diff: dict[str, tuple]) -> str:
 
 
 def check_run_config(workdir: str | os.PathLike, record: dict, volatile: tuple = (),
-                     added_later: dict | None = None) -> None:
+                     added_later: dict | None = None, migrate: Callable[[dict], dict] | None = None) -> None:
     """Record a run's settings in ``workdir/config.json``, or refuse to resume a run made with other settings.
 
     ``volatile``: keys that may change between a run and its resumption (not recorded, not compared).
     ``added_later``: settings introduced after workdirs were first written, with the value an older
-    ``config.json`` that lacks them ran with.
+    ``config.json`` that lacks them ran with. ``migrate``: maps a stored record written under older setting names
+    to the current ones before the comparison (the file itself is left as it is).
     """
     path = Path(workdir) / "config.json"
     # compared as JSON holds them (tuples become lists), so an identical Python config is not refused
@@ -123,7 +124,9 @@ def check_run_config(workdir: str | os.PathLike, record: dict, volatile: tuple =
     if not path.exists():
         write_json(path, clean)
         return
-    old = {k: v for k, v in read_json(path).items() if k not in volatile}
+    stored = read_json(path)
+    stored = migrate(stored) if migrate is not None else stored
+    old = {k: v for k, v in stored.items() if k not in volatile}
     diff = settings_diff(old, clean, {k: v for k, v in (added_later or {}).items() if k not in volatile})
     if diff:
         raise ValueError(f"workdir {workdir} holds a run with a different config — different settings "

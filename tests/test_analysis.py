@@ -18,7 +18,7 @@ from experiments import imp as imp_exp
 from jaxprune import analysis, data, imp, masks, models, train
 
 SMALL = dict(dataset="digits", model="mlp", hidden=["24"], optimizer="momentum", lr=0.05, schedule="step",
-             milestones=["30"], training_steps="40", batch_size=64, prune_fraction=0.5, seed=3)
+             milestones=["30"], training_steps="40", batch_size=64, prune_fraction=0.5, seeds=["3"])
 ALL = ["similarity", "overlap", "instability"]
 
 
@@ -330,8 +330,8 @@ def test_overlap_with_the_previous_level_is_nested(analysed):
 
 @pytest.mark.parametrize("rewind,extra", [("init", {}), ("step", {"rewind_step": "10"}), ("lr", {}),
                                           ("finetune", {"schedule": "constant", "milestones": []}),
-                                          ("lr", {"num_replicas": 2}), ("step", {"rewind_step": "10",
-                                                                                 "num_replicas": 2})])
+                                          ("lr", {"seeds": ["3", "4"]}), ("step", {"rewind_step": "10",
+                                                                                 "seeds": ["3", "4"]})])
 def test_the_copy_trained_with_the_levels_own_data_order_is_the_level(tmp_path, rewind, extra):
     """The instability copy starts where the level started: with the level's data key it retrains it exactly."""
     cfg = {**SMALL, "rewind": rewind, **extra}
@@ -350,7 +350,7 @@ def test_the_copy_trained_with_the_levels_own_data_order_is_the_level(tmp_path, 
 
 
 def test_a_killed_and_resumed_run_reproduces_analysis_json_exactly(tmp_path):
-    kw = dict(analyses=ALL, num_replicas=2, instability_points=4, analysis_metrics=["linear_cka", "nbs"])
+    kw = dict(analyses=ALL, seeds=["3:5"], instability_points=4, analysis_metrics=["linear_cka", "nbs"])
     full = tmp_path / "full"
     _run(full, levels=2, **kw)
     part = tmp_path / "part"

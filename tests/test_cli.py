@@ -77,7 +77,7 @@ def test_merge_rerun_with_other_training_settings_is_refused_in_one_line(tmp_pat
     steps is refused (exit 2, naming both settings), not answered with the old network under the new settings."""
     wd = tmp_path / "merge"
     args = ["--dataset=digits", "--model=mlp", "--hidden=16,8", "--schedule=constant", "--milestones=",
-            "--weight_decay=0", "--batch_size=32", "--seeds=0", "--ratios=0.5", "--criteria=l2", f"--workdir={wd}"]
+            "--weight_decay=0", "--batch_size=32", "--seeds=0", "--sparsity=0.5", "--criteria=l2", f"--workdir={wd}"]
 
     def merge(*extra):
         return subprocess.run([sys.executable, "-m", "experiments.merge", *args, *extra], cwd=REPO,

@@ -92,7 +92,7 @@ except ValueError as e:
 
 # an IMP run (with K = 2 replicas) on 8 devices equals the same run on 1 device
 cfg = dict(dataset="digits", model="mlp", hidden=["16"], training_steps="12", batch_size=64, levels=1,
-           prune_fraction=0.5, seed=1, num_replicas=2, max_train_examples=512)
+           prune_fraction=0.5, seeds=["1", "2"], max_train_examples=512)
 b = imp_exp.build(cfg)
 recs = {}
 for name, mesh in (("8", mesh8), ("1", mesh1)):

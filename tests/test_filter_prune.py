@@ -12,7 +12,7 @@ from jaxprune import checkpoint, criteria, models, structured, train
 
 BASE = dict(dataset="digits", model="vgg", vgg_cfg=["6", "M", "10"], normalize="none", optimizer="momentum",
             lr=0.05, weight_decay=0.0, schedule="constant", milestones=[], training_steps="2ep", batch_size=64,
-            finetune_steps="5", finetune_lr=0.01, fraction=0.25, max_pruned_fraction=0.8, max_rounds=3)
+            finetune_steps="5", finetune_lr=0.01, prune_fraction=0.25, max_pruned_fraction=0.8, max_rounds=3)
 
 
 def test_round_widths_closed_form():
@@ -42,9 +42,9 @@ def test_runs_exactly_max_rounds_and_records_counts(tmp_path):
     assert (tmp_path / "accuracy_vs_params.png").exists()
 
     # A rerun with more rounds resumes: trained network and finished rounds are reloaded, one round is added.
-    trained = checkpoint.read_json(tmp_path / "trained" / "trained.json")
+    trained = checkpoint.read_json(tmp_path / "seed_0" / "trained" / "trained.json")
     more = filter_prune.run({**BASE, "max_rounds": 4}, tmp_path)
-    assert checkpoint.read_json(tmp_path / "trained" / "trained.json") == trained
+    assert checkpoint.read_json(tmp_path / "seed_0" / "trained" / "trained.json") == trained
     assert more["rounds"][:4] == checkpoint.read_json(tmp_path / "results.json")["rounds"][:4] == rounds
     assert more["rounds"][4]["widths"] == filter_prune.round_widths(widths[3], widths[0], 0.25, 0.8)
 
@@ -73,7 +73,7 @@ def _trained(tmp_path, cfg):
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"])
     model = common.build_model(c, tr.num_classes)
     x, y, xt, yt = train.to_device(tr.images, tr.labels, te.images, te.labels)
-    v = checkpoint.restore(tmp_path / "trained" / "checkpoint", models.init(model, jax.random.PRNGKey(0), x.shape))
+    v = checkpoint.restore(tmp_path / "seed_0" / "trained" / "checkpoint", models.init(model, jax.random.PRNGKey(0), x.shape))
     return c, model, v, (x, y, xt, yt)
 
 
@@ -85,7 +85,7 @@ def _assert_keep_equal(got, want):
 
 def test_stops_at_the_floor_and_refuses_a_changed_config(tmp_path, monkeypatch):
     removed, _, _ = _spy(monkeypatch)
-    cfg = {**BASE, "fraction": 0.5, "max_pruned_fraction": 0.5, "max_rounds": 5, "criterion": "l2_gm"}
+    cfg = {**BASE, "prune_fraction": 0.5, "max_pruned_fraction": 0.5, "max_rounds": 5, "criterion": "l2_gm"}
     res = filter_prune.run(cfg, tmp_path)
     assert [r["round"] for r in res["rounds"]] == [0, 1] and res["finished"]
     assert res["rounds"][1]["widths"] == {"conv_0": 3, "conv_1": 5}
@@ -100,12 +100,12 @@ def test_stops_at_the_floor_and_refuses_a_changed_config(tmp_path, monkeypatch):
         far = np.linalg.norm(rows[:, None] - rows[None], axis=-1).sum(1)
         np.testing.assert_array_equal(np.asarray(removed[0][layer]), np.sort(np.argsort(-far)[:nk]), err_msg=layer)
     with pytest.raises(ValueError, match="different config"):
-        filter_prune.run({**BASE, "fraction": 0.5, "max_pruned_fraction": 0.5, "criterion": "l1"}, tmp_path)
+        filter_prune.run({**BASE, "prune_fraction": 0.5, "max_pruned_fraction": 0.5, "criterion": "l1"}, tmp_path)
 
 
 def test_data_driven_criterion_through_batchnorm_and_recalibration(tmp_path, monkeypatch):
     removed, started, real_remove = _spy(monkeypatch)
-    cfg = {**BASE, "criterion": "taylor", "reference_examples": 32, "max_rounds": 1, "fraction": 0.5,
+    cfg = {**BASE, "criterion": "taylor", "reference_examples": 32, "max_rounds": 1, "prune_fraction": 0.5,
            "training_steps": "1ep", "bn_recalibration_batches": 3}
     res = filter_prune.run(cfg, tmp_path)
     r = res["rounds"][1]
@@ -140,7 +140,7 @@ def test_data_driven_criterion_through_batchnorm_and_recalibration(tmp_path, mon
     assert r["accuracy_before_finetune"] == common.accuracy(small_model, recal, xt, yt)
 
 
-@pytest.mark.parametrize("bad,match", [({"fraction": 1.0}, "fraction"), ({"criterion": "nope"}, "criterion"),
+@pytest.mark.parametrize("bad,match", [({"prune_fraction": 1.0}, "prune_fraction"), ({"criterion": "nope"}, "criterion"),
                                        ({"max_rounds": -1}, "max_rounds"), ({"colour": 1}, "unknown keys")])
 def test_bad_config_is_refused(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):

@@ -14,7 +14,7 @@ from experiments import imp as imp_exp
 from jaxprune import checkpoint, imp, masks, models, train
 
 SMALL = dict(dataset="digits", model="mlp", hidden=["24"], optimizer="momentum", lr=0.05, schedule="step",
-             milestones=["30"], training_steps="40", batch_size=64, prune_fraction=0.5, seed=3)
+             milestones=["30"], training_steps="40", batch_size=64, prune_fraction=0.5, seeds=["3"])
 
 
 def _run(tmp_path, name, **kw):
@@ -280,14 +280,16 @@ def test_other_settings_in_an_existing_workdir_are_refused(tmp_path, lottery):
 
 
 def test_workdirs_written_before_later_flags_still_resume(tmp_path, lottery):
-    """A config.json lacking settings added later (num_replicas, weight_init, augment, pool, exclude,
-    finetune_lr) resumes with their defaults."""
+    """A config.json lacking settings added later (weight_init, augment, pool, exclude, finetune_lr) resumes with
+    their defaults; one written under the earlier flag names (seed, num_replicas) is read in the current ones."""
     _, wd, *_ = lottery
     old = tmp_path / "old"
     shutil.copytree(wd, old)
     cfg = json.loads((old / "config.json").read_text())
-    for k in ("num_replicas", "weight_init", "augment", "pool", "exclude", "finetune_lr"):
+    for k in ("weight_init", "augment", "pool", "exclude", "finetune_lr"):
         cfg.pop(k)
+    assert cfg.pop("seeds") == [3]
+    cfg["seed"] = 3  # the earlier release's spelling (num_replicas absent: its default 1)
     (old / "config.json").write_text(json.dumps(cfg))
     res = imp_exp.train_and_evaluate({**SMALL, "levels": 2, "branch": "random_mask"}, old)
     assert res["finished"] and len(res["levels"]) == 3

@@ -9,7 +9,7 @@ from experiments import lrp_toy
 from jaxprune import checkpoint, criteria, data, models
 
 TINY = {"datasets": ["moons", "spiral"], "num_train": 256, "hidden": ["24", "24", "24"], "training_steps": "4ep",
-        "batch_size": 32, "samples_per_class": ["1", "3"], "seeds": 3, "n_prune": 30, "plot_n": 3}
+        "batch_size": 32, "samples_per_class": ["1", "3"], "seeds": ["0:3"], "n_prune": 30, "plot_n": 3}
 
 
 @pytest.mark.parametrize("bug", [False, True])

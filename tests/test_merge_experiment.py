@@ -14,7 +14,7 @@ from jaxprune import checkpoint, merging, train
 
 BASE = dict(dataset="digits", model="mlp", hidden=["32", "16"], normalize="none", optimizer="momentum", lr=0.05,
             weight_decay=0.0, schedule="constant", milestones=[], training_steps="3ep", batch_size=32,
-            ratios=["0.5", "0.75"], criteria=["l1", "l2"], seeds=["0"])
+            sparsity=["0.5", "0.75"], criteria=["l1", "l2"], seeds=["0"])
 
 
 def _acc(results, seed, setting, crit, mode):
@@ -26,7 +26,7 @@ def _acc(results, seed, setting, crit, mode):
 def test_run_writes_results_and_reuses_trained_networks(tmp_path):
     cfg = {**BASE, "seeds": ["0", "1"], "criteria": ["l2"]}
     res = merge_experiment.run(cfg, tmp_path)
-    for name in ("results.json", "metrics.csv", "accuracy_vs_ratio.png", "seed_0/trained.json",
+    for name in ("results.json", "metrics.csv", "accuracy_vs_sparsity.png", "seed_0/trained.json",
                  "seed_1/trained.json"):
         assert (tmp_path / name).exists(), name
     on_disk = checkpoint.read_json(tmp_path / "results.json")
@@ -67,14 +67,14 @@ def test_loads_level_0_of_an_imp_workdir(tmp_path):
     imp_cfg = dict(dataset="digits", model="mlp", hidden=["32", "16"], training_steps="2ep", batch_size=32,
                    levels=0)
     imp_res = imp_experiment.train_and_evaluate(imp_cfg, tmp_path / "imp")
-    res = merge_experiment.run({**BASE, "source_workdir": str(tmp_path / "imp"), "ratios": ["0.5"]},
+    res = merge_experiment.run({**BASE, "source_workdir": str(tmp_path / "imp"), "sparsity": ["0.5"]},
                                tmp_path / "merge")
     assert not (tmp_path / "merge" / "seed_0").exists()  # nothing trained
     assert res["seeds"][0]["original"]["test_accuracy"] == pytest.approx(imp_res["levels"][0]["test_accuracy"])
 
 
 def test_vgg_with_batchnorm_to_a_pruned_cfg(tmp_path):
-    cfg = {**BASE, "model": "vgg", "vgg_cfg": ["4", "M", "6"], "pruned_cfg": ["2", "M", "3"], "ratios": [],
+    cfg = {**BASE, "model": "vgg", "vgg_cfg": ["4", "M", "6"], "pruned_cfg": ["2", "M", "3"], "sparsity": [],
            "training_steps": "1ep", "criteria": ["l2_gm"], "max_train_examples": 256, "batch_size": 64,
            "max_test_examples": 100}
     res = merge_experiment.run(cfg, tmp_path)
@@ -101,7 +101,7 @@ def test_vgg_with_batchnorm_to_a_pruned_cfg(tmp_path):
     ({"colour": 1}, "unknown keys"),
     ({"criteria": ["l3"]}, "criteria"),
     ({"model": "vgg", "vgg_cfg": []}, "vgg_cfg"),
-    ({"ratios": [], "pruned_cfg": []}, "ratios"),
+    ({"sparsity": [], "pruned_cfg": []}, "sparsity"),
 ])
 def test_bad_config(tmp_path, config, match):
     with pytest.raises(ValueError, match=match):

@@ -12,7 +12,7 @@ from jaxprune import checkpoint, models
 
 MODEL = models.MLP((20, 12, 10), use_bias=False)
 BASE = dict(dataset="digits", model="mlp", hidden=["24", "12"], normalize="unit", training_steps="10ep",
-            batch_size=50, sparsities=["0", "50", "90"], seeds=["0"])
+            batch_size=50, sparsity=["0", "0.5", "0.9"], seeds=["0"])
 
 
 def _vars(seed=0):
@@ -95,5 +95,5 @@ def test_run_on_digits_and_skip_finished_seeds(tmp_path, monkeypatch):
 
 
 def test_bad_sparsity_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="sparsities"):
-        oneshot.run({**BASE, "sparsities": ["120"]}, tmp_path)
+    with pytest.raises(ValueError, match="sparsity"):
+        oneshot.run({**BASE, "sparsity": ["1.2"]}, tmp_path)

@@ -1,4 +1,4 @@
-"""jaxprune.replicas and --num_replicas: each replica of one vmapped program equals a separate run with its seed."""
+"""jaxprune.replicas and --seeds=s:s+K (replicas): each replica of one vmapped program equals a separate run with its seed."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from experiments import imp as imp_exp
 from jaxprune import data, imp, models, replicas, train
 
 SMALL = dict(dataset="digits", model="mlp", hidden=["24"], optimizer="momentum", lr=0.05, schedule="step",
-             milestones=["30"], training_steps="40", batch_size=64, prune_fraction=0.5, seed=3, levels=2)
+             milestones=["30"], training_steps="40", batch_size=64, prune_fraction=0.5, seeds=["3"], levels=2)
 
 
 def _close(a, b, rtol=2e-5, atol=2e-6):
@@ -71,8 +71,8 @@ def test_bad_replica_settings():
 def imp_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("replicas")
     cfg = dict(SMALL, branch="random_mask")
-    stacked = imp_exp.train_and_evaluate({**cfg, "num_replicas": 2}, root / "k2")
-    singles = [imp_exp.train_and_evaluate({**cfg, "seed": s}, root / f"seed{s}") for s in (3, 4)]
+    stacked = imp_exp.train_and_evaluate({**cfg, "seeds": ["3", "4"]}, root / "k2")
+    singles = [imp_exp.train_and_evaluate({**cfg, "seeds": [s]}, root / f"seed{s}") for s in (3, 4)]
     return root, stacked, singles
 
 
@@ -103,7 +103,7 @@ def test_imp_replicas_equal_separate_seeds(imp_runs):
 def test_results_json_holds_mean_and_std(imp_runs):
     root, stacked, singles = imp_runs
     res = json.loads((root / "k2" / "results.json").read_text())
-    assert res["config"]["num_replicas"] == 2 and res["finished"]
+    assert res["config"]["seeds"] == [3, 4] and res["finished"]
     for k, lvl in enumerate(res["levels"]):
         accs = [s["levels"][k]["test_accuracy"] for s in singles]
         assert lvl["num_replicas"] == 2 and len(lvl["replicas"]) == 2
@@ -117,11 +117,11 @@ def test_results_json_holds_mean_and_std(imp_runs):
 def test_replica_run_resumes(imp_runs, tmp_path):
     root, stacked, _ = imp_runs
     wd = tmp_path / "k2"
-    cfg = dict(SMALL, branch="random_mask", num_replicas=2)
+    cfg = dict(SMALL, branch="random_mask", seeds=["3:5"])
     imp_exp.train_and_evaluate({**cfg, "levels": 1}, wd)
     resumed = imp_exp.train_and_evaluate(cfg, wd)
     for a, c in zip(resumed["levels"], stacked["levels"]):
         assert [r["test_accuracy"] for r in a["replicas"]] == pytest.approx(
             [r["test_accuracy"] for r in c["replicas"]], abs=1e-6)
-    with pytest.raises(ValueError, match=r"num_replicas: 2 -> 3"):
-        imp_exp.train_and_evaluate({**cfg, "num_replicas": 3}, wd)
+    with pytest.raises(ValueError, match=r"seeds: \[3, 4\] -> \[3, 4, 5\]"):
+        imp_exp.train_and_evaluate({**cfg, "seeds": ["3:6"]}, wd)

@@ -14,14 +14,14 @@ from jaxprune import checkpoint, train
 
 MERGE = dict(dataset="digits", model="mlp", hidden=["16", "8"], normalize="none", optimizer="momentum", lr=0.05,
              weight_decay=0.0, schedule="constant", milestones=[], training_steps="5", batch_size=32,
-             ratios=["0.5"], criteria=["l2"], seeds=["0"])
+             sparsity=["0.5"], criteria=["l2"], seeds=["0"])
 FILTER = dict(dataset="digits", model="vgg", vgg_cfg=["4", "M", "6"], normalize="none", optimizer="momentum",
               lr=0.05, weight_decay=0.0, schedule="constant", milestones=[], training_steps="3", batch_size=64,
-              finetune_steps="2", fraction=0.25, max_rounds=1, max_train_examples=256, max_test_examples=64)
+              finetune_steps="2", prune_fraction=0.25, max_rounds=1, max_train_examples=256, max_test_examples=64)
 LRP = {"datasets": ["moons"], "num_train": 64, "hidden": ["8", "8"], "training_steps": "3", "batch_size": 32,
-       "samples_per_class": ["1"], "seeds": 1, "n_prune": 4, "plot_n": 1, "criteria": ["weight"]}
+       "samples_per_class": ["1"], "seeds": ["0"], "n_prune": 4, "plot_n": 1, "criteria": ["weight"]}
 ONESHOT = dict(dataset="digits", model="mlp", hidden=["12"], training_steps="3", batch_size=64,
-               sparsities=["0", "50"], seeds=["0"], max_train_examples=256, max_test_examples=64)
+               sparsity=["0", "0.5"], seeds=["0"], max_train_examples=256, max_test_examples=64)
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_training_settings_leave_out_the_data_location_and_evaluation_flags():
     c = merge._config(MERGE)
     s = common.training_settings(c, 3)
     assert s["seed"] == 3 and s["lr"] == 0.05 and s["training_steps"] == "5" and s["hidden"] == ["16", "8"]
-    assert "data_dir" not in s and "ratios" not in s and "criteria" not in s and "workdir" not in s
+    assert "data_dir" not in s and "sparsity" not in s and "criteria" not in s and "workdir" not in s
 
 
 # ------------------------------------------------------------------------------------------------ merge
@@ -89,7 +89,7 @@ def test_merge_refuses_a_changed_training_setting_before_any_work(tmp_path, runs
              ("weight_decay", 0.0, 1e-4))
     assert len(runs) == 1 and not (tmp_path / "seed_1").exists()
     # an unchanged rerun (other evaluation settings: not part of the trained network's identity) reuses it
-    again = merge.run({**MERGE, "ratios": ["0.25"], "criteria": ["l1"]}, tmp_path)
+    again = merge.run({**MERGE, "sparsity": ["0.25"], "criteria": ["l1"]}, tmp_path)
     assert len(runs) == 1 and (tmp_path / "seed_0" / "trained.json").stat().st_mtime_ns == before
     assert again["seeds"][0]["trained"]["settings"]["lr"] == 0.05
     assert list(again["summary"]) == ["l1"]  # the evaluation table was recomputed for the new settings
@@ -114,7 +114,7 @@ def test_merge_source_folder_of_another_model_is_refused(tmp_path):
 
 def test_merge_refuses_a_flag_the_model_cannot_take_before_training(tmp_path, runs):
     with pytest.raises(ValueError, match="expected a VGG model"):  # --pruned_cfg × an MLP
-        merge.run({**MERGE, "hidden": ["16", "8"], "ratios": ["0.5"], "pruned_cfg": ["4", "M", "3"]}, tmp_path)
+        merge.run({**MERGE, "hidden": ["16", "8"], "sparsity": ["0.5"], "pruned_cfg": ["4", "M", "3"]}, tmp_path)
     assert not runs and not tmp_path.joinpath("seed_0").exists()
 
 
@@ -147,7 +147,7 @@ def test_filter_prune_refuses_a_changed_training_setting_and_resumes_an_unchange
     filter_prune.run(FILTER, tmp_path)
     n = len(runs)  # training + one fine-tuning round
     assert n == 2
-    assert checkpoint.read_json(tmp_path / "trained" / "trained.json")["settings"]["lr"] == 0.05
+    assert checkpoint.read_json(tmp_path / "seed_0" / "trained" / "trained.json")["settings"]["lr"] == 0.05
     _refused(lambda: filter_prune.run({**FILTER, "lr": 0.5, "training_steps": "50"}, tmp_path),
              ("lr", 0.05, 0.5), ("training_steps", "3", "50"))
     assert len(runs) == n
@@ -159,7 +159,7 @@ def test_filter_prune_refuses_a_changed_training_setting_and_resumes_an_unchange
 
 def test_filter_prune_old_workdir_without_recorded_training_settings_still_loads(tmp_path, runs):
     filter_prune.run(FILTER, tmp_path)
-    p = tmp_path / "trained" / "trained.json"
+    p = tmp_path / "seed_0" / "trained" / "trained.json"
     checkpoint.write_json(p, {k: v for k, v in checkpoint.read_json(p).items() if k not in ("settings", "sha256")})
     filter_prune.run(FILTER, tmp_path)  # config.json vouches for it
     assert len(runs) == 2

@@ -10,7 +10,7 @@ from experiments import similarity as exp
 from jaxprune import similarity
 
 TINY_IMP = {"dataset": "digits", "model": "mlp", "hidden": ["16", "8"], "training_steps": "30", "batch_size": 32,
-            "levels": 1, "prune_fraction": 0.5, "seed": 0}
+            "levels": 1, "prune_fraction": 0.5, "seeds": ["0"]}
 
 
 @pytest.fixture(scope="module")

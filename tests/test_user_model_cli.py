@@ -168,7 +168,7 @@ def test_oneshot_prunes_units_and_weights_of_a_user_model(mymodels, tmp_path, mo
 
     monkeypatch.setattr(oneshot, "unit_pruned", spy)
     cfg = {"dataset": "digits", **USER, "normalize": "unit", "training_steps": "8ep", "batch_size": 50,
-           "sparsities": ["0", "50"], "seeds": ["0"]}
+           "sparsity": ["0", "0.5"], "seeds": ["0"]}
     res = oneshot.run(cfg, tmp_path)
     assert res["config"]["model"] == "mymodels:MyMLP" and res["config"]["model_kwargs"] == KWARGS
     _, te = _digits("unit")
@@ -198,7 +198,7 @@ def test_oneshot_prunes_units_and_weights_of_a_user_model(mymodels, tmp_path, mo
 
 FILTER = {"dataset": "digits", **USER, "layer_kind": "dense", "normalize": "unit", "optimizer": "momentum",
           "lr": 0.05, "weight_decay": 0.0, "schedule": "constant", "milestones": [], "training_steps": "3ep",
-          "batch_size": 64, "finetune_steps": "5", "finetune_lr": 0.01, "fraction": 0.25,
+          "batch_size": 64, "finetune_steps": "5", "finetune_lr": 0.01, "prune_fraction": 0.25,
           "max_pruned_fraction": 0.8, "max_rounds": 2}
 
 
@@ -215,7 +215,7 @@ def test_filter_prune_physically_shrinks_a_user_model_through_its_width_field(my
     # and the plain class of those widths scores the recorded accuracy on the saved variables.
     _, te = _digits("unit")
     model = common.build_model(filter_prune._config(FILTER), 10)
-    small, v = filter_prune._restore_shrunk(model, widths[2], tmp_path / "round_2" / "checkpoint", (1, 8, 8, 1))
+    small, v = filter_prune._restore_shrunk(model, widths[2], tmp_path / "seed_0" / "round_2" / "checkpoint", (1, 8, 8, 1))
     assert type(small).__name__ == "MyMLP" and small.hidden == (6, 4) and small.num_classes == 10
     assert _shapes(v) == {"fc1": (64, 6), "fc2": (6, 4), "head": (4, 10)}
     assert structured.widths(small, v) == {"fc1": 6, "fc2": 4}
@@ -235,7 +235,7 @@ def test_filter_prune_physically_shrinks_a_user_model_through_its_width_field(my
 def test_merge_on_a_user_model(mymodels, tmp_path):
     cfg = {"dataset": "digits", **USER, "normalize": "none", "optimizer": "momentum", "lr": 0.05,
            "weight_decay": 0.0, "schedule": "constant", "milestones": [], "training_steps": "2ep", "batch_size": 32,
-           "ratios": ["0.5"], "criteria": ["l1"], "seeds": ["0"]}
+           "sparsity": ["0.5"], "criteria": ["l1"], "seeds": ["0"]}
     res = merge_experiment.run(cfg, tmp_path)
     assert res["derived"]["mergeable_layers"] == ["fc1", "fc2"]
     runs = res["seeds"][0]["runs"]
@@ -246,7 +246,7 @@ def test_merge_on_a_user_model(mymodels, tmp_path):
 
 def test_lrp_toy_on_a_user_model(mymodels, tmp_path):
     cfg = {"datasets": ["moons"], **USER, "model_kwargs": '{"hidden": [10, 6]}', "num_train": 128,
-           "training_steps": "3ep", "batch_size": 32, "samples_per_class": ["2"], "seeds": 2, "n_prune": 4,
+           "training_steps": "3ep", "batch_size": 32, "samples_per_class": ["2"], "seeds": ["0:2"], "n_prune": 4,
            "criteria": ["weight", "lrp"], "plot_n": 2}
     res = lrp_toy.run(cfg, tmp_path)
     d = res["datasets"]["moons"]
@@ -289,7 +289,7 @@ def test_command_line_imports_the_model_from_the_working_directory(tmp_path):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "experiments.filter_prune", "--dataset=digits",
                                "--layer_kind=dense", "--training_steps=20", "--finetune_steps=2", "--max_rounds=1",
-                               "--fraction=0.5", f"--workdir={wd}", *args], cwd=tmp_path, env=env,
+                               "--prune_fraction=0.5", f"--workdir={wd}", *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=600)
 
     p = cli("--model=mymodels:Nope")
