@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import logging as pylogging
+import math
 import platform
 import shutil
 import warnings
@@ -162,6 +163,33 @@ def migrate_record(record: Mapping[str, Any], renamed: Sequence[Renamed]) -> dic
     return out
 
 
+def check_range(name: str, value: Any, low: float | None = None, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = False) -> float:
+    """``value`` as a float when it is a finite number in the interval (ends closed unless ``*_open``); else a
+    ValueError naming the flag and the interval, e.g. ``noise=-1.0: expected a finite number in [0, inf)``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    ok = math.isfinite(v) and (low is None or (v > low if low_open else v >= low)) and (
+        high is None or (v < high if high_open else v <= high))
+    if not ok or isinstance(value, bool):
+        lo = "(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "inf)" if high is None else f"{high:g}" + (")" if high_open else "]")
+        raise ValueError(f"{name}={value!r}: expected a finite number in {lo}, {hi}")
+    return v
+
+
+def check_flagfiles(argv: Sequence[str]) -> None:
+    """Refuse a ``--flagfile`` that does not exist with one line naming it (absl would end with its own FATAL)."""
+    for i, a in enumerate(argv):
+        path = a.split("=", 1)[1] if a.startswith("--flagfile=") else (
+            argv[i + 1] if a == "--flagfile" and i + 1 < len(argv) else None)
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"flagfile={path!r}: no such file; expected a flag file such as "
+                             "experiments/configs/quickstart.cfg")
+
+
 def fraction_list(values: Sequence[Any] | str, name: str, *, upper_open: bool = False) -> list[float]:
     """``--sparsity``-style lists → floats in [0, 1] (``[0, 1)`` with ``upper_open``), at least one; errors name the
     flag and the expected form."""
@@ -289,6 +317,20 @@ def launch(spec: FlagSpec, run_fn, report_fn=None, renamed: Sequence[Renamed] = 
             print(report_fn(results, config))
 
     define_flags(spec, renamed)
+    run_main(main)
+
+
+def run_main(main) -> None:
+    """``app.run(guarded(main))``, after refusing a missing ``--flagfile`` with one line (exit 2)."""
+    import sys
+
+    from absl import app
+
+    try:
+        check_flagfiles(sys.argv[1:])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     app.run(guarded(main))
 
 

@@ -73,6 +73,7 @@ def _config(config: dict) -> dict:
         raise ValueError(f"criterion={c['criterion']!r}: expected one of {ALL_CRITERIA}")
     if not 0.0 < float(c["prune_fraction"]) < 1.0:
         raise ValueError(f"prune_fraction={c['prune_fraction']}: expected a fraction of filters per round in (0, 1)")
+    common.check_range("finetune_lr", c["finetune_lr"], 0, low_open=True)
     if not 0.0 < float(c["max_pruned_fraction"]) < 1.0:
         raise ValueError(f"max_pruned_fraction={c['max_pruned_fraction']}: expected a value in (0, 1)")
     if not (isinstance(c["max_rounds"], int) and c["max_rounds"] >= 0):
@@ -155,6 +156,7 @@ def run(config: dict, workdir: str | Path) -> dict:
     layers = structured.prunable_layers(model, c["layer_kind"], x=example)
     if not layers:
         raise ValueError(f"layer_kind={c['layer_kind']!r}: {type(model).__name__} has no such prunable layer")
+    _finetune_steps(c, len(tr.labels))
     _preflight(c, model, layers, tr.images, tr.labels)
     workdir.mkdir(parents=True, exist_ok=True)  # a refused model or flag leaves no workdir
     # Run identity (experiments.common): config.json records the settings of the rounds (all but max_rounds and
@@ -169,6 +171,15 @@ def run(config: dict, workdir: str | Path) -> dict:
     for seed in c["seeds"]:
         per_seed[seed] = _run_seed(c, seed, model, layers, data, workdir / f"seed_{seed}")
     return _write(workdir, {**c, "workdir": str(workdir)}, per_seed, f"{len(per_seed)} seed(s)")
+
+
+def _finetune_steps(c: dict, num_train: int) -> int:
+    """``--finetune_steps`` in steps (epochs of ``num_train`` examples); refused when negative."""
+    steps = train.parse_duration(c["finetune_steps"], train.steps_per_epoch(num_train, c["batch_size"]),
+                                 "finetune_steps")
+    if steps < 0:
+        raise ValueError(f"finetune_steps={c['finetune_steps']!r}: expected >= 0 steps (0: no fine-tuning)")
+    return steps
 
 
 def _stored_seed(workdir: Path) -> int | None:
@@ -200,8 +211,7 @@ def _run_seed(c: dict, seed: int, model, layers, data, workdir: Path) -> dict:
     x, y, xt, yt = data
     example = (1,) + tuple(x.shape[1:])
     variables, trained = common.train_network(c, model, x, y, seed, workdir / "trained", legacy_ok=True)
-    spe = train.steps_per_epoch(len(y), c["batch_size"])
-    ft_steps = train.parse_duration(c["finetune_steps"], spe, "finetune_steps")
+    ft_steps = _finetune_steps(c, len(y))
     ref = np.random.default_rng(seed).permutation(len(y))[:c["reference_examples"]]
     x_ref, y_ref = x[ref], y[ref]
     original = _layer_widths(model, variables, layers, example)

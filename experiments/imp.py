@@ -143,6 +143,7 @@ class Built:
 def build(config: dict) -> Built:
     """Data, model, optimizer and IMP settings from a config dict (missing keys take ``DEFAULTS``)."""
     c = canonical(config)
+    common.check_range("prune_fraction", c["prune_fraction"], 0, 1, low_open=True, high_open=True)
     seed, num_replicas = seeds_of(c)
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                               c["max_test_examples"], seed)
@@ -640,4 +641,4 @@ def _summary_line(lv: dict) -> str:
 
 if __name__ == "__main__":
     common.define_flags(SPEC, RENAMED)
-    app.run(common.guarded(main))
+    common.run_main(main)

@@ -53,7 +53,8 @@ SPEC = [
                        "still read as the deprecated count 0..N-1 in this release)"),
     ("n_prune", 1000, "hidden units removed (globally lowest scores)"),
     ("noise", 0.3, "std of the Gaussian noise added to the held-out test inputs"),
-    ("plot_n", 5, "samples per class of the decision-boundary figure (the first seed)"),
+    ("plot_n", 5, "samples per class of the decision-boundary figure (the first seed; one of --samples_per_class, "
+                  "0: none)"),
     ("workdir", "runs/lrp_toy", "output directory"),
 ]
 DEFAULTS = common.defaults(SPEC)
@@ -72,6 +73,10 @@ def _check(c: dict) -> None:
     ns = common.int_list(c["samples_per_class"], "samples_per_class")
     if min(ns) < 1:
         raise ValueError(f"samples_per_class={','.join(map(str, ns))}: expected positive integers")
+    common.check_range("noise", c["noise"], 0)
+    if c["plot_n"] != 0 and c["plot_n"] not in ns:
+        raise ValueError(f"plot_n={c['plot_n']}: expected one of samples_per_class ({','.join(map(str, ns))}) for "
+                         "the decision-boundary figure, or 0 for none")
     common.int_list(c["hidden"], "hidden")  # before any training
     if c["model"] != "mlp" and not common.is_user_model(c["model"]):
         raise ValueError(f"model={c['model']!r}: expected mlp or module.path:ClassName (a model of your own)")

@@ -61,6 +61,9 @@ def _config(config: dict) -> dict:
         warnings.warn(f"--threshold={c['threshold']:g}: a negative threshold for the paper's settings is deprecated "
                       "and will be refused in the next release; leave --threshold unset", FutureWarning, stacklevel=2)
         c["threshold"] = None
+    if c["threshold"] is not None:
+        common.check_range("threshold", c["threshold"], 0)
+    common.check_range("lam", c["lam"], 0, 1)
     if not c["criteria"]:
         raise ValueError("criteria: expected at least one criterion")
     for crit in c["criteria"]:

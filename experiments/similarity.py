@@ -97,6 +97,7 @@ def check_config(config: dict) -> dict:
     bad = [m for m in c["metrics"] if m not in METRICS]
     if bad or not c["metrics"]:
         raise ValueError(f"metrics={c['metrics']}: expected a non-empty subset of {list(METRICS)}")
+    common.check_range("rbf_threshold", c["rbf_threshold"], 0, low_open=True)
     if c["num_inputs"] < 4:
         raise ValueError(f"num_inputs={c['num_inputs']}: expected at least 4 (500 or more for stable estimates)")
     if c["probe_split"] not in ("test", "train"):
@@ -214,4 +215,4 @@ def main(argv):
 
 if __name__ == "__main__":
     common.define_flags(SPEC)
-    app.run(common.guarded(main))
+    common.run_main(main)
