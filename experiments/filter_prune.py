@@ -174,12 +174,9 @@ def run(config: dict, workdir: str | Path) -> dict:
 
 
 def _finetune_steps(c: dict, num_train: int) -> int:
-    """``--finetune_steps`` in steps (epochs of ``num_train`` examples); refused when negative."""
-    steps = train.parse_duration(c["finetune_steps"], train.steps_per_epoch(num_train, c["batch_size"]),
-                                 "finetune_steps")
-    if steps < 0:
-        raise ValueError(f"finetune_steps={c['finetune_steps']!r}: expected >= 0 steps (0: no fine-tuning)")
-    return steps
+    """``--finetune_steps`` in steps (epochs of ``num_train`` examples; 0: no fine-tuning)."""
+    return train.parse_duration(c["finetune_steps"], train.steps_per_epoch(num_train, c["batch_size"]),
+                                "finetune_steps")
 
 
 def _stored_seed(workdir: Path) -> int | None:

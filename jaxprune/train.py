@@ -458,17 +458,23 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 def parse_duration(spec: str | int, spe: int, name: str = "") -> int:
     """``"16ep"`` → 16·spe steps, ``"500"`` or ``"500it"`` → 500 steps (OpenLTH notation).
 
-    ``name``: the setting (flag) the value came from, named in the error."""
+    ``name``: the setting (flag) the value came from, named in the error; a negative or non-finite duration is
+    refused."""
     s = str(spec).strip()
+    where = f"{name}: " if name else ""
     try:
         if s.endswith("ep"):
-            return int(round(float(s[:-2]) * spe))
-        if s.endswith("it"):
-            return int(s[:-2])
-        return int(s)
-    except ValueError:
-        where = f"{name}: " if name else ""
+            epochs = float(s[:-2])
+            if not math.isfinite(epochs):
+                raise ValueError
+            steps = int(round(epochs * spe))
+        else:
+            steps = int(s[:-2] if s.endswith("it") else s)
+    except (ValueError, OverflowError):
         raise ValueError(f"{where}duration {spec!r}: expected steps ('500', '500it') or epochs ('2ep')") from None
+    if steps < 0:
+        raise ValueError(f"{where}duration {spec!r}: expected a length >= 0 (steps ('500') or epochs ('2ep'))")
+    return steps
 
 
 def to_device(*arrays: np.ndarray) -> Sequence[Array]:

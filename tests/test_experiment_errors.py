@@ -26,7 +26,7 @@ TOY = dict(datasets=["moons"], hidden=["8", "8"], training_steps="2", n_prune=4,
     (merge.run, {**MLP, "seeds": ["0"], "threshold": float("nan")},
      r"threshold=nan: expected a finite number in \[0, inf\)"),
     (merge.run, {**MLP, "seeds": ["0"], "lam": 2.0}, r"lam=2.0: expected a finite number in \[0, 1\]"),
-    (filter_prune.run, {**VGG, "finetune_steps": "-3"}, r"finetune_steps='-3': expected >= 0 steps"),
+    (filter_prune.run, {**VGG, "finetune_steps": "-3"}, r"finetune_steps: duration '-3': expected a length >= 0"),
     (filter_prune.run, {**VGG, "finetune_lr": -1.0}, r"finetune_lr=-1.0: expected a finite number in \(0, inf\)"),
     (lrp_toy.run, {**TOY, "noise": -1.0}, r"noise=-1.0: expected a finite number in \[0, inf\)"),
     (lrp_toy.run, {**TOY, "plot_n": 7}, r"plot_n=7: expected one of samples_per_class \(1\)"),
@@ -47,6 +47,7 @@ def test_similarity_rbf_threshold_is_checked_with_its_flag_name():
     (0.5, 0, 1, {}, True), (0, 0, 1, {"low_open": True}, False), (1, 0, 1, {"high_open": True}, False),
     (float("inf"), 0, None, {}, False), ("x", 0, 1, {}, False), (True, 0, 1, {}, False), (-2, None, 0, {}, True)])
 def test_check_range(value, low, high, kw, ok):
+    """One finite-number check for the experiments' flags; its message names the flag and the interval."""
     if ok:
         assert common.check_range("v", value, low, high, **kw) == float(value)
     else:
@@ -62,3 +63,12 @@ def test_missing_flagfile_is_one_line_and_exit_2(tmp_path):
         assert r.returncode == 2, (module, r.stderr[-1000:])
         assert r.stderr.strip().splitlines()[-1] == (f"error: flagfile='{tmp_path / 'nope.cfg'}': no such file; "
                                                      "expected a flag file such as experiments/configs/quickstart.cfg")
+
+
+@pytest.mark.parametrize("spec", ["-3", "-1ep", "-2it", "nanep", "infep"])
+def test_negative_or_non_finite_durations_are_refused(spec):
+    from jaxprune import train
+
+    with pytest.raises(ValueError, match=f"training_steps: duration '{spec}'"):
+        train.parse_duration(spec, 10, "training_steps")
+    assert train.parse_duration("0", 10) == 0 and train.parse_duration("1.5ep", 10) == 15
