@@ -189,8 +189,8 @@ def plot(result: dict, workdir: Path) -> None:
     """Per metric: similarity to the dense layer vs density (one curve per layer); heatmaps of every pruned level."""
     density = [lv["density"] for lv in result["levels"]]
     for name, per_layer in result["vs_dense"].items():
-        plots.curves(density, per_layer, workdir / f"vs_density_{name}.png", xlabel="density",
-                     ylabel=f"{name} similarity to dense", title=f"{name}: each layer vs the dense layer", logx=True)
+        plots.similarity_vs_density(density, per_layer, workdir / f"vs_density_{name}.png", metric=name,
+                                    title=f"{name}: each layer vs the dense layer")
         for k, lv in enumerate(result["levels"][1:], start=1):
             plots.heatmap(np.asarray(result["matrix"][name][k]), workdir / f"matrix_{name}_level{k}.png",
                           rows=[f"{n} (lvl {k})" for n in result["layers"]], cols=result["layers"],

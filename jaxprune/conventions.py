@@ -6,10 +6,10 @@ Every module and experiment that needs one of these reads it from here (``docs/d
 * **Counts.** Pruning a fraction ``f`` of ``n`` removes ``ceil(f · n)``: at least the fraction asked for, in
   float64, with a ``1e-9`` slack so that ``0.2 · 265`` is 53 and ``0.7 · 300`` is 210, not 211
   (:func:`n_to_prune`). Weight masks, unit removal, neuron merging's widths and the experiments' sweeps all use it.
-* **Ties.** Among equal unit scores the unit with the *lower index* (and, in a global ranking, the *earlier layer*)
-  is kept: ``jaxprune.structured.select_by_scores``, ``jaxprune.criteria.global_keep``. Weight masks break ties by
-  the parameters' flattening order (the earlier weight is pruned first; ``jaxprune.masks``), the order both of their
-  backends reproduce exactly.
+* **Ties.** Among equal scores the *earlier* one is kept and the later one pruned first: for units the lower index
+  (and, in a global ranking, the earlier layer; ``jaxprune.structured.select_by_scores``,
+  ``jaxprune.criteria.global_keep``), for weights the earlier position in the parameters' flattening order (leaf
+  order, then row-major; both backends of ``jaxprune.masks``).
 * **Spread over seeds.** ``± std`` is the sample standard deviation (``ddof = 1``) of the per-seed values; one seed
   gives a std of 0.0 (no spread to estimate) and ``n = 1`` says so (:func:`summary`).
 * **BatchNorm epsilon.** :data:`BN_EPSILON` (flax's default, 1e-5) in every BatchNorm of ``jaxprune.models``;

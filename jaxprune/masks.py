@@ -5,8 +5,9 @@
 * A **prunable** tree has the same structure with Python ``bool`` leaves saying which leaves may be pruned.
 * Pruning removes a *fraction of the remaining* prunable weights with exact counts: ``ceil(fraction · remaining)``
   (OpenLTH's rounding), either over all prunable leaves at once (``scope="global"``, raw scores compared across
-  layers) or per leaf (``scope="layerwise"``). Ties are broken deterministically: among equal scores the weight
-  that comes first in flattening order (leaf order, then row-major) is pruned first.
+  layers) or per leaf (``scope="layerwise"``). Ties are broken deterministically, as for units
+  (``jaxprune.conventions``): among equal scores the weight that comes first in flattening order (leaf order, then
+  row-major) is kept, the later one pruned first.
 * Two backends give the same masks: ``"host"`` (numpy, on concrete arrays) and ``"jax"`` (XLA, no sort;
   jittable: under ``jit``/``vmap`` close over ``prunable``, ``fraction`` and ``scope``); ``"auto"`` picks ``"jax"``
   exactly when the scores or the mask are traced.
@@ -267,7 +268,7 @@ def _prune(scores: PyTree, mask: PyTree, prunable: PyTree, fraction: float, scop
 
 
 def _prune_host(s_leaves: list, m_leaves: list, groups: tuple, fraction: float, paths: list, name: str) -> list:
-    """The host backend: numpy, one stable lexsort per group; returns the new mask leaves."""
+    """The host backend: numpy, one lexsort per group; returns the new mask leaves."""
     out = list(m_leaves)
     for group in groups:
         # Host-side numpy: one sort per level, no per-shape XLA compilation.
@@ -282,8 +283,8 @@ def _prune_host(s_leaves: list, m_leaves: list, groups: tuple, fraction: float, 
         if k == 0:
             continue
         # Survivors first, then by score; already-pruned weights rank last whatever their score, so they are never
-        # chosen again. lexsort is stable: among equal scores the flattening order decides.
-        order = np.lexsort((flat_s, ~flat_m))
+        # chosen again. Among equal scores the later weight goes first (the earlier is kept: conventions' tie-break).
+        order = np.lexsort((-np.arange(flat_m.size), flat_s, ~flat_m))
         flat_m = flat_m.copy()
         flat_m[order[:k]] = False
         offset = 0
@@ -343,15 +344,16 @@ def _smallest_reaching(count: Callable[[Array], Array], k: Array, dtype) -> Arra
 
 
 def _prune_lowest(flat_m: Array, flat_s: Array, k: Array) -> Array:
-    """``flat_m`` with its ``k`` lowest-scored survivors pruned, ties by position: the host's stable lexsort
-    without a sort. The threshold key ``t`` (``k``-th lowest survivor) by a bitwise search; every survivor below
-    ``t`` goes, and of those at ``t`` the first ``k − #below`` in flattening order. ``flat_m, flat_s: (n,)``."""
+    """``flat_m`` with its ``k`` lowest-scored survivors pruned, ties by position: the host's lexsort without a
+    sort. The threshold key ``t`` (``k``-th lowest survivor) by a bitwise search; every survivor below ``t`` goes,
+    and of those at ``t`` the last ``k − #below`` in flattening order. ``flat_m, flat_s: (n,)``."""
     key = _order_keys(flat_s)
     t = _smallest_reaching(lambda c: jnp.sum(flat_m & (key <= c), dtype=jnp.int32), k, key.dtype.type)
     below = flat_m & (key < t)
     ties = flat_m & (key == t)
     left = k - jnp.sum(below, dtype=jnp.int32)
-    return flat_m & ~(below | (ties & (jnp.cumsum(ties, dtype=jnp.int32) <= left)))
+    from_end = jnp.cumsum(ties[::-1], dtype=jnp.int32)[::-1]  # ties at or after each position
+    return flat_m & ~(below | (ties & (from_end <= left)))
 
 
 @functools.partial(jax.jit, static_argnames=("groups", "fraction"))

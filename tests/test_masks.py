@@ -61,10 +61,15 @@ def test_global_compares_raw_magnitudes_across_layers():
 
 
 def test_ties_are_broken_by_flattening_order():
+    """All 10 weights tie; half go: the later ones in flattening order ("a" before "b", row-major), as units keep the
+    lower index (conventions' one tie-break). Both backends, eagerly and under jit."""
     p = {"a": {"kernel": jnp.ones((2, 3))}, "b": {"kernel": jnp.ones((2, 2))}}
-    m = masks.magnitude_prune(p, masks.ones_like(p), masks.prunable_leaves(p), 0.5)
-    np.testing.assert_array_equal(m["a"]["kernel"], [[False, False, False], [False, False, True]])
-    np.testing.assert_array_equal(m["b"]["kernel"], [[True, True], [True, True]])
+    pr = masks.prunable_leaves(p)
+    runs = [masks.magnitude_prune(p, masks.ones_like(p), pr, 0.5, backend=b) for b in ("host", "jax")]
+    runs.append(jax.jit(lambda p, m: masks.magnitude_prune(p, m, pr, 0.5))(p, masks.ones_like(p)))
+    for m in runs:
+        np.testing.assert_array_equal(m["a"]["kernel"], [[True, True, True], [True, True, False]])
+        np.testing.assert_array_equal(m["b"]["kernel"], [[False, False], [False, False]])
 
 
 @settings(max_examples=25, deadline=None)
@@ -174,7 +179,8 @@ def test_non_finite_scores_are_refused_and_counts_are_exact_for_any_finite_score
     big = float(np.finfo(np.float32).max)
     s = {"a": {"kernel": jnp.array([[jnp.nan, big], [3.0, big]])}}
     np.testing.assert_array_equal(masks.prune_by_score(s, m, pr, 1.0)["a"]["kernel"], np.zeros((2, 2), bool))
-    np.testing.assert_array_equal(masks.prune_by_score(s, m, pr, 0.5)["a"]["kernel"], [[False, False], [False, True]])
+    # 2 of 3 survivors go: 3.0, then of the tied ``big``s the later one
+    np.testing.assert_array_equal(masks.prune_by_score(s, m, pr, 0.5)["a"]["kernel"], [[False, True], [False, False]])
     s = {"a": {"kernel": jnp.array([[-jnp.inf, big], [3.0, big]])}}  # a pruned -inf is not "the lowest survivor"
     np.testing.assert_array_equal(masks.prune_by_score(s, m, pr, 0.3)["a"]["kernel"], [[False, True], [False, True]])
 
@@ -248,7 +254,7 @@ def _leaves_equal(a, b):
        st.sampled_from(masks.SCOPES), st.integers(0, 10_000), st.floats(0.0, 1.0))
 def test_jitted_pruning_equals_host_pruning_ties_included(shapes, fraction, scope, seed, density):
     """The jax backend under ``jit`` (and called eagerly) gives the host's mask: the same ``ceil(fraction ·
-    remaining)`` count per group and, among equal scores, the same weights (first in flattening order) pruned."""
+    remaining)`` count per group and, among equal scores, the same weights (last in flattening order) pruned."""
     rng = np.random.default_rng(seed)
     scores = {f"dense_{i}": {"kernel": jnp.asarray(rng.choice(_TIED, s), jnp.float32),
                              "bias": jnp.asarray(rng.choice(_TIED, s[-1:]), jnp.float32)} for i, s in enumerate(shapes)}
@@ -268,11 +274,11 @@ def test_jitted_pruning_equals_host_pruning_ties_included(shapes, fraction, scop
 
 def test_jitted_magnitude_prune_ties_and_float32_count_trap():
     """``0.2 · 265`` is 53.0000008 in float32 (ceil 54); the jitted count is the host's 53. All weights tie: the
-    first 53 in flattening order go."""
+    last 53 in flattening order go."""
     p = {"a": {"kernel": jnp.ones((5, 53))}}
     pr = masks.prunable_leaves(p)
     m = jax.jit(lambda p, m: masks.magnitude_prune(p, m, pr, 0.2))(p, masks.ones_like(p))
-    np.testing.assert_array_equal(m["a"]["kernel"].ravel(), np.arange(265) >= 53)
+    np.testing.assert_array_equal(m["a"]["kernel"].ravel(), np.arange(265) < 265 - 53)
     # levels: 265 → 212 → 169 (ceil(0.2 · 212) = 43) under jit as on the host
     m2 = jax.jit(lambda p, m: masks.magnitude_prune(p, m, pr, 0.2))(p, m)
     assert int(m2["a"]["kernel"].sum()) == 169
@@ -327,10 +333,10 @@ def test_default_prunable_is_floating_ndim_2_whatever_the_name():
     assert pr == {"w1": True, "b1": False, "w2": True, "steps": False}
     assert masks.default_prunable("x", jax.ShapeDtypeStruct((3, 3), jnp.bfloat16))
     assert not masks.default_prunable("x", jax.ShapeDtypeStruct((3, 3), jnp.uint32))
-    # 20 prunable weights, global 0.5: the 10 smallest |w| (ties by flattening order w1, then w2) go
+    # 20 prunable weights, global 0.5: the 10 smallest |w| go (among ties the later in flattening order w1, w2)
     m = masks.magnitude_prune(p, masks.ones_like(p), pr, 0.5)
     flat = np.abs(np.concatenate([np.asarray(p["w1"]).ravel(), np.asarray(p["w2"]).ravel()]))
-    gone = np.argsort(flat, kind="stable")[:10]
+    gone = np.lexsort((-np.arange(20), flat))[:10]
     want = np.ones(20, bool)
     want[gone] = False
     np.testing.assert_array_equal(np.concatenate([np.asarray(m["w1"]).ravel(), np.asarray(m["w2"]).ravel()]), want)
@@ -363,7 +369,7 @@ def _host_reference(params: dict, fraction: float) -> np.ndarray:
     w = np.abs(np.concatenate([np.asarray(params["fc1"]["kernel"]).ravel(),
                                np.asarray(params["head"]["kernel"]).ravel()]))
     keep = np.ones(w.size, bool)
-    keep[np.argsort(w, kind="stable")[:math.ceil(fraction * w.size - 1e-9)]] = False
+    keep[np.lexsort((-np.arange(w.size), w))[:math.ceil(fraction * w.size - 1e-9)]] = False  # ties: later goes
     return keep
 
 
