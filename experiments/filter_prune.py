@@ -319,15 +319,22 @@ def _write(workdir: Path, config: dict, per_seed: dict[int, dict], label: str, f
 
 
 def format_table(results: dict) -> str:
-    """Markdown table, one row per round."""
+    """Markdown table, one row per round; accuracies as ``mean ± std`` (ddof = 1) when several seeds ran."""
     base = results["rounds"][0]
     lines = ["| round | filters pruned % | params | params % | MFLOPs | acc. after removal % | acc. before FT % "
              "| acc. after FT % |", "|---|---|---|---|---|---|---|---|"]
+
+    def acc(r: dict, key: str) -> str:
+        if key not in r:  # records from before accuracy_after_removal was kept
+            key = "accuracy_before_finetune"
+        spread = f" ± {100 * r[key + '_std']:.2f}" if r.get("num_seeds", 1) > 1 else ""
+        return f"{100 * r[key]:.2f}{spread}"
+
     for r in results["rounds"]:
-        removed = r.get("accuracy_after_removal", r["accuracy_before_finetune"])
         lines.append(f"| {r['round']} | {100 * r.get('pruned_filter_fraction', 0.0):.1f} | {r['params']} | "
-                     f"{100 * r['params'] / base['params']:.1f} | {r['flops'] / 1e6:.2f} | {100 * removed:.2f} | "
-                     f"{100 * r['accuracy_before_finetune']:.2f} | {100 * r['accuracy_after_finetune']:.2f} |")
+                     f"{100 * r['params'] / base['params']:.1f} | {r['flops'] / 1e6:.2f} | "
+                     f"{acc(r, 'accuracy_after_removal')} | {acc(r, 'accuracy_before_finetune')} | "
+                     f"{acc(r, 'accuracy_after_finetune')} |")
     return "\n".join(lines)
 
 

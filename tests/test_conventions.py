@@ -211,3 +211,6 @@ def test_filter_prune_two_seeds_mean_and_std(tmp_path):
         assert r["accuracy_after_finetune_std"] == pytest.approx(np.std(vals, ddof=1))
         assert r["widths"] == per[0][i]["widths"] == per[1][i]["widths"] and r["num_seeds"] == 2
     assert set(res["per_seed"]) == {"0", "1"}
+    last = res["rounds"][-1]  # the printed table shows the spread
+    assert (f"{100 * last['accuracy_after_finetune']:.2f} ± {100 * last['accuracy_after_finetune_std']:.2f} |"
+            in filter_prune.format_table(res).splitlines()[-1])
