@@ -19,18 +19,27 @@ def _save(fig, path: str | Path) -> None:
 
 
 def accuracy_vs_density(levels: Sequence[dict], path: str | Path, title: str = "") -> None:
-    """Test accuracy (%) against density (log scale, dense on the left); control branch dashed if present."""
+    """Test accuracy (%) against density (log scale, dense on the left); control branch dashed if present.
+
+    Records of several replicas (``test_accuracy_std``, ``num_replicas``, as ``experiments.imp`` writes them) get a
+    ± one-sample-std band and the seed count in the legend."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    d = [r["density"] for r in levels]
-    ax.plot(d, [100 * r["test_accuracy"] for r in levels], "o-", label="IMP")
-    br = [r["branch"] for r in levels if "branch" in r]
+
+    def draw(records: Sequence[dict], style: str, label: str) -> None:
+        d = [r["density"] for r in records]
+        y = np.asarray([100 * r["test_accuracy"] for r in records], float)
+        n = records[0].get("num_replicas", 1)
+        line, = ax.plot(d, y, style, label=label if n <= 1 else f"{label} (mean ± std, {n} seeds)")
+        if all("test_accuracy_std" in r for r in records):
+            e = np.asarray([100 * r["test_accuracy_std"] for r in records], float)
+            ax.fill_between(d, y - e, y + e, alpha=0.2, color=line.get_color())
+
+    draw(levels, "o-", "IMP")
+    br = [{"num_replicas": r.get("num_replicas", 1), **r["branch"]} for r in levels if "branch" in r]
     if br:
-        ax.plot([b["density"] for b in br], [100 * b["test_accuracy"] for b in br], "s--", label=br[0]["name"])
-    ax.set_xscale("log")
-    ax.invert_xaxis()
-    ax.set_xlabel("density (fraction of prunable weights kept)")
+        draw(br, "s--", br[0]["name"])
+    _density_axis(ax)
     ax.set_ylabel("test accuracy (%)")
-    ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     ax.set_title(title)
     _save(fig, path)
