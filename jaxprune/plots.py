@@ -66,10 +66,10 @@ def curves(x: Sequence[float], ys: Mapping[str, Sequence[float]], path: str | Pa
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, y in ys.items():
         y = np.asarray(y, float)
-        ax.plot(x, y, "o-", label=name)
+        line, = ax.plot(x, y, "o-", label=name)
         if errors and name in errors:
             e = np.asarray(errors[name], float)
-            ax.fill_between(x, y - e, y + e, alpha=0.2)
+            ax.fill_between(x, y - e, y + e, alpha=0.2, color=line.get_color())
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
@@ -144,10 +144,10 @@ def barrier_vs_density(series: Mapping[str, tuple[Sequence[float], Sequence[floa
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (d, b, std) in series.items():
         b = scale * np.asarray(b, float)
-        ax.plot(d, b, "o-", label=label)
+        line, = ax.plot(d, b, "o-", label=label)
         if std is not None:
             e = scale * np.asarray(std, float)
-            ax.fill_between(d, b - e, b + e, alpha=0.2)
+            ax.fill_between(d, b - e, b + e, alpha=0.2, color=line.get_color())
     _density_axis(ax)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
