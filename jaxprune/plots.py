@@ -18,6 +18,16 @@ def _save(fig, path: str | Path) -> None:
     plt.close(fig)
 
 
+def _line_with_band(ax, x: Sequence[float], y: Sequence[float], err: Sequence[float] | None = None, *,
+                    style: str = "o-", label: str | None = None) -> None:
+    """One line of ``y`` over ``x`` and, if ``err`` is given, a ±``err`` band in the line's own colour."""
+    y = np.asarray(y, float)
+    line, = ax.plot(x, y, style, label=label)
+    if err is not None:
+        e = np.asarray(err, float)
+        ax.fill_between(x, y - e, y + e, alpha=0.2, color=line.get_color())
+
+
 def accuracy_vs_density(levels: Sequence[dict], path: str | Path, title: str = "") -> None:
     """Test accuracy (%) against density (log scale, dense on the left); control branch dashed if present.
 
@@ -26,13 +36,11 @@ def accuracy_vs_density(levels: Sequence[dict], path: str | Path, title: str = "
     fig, ax = plt.subplots(figsize=(6, 4))
 
     def draw(records: Sequence[dict], style: str, label: str) -> None:
-        d = [r["density"] for r in records]
-        y = np.asarray([100 * r["test_accuracy"] for r in records], float)
         n = records[0].get("num_replicas", 1)
-        line, = ax.plot(d, y, style, label=label if n <= 1 else f"{label} (mean ± std, {n} seeds)")
-        if all("test_accuracy_std" in r for r in records):
-            e = np.asarray([100 * r["test_accuracy_std"] for r in records], float)
-            ax.fill_between(d, y - e, y + e, alpha=0.2, color=line.get_color())
+        err = ([100 * r["test_accuracy_std"] for r in records]
+               if all("test_accuracy_std" in r for r in records) else None)
+        _line_with_band(ax, [r["density"] for r in records], [100 * r["test_accuracy"] for r in records], err,
+                        style=style, label=label if n <= 1 else f"{label} (mean ± std, {n} seeds)")
 
     draw(levels, "o-", "IMP")
     br = [{"num_replicas": r.get("num_replicas", 1), **r["branch"]} for r in levels if "branch" in r]
@@ -65,11 +73,7 @@ def curves(x: Sequence[float], ys: Mapping[str, Sequence[float]], path: str | Pa
     """Several named curves over a shared x axis, optional ± error bands."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, y in ys.items():
-        y = np.asarray(y, float)
-        line, = ax.plot(x, y, "o-", label=name)
-        if errors and name in errors:
-            e = np.asarray(errors[name], float)
-            ax.fill_between(x, y - e, y + e, alpha=0.2, color=line.get_color())
+        _line_with_band(ax, x, y, (errors or {}).get(name), label=name)
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
@@ -143,11 +147,8 @@ def barrier_vs_density(series: Mapping[str, tuple[Sequence[float], Sequence[floa
     barriers, std or None)``, values multiplied by ``scale`` (100: fractions to percentage points)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (d, b, std) in series.items():
-        b = scale * np.asarray(b, float)
-        line, = ax.plot(d, b, "o-", label=label)
-        if std is not None:
-            e = scale * np.asarray(std, float)
-            ax.fill_between(d, b - e, b + e, alpha=0.2, color=line.get_color())
+        _line_with_band(ax, d, scale * np.asarray(b, float), None if std is None else scale * np.asarray(std, float),
+                        label=label)
     _density_axis(ax)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
