@@ -2,6 +2,7 @@
 
     python -m benchmarks.replicas                       # K = 1, 2, 4, 8; 200 steps of 128; both layouts
     python -m benchmarks.replicas --ks=4 --steps=468    # the issue's case: 4 seeds, one epoch
+    python -m benchmarks.replicas --agreement --ks=3    # not timing: is replica r the single run of seed r?
 
 For each K the single-seed run and the K-replica runs (``jaxprune.replicas`` layouts ``vmap`` and ``unrolled``)
 are timed back to back (compiled beforehand), so machine load hits them alike; "per replica / single" ≤ 1 means
@@ -32,8 +33,8 @@ def _timed(fn) -> float:
 
 
 class Bench:
-    def __init__(self, x, y, steps: int, batch: int):
-        self.model = models.build("lenet300", 10)
+    def __init__(self, x, y, steps: int, batch: int, model: str = "lenet300"):
+        self.model = models.build(model, 10)
         self.tx = masks.masked(train.make_optimizer(train.OptimConfig("sgd", 0.1), 0.1))
         self.x, self.y = train.to_device(x, y)
         self.steps, self.batch = steps, batch
@@ -114,6 +115,28 @@ def gemm_table(k: int, batch: int, reps: int = 20) -> list[tuple[str, float, flo
     return rows
 
 
+def agreement(x, y, k: int, steps: int, batch: int, layouts: list[str]) -> list[tuple[str, str, float]]:
+    """Rows ``(model, what, max |Δ|)``: replica r of K against the single run of seed r, max over r and leaves —
+    the gradient of one batch at the initial weights under ``jax.vmap``, and the weights after ``steps`` steps
+    for each layout. 0.0 means bit-identical."""
+    rows = []
+    diff = lambda a, c: float(jnp.max(jnp.abs(a - c)))
+    worst = lambda ts, us: max(max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(diff, t, u)))
+                               for t, u in zip(ts, us))
+    for name in ("lenet300", "lenet5"):
+        b = Bench(x, y, steps, batch, name)
+        xb, yb = b.x[:batch], b.y[:batch]
+        grad = jax.grad(lambda p: train.cross_entropy(b.model.apply({"params": p}, xb), yb))
+        params = [b.state(s).params for s in range(k)]
+        rows.append((name, "first-step gradient, vmap", worst(replicas.unstack(jax.jit(jax.vmap(grad))(
+            replicas.stack(params))), [jax.jit(grad)(p) for p in params])))
+        singles = [b.run_single(s) for s in range(k)]
+        for layout in layouts:
+            rows.append((name, f"weights after {steps} steps, {layout}",
+                         worst(replicas.unstack(b.run_multi(k, layout)), singles)))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data_dir", default=os.environ.get("JAXPRUNE_DATA_DIR", "../shared/data"))
@@ -122,11 +145,21 @@ def main():
     ap.add_argument("--batch_size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--layouts", default="vmap,unrolled")
+    ap.add_argument("--agreement", action="store_true", help="compare replicas with single runs (LeNet-300-100 "
+                    "and LeNet5) instead of timing; K = the largest of --ks")
     args = ap.parse_args()
     ks = [int(v) for v in args.ks.split(",")]
     layouts = args.layouts.split(",")
 
     tr, _ = common.load_data("mnist", args.data_dir)
+    if args.agreement:
+        print(f"\njax {jax.__version__}; replica r of K={max(ks)} vs the single run of seed r; max |Δ| over r and "
+              f"leaves (0 = bit-identical)\n")
+        print("| model | compared | max abs difference |")
+        print("| --- | --- | --- |")
+        for name, what, d in agreement(tr.images, tr.labels, max(ks), args.steps, args.batch_size, layouts):
+            print(f"| {name} | {what} | {d:.3g} |")
+        return
     b = Bench(tr.images, tr.labels, args.steps, args.batch_size)
     b.run_single()
     rows = []

@@ -9,7 +9,13 @@ Two layouts of the K replicas inside the program (``layout``):
 
 * ``"vmap"``     — ``jax.vmap``: every matmul becomes one ``dot_general`` with a batch dimension;
 * ``"unrolled"`` — the single-run step written out K times in one jitted function: K plain GEMMs per layer that
-  XLA schedules freely (on XLA:CPU batched ``dot_general`` is slower than the plain GEMMs; see the notes).
+  XLA schedules freely (an earlier jaxlib ran batched ``dot_general`` slower than plain GEMMs on XLA:CPU; the current
+  one does not: see the notes).
+
+Replica ``r`` starts from the single run of seed ``r`` (same initial weights, same data order). Under ``"unrolled"``
+it stays bit-identical to that run; under ``"vmap"`` a convolution is lowered as one batched op that rounds
+differently, so conv nets agree with separate runs only up to float32 rounding amplified by training (LeNet5:
+weights 0.01 apart after 200 steps; ``python -m benchmarks.replicas --agreement``).
 """
 from __future__ import annotations
 
