@@ -135,14 +135,19 @@ def _measure(model, variables, x_test, y_test, input_shape) -> dict:
             "flops": flops["flops"], "accuracy": common.accuracy(model, variables, x_test, y_test)}
 
 
-def _restore_shrunk(model, widths: dict[str, int], path: Path, input_shape):
-    """The model of the given widths and its variables from a round checkpoint."""
+def _redo_hint(d: Path) -> str:
+    return f"; delete {d} to redo that round (later rounds are then redone too)"
+
+
+def _restore_shrunk(model, widths: dict[str, int], path: Path, input_shape, sha256: str | None = None,
+                    hint: str = ""):
+    """The model of the given widths and its variables from a round checkpoint (``sha256``: checked if given)."""
     template = models.init(model, jax.random.PRNGKey(0), input_shape)
     example = (1,) + tuple(input_shape[1:])
     current = structured.widths(model, template, x=example)
     keep = {layer: jnp.arange(w) for layer, w in widths.items() if w != current[layer]}
     model, template = structured.remove_many(model, template, keep, x=example)
-    return model, checkpoint.restore(path, template)
+    return model, checkpoint.restore(path, template, sha256, hint=hint)
 
 
 def run(config: dict, workdir: str | Path) -> dict:
@@ -203,6 +208,11 @@ def _adopt_single_seed_layout(workdir: Path, seed: int | None) -> None:
     logging.info("workdir %s: moved the earlier release's trained/ and round_<r>/ into %s/", workdir, dest.name)
 
 
+def _last_round(workdir: Path) -> int:
+    """The highest ``r`` of the ``round_<r>/`` folders in ``workdir`` (0: none)."""
+    return max((int(d.name[6:]) for d in workdir.glob("round_*") if d.name[6:].isdigit()), default=0)
+
+
 def _run_seed(c: dict, seed: int, model, layers, data, workdir: Path) -> dict:
     """One seed's train → prune → fine-tune rounds in ``workdir`` (``seed_<s>/``); its ``results.json`` dict."""
     x, y, xt, yt = data
@@ -226,13 +236,15 @@ def _run_seed(c: dict, seed: int, model, layers, data, workdir: Path) -> dict:
         d = workdir / f"round_{r}"
         widths = _layer_widths(model, variables, layers, example)
         if (d / "round.json").exists():
-            rec = checkpoint.read_json(d / "round.json")
-            model, variables = _restore_shrunk(model, rec["widths"], d / "checkpoint", x.shape)
+            rec = checkpoint.read_json(d / "round.json", hint=_redo_hint(d))
+            model, variables = _restore_shrunk(model, rec["widths"], d / "checkpoint", x.shape,
+                                               rec.pop("checkpoint_sha256", None), _redo_hint(d))
             logging.info("seed %d round %d: finished earlier, resumed", seed, r)
             rounds.append(rec)
             continue
-        if d.exists():
-            shutil.rmtree(d)  # a round interrupted before its marker: redo it
+        for later in [d, *(workdir / f"round_{j}" for j in range(r + 1, _last_round(workdir) + 1))]:
+            if later.exists():  # an interrupted round (no marker), or rounds made from the one redone now
+                shutil.rmtree(later)
         target = round_widths(widths, original, float(c["prune_fraction"]), float(c["max_pruned_fraction"]))
         if target == widths:
             logging.info("seed %d round %d: every layer is at its floor (max_pruned_fraction=%g); stopping", seed, r,
@@ -265,8 +277,8 @@ def _run_seed(c: dict, seed: int, model, layers, data, workdir: Path) -> dict:
                "accuracy_before_finetune": before["accuracy"],
                "accuracy_after_finetune": after, "finetune_seconds": res.seconds}
         d.mkdir(parents=True)
-        checkpoint.save(d / "checkpoint", variables)
-        checkpoint.write_json(d / "round.json", rec)  # the "finished" marker, written last
+        sha = checkpoint.save(d / "checkpoint", variables)
+        checkpoint.write_json(d / "round.json", {**rec, "checkpoint_sha256": sha})  # the "finished" marker, last
         logging.info("seed %d round %d: params %d (%.1f %%), accuracy %.4f -> %.4f", seed, r, rec["params"],
                      100 * rec["params_fraction"], rec["accuracy_before_finetune"], after)
         rounds.append(rec)

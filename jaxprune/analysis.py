@@ -92,14 +92,21 @@ def make_batches(x: Array, y: Array, batch_size: int = 1000) -> tuple[Array, Arr
 
 def interpolate(params_a: PyTree, params_b: PyTree, alpha: Array | float) -> PyTree:
     """``(1 − α)·a + α·b`` leaf by leaf (exactly ``a`` at ``α = 0`` and ``b`` at ``α = 1``, in each leaf's dtype).
-    Non-float leaves (step counts, …) are taken from ``a``."""
+    Non-float leaves (step counts, …) are taken from ``a``. Trees of another structure, or a leaf of another
+    shape, are a ValueError naming ``params_b`` and the leaf (never a broadcast)."""
+    masks._check_structure("params_a", params_a, "params_b", params_b)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(params_a), jax.tree_util.tree_leaves(params_b)):
+        if np.shape(x) != np.shape(y):
+            raise ValueError(f"params_b: leaf {masks.path_str(path)!r} has shape {np.shape(y)}; expected "
+                             f"{np.shape(x)}, the shape of that leaf of params_a")
+
     def mix(x, y):
         if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
             return x
         a = jnp.asarray(alpha, jnp.result_type(x))
         return (1 - a) * x + a * y
 
-    return jax.tree_util.tree_map(mix, params_a, params_b)
+    return masks._map(mix, params_a, params_b, ("params_a", "params_b"))
 
 
 def _check_batches(batches) -> tuple[Array, Array, Array]:
@@ -186,15 +193,16 @@ def barrier(curve: InterpolationCurve | Array | Sequence[float], *, metric: str 
     """Largest value on the path minus the mean of the end points' values: ``max(e) − (e[0] + e[-1]) / 2``.
 
     ``curve``: an :class:`InterpolationCurve` (``metric`` picks ``"error"`` or ``"loss"``) or the values ``(n,)``
-    themselves. ``≥ 0``; exactly 0 for a network with itself. Jittable."""
-    if isinstance(curve, InterpolationCurve):
-        if metric not in ("error", "loss"):
-            raise ValueError(f"metric={metric!r}: expected 'error' or 'loss'")
-        values = getattr(curve, metric)
-    else:
-        values = jnp.asarray(curve)
+    themselves (then ``metric`` only names them in errors). ``≥ 0``; exactly 0 for a network with itself.
+    Jittable; a concrete curve holding NaN or ±Inf is a ValueError naming ``curve`` (traced: the barrier is NaN)."""
+    if metric not in ("error", "loss"):
+        raise ValueError(f"metric={metric!r}: expected 'error' or 'loss'")
+    values = getattr(curve, metric) if isinstance(curve, InterpolationCurve) else jnp.asarray(curve)
     if values.ndim != 1 or values.shape[0] < 2:
         raise ValueError(f"curve: expected values along the path (n,) with n >= 2, got shape {values.shape}")
+    if not isinstance(values, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(values))):
+        raise ValueError(f"curve: the {metric} along the path holds NaN or ±Inf ({np.asarray(values).tolist()}); "
+                         "expected finite values (did one of the networks diverge?)")
     return jnp.max(values) - (values[0] + values[-1]) / 2
 
 

@@ -193,10 +193,6 @@ def init_variables(task: Task, key: jax.Array) -> dict:
     return {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
 
 
-def expected_density(level: int, fraction: float) -> float:
-    return (1.0 - fraction) ** level
-
-
 class Keys:
     """Every random stream of :func:`run`, derived from the seed alone (resume-safe): ``init`` (the model's
     initial weights), ``data`` (data order, dropout, augmentation), ``reinit(level)`` and ``random_mask(level)``

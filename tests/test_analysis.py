@@ -64,6 +64,10 @@ def test_interpolated_weights_are_exact_at_the_ends_and_linear_between():
     np.testing.assert_array_equal(analysis.interpolate(a, b, 1.0)["w"], b["w"])
     np.testing.assert_allclose(analysis.interpolate(a, b, 0.25)["w"], [1.5, -0.5])
     assert int(analysis.interpolate(a, b, 0.5)["step"]) == 3  # non-float leaves come from a
+    with pytest.raises(ValueError, match=r"params_b: has no leaf 'step'"):
+        analysis.interpolate(a, {"w": b["w"]}, 0.5)
+    with pytest.raises(ValueError, match=r"params_b: leaf 'w' has shape \(1,\); expected \(2,\)"):  # no broadcast
+        analysis.interpolate(a, {"w": jnp.asarray([3.0]), "step": b["step"]}, 0.5)
 
 
 def test_the_barrier_of_a_network_with_itself_is_zero(two_nets):
@@ -80,6 +84,11 @@ def test_barrier_values_and_errors():
         analysis.barrier([0.1])
     with pytest.raises(ValueError, match=r"metric='accuracy'"):
         analysis.barrier(analysis.InterpolationCurve(*(jnp.zeros(3),) * 4), metric="accuracy")
+    with pytest.raises(ValueError, match=r"metric='loss2'"):  # raw values too: a typo is not read as "error"
+        analysis.barrier([0.1, 0.2], metric="loss2")
+    with pytest.raises(ValueError, match=r"curve: the error along the path holds NaN"):  # not a NaN barrier
+        analysis.barrier([0.1, float("nan"), 0.2])
+    assert np.isnan(float(jax.jit(analysis.barrier)(jnp.asarray([0.1, jnp.nan, 0.2]))))  # traced: NaN, not a number
 
 
 def test_curve_is_jittable_and_recalibration_path_agrees(two_nets):

@@ -157,6 +157,25 @@ def test_filter_prune_refuses_a_changed_training_setting_and_resumes_an_unchange
     assert len(runs) == n + 1
 
 
+def test_filter_prune_rounds_are_checked_and_a_redone_round_redoes_the_later_ones(tmp_path, runs):
+    cfg = {**FILTER, "max_rounds": 3}
+    first = filter_prune.run(cfg, tmp_path)["rounds"]
+    assert len(runs) == 4  # training + three fine-tuning rounds
+    seed = tmp_path / "seed_0"
+    r2 = checkpoint.read_json(seed / "round_2" / "round.json")
+    assert len(r2["checkpoint_sha256"]) == 64 and "checkpoint_sha256" not in first[2]  # recorded, not reported
+    checkpoint.write_json(seed / "round_2" / "round.json", {**r2, "checkpoint_sha256": "0" * 64})  # a changed file
+    with pytest.raises(ValueError, match=r"round_2/checkpoint: its contents do not match the sha256.*delete .*"
+                                         r"round_2 to redo that round \(later rounds are then redone too\)"):
+        filter_prune.run(cfg, tmp_path)
+    checkpoint.write_json(seed / "round_2" / "round.json", r2)
+    shutil.rmtree(seed / "round_2")  # as the message says: round 2 and 3 are redone, round 3 not reused
+    again = filter_prune.run(cfg, tmp_path)["rounds"]
+    assert len(runs) == 6
+    assert [r["widths"] for r in again] == [r["widths"] for r in first]
+    assert again[3]["accuracy_after_finetune"] == pytest.approx(first[3]["accuracy_after_finetune"], abs=1e-6)
+
+
 def test_filter_prune_old_workdir_without_recorded_training_settings_still_loads(tmp_path, runs):
     filter_prune.run(FILTER, tmp_path)
     p = tmp_path / "seed_0" / "trained" / "trained.json"
