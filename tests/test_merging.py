@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from jaxprune import merging, models, structured
@@ -103,6 +103,7 @@ def test_dense_copies_merge_exactly(seed):
     variables, base0 = _plant_dense(variables, "dense_0", 4, rng)
     variables, base1 = _plant_dense(variables, "dense_1", 5, rng)
     x = jnp.asarray(rng.normal(size=(32, 6)), jnp.float32)
+    assume(np.ptp(_logits(model, variables, x), axis=0).max() > 1e-3)  # a net with dead ReLUs proves nothing
     # Folding dense_0 rescales dense_1's rows, so its l2 norms no longer single out the bases: name them.
     out = merging.merge(model, variables, {"dense_0": 4, "dense_1": 5}, criterion="l2", threshold=0.45,
                         keep={"dense_1": base1})
@@ -125,14 +126,18 @@ def test_conv_bn_copies_merge_exactly_in_exact_mode(seed):
     variables, base0 = _plant_conv_bn(variables, "conv_0", "bn_0", 3, rng)
     variables, base1 = _plant_conv_bn(variables, "conv_1", "bn_1", 2, rng)  # into dense_0 through the GAP
     x = jnp.asarray(rng.normal(size=(8, 8, 8, 2)), jnp.float32)
+    # A draw whose last ReLUs are dead for every input computes a constant (seed 4065): exactness would be vacuous.
+    assume(np.ptp(_logits(model, variables, x), axis=0).max() > 1e-3)
     widths, keep = {"conv_0": 3, "conv_1": 2}, {"conv_1": base1}  # folding conv_0 rescales conv_1's filters
     out = merging.merge(model, variables, widths, criterion="l2", bn_scale="exact", keep=keep)
     np.testing.assert_array_equal(out.decompositions["conv_0"].keep, base0)
     assert out.model.cfg == (3, "M", 2)
     _close(_logits(out.model, out.variables, x), _logits(model, variables, x))
-    # The authors' inverted scale is not exact once γ and σ differ between the units.
+    # The authors' inverted scale is not exact once γ and σ differ between the units: the filters it folds into
+    # conv_1 are off (read on the weights: whether the logits show it depends on which ReLUs are live).
     paper = merging.merge(model, variables, widths, criterion="l2", bn_scale="paper", keep=keep)
-    assert np.abs(_logits(paper.model, paper.variables, x) - _logits(model, variables, x)).max() > 1e-3
+    k_exact, k_paper = (np.asarray(structured.layer_params(m.variables, "conv_1")["kernel"]) for m in (out, paper))
+    assert np.abs(k_paper - k_exact).max() > 1e-3 * np.abs(k_exact).max()
 
 
 def test_resnet_block_conv_merges_exactly():
