@@ -200,7 +200,7 @@ def barrier(curve: InterpolationCurve | Array | Sequence[float], *, metric: str 
     values = getattr(curve, metric) if isinstance(curve, InterpolationCurve) else jnp.asarray(curve)
     if values.ndim != 1 or values.shape[0] < 2:
         raise ValueError(f"curve: expected values along the path (n,) with n >= 2, got shape {values.shape}")
-    if not isinstance(values, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(values))):
+    if not isinstance(values, jax.core.Tracer) and not np.isfinite(np.asarray(values)).all():  # host check
         raise ValueError(f"curve: the {metric} along the path holds NaN or ±Inf ({np.asarray(values).tolist()}); "
                          "expected finite values (did one of the networks diverge?)")
     return jnp.max(values) - (values[0] + values[-1]) / 2
