@@ -1,6 +1,7 @@
 """Neuron merging vs. pruning without fine-tuning: ``python -m experiments.merge --flagfile=experiments/configs/X.cfg``.
 
-For every seed: train the network (or load level 0 of an ``experiments.imp`` workdir with ``--source_workdir``),
+For every seed: train the network (or, with ``--source_workdir``, load level 0 of that seed in an ``experiments.imp``
+workdir),
 then for every criterion and sparsity (or the single ``--pruned_cfg``) evaluate the original, the pruned and
 the merged network on the test set — no data is used by pruning or merging, and nothing is retrained.
 
@@ -29,8 +30,9 @@ from jaxprune import checkpoint, conventions, merging, models, plots, structured
 SPEC = [
     *common.TRAIN_SPEC,
     ("seeds", ["0", "1", "2"], "one trained network per seed (initialisation and data order)"),
-    ("source_workdir", "", "load the trained networks instead of training: an experiments.imp workdir (level 0) "
-                           "or a seed_<s> folder of an experiments.merge workdir; '{seed}' is replaced by each seed"),
+    ("source_workdir", "", "load the trained networks instead of training: an experiments.imp workdir (level 0 of "
+                           "the seed's replica) or a seed_<s> folder of an experiments.merge workdir; '{seed}' is "
+                           "replaced by each seed"),
     ("sparsity", ["0.5", "0.6", "0.7", "0.8"], "sparsities swept: fractions of units pruned in every merged layer, "
                                                "in [0, 1)"),
     ("pruned_cfg", [], "instead of --sparsity, a VGG's target conv widths (e.g. the paper's pruned VGG-16 cfg); "
@@ -74,8 +76,21 @@ def _config(config: dict) -> dict:
     return c
 
 
-def _load_source(c: dict, path: str) -> tuple[object, dict, object, object, object, dict]:
-    """``(model, variables, x_train, x_test, y_test, record)`` of a network trained elsewhere."""
+def _imp_source_replica(path: str, seed: int) -> int:
+    """Index of ``seed`` among the seeds of the ``experiments.imp`` run in ``path``: merge seed ``s`` reads the
+    network the IMP run trained with seed ``s`` (ValueError naming ``source_workdir`` if it trained no such seed)."""
+    from experiments import imp as imp_experiment
+
+    run_seeds = list(imp_experiment.stored_config(Path(path))["seeds"])
+    if seed not in run_seeds:
+        raise ValueError(f"source_workdir: {path} is an experiments.imp run of seeds {run_seeds}, which trained no "
+                         f"network for seed {seed} of --seeds; pass --seeds among {run_seeds}, or a source_workdir "
+                         "with '{seed}' in it")
+    return run_seeds.index(seed)
+
+
+def _load_source(c: dict, path: str, seed: int = 0) -> tuple[object, dict, object, object, object, dict]:
+    """``(model, variables, x_train, x_test, y_test, record)`` of the network trained elsewhere for ``seed``."""
     from experiments import imp as imp_experiment
 
     if (Path(path) / "trained.json").exists():  # a seed folder of an earlier experiments.merge run
@@ -87,9 +102,11 @@ def _load_source(c: dict, path: str) -> tuple[object, dict, object, object, obje
         template = models.init(model, jax.random.PRNGKey(0), x_test.shape)
         return (model, checkpoint.restore(Path(path) / "checkpoint", template), x_train, x_test, y_test,
                 {"source_workdir": path, **checkpoint.read_json(Path(path) / "trained.json")})
-    built, variables, records = imp_experiment.load_levels(path)
+    r = _imp_source_replica(path, seed)
+    built, variables, records = imp_experiment.load_levels(path, replica=r)
+    level_0 = records[0]["replicas"][r] if built.task.num_replicas > 1 else records[0]
     return (built.model, variables[0], built.task.x_train, built.task.x_test, built.task.y_test,
-            {"source_workdir": path, "level_0": records[0]})
+            {"source_workdir": path, "seed": seed, "level_0": level_0})
 
 
 # What the network of a merge seed folder must share with this run's flags: the data and model they build.
@@ -231,15 +248,17 @@ def run(config: dict, workdir: str | Path) -> dict:
         common.check_trained(c, seeds, lambda s: workdir / f"seed_{s}")
         _preflight(c, model, models.init(model, jax.random.PRNGKey(0), tr.images.shape))
     else:
-        for seed in seeds:  # a merge seed folder trained on other data or another model: refused up front
-            path = Path(c["source_workdir"].replace("{seed}", str(seed))) / "trained.json"
-            if path.exists():
-                _check_source(c, path)
+        for seed in seeds:  # a merge seed folder trained on other data or another model, or an IMP run without
+            folder = c["source_workdir"].replace("{seed}", str(seed))  # this seed: refused up front
+            if (Path(folder) / "trained.json").exists():
+                _check_source(c, Path(folder) / "trained.json")
+            else:
+                _imp_source_replica(folder, seed)
     workdir.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         if c["source_workdir"]:
             model, variables, x_train, x_test, y_test, trained = _load_source(
-                c, c["source_workdir"].replace("{seed}", str(seed)))
+                c, c["source_workdir"].replace("{seed}", str(seed)), seed)
         else:
             x_train, y_train, x_test, y_test, _ = data
             variables, trained = common.train_network(c, model, x_train, y_train, seed, workdir / f"seed_{seed}")

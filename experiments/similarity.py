@@ -18,6 +18,11 @@ Writes ``similarity.json`` (config, environment, levels, layers, results) and pl
 ``<imp_workdir>/similarity``): ``vs_density_<metric>.png`` and ``matrix_<metric>_level<k>.png``. A level whose
 representations hold NaN/Inf (a diverged run) is left out and listed, with the layers at fault, under
 ``skipped_levels``; the other levels are still compared (a non-finite dense network is an error).
+
+An IMP run of several seeds (``--seeds=0:5`` there) is compared seed by seed, each level against the dense network
+of its own seed, for the seeds ``--seeds`` picks (default: all of them). ``per_seed`` then holds each seed's
+results as above; ``vs_dense`` and ``matrix`` are the means over the seeds, ``vs_dense_std`` the sample std
+(``jaxprune.conventions.summary``), and the plots draw a ± one-std band.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from absl import app, logging
 
 from experiments import common
 from experiments import imp as imp_exp
-from jaxprune import analysis, checkpoint, plots, similarity
+from jaxprune import analysis, checkpoint, conventions, plots, replicas, similarity
 
 def _gram_cosine(k, l):
     return jnp.vdot(k, l) / jnp.sqrt(jnp.vdot(k, k) * jnp.vdot(l, l))
@@ -64,6 +69,7 @@ CCA_FAMILY = analysis.CCA_FAMILY
 SPEC = [
     ("imp_workdir", "", "a finished (or partly finished) experiments.imp workdir"),
     ("workdir", "", "output directory (default: <imp_workdir>/similarity)"),
+    ("seeds", [], "seeds of the IMP run to compare, each with its own dense network (default: all of its seeds)"),
     ("metrics", list(METRICS), f"similarities to compute, any of {', '.join(METRICS)}"),
     ("layers", [], "representation names to compare (default: all, in forward order)"),
     ("num_inputs", 1000, "the first N inputs of --probe_split are the fixed probe set"),
@@ -139,13 +145,9 @@ def _finite_levels(reps: list[dict], records: list[dict], names: list[str]
     return [reps[k] for k in keep], [records[k] for k in keep], skipped
 
 
-def run(config: dict, workdir: str | Path | None = None) -> dict:
-    """Compute the similarities described by ``config``; writes ``similarity.json`` and plots to ``workdir``."""
-    c = check_config(config)
-    workdir = Path(workdir or c["workdir"] or Path(c["imp_workdir"]) / "similarity")
-    built, variables, records = imp_exp.load_levels(c["imp_workdir"])  # data as that run loaded them
-    x = np.asarray((built.task.x_test if c["probe_split"] == "test" else built.task.x_train)[: c["num_inputs"]])
-    names, reps = representations(built.model, variables, x, c["layers"])
+def _compare(model, variables: list[dict], records: list[dict], x: np.ndarray, c: dict) -> dict:
+    """One seed's similarities: each level (``variables[k]``, ``records[k]``) against level 0 on the probes ``x``."""
+    names, reps = representations(model, variables, x, c["layers"])
     reps, records, skipped = _finite_levels(reps, records, names)
     logging.info("%d levels, %d inputs, layers %s", len(reps), len(x), names)
 
@@ -164,20 +166,88 @@ def run(config: dict, workdir: str | Path | None = None) -> dict:
                     per_layer[n] = [float(v) for v in similarity.pairwise(sim, [px], [px[0]], **opts)[:, 0, 0]]
         vs_dense[name] = per_layer
         logging.info("%s: %s", name, {n: [round(v, 4) for v in vals] for n, vals in per_layer.items()})
+    return {"levels": [{"level": r["level"], "density": r["density"], "test_accuracy": r["test_accuracy"]}
+                       for r in records],
+            "skipped_levels": skipped, "layers": names,
+            "layer_shapes": {n: list(reps[0][n].shape[1:]) for n in names}, "vs_dense": vs_dense, "matrix": matrix}
 
-    levels = [{"level": r["level"], "density": r["density"], "test_accuracy": r["test_accuracy"]} for r in records]
+
+def _chosen_seeds(asked, run_seeds: list[int], imp_workdir: str) -> list[int]:
+    """``--seeds`` (default: every seed of the IMP run), each one the run trained (ValueError naming it else)."""
+    if not asked:
+        return list(run_seeds)
+    seeds = list(common.seed_list(asked))
+    missing = [s for s in seeds if s not in run_seeds]
+    if missing:
+        raise ValueError(f"seeds={','.join(map(str, seeds))}: seed(s) {missing} not trained in imp_workdir="
+                         f"{imp_workdir}, whose seeds are {run_seeds}")
+    return seeds
+
+
+def _summarise(per_seed: list[dict]) -> dict:
+    """Means (and sample stds) over seeds of every level's density, accuracy and similarities; a level a seed
+    skipped (diverged) is summarised over the seeds that have it (``num_seeds``)."""
+    levels = sorted({lv["level"] for p in per_seed for lv in p["levels"]})
+    at = [{lv["level"]: k for k, lv in enumerate(p["levels"])} for p in per_seed]
+
+    def over_seeds(get):  # get(seed result, its index of the level) → value; summaries per level
+        return [conventions.summary([get(p, a[lv]) for p, a in zip(per_seed, at) if lv in a]) for lv in levels]
+
+    acc = over_seeds(lambda p, k: p["levels"][k]["test_accuracy"])
+    dens = over_seeds(lambda p, k: p["levels"][k]["density"])
+    out = {"levels": [{"level": lv, "density": d["mean"], "test_accuracy": a["mean"], "test_accuracy_std": a["std"],
+                       "num_seeds": a["n"]} for lv, d, a in zip(levels, dens, acc)],
+           "vs_dense": {}, "vs_dense_std": {}, "matrix": {}}
+    first = per_seed[0]
+    for name in first["vs_dense"]:
+        out["vs_dense"][name], out["vs_dense_std"][name] = {}, {}
+        for n in first["layers"]:
+            s = over_seeds(lambda p, k: p["vs_dense"][name][n][k])
+            out["vs_dense"][name][n] = [v["mean"] for v in s]
+            out["vs_dense_std"][name][n] = [v["std"] for v in s]
+        out["matrix"][name] = [np.mean([p["matrix"][name][a[lv]] for p, a in zip(per_seed, at) if lv in a],
+                                       axis=0).tolist() for lv in levels]
+    return out
+
+
+def run(config: dict, workdir: str | Path | None = None) -> dict:
+    """Compute the similarities described by ``config``; writes ``similarity.json`` and plots to ``workdir``."""
+    c = check_config(config)
+    workdir = Path(workdir or c["workdir"] or Path(c["imp_workdir"]) / "similarity")
+    run_seeds = list(imp_exp.stored_config(Path(c["imp_workdir"]))["seeds"])
+    seeds = _chosen_seeds(c["seeds"], run_seeds, c["imp_workdir"])  # refused before anything is loaded
+    built, variables, records = imp_exp.load_levels(c["imp_workdir"])  # data as that run loaded them
+    x = np.asarray((built.task.x_test if c["probe_split"] == "test" else built.task.x_train)[: c["num_inputs"]])
+    per_seed = []
+    for s in seeds:
+        if len(run_seeds) == 1:
+            v, recs = variables, records
+        else:  # stacked replicas: this seed's networks and level records
+            r = run_seeds.index(s)
+            v, recs = [replicas.index(vv, r) for vv in variables], [rec["replicas"][r] for rec in records]
+        try:
+            per_seed.append({"seed": s, **_compare(built.model, v, recs, x, c)})
+        except ValueError as e:
+            raise ValueError(f"seed {s}: {e}" if len(seeds) > 1 else str(e)) from None
+    if len(per_seed) == 1:
+        summary = {k: per_seed[0][k] for k in ("levels", "vs_dense", "matrix")}
+    else:
+        summary = _summarise(per_seed)
     result = {
         "config": {**c, "workdir": str(workdir)},
         "environment": common.environment(),
         "imp_config": checkpoint.read_json(Path(c["imp_workdir"]) / "config.json"),
         "num_inputs": int(len(x)),
-        "levels": levels,
-        "skipped_levels": skipped,
-        "layers": names,
-        "layer_shapes": {n: list(reps[0][n].shape[1:]) for n in names},
+        "seeds": seeds,
+        "levels": summary["levels"],
+        "skipped_levels": [{"seed": p["seed"], **sk} for p in per_seed for sk in p["skipped_levels"]],
+        "layers": per_seed[0]["layers"],
+        "layer_shapes": per_seed[0]["layer_shapes"],
         "conv": {"matrix": "flatten", "vs_dense_cca_family": c["cca_conv"], "vs_dense_kernel_metrics": "flatten"},
-        "vs_dense": vs_dense,
-        "matrix": matrix,
+        "vs_dense": summary["vs_dense"],
+        **({"vs_dense_std": summary["vs_dense_std"]} if "vs_dense_std" in summary else {}),
+        "matrix": summary["matrix"],
+        **({"per_seed": per_seed} if len(per_seed) > 1 else {}),
     }
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json(workdir / "similarity.json", result)
@@ -189,8 +259,10 @@ def plot(result: dict, workdir: Path) -> None:
     """Per metric: similarity to the dense layer vs density (one curve per layer); heatmaps of every pruned level."""
     density = [lv["density"] for lv in result["levels"]]
     for name, per_layer in result["vs_dense"].items():
+        seeds = f" (mean ± std over {len(result['seeds'])} seeds)" if len(result["seeds"]) > 1 else ""
         plots.similarity_vs_density(density, per_layer, workdir / f"vs_density_{name}.png", metric=name,
-                                    title=f"{name}: each layer vs the dense layer")
+                                    title=f"{name}: each layer vs the dense layer{seeds}",
+                                    err=result.get("vs_dense_std", {}).get(name))
         for k, lv in enumerate(result["levels"][1:], start=1):
             plots.heatmap(np.asarray(result["matrix"][name][k]), workdir / f"matrix_{name}_level{k}.png",
                           rows=[f"{n} (lvl {k})" for n in result["layers"]], cols=result["layers"],
@@ -205,12 +277,18 @@ def main(argv):
     config = common.config_from_flags(SPEC)
     result = run(config)
     print(f"results: {Path(result['config']['workdir']) / 'similarity.json'}")
-    header = "layer".ljust(10) + "".join(m[:12].rjust(13) for m in result["vs_dense"])
+    std = result.get("vs_dense_std")
+    width = 20 if std else 13
+    if std:
+        print(f"seeds {result['seeds']}: mean ± sample std over seeds")
+    header = "layer".ljust(10) + "".join(m[:width - 1].rjust(width) for m in result["vs_dense"])
     for k, lv in enumerate(result["levels"]):
-        print(f"level {k} density {lv['density']:.4f} test accuracy {lv['test_accuracy']:.4f}")
+        print(f"level {lv['level']} density {lv['density']:.4f} test accuracy {lv['test_accuracy']:.4f}")
         print(header)
         for n in result["layers"]:
-            print(n.ljust(10) + "".join(f"{result['vs_dense'][m][n][k]:13.4f}" for m in result["vs_dense"]))
+            cells = [f"{result['vs_dense'][m][n][k]:.4f}" + (f" ± {std[m][n][k]:.4f}" if std else "")
+                     for m in result["vs_dense"]]
+            print(n.ljust(10) + "".join(cell.rjust(width) for cell in cells))
 
 
 if __name__ == "__main__":

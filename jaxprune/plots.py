@@ -127,12 +127,14 @@ def _density_axis(ax) -> None:
 
 
 def similarity_vs_density(density: Sequence[float], per_layer: Mapping[str, Sequence[float | None]],
-                          path: str | Path, *, metric: str, title: str = "") -> None:
+                          path: str | Path, *, metric: str, title: str = "",
+                          err: Mapping[str, Sequence[float]] | None = None) -> None:
     """Similarity of each layer to the same layer of the dense network against density, one line per layer
-    (``per_layer[layer][k]`` at ``density[k]``; ``None`` values are gaps)."""
+    (``per_layer[layer][k]`` at ``density[k]``; ``None`` values are gaps), with a ±``err[layer]`` band if given."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, values in per_layer.items():
-        ax.plot(density, [np.nan if v is None else v for v in values], "o-", label=name)
+        _line_with_band(ax, density, [np.nan if v is None else v for v in values],
+                        None if err is None else err[name], label=name)
     _density_axis(ax)
     ax.set_ylabel(f"{metric} to the dense layer")
     ax.legend(fontsize=7)

@@ -73,6 +73,23 @@ def test_loads_level_0_of_an_imp_workdir(tmp_path):
     assert res["seeds"][0]["original"]["test_accuracy"] == pytest.approx(imp_res["levels"][0]["test_accuracy"])
 
 
+def test_each_seed_reads_its_own_network_of_a_several_seed_imp_workdir(tmp_path):
+    imp_cfg = dict(dataset="digits", model="mlp", hidden=["32", "16"], training_steps="2ep", batch_size=32,
+                   levels=0, seeds=["1:3"])
+    imp_res = imp_experiment.train_and_evaluate(imp_cfg, tmp_path / "imp")
+    cfg = {**BASE, "source_workdir": str(tmp_path / "imp"), "sparsity": ["0.5"], "criteria": ["l2"]}
+    res = merge_experiment.run({**cfg, "seeds": ["2", "1"]}, tmp_path / "merge")
+    by_seed = dict(zip([1, 2], imp_res["levels"][0]["replicas"]))  # replicas in the order of the run's seeds
+    for s in res["seeds"]:  # seed 2 first: the replica is found by seed, not by position
+        assert s["original"]["test_accuracy"] == pytest.approx(by_seed[s["seed"]]["test_accuracy"])
+        assert s["trained"]["seed"] == s["seed"]
+    assert res["seeds"][0]["original"] != res["seeds"][1]["original"]
+    with pytest.raises(ValueError, match=r"source_workdir: .* experiments.imp run of seeds \[1, 2\], which trained "
+                                         r"no network for seed 0"):
+        merge_experiment.run({**cfg, "seeds": ["1", "0"]}, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()  # refused before any work
+
+
 def test_vgg_with_batchnorm_to_a_pruned_cfg(tmp_path):
     cfg = {**BASE, "model": "vgg", "vgg_cfg": ["4", "M", "6"], "pruned_cfg": ["2", "M", "3"], "sparsity": [],
            "training_steps": "1ep", "criteria": ["l2_gm"], "max_train_examples": 256, "batch_size": 64,

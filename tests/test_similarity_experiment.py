@@ -11,6 +11,7 @@ from jaxprune import similarity
 
 TINY_IMP = {"dataset": "digits", "model": "mlp", "hidden": ["16", "8"], "training_steps": "30", "batch_size": 32,
             "levels": 1, "prune_fraction": 0.5, "seeds": ["0"]}
+_LOAD_LEVELS = imp_exp.load_levels
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,49 @@ def test_run_writes_similarities_consistent_with_the_library(imp_dir, tmp_path):
         np.testing.assert_allclose(r["vs_dense"][m]["dense_1"][1], library[m](a, d), atol=1e-5, err_msg=m)
 
 
-_LOAD_LEVELS = imp_exp.load_levels
+def test_a_run_of_several_seeds_is_compared_seed_by_seed(tmp_path, monkeypatch):
+    """Each seed's levels against its own dense network; the summary is the mean and sample std over seeds."""
+    d = tmp_path / "imp"
+    imp_exp.train_and_evaluate({**TINY_IMP, "seeds": ["3:5"]}, d)
+    metrics = ["linear_cka", "svcca"]
+    r = exp.run({"imp_workdir": str(d), "num_inputs": 48, "metrics": metrics}, tmp_path / "all")
+    assert r["seeds"] == [3, 4] and [p["seed"] for p in r["per_seed"]] == [3, 4]
+    built, _, records = imp_exp.load_levels(d)
+    x = np.asarray(built.task.x_test[:48])
+    from jaxprune import conventions, models
+    for i, seed in enumerate([3, 4]):
+        _, variables, _ = imp_exp.load_levels(d, replica=i)
+        reps = [models.representations(built.model, v, x) for v in variables]
+        np.testing.assert_allclose(r["per_seed"][i]["vs_dense"]["linear_cka"]["dense_1"][1],
+                                   similarity.linear_cka(reps[1]["dense_1"], reps[0]["dense_1"]), atol=1e-5)
+        assert r["per_seed"][i]["levels"][1]["test_accuracy"] == records[1]["replicas"][i]["test_accuracy"]
+        one = exp.run({"imp_workdir": str(d), "num_inputs": 48, "metrics": metrics, "seeds": [str(seed)]},
+                      tmp_path / f"seed{seed}")
+        assert one["seeds"] == [seed] and "per_seed" not in one and one["vs_dense"] == r["per_seed"][i]["vs_dense"]
+    assert r["per_seed"][0]["vs_dense"] != r["per_seed"][1]["vs_dense"]  # two networks, not one read twice
+    for m in metrics:
+        for n in r["layers"]:
+            s = conventions.summary([p["vs_dense"][m][n][1] for p in r["per_seed"]])
+            assert r["vs_dense"][m][n][1] == pytest.approx(s["mean"])
+            assert r["vs_dense_std"][m][n][1] == pytest.approx(s["std"])
+        np.testing.assert_allclose(r["matrix"][m], np.mean([p["matrix"][m] for p in r["per_seed"]], axis=0))
+    assert r["levels"][1]["test_accuracy"] == pytest.approx(records[1]["test_accuracy"])
+    assert r["levels"][1]["num_seeds"] == 2
+    with pytest.raises(ValueError, match=r"seeds=3,7: seed\(s\) \[7\] not trained in imp_workdir=.*\[3, 4\]"):
+        exp.run({"imp_workdir": str(d), "metrics": metrics, "seeds": ["3", "7"]}, tmp_path / "bad")
+    # seed 3 diverged at level 1: that level is summarised over seed 4 alone, and seed 3's skip is reported
+    def load(workdir):
+        built, variables, records = _LOAD_LEVELS(workdir)
+        variables[1] = jax.tree_util.tree_map(lambda a: a.at[0].set(np.nan), variables[1])
+        return built, variables, records
+
+    monkeypatch.setattr(exp.imp_exp, "load_levels", load)
+    r2 = exp.run({"imp_workdir": str(d), "num_inputs": 48, "metrics": metrics}, tmp_path / "diverged")
+    assert [(sk["seed"], sk["level"]) for sk in r2["skipped_levels"]] == [(3, 1)]
+    assert [lv["num_seeds"] for lv in r2["levels"]] == [2, 1]
+    assert r2["vs_dense"]["svcca"]["dense_0"][1] == r["per_seed"][1]["vs_dense"]["svcca"]["dense_0"][1]
+    assert r2["vs_dense_std"]["svcca"]["dense_0"][1] == 0.0
+
 
 
 def _poisoned(level: int):
