@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -91,3 +92,56 @@ def test_merge_rerun_with_other_training_settings_is_refused_in_one_line(tmp_pat
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "lr: 0.05 -> 0.5" in last and "training_steps: '5' -> '50'" in last
     assert (wd / "results.json").read_text() == results  # nothing recorded under the new settings
+
+
+# Random CIFAR-shaped data (32×32×3, 10 classes) in place of TFDS CIFAR-10, which these machines do not have: the
+# shipped CIFAR flagfiles are run end to end as a user runs them, with short schedules.
+_CIFAR_SHAPED = """
+import runpy, sys
+import numpy as np
+from jaxprune import data
+real = data.load
+def load(name, split, data_dir=None, *, seed=0, **kw):
+    if name != "cifar10":
+        return real(name, split, data_dir, seed=seed, **kw)
+    n = 256 if split == "train" else 64
+    rng = np.random.default_rng(0 if split == "train" else 1)
+    return data.Dataset(rng.random((n, 32, 32, 3), np.float32), rng.integers(0, 10, n).astype(np.int32), 10)
+data.load = load
+sys.argv = sys.argv[1:]
+runpy.run_module("experiments." + sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def _cifar_shaped_run(experiment: str, cfg: str, wd, *flags: str) -> dict:
+    p = subprocess.run([sys.executable, "-c", _CIFAR_SHAPED, experiment, f"--flagfile=experiments/configs/{cfg}",
+                        f"--workdir={wd}", *flags], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((wd / "results.json").read_text())
+    assert res["finished"] and res["config"]["dataset"] == "cifar10"
+    return res
+
+
+def test_conv4_cifar10_config_runs_end_to_end(tmp_path):
+    _cifar_shaped_run("imp", "conv4_cifar10.cfg", tmp_path, "--training_steps=2", "--levels=1")
+    level = json.loads((tmp_path / "level_1" / "level.json").read_text())
+    # Frankle & Carbin's Conv-4: 3×3 convs 64, 64, 128, 128 (two 2×2 pools), dense 256, 256; the output layer is
+    # not pruned
+    convs = 3 * 3 * (3 * 64 + 64 * 64 + 64 * 128 + 128 * 128)
+    assert level["prunable_weights"] == convs + 8 * 8 * 128 * 256 + 256 * 256
+    assert level["kept_weights"] == level["prunable_weights"] - math.ceil(0.2 * level["prunable_weights"] - 1e-9)
+
+
+def test_filter_prune_resnet20_cifar10_config_runs_end_to_end(tmp_path):
+    res = _cifar_shaped_run("filter_prune", "filter_prune_resnet20_cifar10.cfg", tmp_path, "--training_steps=2",
+                            "--finetune_steps=1", "--max_rounds=1")
+    assert res["rounds"][0]["params"] == 272474  # ResNet-20 (He et al. 2016, Table 6: 0.27M)
+    assert res["rounds"][1]["widths"] == {f"block{s}_{b}/conv_0": w - math.ceil(0.2 * w)
+                                         for s, w in enumerate((16, 32, 64)) for b in range(3)}
+
+
+def test_merge_vgg16_cifar10_config_runs_end_to_end(tmp_path):
+    res = _cifar_shaped_run("merge", "merge_vgg16_cifar10.cfg", tmp_path, "--training_steps=1", "--criteria=l2")
+    cfg = [int(w) for w in res["config"]["pruned_cfg"] if w != "M"]
+    for run in res["seeds"][0]["runs"]:
+        assert list(run["widths"].values()) == cfg
