@@ -215,12 +215,23 @@ def _without_history(rec: dict) -> dict:
     return out
 
 
+def trained_seeds(workdir: str | Path) -> list[int]:
+    """The seeds of an IMP workdir in replica order: replica ``r`` trained seed ``trained_seeds(workdir)[r]``."""
+    return list(stored_config(Path(workdir))["seeds"])
+
+
+def replica_record(record: dict, r: int) -> dict:
+    """Replica ``r``'s part of a level record (a single-replica record is its own replica 0)."""
+    return record["replicas"][r] if "replicas" in record else record
+
+
 def load_levels(workdir: str | Path, replica: int | None = None) -> tuple[Built, list[dict], list[dict]]:
     """Read an IMP workdir back: ``(built, variables per finished level, level records)``.
 
     ``variables[k]`` is ``{'params': …, ['batch_stats': …]}`` of level ``k``'s trained network (pruned weights
     are exactly zero). Data are loaded as the run saw them (``built.task.x_test`` etc.). For a run with
-    ``num_replicas > 1`` the variables are stacked (leading replica axis) unless ``replica`` picks one.
+    ``num_replicas > 1`` the variables are stacked (leading replica axis) and the records summarise the replicas,
+    unless ``replica`` picks one: then its variables and its records (:func:`replica_record`).
     """
     workdir = Path(workdir)
     b = build(stored_config(workdir))
@@ -233,7 +244,8 @@ def load_levels(workdir: str | Path, replica: int | None = None) -> tuple[Built,
                 raise ValueError(f"replica={replica}: expected 0 <= replica < {b.task.num_replicas}")
             state = replicas.index(state, replica)
         variables.append(train.variables_of(state))
-        records.append(imp.read_level(workdir, k))
+        rec = imp.read_level(workdir, k)
+        records.append(rec if replica is None else replica_record(rec, replica))
     if not variables:
         raise FileNotFoundError(f"workdir={workdir}: no finished level yet")
     return b, variables, records

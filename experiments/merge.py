@@ -81,7 +81,7 @@ def _imp_source_replica(path: str, seed: int) -> int:
     network the IMP run trained with seed ``s`` (ValueError naming ``source_workdir`` if it trained no such seed)."""
     from experiments import imp as imp_experiment
 
-    run_seeds = list(imp_experiment.stored_config(Path(path))["seeds"])
+    run_seeds = imp_experiment.trained_seeds(path)
     if seed not in run_seeds:
         raise ValueError(f"source_workdir: {path} is an experiments.imp run of seeds {run_seeds}, which trained no "
                          f"network for seed {seed} of --seeds; pass --seeds among {run_seeds}, or a source_workdir "
@@ -102,11 +102,9 @@ def _load_source(c: dict, path: str, seed: int = 0) -> tuple[object, dict, objec
         template = models.init(model, jax.random.PRNGKey(0), x_test.shape)
         return (model, checkpoint.restore(Path(path) / "checkpoint", template), x_train, x_test, y_test,
                 {"source_workdir": path, **checkpoint.read_json(Path(path) / "trained.json")})
-    r = _imp_source_replica(path, seed)
-    built, variables, records = imp_experiment.load_levels(path, replica=r)
-    level_0 = records[0]["replicas"][r] if built.task.num_replicas > 1 else records[0]
+    built, variables, records = imp_experiment.load_levels(path, replica=_imp_source_replica(path, seed))
     return (built.model, variables[0], built.task.x_train, built.task.x_test, built.task.y_test,
-            {"source_workdir": path, "seed": seed, "level_0": level_0})
+            {"source_workdir": path, "seed": seed, "level_0": records[0]})
 
 
 # What the network of a merge seed folder must share with this run's flags: the data and model they build.

@@ -214,17 +214,15 @@ def run(config: dict, workdir: str | Path | None = None) -> dict:
     """Compute the similarities described by ``config``; writes ``similarity.json`` and plots to ``workdir``."""
     c = check_config(config)
     workdir = Path(workdir or c["workdir"] or Path(c["imp_workdir"]) / "similarity")
-    run_seeds = list(imp_exp.stored_config(Path(c["imp_workdir"]))["seeds"])
+    run_seeds = imp_exp.trained_seeds(c["imp_workdir"])
     seeds = _chosen_seeds(c["seeds"], run_seeds, c["imp_workdir"])  # refused before anything is loaded
     built, variables, records = imp_exp.load_levels(c["imp_workdir"])  # data as that run loaded them
     x = np.asarray((built.task.x_test if c["probe_split"] == "test" else built.task.x_train)[: c["num_inputs"]])
     per_seed = []
     for s in seeds:
-        if len(run_seeds) == 1:
-            v, recs = variables, records
-        else:  # stacked replicas: this seed's networks and level records
-            r = run_seeds.index(s)
-            v, recs = [replicas.index(vv, r) for vv in variables], [rec["replicas"][r] for rec in records]
+        r = run_seeds.index(s)  # stacked replicas (several seeds): this seed's networks and level records
+        v = variables if len(run_seeds) == 1 else [replicas.index(vv, r) for vv in variables]
+        recs = [imp_exp.replica_record(rec, r) for rec in records]
         try:
             per_seed.append({"seed": s, **_compare(built.model, v, recs, x, c)})
         except ValueError as e:
