@@ -54,7 +54,7 @@ import optax
 from absl import logging
 
 from jaxprune import augment as augmentation
-from jaxprune import checkpoint, conventions, masks, models, replicas, train
+from jaxprune import _validate, checkpoint, conventions, masks, models, replicas, train
 
 PyTree = Any
 REWINDS = ("init", "step", "lr", "finetune")
@@ -76,7 +76,7 @@ class ImpConfig:
     def __post_init__(self):
         if self.levels < 0:
             raise ValueError(f"levels={self.levels}: expected >= 0")
-        if not 0.0 < self.fraction < 1.0:
+        if not 0.0 < _validate.fraction(self.fraction, what="a fraction of the remaining weights") < 1.0:
             raise ValueError(f"fraction={self.fraction}: expected a fraction in (0, 1)")
         if self.scope not in masks.SCOPES:
             raise ValueError(f"scope={self.scope!r}: expected one of {masks.SCOPES}")
@@ -185,6 +185,7 @@ def _input_shape(task: Task) -> tuple:
 def init_variables(task: Task, key: jax.Array) -> dict:
     """The model's variables ``{'params', ['batch_stats']}`` from ``key`` (:func:`jaxprune.models.init` for
     models with a ``train`` argument)."""
+    _validate.key(key)
     shape = _input_shape(task)
     if _takes_train(task.model):
         return models.init(task.model, key, shape)
@@ -300,6 +301,7 @@ def random_mask_branch(key: jax.Array, tx: optax.GradientTransformation, rewind:
                        point: train.TrainState) -> tuple[train.TrainState, PyTree]:
     """The random-mask control: the level's per-layer densities at random positions
     (:func:`jaxprune.masks.random_like`), from the level's start point. Returns ``(start, branch_mask)``."""
+    _validate.key(key)
     bmask = masks.random_like(key, mask, prunable)
     return start_level(tx, rewind, bmask, trained, point), bmask
 
