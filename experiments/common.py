@@ -858,7 +858,7 @@ def read_run_config(workdir: str | Path, experiment: str, name: str = "workdir")
     return record
 
 
-# ----------------------------------------------------------------------------------------------- settings that do nothing
+# ----------------------------------------------------------------------------------------------- unused flags
 # The rule (docs/design.md, "Flags that do nothing"): a flag set away from its default that has no effect with the
 # chosen settings (--rewind_step without --rewind=step, --milestones with --schedule=cosine or past the end of
 # training, --momentum with --optimizer=sgd, ...) is refused when it was given explicitly — typed on the command

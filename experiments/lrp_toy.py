@@ -78,6 +78,7 @@ def _check(c: dict) -> None:
         raise ValueError(f"plot_n={c['plot_n']}: expected one of samples_per_class ({','.join(map(str, ns))}) for "
                          "the decision-boundary figure, or 0 for none")
     common.width_list(c["hidden"], "hidden")  # before any training
+    common.check_unused(c, common.training_unused(c, DEFAULTS, 1, 1))  # --momentum without a momentum optimizer
     if c["model"] != "mlp" and not common.is_user_model(c["model"]):
         raise ValueError(f"model={c['model']!r}: expected mlp or module.path:ClassName (a model of your own)")
     build_model(c, 2)  # a user model is imported and checked here (its output width is checked per dataset)

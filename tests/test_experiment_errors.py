@@ -78,6 +78,7 @@ def test_negative_or_non_finite_durations_are_refused(spec):
 # ----------------------------------------------------------------------------------------------- issue 28
 # Tracebacks, vague errors and nonsense accepted (issue 28's probe): each a one-line error naming the flag or the
 # file and what to do, before any training; nothing written.
+from experiments import oneshot  # noqa: E402
 from jaxprune import checkpoint, train  # noqa: E402
 
 ONESHOT = dict(dataset="digits", hidden=["8"], training_steps="2", batch_size=32, sparsity=["0.5"])
@@ -102,8 +103,6 @@ def test_zero_widths_and_bad_cfg_entries_are_one_line_errors(run, config, match,
 
 
 def test_oneshot_hidden_zero_is_refused_before_training(tmp_path):
-    from experiments import oneshot
-
     with pytest.raises(ValueError, match=r"^hidden=0: expected layer widths as integers >= 1"):
         oneshot.run({**ONESHOT, "hidden": ["0"]}, tmp_path / "wd")
     assert not any((tmp_path / "wd").glob("**/*.json"))
@@ -171,6 +170,8 @@ def test_a_diverging_imp_run_stops_with_the_step_and_the_setting_to_change(tmp_p
     (filter_prune.run, {**VGG, "hidden": ["8"]}, r"^hidden=8: does nothing with --model=vgg"),
     (merge.run, {**MLP, "seeds": ["0"], "schedule": "constant", "milestones": ["1"]},
      r"^milestones=1: does nothing with --schedule=constant"),
+    (oneshot.run, {**ONESHOT, "momentum": 0.5}, r"^momentum=0.5: does nothing with --optimizer=adam"),
+    (lrp_toy.run, {**TOY, "momentum": 0.5}, r"^momentum=0.5: does nothing with --optimizer=adam"),
 ])
 def test_flags_that_do_nothing_are_refused_when_given(run, config, match, tmp_path):
     wd = tmp_path / "wd"
