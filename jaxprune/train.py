@@ -214,19 +214,20 @@ def step_keys(data_key: Array, step: Array | int) -> tuple[Array, Array]:
     Dropout: ``fold_in(fold_in(data_key, DROPOUT_STREAM), step)``, never :func:`epoch_key` of any epoch.
     Augmentation: ``fold_in(fold_in(data_key, step), AUGMENT_STREAM)`` (as before the dropout stream was split
     off, so runs without dropout are unchanged)."""
+    _validate.key(data_key, "data_key")
     dropout = jax.random.fold_in(jax.random.fold_in(data_key, DROPOUT_STREAM), step)
     return dropout, jax.random.fold_in(jax.random.fold_in(data_key, step), AUGMENT_STREAM)
 
 
 def epoch_key(data_key: Array, epoch: int) -> Array:
     """The key whose permutation orders epoch ``epoch``: ``fold_in(data_key, epoch)``."""
-    return jax.random.fold_in(data_key, epoch)
+    return jax.random.fold_in(_validate.key(data_key, "data_key"), epoch)
 
 
 def epoch_order(key: Array, epoch: int, n: int, batch_size: int) -> Array:
     """Batch indices of one epoch: ``(n // batch_size, batch_size)`` int32."""
     steps = n // batch_size
-    perm = jax.random.permutation(epoch_key(key, epoch), n)
+    perm = jax.random.permutation(epoch_key(_validate.key(key), epoch), n)
     return perm[: steps * batch_size].reshape(steps, batch_size).astype(jnp.int32)
 
 

@@ -54,6 +54,8 @@ def _key_calls():
         "augment.random_crop": ("key", lambda k: augment.random_crop(k, img)),
         "augment.crop_flip": ("key", lambda k: augment.crop_flip(k, img)),
         "train.run": ("data_key", lambda k: train.run(tr, state, x, y, batch_size=4, num_steps=1, data_key=k)),
+        "train.epoch_order": ("key", lambda k: train.epoch_order(k, 0, 8, 4)),
+        "train.step_keys": ("data_key", lambda k: train.step_keys(k, 3)),
         "train.run_batches": ("data_key", lambda k: train.run_batches(tr, state, [(x, y)], num_steps=1, data_key=k)),
     }
 
