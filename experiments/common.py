@@ -88,6 +88,13 @@ def int_list(values: Sequence[str] | str, name: str = "") -> tuple[int, ...]:
                          "(e.g. 300,100)") from None
 
 
+def width_list(values: Sequence[str] | str, name: str = "hidden") -> tuple[int, ...]:
+    """``--hidden``-style layer widths: :func:`int_list`, each an integer >= 1 (errors name the flag)."""
+    from jaxprune import _validate
+
+    return _validate.widths(int_list(values, name), name)
+
+
 # ----------------------------------------------------------------------------------------------- flags
 # Experiment modules define their flags only when run as ``__main__`` (``define_flags(SPEC)``), so tests can import
 # any number of them into one process. A spec row: (name, default, help) or (name, default, help, enum values).
@@ -124,6 +131,9 @@ class Renamed:
     new: str
     convert: Callable[[dict], Any]
     hint: str = ""
+    # the new flag's value as old flags ({name: value}): fills the old flags a command line leaves out when it
+    # overrides a flagfile's new flag with old ones (--num_replicas=4 over a flagfile's --seeds=3 → seeds 3..6)
+    inverse: Callable[[Any], dict] | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -280,10 +290,49 @@ def config_from_flags(spec: FlagSpec, renamed: Sequence[Renamed] = ()) -> dict[s
     config = {row[0]: getattr(flags.FLAGS, row[0]) for row in spec}
     for r in renamed:
         given = {k: getattr(flags.FLAGS, k) for k in r.names if flags.FLAGS[k].present}
+        if given and flags.FLAGS[r.new].present:
+            given = _command_line_wins(r, given, config[r.new])
         if given and not flags.FLAGS[r.new].present:
             del config[r.new]
+        if given and r.new in given:  # the command line's old flags replace the flagfile's new one
+            del config[r.new]
+            given = {k: v for k, v in given.items() if k != r.new}
         config.update(given)
     return resolve_renamed(config, renamed)
+
+
+def on_command_line(name: str, argv: Sequence[str] | None = None) -> bool:
+    """Whether flag ``name`` is typed on the command line itself (``--name``, ``--name=…``, ``--noname``), not only
+    set by a ``--flagfile`` (absl reads both as present)."""
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    for a in argv:
+        if a == "--":
+            break
+        flag = a.lstrip("-").split("=", 1)[0] if a.startswith("-") else None
+        if flag in (name, f"no{name}"):
+            return True
+    return False
+
+
+def _command_line_wins(r: Renamed, given: dict, new_value: Any) -> dict:
+    """Old flags ``given`` beside the new flag ``r.new``: a command line overrides its flagfile. Old flags typed on
+    the command line over a new flag from a flagfile → ``given`` completed from the flagfile's value (``r.inverse``)
+    and marked to replace it (``r.new`` in the result); a new flag typed over old flags from a flagfile → ``{}``
+    (the new flag wins); both typed, or both from flagfiles → ``given`` unchanged (refused as before)."""
+    old_typed = any(on_command_line(k) for k in given)
+    new_typed = on_command_line(r.new)
+    if old_typed == new_typed:
+        return given
+    if new_typed:
+        warnings.warn(f"--{r.new} on the command line overrides {', '.join('--' + k for k in given)} of the "
+                      f"flagfile (the deprecated name of --{r.new})", UserWarning, stacklevel=3)
+        return {}
+    base = r.inverse(new_value) if r.inverse is not None else {}
+    warnings.warn(f"{', '.join('--' + k for k in given)} on the command line overrides --{r.new} of the flagfile",
+                  UserWarning, stacklevel=3)
+    return {**{k: v for k, v in base.items() if k in r.names}, **given, r.new: None}
 
 
 class _DropOrbaxInfo(pylogging.Filter):
@@ -311,7 +360,7 @@ def launch(spec: FlagSpec, run_fn, report_fn=None, renamed: Sequence[Renamed] = 
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         quiet_orbax()
         config = config_from_flags(spec, renamed)
-        results = run_fn(config, config["workdir"])
+        results = run_tolerating_flagfile(run_fn, config, spec, flagfile_only(spec))
         print(f"results: {Path(config['workdir']) / 'results.json'}")
         if report_fn is not None:
             print(report_fn(results, config))
@@ -594,10 +643,31 @@ def build_model(c: dict, num_classes: int, *, input_shape: Sequence[int] | None 
     if c["model"] == "vgg" and "vgg_cfg" in c:  # experiments without --vgg_cfg get models.build's refusal
         if not c["vgg_cfg"]:
             raise ValueError("vgg_cfg: --model=vgg needs conv widths and M pools, e.g. 16,16,M,32,32,M,64,64")
-        cfg = tuple("M" if str(v).upper() == "M" else int(v) for v in c["vgg_cfg"])
-        return models.VGG(cfg, num_classes)
+        return models.VGG(vgg_cfg(c["vgg_cfg"]), num_classes)
     return models.build(c["model"], num_classes, hidden=int_list(c["hidden"], "hidden"), weight_init=c["weight_init"],
                         **library_kwargs)
+
+
+def vgg_cfg(values: Sequence[Any] | str, name: str = "vgg_cfg") -> tuple:
+    """``--vgg_cfg`` → conv widths (integers >= 1) and ``"M"`` pools, e.g. ``16,16,M,32``; errors name the flag,
+    the bad entry and the expected form."""
+    if isinstance(values, str):
+        values = [v for v in values.split(",") if v.strip()]
+    out: list = []
+    for v in values:
+        text = str(v).strip()
+        if text.upper() == "M":
+            out.append("M")
+            continue
+        try:
+            width = int(text)
+        except ValueError:
+            width = 0
+        if width < 1 or isinstance(v, (bool, float)):
+            raise ValueError(f"{name}={','.join(map(str, values))}: entry {text!r} is neither a conv width (an "
+                             f"integer >= 1) nor M (a 2x2 max pool); expected e.g. --{name}=16,16,M,32,32,M")
+        out.append(width)
+    return tuple(out)
 
 
 def output_layers(model, input_shape: Sequence[int], variables: dict | None = None) -> tuple[str, ...]:
@@ -757,3 +827,117 @@ def _evaluator(model) -> train.Trainer:
 def accuracy(model, variables: dict, x, y) -> float:
     """Test accuracy (fraction) of ``model`` with ``variables`` on ``(x, y)``."""
     return train.evaluate(_evaluator(model), variables, x, y)["accuracy"]
+
+
+# ----------------------------------------------------------------------------------------------- stored settings
+# The experiments that record their settings in <workdir>/config.json (checkpoint.check_run_config), each known by
+# a setting only it records.
+CONFIG_WRITERS = {"experiments.imp": "rewind", "experiments.filter_prune": "max_pruned_fraction"}
+
+
+def read_run_config(workdir: str | Path, experiment: str, name: str = "workdir") -> dict | None:
+    """``workdir/config.json`` as a dict, ``None`` when there is none. Refused with one line naming the file (or
+    the flag ``name``) and what to do: a file that is not JSON, JSON that is not an object, or the settings of
+    another experiment than ``experiment`` (a key of :data:`CONFIG_WRITERS`)."""
+    workdir = Path(workdir)
+    path = workdir / "config.json"
+    if not path.is_file():
+        return None
+    fix = f"delete {workdir} to start over, or use a new --{name}" if name == "workdir" else (
+        f"expected the --workdir of an {experiment} run")
+    record = checkpoint.read_json(path, hint=f"; {fix}")
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: holds a JSON {type(record).__name__}, not the settings object an experiment "
+                         f"writes (the file was changed by hand or by another program); {fix}")
+    writer = next((w for w, key in CONFIG_WRITERS.items() if key in record), None)
+    if writer is not None and writer != experiment:
+        short = experiment.split(".")[-1].replace("imp", "IMP")
+        article = "an" if short[0] in "AEIOU" else "a"
+        raise ValueError(f"{name}={workdir}: not {article} {short} workdir (it was written by {writer}); "
+                         + (f"use a new --workdir for {experiment}" if name == "workdir" else fix))
+    return record
+
+
+# ----------------------------------------------------------------------------------------------- unused flags
+# The rule (docs/design.md, "Flags that do nothing"): a flag set away from its default that has no effect with the
+# chosen settings (--rewind_step without --rewind=step, --milestones with --schedule=cosine or past the end of
+# training, --momentum with --optimizer=sgd, ...) is refused when it was given explicitly — typed on the command
+# line, or a key of the config an importable entry point (train_and_evaluate, run) gets — and, when only a
+# --flagfile sets it, warned in one line and reset to its default: flagfiles are shared between modes (one file for
+# rewind=init and rewind=step runs), and a value that does nothing changes nothing when dropped.
+class UnusedFlag(ValueError):
+    """A flag that does nothing with the chosen settings (:func:`check_unused`); ``flag``: its name."""
+
+    def __init__(self, flag: str, value: Any, why: str):
+        shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+        super().__init__(f"{flag}={shown}: does nothing {why}; leave it out, or change the setting it depends on")
+        self.flag = flag
+
+
+def changed(c: dict, defaults: dict, name: str) -> bool:
+    """Whether flag ``name`` is set away from its default (compared as JSON stores them)."""
+    return name in c and name in defaults and checkpoint.as_stored(c[name]) != checkpoint.as_stored(defaults[name])
+
+
+def training_unused(c: dict, defaults: dict, num_steps: int, spe: int) -> list[tuple[str, str]]:
+    """``(flag, why)`` for each changed optimizer/schedule/model flag of ``c`` that does nothing: ``momentum``
+    without a momentum optimizer, ``milestones``/``gamma`` without ``--schedule=step`` or (milestones) at or past
+    the end of training (``num_steps``; epochs of ``spe`` steps), ``warmup`` as long as training, ``hidden``
+    without ``--model=mlp``, ``vgg_cfg`` without ``--model=vgg``."""
+    out = []
+    if changed(c, defaults, "momentum") and c["optimizer"] not in ("momentum", "nesterov"):
+        out.append(("momentum", f"with --optimizer={c['optimizer']} (only momentum and nesterov use it)"))
+    for name in ("milestones", "gamma"):
+        if changed(c, defaults, name) and c["schedule"] != "step" and (name == "gamma" or c[name]):
+            out.append((name, f"with --schedule={c['schedule']} (only --schedule=step uses it)"))
+    if changed(c, defaults, "milestones") and c["schedule"] == "step":
+        late = [m for m in c["milestones"] if train.parse_duration(m, spe, "milestones") >= num_steps]
+        if late:
+            out.append(("milestones", f"after step {num_steps - 1}: milestone {late[0]} is at or past the end of "
+                                      f"training ({num_steps} steps), so it never applies"))
+    if changed(c, defaults, "warmup") and train.parse_duration(c["warmup"], spe, "warmup") >= num_steps:
+        out.append(("warmup", f"as a warm-up: it does not end before training does ({num_steps} steps), so the "
+                              "learning rate never reaches --lr"))
+    if changed(c, defaults, "hidden") and c.get("model") != "mlp" and not is_user_model(c.get("model")):
+        out.append(("hidden", f"with --model={c.get('model')} (only --model=mlp takes hidden widths)"))
+    if changed(c, defaults, "vgg_cfg") and c.get("model") != "vgg" and not is_user_model(c.get("model")):
+        out.append(("vgg_cfg", f"with --model={c.get('model')} (only --model=vgg takes a cfg)"))
+    return out
+
+
+def check_training_unused(c: dict, defaults: dict, num_train: int) -> None:
+    """:func:`check_unused` of :func:`training_unused` for a :data:`TRAIN_SPEC` config on ``num_train`` examples."""
+    spe = train.steps_per_epoch(num_train, c["batch_size"])
+    steps = train.parse_duration(c["training_steps"], spe, "training_steps")
+    if steps >= 1:  # else train_network's own error
+        check_unused(c, training_unused(c, defaults, steps, spe))
+
+
+def check_unused(c: dict, found: Sequence[tuple[str, str]]) -> None:
+    """Refuse the first flag of ``found`` (``(flag, why)`` pairs, e.g. :func:`training_unused`) as an
+    :class:`UnusedFlag`; the CLI (:func:`launch`) turns one that only a flagfile set into a warning."""
+    for flag, why in found:
+        raise UnusedFlag(flag, c[flag], why)
+
+
+def flagfile_only(spec: FlagSpec, argv: Sequence[str] | None = None) -> set[str]:
+    """The flags of ``spec`` set by a ``--flagfile`` and not typed on the command line."""
+    from absl import flags
+
+    return {row[0] for row in spec if flags.FLAGS[row[0]].present and not on_command_line(row[0], argv)}
+
+
+def run_tolerating_flagfile(run_fn, config: dict, spec: FlagSpec, from_flagfile: set[str]):
+    """``run_fn(config, workdir)``; an :class:`UnusedFlag` that only a flagfile set is warned (one line on stderr)
+    and reset to its default, and the run started again (the check comes before any work)."""
+    import sys
+
+    config = dict(config)
+    while True:
+        try:
+            return run_fn(config, config["workdir"])
+        except UnusedFlag as e:
+            if e.flag not in from_flagfile or not changed(config, defaults(spec), e.flag):
+                raise
+            print(f"warning: {e} (set by the flagfile: ignored)", file=sys.stderr)
+            config[e.flag] = defaults(spec)[e.flag]

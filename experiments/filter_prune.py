@@ -162,6 +162,7 @@ def run(config: dict, workdir: str | Path) -> dict:
     if not layers:
         raise ValueError(f"layer_kind={c['layer_kind']!r}: {type(model).__name__} has no such prunable layer")
     _finetune_steps(c, len(tr.labels))
+    common.check_training_unused(c, DEFAULTS, len(tr.labels))
     _preflight(c, model, layers, tr.images, tr.labels)
     workdir.mkdir(parents=True, exist_ok=True)  # a refused model or flag leaves no workdir
     # Run identity (experiments.common): config.json records the settings of the rounds (all but max_rounds and
@@ -186,10 +187,10 @@ def _finetune_steps(c: dict, num_train: int) -> int:
 
 def _stored_seed(workdir: Path) -> int | None:
     """The seed of an earlier release's single-seed workdir (``config.json`` with ``seed``), else None."""
-    path = workdir / "config.json"
-    if not path.exists():
+    record = common.read_run_config(workdir, "experiments.filter_prune")
+    if record is None:
         return None
-    seed = checkpoint.read_json(path).get("seed")
+    seed = record.get("seed")
     return None if seed is None else int(seed)
 
 

@@ -104,7 +104,9 @@ ADDED_LATER = {**common.ADDED_LATER, "exclude": [], "clip_grad_norm": 0.0, "prun
 # --num_replicas=K is --seeds=S,…,S+K-1.
 RENAMED = (common.Renamed((("seed", 0, "seed for initialisation, data order, dropout and control branches"),
                            ("num_replicas", 1, "train seeds seed, seed+1, … seed+K-1 as one vmapped program")),
-                          "seeds", lambda v: [v["seed"] + r for r in range(int(v["num_replicas"]))]),)
+                          "seeds", lambda v: [v["seed"] + r for r in range(int(v["num_replicas"]))],
+                          inverse=lambda seeds: {"seed": common.seed_list(seeds)[0],
+                                                 "num_replicas": len(common.seed_list(seeds))}),)
 
 
 def seeds_of(c: dict) -> tuple[int, int]:
@@ -124,11 +126,13 @@ def canonical(config: dict) -> dict:
     return {**c, "seeds": list(common.seed_list(c["seeds"]))}
 
 
-def stored_config(workdir: Path) -> dict:
-    """The IMP settings ``workdir/config.json`` records, in the current flag names."""
-    if not (workdir / "config.json").exists():
-        raise FileNotFoundError(f"workdir={workdir}: no config.json; expected an experiments.imp output directory")
-    config = common.migrate_record(checkpoint.read_json(workdir / "config.json"), RENAMED)
+def stored_config(workdir: Path, name: str = "workdir") -> dict:
+    """The IMP settings ``workdir/config.json`` records, in the current flag names (``name``: the flag that gave
+    ``workdir``, for errors)."""
+    record = common.read_run_config(workdir, "experiments.imp", name)
+    if record is None:
+        raise FileNotFoundError(f"{name}={workdir}: no config.json; expected an experiments.imp output directory")
+    config = common.migrate_record(record, RENAMED)
     return {k: v for k, v in config.items() if k in DEFAULTS}
 
 
@@ -140,8 +144,9 @@ class Built:
     meta: dict
 
 
-def build(config: dict) -> Built:
-    """Data, model, optimizer and IMP settings from a config dict (missing keys take ``DEFAULTS``)."""
+def build(config: dict, strict: bool = True) -> Built:
+    """Data, model, optimizer and IMP settings from a config dict (missing keys take ``DEFAULTS``); ``strict``
+    refuses flags that do nothing with the chosen settings (:func:`unused`; off to read a stored run back)."""
     c = canonical(config)
     common.check_range("prune_fraction", c["prune_fraction"], 0, 1, low_open=True, high_open=True)
     seed, num_replicas = seeds_of(c)
@@ -156,6 +161,8 @@ def build(config: dict) -> Built:
     num_steps = duration("training_steps", c["training_steps"])
     if num_steps < 1:
         raise ValueError(f"training_steps={c['training_steps']!r}: expected at least one step")
+    if strict:
+        common.check_unused(c, unused(c, num_steps, spe))
     optim = train.OptimConfig(
         optimizer=c["optimizer"], lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"],
         schedule=c["schedule"], milestones=tuple(duration("milestones", m) for m in c["milestones"]),
@@ -175,6 +182,21 @@ def build(config: dict) -> Built:
             "optim": dataclasses.asdict(optim), "num_train": len(tr.labels), "num_test": len(te.labels),
             "num_params": models.count_params(models.init(model, jax.random.PRNGKey(0), tr.images.shape)["params"])}
     return Built(model, task, cfg, meta)
+
+
+def unused(c: dict, num_steps: int, spe: int) -> list[tuple[str, str]]:
+    """``(flag, why)`` for each changed flag of ``c`` that does nothing (:func:`experiments.common.training_unused`,
+    ``--rewind_step`` without ``--rewind=step``, an analysis's flags without that analysis)."""
+    out = common.training_unused(c, DEFAULTS, num_steps, spe)
+    if common.changed(c, DEFAULTS, "rewind_step") and c["rewind"] != "step":
+        out.append(("rewind_step", f"with --rewind={c['rewind']} (only --rewind=step rewinds to a step)"))
+    raw = c["analyses"].split(",") if isinstance(c["analyses"], str) else list(c["analyses"])
+    names = {str(n).strip() for n in raw}
+    for flag, needs in (("analysis_examples", "similarity"), ("analysis_metrics", "similarity"),
+                        ("instability_points", "instability")):
+        if common.changed(c, DEFAULTS, flag) and needs not in names:
+            out.append((flag, f"without --analyses={needs} (only that analysis uses it)"))
+    return out
 
 
 def train_and_evaluate(config: dict, workdir: str | Path) -> dict:
@@ -203,9 +225,16 @@ def train_and_evaluate(config: dict, workdir: str | Path) -> dict:
 
     imp_record = {k: v for k, v in record.items() if k not in ANALYSIS_FLAGS}  # analyses may change on a resume
     levels = imp.run(b.task, b.imp, workdir, on_level=write,
-                     before_start=lambda wd: checkpoint.check_run_config(
-                         wd, imp_record, VOLATILE, ADDED_LATER, migrate=lambda r: common.migrate_record(r, RENAMED)))
+                     before_start=lambda wd: _check_run_config(wd, imp_record))
     return write(levels)
+
+
+def _check_run_config(workdir: Path, record: dict) -> None:
+    """Record the run's settings in ``workdir/config.json`` or refuse a workdir of other settings (a config.json
+    that is not an IMP run's settings object named first, :func:`experiments.common.read_run_config`)."""
+    common.read_run_config(workdir, "experiments.imp")
+    checkpoint.check_run_config(workdir, record, VOLATILE, ADDED_LATER,
+                                migrate=lambda r: common.migrate_record(r, RENAMED))
 
 
 def _without_history(rec: dict) -> dict:
@@ -215,9 +244,10 @@ def _without_history(rec: dict) -> dict:
     return out
 
 
-def trained_seeds(workdir: str | Path) -> list[int]:
-    """The seeds of an IMP workdir in replica order: replica ``r`` trained seed ``trained_seeds(workdir)[r]``."""
-    return list(stored_config(Path(workdir))["seeds"])
+def trained_seeds(workdir: str | Path, name: str = "workdir") -> list[int]:
+    """The seeds of an IMP workdir in replica order: replica ``r`` trained seed ``trained_seeds(workdir)[r]``
+    (``name``: the flag that gave ``workdir``, for errors)."""
+    return list(stored_config(Path(workdir), name)["seeds"])
 
 
 def replica_record(record: dict, r: int) -> dict:
@@ -234,7 +264,7 @@ def load_levels(workdir: str | Path, replica: int | None = None) -> tuple[Built,
     unless ``replica`` picks one: then its variables and its records (:func:`replica_record`).
     """
     workdir = Path(workdir)
-    b = build(stored_config(workdir))
+    b = build(stored_config(workdir), strict=False)
     variables, records = [], []
     for k in imp.finished_levels(workdir):
         tree = imp.load_level(workdir, k, b.task)
@@ -553,7 +583,7 @@ def run_analyses(workdir: str | Path, analyses: list[str] | tuple[str, ...], **o
     """
     workdir = Path(workdir)
     config = stored_config(workdir)
-    b = build(config)
+    b = build(config, strict=False)
     c = {**DEFAULTS, **options, "analyses": list(analyses)}
     settings = analysis_settings(c, b)
     records = [imp.read_level(workdir, k) for k in imp.finished_levels(workdir)]
@@ -622,7 +652,7 @@ def main(argv):
     config = common.config_from_flags(SPEC, RENAMED)
     distributed.initialize(config["coordinator_address"], config["num_processes"], config["process_id"],
                            auto=config["distributed"])
-    results = train_and_evaluate(config, config["workdir"])
+    results = common.run_tolerating_flagfile(train_and_evaluate, config, SPEC, common.flagfile_only(SPEC))
     print(f"results: {Path(config['workdir']) / 'results.json'}")
     for r in results["levels"]:
         std = lambda x: f" ± {x['test_accuracy_std']:.4f}" if "test_accuracy_std" in x else ""

@@ -77,7 +77,8 @@ def _check(c: dict) -> None:
     if c["plot_n"] != 0 and c["plot_n"] not in ns:
         raise ValueError(f"plot_n={c['plot_n']}: expected one of samples_per_class ({','.join(map(str, ns))}) for "
                          "the decision-boundary figure, or 0 for none")
-    common.int_list(c["hidden"], "hidden")  # before any training
+    common.width_list(c["hidden"], "hidden")  # before any training
+    common.check_unused(c, common.training_unused(c, DEFAULTS, 1, 1))  # --momentum without a momentum optimizer
     if c["model"] != "mlp" and not common.is_user_model(c["model"]):
         raise ValueError(f"model={c['model']!r}: expected mlp or module.path:ClassName (a model of your own)")
     build_model(c, 2)  # a user model is imported and checked here (its output width is checked per dataset)
@@ -92,7 +93,7 @@ def build_model(c: dict, num_classes: int, check: bool = False):
         return common.build_user_model(c, num_classes, (1, 2) if check else None, DEFAULTS)
     if common.parse_model_kwargs(c["model_kwargs"]):
         raise ValueError(f"model_kwargs={c['model_kwargs']!r}: applies to --model=module.path:ClassName only")
-    hidden = common.int_list(c["hidden"], "hidden")
+    hidden = common.width_list(c["hidden"], "hidden")
     rates = (float(c["dropout"]),) + (0.0,) * (len(hidden) - 1)
     return models.MLP(hidden + (num_classes,), dropout=rates, weight_init=c["weight_init"],
                       no_relu_after=(len(hidden) - 1,) if c["reference_bug"] else ())

@@ -73,6 +73,8 @@ def _config(config: dict) -> dict:
             raise ValueError(f"criteria: {crit!r} is not one of {structured.CRITERIA}")
     if not c["pruned_cfg"]:
         common.fraction_list(c["sparsity"], "sparsity", upper_open=True)
+    else:
+        common.vgg_cfg(c["pruned_cfg"], "pruned_cfg")
     return c
 
 
@@ -81,7 +83,7 @@ def _imp_source_replica(path: str, seed: int) -> int:
     network the IMP run trained with seed ``s`` (ValueError naming ``source_workdir`` if it trained no such seed)."""
     from experiments import imp as imp_experiment
 
-    run_seeds = imp_experiment.trained_seeds(path)
+    run_seeds = imp_experiment.trained_seeds(path, "source_workdir")
     if seed not in run_seeds:
         raise ValueError(f"source_workdir: {path} is an experiments.imp run of seeds {run_seeds}, which trained no "
                          f"network for seed {seed} of --seeds; pass --seeds among {run_seeds}, or a source_workdir "
@@ -146,7 +148,7 @@ def _preflight(c: dict, model, variables) -> None:
 def _settings(c: dict, model, variables) -> list[tuple[str, float | None, dict[str, int]]]:
     """``(label, sparsity, widths)`` for every pruning level of the sweep."""
     if c["pruned_cfg"]:
-        return [("cfg", None, merging.widths_from_cfg(model, c["pruned_cfg"]))]
+        return [("cfg", None, merging.widths_from_cfg(model, common.vgg_cfg(c["pruned_cfg"], "pruned_cfg")))]
     layers = list(c["layers"]) or None
     return [(f"{float(r):g}", float(r), merging.widths_for_ratio(model, variables, float(r), layers))
             for r in c["sparsity"]]
@@ -243,6 +245,7 @@ def run(config: dict, workdir: str | Path) -> dict:
         model = common.build_model(c, tr.num_classes, input_shape=tr.images.shape, defaults=DEFAULTS)
         if not 1 <= c["batch_size"] <= len(tr.labels):
             raise ValueError(f"batch_size={c['batch_size']}: expected 1..{len(tr.labels)} (training set size)")
+        common.check_training_unused(c, DEFAULTS, len(tr.labels))
         common.check_trained(c, seeds, lambda s: workdir / f"seed_{s}")
         _preflight(c, model, models.init(model, jax.random.PRNGKey(0), tr.images.shape))
     else:

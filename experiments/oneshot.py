@@ -126,6 +126,7 @@ def _build(c: dict):
                                      "training_steps")
     if num_steps < 1:
         raise ValueError(f"training_steps={c['training_steps']!r}: expected at least one step")
+    common.check_unused(c, common.training_unused(c, DEFAULTS, num_steps, 1))  # --momentum, --hidden
     return tr, te, model, sparsities, seeds, num_steps
 
 

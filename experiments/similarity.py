@@ -214,7 +214,7 @@ def run(config: dict, workdir: str | Path | None = None) -> dict:
     """Compute the similarities described by ``config``; writes ``similarity.json`` and plots to ``workdir``."""
     c = check_config(config)
     workdir = Path(workdir or c["workdir"] or Path(c["imp_workdir"]) / "similarity")
-    run_seeds = imp_exp.trained_seeds(c["imp_workdir"])
+    run_seeds = imp_exp.trained_seeds(c["imp_workdir"], "imp_workdir")
     seeds = _chosen_seeds(c["seeds"], run_seeds, c["imp_workdir"])  # refused before anything is loaded
     built, variables, records = imp_exp.load_levels(c["imp_workdir"])  # data as that run loaded them
     x = np.asarray((built.task.x_test if c["probe_split"] == "test" else built.task.x_train)[: c["num_inputs"]])

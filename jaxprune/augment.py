@@ -12,6 +12,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jaxprune import _validate
+
 Array = jax.Array
 Augment = Callable[[Array, Array], Array]
 
@@ -23,6 +25,7 @@ def _check_images(x: Array, name: str) -> None:
 
 def random_flip(key: Array, x: Array) -> Array:
     """Each image mirrored left-right with probability ½. ``x: (b, h, w, c)``."""
+    _validate.key(key)
     _check_images(x, "random_flip")
     flip = jax.random.bernoulli(key, 0.5, (x.shape[0],))
     return jnp.where(flip[:, None, None, None], x[:, :, ::-1, :], x)
@@ -30,6 +33,7 @@ def random_flip(key: Array, x: Array) -> Array:
 
 def random_crop(key: Array, x: Array, padding: int = 4) -> Array:
     """Zero-pad every side by ``padding`` pixels and cut a random ``(h, w)`` window per image. ``x: (b, h, w, c)``."""
+    _validate.key(key)
     _check_images(x, "random_crop")
     if padding < 0:
         raise ValueError(f"padding={padding}: expected >= 0")
@@ -45,6 +49,7 @@ def random_crop(key: Array, x: Array, padding: int = 4) -> Array:
 
 def crop_flip(key: Array, x: Array, padding: int = 4) -> Array:
     """:func:`random_crop` then :func:`random_flip`, with independent keys."""
+    _validate.key(key)
     k_crop, k_flip = jax.random.split(key)
     return random_flip(k_flip, random_crop(k_crop, x, padding))
 

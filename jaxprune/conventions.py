@@ -21,6 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxprune import _validate
+
 __all__ = ["BN_EPSILON", "STD_DDOF", "n_to_prune", "summary"]
 
 BN_EPSILON = 1e-5
@@ -32,9 +34,7 @@ def n_to_prune(fraction: float, n: int | np.ndarray) -> int | np.ndarray:
     """``ceil(fraction · n)`` (int, or int64 array for an array ``n``): the units or weights a fraction removes.
 
     ``fraction`` in [0, 1] (ValueError naming it otherwise); ``n >= 0``."""
-    f = float(fraction)
-    if not 0.0 <= f <= 1.0:  # also refuses NaN
-        raise ValueError(f"fraction={fraction!r}: expected a fraction to remove in [0, 1]")
+    f = _validate.fraction(fraction, what="a fraction to remove")
     counts = np.ceil(f * np.asarray(n, np.float64) - _SLACK).astype(np.int64)
     counts = np.maximum(counts, 0)
     return int(counts) if np.ndim(counts) == 0 else counts

@@ -54,7 +54,7 @@ import optax
 from absl import logging
 
 from jaxprune import augment as augmentation
-from jaxprune import checkpoint, conventions, masks, models, replicas, train
+from jaxprune import _validate, checkpoint, conventions, masks, models, replicas, train
 
 PyTree = Any
 REWINDS = ("init", "step", "lr", "finetune")
@@ -76,7 +76,7 @@ class ImpConfig:
     def __post_init__(self):
         if self.levels < 0:
             raise ValueError(f"levels={self.levels}: expected >= 0")
-        if not 0.0 < self.fraction < 1.0:
+        if not 0.0 < _validate.fraction(self.fraction, what="a fraction of the remaining weights") < 1.0:
             raise ValueError(f"fraction={self.fraction}: expected a fraction in (0, 1)")
         if self.scope not in masks.SCOPES:
             raise ValueError(f"scope={self.scope!r}: expected one of {masks.SCOPES}")
@@ -161,6 +161,33 @@ class Task:
                                  "parallelism need in-memory arrays)")
         if self.test_batches is None and (self.x_test is None or self.y_test is None):
             raise ValueError("expected test data: x_test and y_test, or test_batches")
+        _check_lengths(self)
+
+
+def _check_lengths(task: Task) -> None:
+    """Refuse in-memory data whose inputs and labels differ in length (``x_train: (n, …)``, ``y_train: (n,)``)."""
+    for x, y, xn, yn in ((task.x_train, task.y_train, "x_train", "y_train"),
+                         (task.x_test, task.y_test, "x_test", "y_test")):
+        if x is None or y is None:
+            continue
+        n, m = np.shape(x)[0] if np.ndim(x) else 0, np.shape(y)[0] if np.ndim(y) else 0
+        if np.ndim(y) != 1 or n != m:
+            raise ValueError(f"{yn}: shape {tuple(np.shape(y))} for {n} examples of {xn}; expected one label per "
+                             f"example ({yn}: ({n},))")
+
+
+def _check_labels(task: Task, variables: dict) -> None:
+    """With the default loss (cross-entropy over integer classes), refuse in-memory labels outside the model's
+    ``[0, num_classes)`` (they train to a NaN loss), before any training; ``num_classes``: the logits' width."""
+    if task.loss is not None or task.x_train is None:
+        return
+    x1 = jax.ShapeDtypeStruct((1,) + tuple(np.shape(task.x_train)[1:]), jnp.float32)
+    kw = {"train": False} if _takes_train(task.model) else {}
+    logits = jax.eval_shape(lambda v, x: task.model.apply(v, x, **kw), variables, x1)
+    num_classes = int(logits.shape[-1])
+    _validate.labels(task.y_train, num_classes, int(np.shape(task.x_train)[0]), "y_train", "x_train")
+    if task.y_test is not None:
+        _validate.labels(task.y_test, num_classes, int(np.shape(task.x_test)[0]), "y_test", "x_test")
 
 
 def _takes_train(model: nn.Module) -> bool:
@@ -185,6 +212,7 @@ def _input_shape(task: Task) -> tuple:
 def init_variables(task: Task, key: jax.Array) -> dict:
     """The model's variables ``{'params', ['batch_stats']}`` from ``key`` (:func:`jaxprune.models.init` for
     models with a ``train`` argument)."""
+    _validate.key(key)
     shape = _input_shape(task)
     if _takes_train(task.model):
         return models.init(task.model, key, shape)
@@ -300,6 +328,7 @@ def random_mask_branch(key: jax.Array, tx: optax.GradientTransformation, rewind:
                        point: train.TrainState) -> tuple[train.TrainState, PyTree]:
     """The random-mask control: the level's per-layer densities at random positions
     (:func:`jaxprune.masks.random_like`), from the level's start point. Returns ``(start, branch_mask)``."""
+    _validate.key(key)
     bmask = masks.random_like(key, mask, prunable)
     return start_level(tx, rewind, bmask, trained, point), bmask
 
@@ -532,6 +561,7 @@ def run(task: Task, cfg: ImpConfig, workdir: str | Path | None, *,
                              "cannot continue the trained optimizer state; expected the same optimizer with another "
                              "learning rate (e.g. optax.adamw(optax.constant_schedule(1e-4)) beside "
                              "optax.adamw(schedule))")
+    _check_labels(task, rep.first(setup.init_variables))
     prunable = masks.prunable_leaves(rep.first(setup.init_variables)["params"], exclude=cfg.exclude,
                                      biases=cfg.prune_biases)
     # Settings are recorded only once they are known to be valid, so a corrected rerun is not refused; the

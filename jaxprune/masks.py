@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune import conventions
+from jaxprune import _validate, conventions
 
 PyTree = Any
 Array = jax.Array
@@ -206,10 +206,7 @@ def apply_mask(params: PyTree, mask: PyTree) -> PyTree:
 
 
 def _check(fraction: float, scope: str, backend: str = "auto") -> None:
-    if isinstance(fraction, jax.core.Tracer):
-        raise ValueError("fraction: a traced value; expected a Python float (under jit, close over it)")
-    if not (0.0 <= fraction <= 1.0) or math.isnan(fraction):
-        raise ValueError(f"fraction={fraction}: expected a fraction of the remaining weights in [0, 1]")
+    _validate.fraction(fraction, what="a fraction of the remaining weights")
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r}: expected one of {SCOPES}")
     if backend not in BACKENDS:
@@ -392,6 +389,7 @@ def magnitude_prune(params: PyTree, mask: PyTree, prunable: PyTree, fraction: fl
 def random_prune(key: Array, mask: PyTree, prunable: PyTree, fraction: float, scope: str = "global",
                  backend: str = "auto") -> PyTree:
     """Prune a uniformly random ``fraction`` of the remaining prunable weights."""
+    _validate.key(key)
     check_trees(mask=mask, prunable=prunable)
     leaves, treedef = jax.tree_util.tree_flatten(mask)
     keys = jax.random.split(key, len(leaves))
@@ -401,6 +399,7 @@ def random_prune(key: Array, mask: PyTree, prunable: PyTree, fraction: float, sc
 
 def random_like(key: Array, mask: PyTree, prunable: PyTree) -> PyTree:
     """A random mask with exactly the same number of kept weights in every prunable leaf (control branch)."""
+    _validate.key(key)
     check_trees(mask=mask, prunable=prunable)
     leaves, treedef = jax.tree_util.tree_flatten(mask)
     p_leaves = jax.tree_util.tree_leaves(prunable)

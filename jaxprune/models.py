@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxprune import conventions
+from jaxprune import _validate, conventions
 
 Array = jax.Array
 Variables = dict[str, Any]
@@ -120,6 +120,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         x = x.reshape((x.shape[0], -1))
+        _validate.widths(self.features, "features", allow_empty=False)
         hidden = len(self.features) - 1
         rates = [self.dropout] * hidden if isinstance(self.dropout, (int, float)) else list(self.dropout)
         if len(rates) != hidden:
@@ -206,6 +207,7 @@ class LeNet5(nn.Module):
 
 def _conv_stack(module: nn.Module, x: Array, cfg: Sequence, train: bool, batch_norm: bool) -> Array:
     """3×3 same convs (``conv_i`` [+ ``bn_i``] + ReLU) and 2×2 max pools (``pool_j``) as listed in ``cfg``."""
+    _validate.widths([v for v in cfg if v != "M"], "cfg")
     i = j = 0
     for v in cfg:
         if v == "M":
@@ -357,6 +359,7 @@ def build(name: str, num_classes: int, *, hidden: Sequence[int] = (300, 100), us
         raise ValueError(f"padding={padding!r}: expected one of {PADDINGS}; only model=lenet5 takes 'valid' "
                          f"(model={name!r})")
     if name == "mlp":
+        hidden = _validate.widths(hidden, "hidden")
         return MLP(tuple(hidden) + (num_classes,), use_bias=use_bias, dropout=dropout, weight_init=weight_init)
     if name == "lenet300":
         return MLP((300, 100, num_classes), use_bias=use_bias, dropout=dropout, weight_init=weight_init)
@@ -374,6 +377,7 @@ def build(name: str, num_classes: int, *, hidden: Sequence[int] = (300, 100), us
 
 def init(model: nn.Module, key: Array, input_shape: Sequence[int]) -> Variables:
     """Variables ``{'params': …, ['batch_stats': …]}`` for inputs of shape ``(n, *input_shape[1:])``."""
+    _validate.key(key)
     x = jnp.zeros((1,) + tuple(input_shape[1:]), jnp.float32)
     variables = model.init({"params": key, "dropout": key}, x, train=False)
     return {k: v for k, v in variables.items() if k != "representations"}

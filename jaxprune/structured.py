@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import conventions, graph
+from jaxprune import _validate, conventions, graph
 
 Array = jax.Array
 Variables = dict[str, Any]
@@ -97,6 +97,7 @@ def _pairwise_distances(v: np.ndarray) -> np.ndarray:
 def _seed(key: Array | None) -> int:
     if key is None:
         return 0
+    _validate.key(key)
     return int(jax.random.randint(key, (), 0, 2**31 - 1))
 
 
@@ -120,6 +121,7 @@ def _scores64(kernel: Array, criterion: str, bias: Array | None, key: Array | No
     elif criterion == "random":
         if key is None:
             raise ValueError("key: criterion='random' needs a jax.random key")
+        _validate.key(key)
         s = np.asarray(jax.random.uniform(key, (v.shape[0],)), np.float64)
     else:  # l2_gm: distance to the others; units near the geometric median are redundant
         s = _pairwise_distances(v).sum(axis=1)
@@ -339,6 +341,7 @@ def select_layers(model: Any, variables: Variables, n_keep: Mapping[str, int], c
         raise ValueError(f"criterion={criterion!r}: expected one of {CRITERIA}, a dict of scores or a callable")
     if criterion == "random" and key is None:
         raise ValueError("key: criterion='random' needs a jax.random key")
+    _validate.optional_key(key)
     g = _graph(model, variables, x)
     keep = {}
     for i, (layer, nk) in enumerate(n_keep.items()):

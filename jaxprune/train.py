@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from jaxprune import distributed
+from jaxprune import _validate, distributed
 from jaxprune.models import BN_MOMENTUM
 
 Array = jax.Array
@@ -43,6 +43,11 @@ OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
 AUGMENT_STREAM = 0x417547  # fold_in tag of the augmentation key (derived from fold_in(data_key, step))
 DROPOUT_STREAM = 0x44524F50  # fold_in tag of the dropout stream, apart from the epoch permutation keys
+# Divergence rule: training stops when a step's loss is non-finite or exceeds this many times max(|first loss|, 1)
+# (the first loss of the run: 2.3 for 10-way cross-entropy at initialisation, so the limit is 230).
+DIVERGENCE_FACTOR = 100.0
+DIVERGENCE_HINT = ("lower the learning rate (--lr, OptimConfig.lr), clip the gradients (--clip_grad_norm, "
+                   "OptimConfig.clip_grad_norm) or warm up (--warmup, OptimConfig.warmup_steps)")
 
 
 class TrainState(NamedTuple):
@@ -209,20 +214,55 @@ def step_keys(data_key: Array, step: Array | int) -> tuple[Array, Array]:
     Dropout: ``fold_in(fold_in(data_key, DROPOUT_STREAM), step)``, never :func:`epoch_key` of any epoch.
     Augmentation: ``fold_in(fold_in(data_key, step), AUGMENT_STREAM)`` (as before the dropout stream was split
     off, so runs without dropout are unchanged)."""
+    _validate.key(data_key, "data_key")
     dropout = jax.random.fold_in(jax.random.fold_in(data_key, DROPOUT_STREAM), step)
     return dropout, jax.random.fold_in(jax.random.fold_in(data_key, step), AUGMENT_STREAM)
 
 
 def epoch_key(data_key: Array, epoch: int) -> Array:
     """The key whose permutation orders epoch ``epoch``: ``fold_in(data_key, epoch)``."""
-    return jax.random.fold_in(data_key, epoch)
+    return jax.random.fold_in(_validate.key(data_key, "data_key"), epoch)
 
 
 def epoch_order(key: Array, epoch: int, n: int, batch_size: int) -> Array:
     """Batch indices of one epoch: ``(n // batch_size, batch_size)`` int32."""
     steps = n // batch_size
-    perm = jax.random.permutation(epoch_key(key, epoch), n)
+    perm = jax.random.permutation(epoch_key(_validate.key(key), epoch), n)
     return perm[: steps * batch_size].reshape(steps, batch_size).astype(jnp.int32)
+
+
+class Diverged(ValueError):
+    """Training stopped because the loss diverged (:data:`DIVERGENCE_FACTOR`); ``step`` is the first bad step (1-based
+    count of optimizer steps taken), ``loss`` its loss."""
+
+    def __init__(self, message: str, step: int, loss: float):
+        super().__init__(message)
+        self.step, self.loss = step, loss
+
+
+def loss_limit(first_loss: Array, factor: float | None = DIVERGENCE_FACTOR) -> Array:
+    """The loss above which training counts as diverged: ``factor · max(|first_loss|, 1)`` (``inf`` when
+    ``factor`` is None: no limit). ``first_loss: (…,)`` (one per replica)."""
+    if factor is None:
+        return jnp.full(jnp.shape(first_loss), jnp.inf)
+    return factor * jnp.maximum(jnp.abs(first_loss), 1.0)
+
+
+def check_divergence(losses: Array, limit: Array, first_step: int, log_prefix: str = "") -> None:
+    """Raise :class:`Diverged` when a loss of ``losses: (…, s)`` (steps ``first_step + 1 …``; a leading replica
+    axis allowed) is non-finite or above ``limit: (…,)``. One device→host transfer of two small arrays."""
+    bad = ~jnp.isfinite(losses) | (losses > jnp.asarray(limit)[..., None])
+    hit, where = np.asarray(jnp.any(bad, -1)), np.asarray(jnp.argmax(bad, -1))
+    if not hit.any():
+        return
+    r = int(np.argmax(hit.reshape(-1)))
+    i = int(where.reshape(-1)[r])
+    value = float(np.asarray(losses).reshape(-1, np.shape(losses)[-1])[r, i])
+    lim = float(np.asarray(limit).reshape(-1)[r])
+    who = f" (replica {r})" if np.ndim(hit) else ""
+    why = "not finite" if not math.isfinite(value) else f"above the limit {lim:.4g}, a multiple of the first loss"
+    raise Diverged(f"{log_prefix}training diverged at step {first_step + i + 1}{who}: the training loss is "
+                   f"{value:.4g} ({why}); {DIVERGENCE_HINT}", first_step + i + 1, value)
 
 
 @dataclasses.dataclass
@@ -237,15 +277,22 @@ class RunResult:
 
 def run(trainer: Trainer, state: TrainState, x: Array, y: Array, *, batch_size: int, num_steps: int,
         data_key: Array, loop: str = "auto", snapshot_step: int | None = None, log_prefix: str = "",
-        eval_fn: Callable[[TrainState], dict] | None = None) -> RunResult:
+        eval_fn: Callable[[TrainState], dict] | None = None,
+        max_loss_factor: float | None = DIVERGENCE_FACTOR) -> RunResult:
     """Train from ``state.step`` until ``state.step == num_steps``. ``x: (n, …)``, ``y: (n,)`` device arrays.
 
     ``loop``: ``"scan"`` (an epoch per call), ``"python"`` (a jitted step per call) or ``"auto"`` (scan unless the
     model has convolutions). ``snapshot_step``: return a copy of the state taken when that step is reached.
     ``eval_fn(state) -> dict`` is called after each epoch and logged. With ``trainer.replicas = K``: ``data_key:
     (K, 2)``, every state leaf has a leading K axis and the metrics are lists of K floats.
+    Divergence: a step's loss that is non-finite or above ``max_loss_factor · max(|first loss of this run|, 1)``
+    raises :class:`Diverged` naming the step (checked once per epoch on the epoch's losses, no per-step host sync;
+    ``None``: no check).
     """
     n = int(x.shape[0])
+    if np.shape(y)[:1] != (n,):
+        raise ValueError(f"y: {np.shape(y)[0] if np.ndim(y) else 'a scalar'} labels for {n} examples of x; expected "
+                         f"one label per example (y: ({n},))")
     if batch_size < 1 or batch_size > n:
         raise ValueError(f"batch_size={batch_size}: expected 1 <= batch_size <= number of examples ({n})")
     if loop not in ("auto", "scan", "python"):
@@ -253,6 +300,7 @@ def run(trainer: Trainer, state: TrainState, x: Array, y: Array, *, batch_size: 
     lead = 0 if trainer.replicas is None else 1
     if lead and np.shape(data_key)[:1] != (trainer.replicas,):
         raise ValueError(f"data_key: expected ({trainer.replicas}, 2) keys, one per replica; got {np.shape(data_key)}")
+    _validate.key(data_key, "data_key", batch=trainer.replicas)
     if trainer.mesh is not None:
         distributed.check_divisible(batch_size, trainer.mesh)
         x, y, state = distributed.replicate((x, y, state), trainer.mesh)
@@ -263,6 +311,7 @@ def run(trainer: Trainer, state: TrainState, x: Array, y: Array, *, batch_size: 
     t0 = time.perf_counter()
     history: list[dict] = []
     loss = acc = float("nan")
+    limit = None
     s = start
     while s < num_steps:
         epoch, offset = divmod(s, spe)
@@ -290,7 +339,10 @@ def run(trainer: Trainer, state: TrainState, x: Array, y: Array, *, batch_size: 
             if snapshot_step is not None and epoch * spe + b == snapshot_step:
                 snapshot = state
         s = epoch * spe + stop
-        loss = _metric(jnp.mean(jnp.concatenate(losses, -1), -1))
+        epoch_losses = jnp.concatenate(losses, -1)
+        limit = loss_limit(epoch_losses[..., 0], max_loss_factor) if limit is None else limit
+        check_divergence(epoch_losses, limit, epoch * spe + offset, log_prefix)
+        loss = _metric(jnp.mean(epoch_losses, -1))
         acc = _metric(jnp.sum(jnp.concatenate(corrects, -1), -1) / ((stop - offset) * batch_size))
         elapsed = time.perf_counter() - t0
         rec = {"epoch": epoch + 1 if stop == spe else epoch + stop / spe, "step": s, "train_loss": loss,
@@ -307,7 +359,8 @@ def run(trainer: Trainer, state: TrainState, x: Array, y: Array, *, batch_size: 
 
 def run_batches(trainer: Trainer, state: TrainState, batches: Iterable, *, num_steps: int, data_key: Array,
                 snapshot_step: int | None = None, log_prefix: str = "", log_every: int = 100,
-                eval_fn: Callable[[TrainState], dict] | None = None) -> RunResult:
+                eval_fn: Callable[[TrainState], dict] | None = None,
+                max_loss_factor: float | None = DIVERGENCE_FACTOR) -> RunResult:
     """:func:`run` over batches from an iterator: one jitted step per ``(x, y)`` batch, from ``state.step`` until
     ``state.step == num_steps``.
 
@@ -315,7 +368,8 @@ def run_batches(trainer: Trainer, state: TrainState, batches: Iterable, *, num_s
     pipeline as numpy); running out before ``num_steps`` is a ValueError. Batches of one shape compile once.
     Dropout and augmentation keys are drawn from ``data_key`` by step, as in :func:`run`. Metrics and
     ``eval_fn`` are taken every ``log_every`` steps and at the end (the train metrics: means over those steps).
-    Single-replica trainers without a mesh only."""
+    Single-replica trainers without a mesh only. Divergence (``max_loss_factor``) as in :func:`run`, checked every
+    ``log_every`` steps."""
     if trainer.replicas is not None or trainer.mesh is not None:
         raise ValueError("run_batches: expected a single-replica trainer without a mesh (train.make_trainer(model, "
                          "tx)); replicas and data parallelism need in-memory arrays (train.run)")
@@ -326,7 +380,9 @@ def run_batches(trainer: Trainer, state: TrainState, batches: Iterable, *, num_s
     t0 = time.perf_counter()
     history: list[dict] = []
     loss = acc = float("nan")
+    _validate.key(data_key, "data_key")
     losses, corrects, seen = [], [], 0
+    limit = None
     it = iter(batches)
     while s < num_steps:
         try:
@@ -343,7 +399,10 @@ def run_batches(trainer: Trainer, state: TrainState, batches: Iterable, *, num_s
         if snapshot_step is not None and s == snapshot_step:
             snapshot = state
         if s % log_every == 0 or s == num_steps:
-            loss = float(np.mean(np.asarray(jnp.stack(losses), np.float64)))
+            window = jnp.stack(losses)
+            limit = loss_limit(window[0], max_loss_factor) if limit is None else limit
+            check_divergence(window, limit, s - len(losses), log_prefix)
+            loss = float(np.mean(np.asarray(window, np.float64)))
             acc = float(np.sum(np.asarray(jnp.stack(corrects), np.float64)) / seen)
             elapsed = time.perf_counter() - t0
             rec = {"step": s, "train_loss": loss, "train_accuracy": acc,
@@ -437,7 +496,7 @@ def recalibrate_batchnorm(model: nn.Module, variables: dict, x: Array, *, batch_
     num_batches = min(int(num_batches), n // batch_size)
     if num_batches < 1:
         raise ValueError(f"num_batches={num_batches}: expected >= 1")
-    key = jax.random.PRNGKey(0) if key is None else key
+    key = jax.random.PRNGKey(0) if key is None else _validate.key(key)
     per = [_batch_bn_stats(model, variables, x[i * batch_size:(i + 1) * batch_size], jax.random.fold_in(key, i))
            for i in range(num_batches)]
 

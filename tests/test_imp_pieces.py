@@ -286,3 +286,21 @@ def test_replicas_take_a_custom_loss_and_a_model_without_train():
             np.testing.assert_allclose(both[level]["replicas"][r]["test_accuracy"], one[level]["test_accuracy"],
                                        atol=1e-6)
             np.testing.assert_allclose(both[level]["replicas"][r]["density"], one[level]["density"], atol=1e-9)
+
+
+def test_labels_outside_the_models_classes_and_mismatched_lengths_are_refused_before_training():
+    """Labels >= the model's 10 outputs trained to a NaN loss; x/y of different lengths trained on."""
+    x, y = jnp.asarray(TR.images[:256]), jnp.asarray(TR.labels[:256])
+    xt, yt = jnp.asarray(TE.images[:64]), jnp.asarray(TE.labels[:64])
+    arrays = lambda **kw: imp.Task(MODEL, **{**dict(x_train=x, y_train=y, x_test=xt, y_test=yt, optim=make_tx(),
+                                                    num_steps=STEPS, batch_size=BATCH, seed=SEED), **kw})
+    cfg = imp.ImpConfig(levels=0, exclude=EXCLUDE)
+    with pytest.raises(ValueError, match=r"^y_train: label 10 is outside \[0, 10\); the model has 10 outputs"):
+        imp.run(arrays(y_train=y.at[3].set(10)), cfg, None)
+    with pytest.raises(ValueError, match=r"^y_test: label -1 is outside \[0, 10\)"):
+        imp.run(arrays(y_test=yt.at[0].set(-1)), cfg, None)
+    with pytest.raises(ValueError, match=r"^y_train: shape \(255,\) for 256 examples of x_train; expected one label"):
+        arrays(y_train=y[:-1])
+    with pytest.raises(ValueError, match=r"^y_test: shape \(64, 1\) for 64 examples of x_test"):
+        arrays(y_test=yt[:, None])
+    assert len(imp.run(arrays(), cfg, None)) == 1  # the same task with good labels trains

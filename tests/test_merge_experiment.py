@@ -91,7 +91,8 @@ def test_each_seed_reads_its_own_network_of_a_several_seed_imp_workdir(tmp_path)
 
 
 def test_vgg_with_batchnorm_to_a_pruned_cfg(tmp_path):
-    cfg = {**BASE, "model": "vgg", "vgg_cfg": ["4", "M", "6"], "pruned_cfg": ["2", "M", "3"], "sparsity": [],
+    cfg = {**BASE, "model": "vgg", "hidden": merge_experiment.DEFAULTS["hidden"], "vgg_cfg": ["4", "M", "6"],
+           "pruned_cfg": ["2", "M", "3"], "sparsity": [],
            "training_steps": "1ep", "criteria": ["l2_gm"], "max_train_examples": 256, "batch_size": 64,
            "max_test_examples": 100}
     res = merge_experiment.run(cfg, tmp_path)

@@ -163,3 +163,65 @@ def test_duration_errors_name_the_setting():
     with pytest.raises(ValueError, match=r"^warmup: duration '1.5': expected steps"):
         train.parse_duration("1.5", 10, "warmup")
     assert train.parse_duration("1.5ep", 10, "warmup") == 15
+
+
+# ----------------------------------------------------------------------------------------------- divergence
+def test_divergence_rule_closed_form():
+    """Non-finite, or above 100 · max(|first loss|, 1): the first such step is named (1-based steps after
+    ``first_step``), per replica."""
+    lim = train.loss_limit(jnp.asarray(2.0))
+    assert float(lim) == 200.0 and float(train.loss_limit(jnp.asarray(0.25))) == 100.0
+    assert float(train.loss_limit(jnp.asarray(-3.0))) == 300.0 and np.isinf(train.loss_limit(jnp.asarray(2.0), None))
+    train.check_divergence(jnp.asarray([2.0, 150.0, 199.9]), lim, 10)  # below the limit: no error
+    with pytest.raises(train.Diverged, match=r"^training diverged at step 13: the training loss is 250 \(above the "
+                                             r"limit 200") as e:
+        train.check_divergence(jnp.asarray([2.0, 150.0, 250.0, jnp.nan]), lim, 10)
+    assert (e.value.step, e.value.loss) == (13, 250.0)
+    with pytest.raises(train.Diverged, match=r"step 2 \(replica 1\): the training loss is nan \(not finite\); lower "
+                                             r"the learning rate"):
+        train.check_divergence(jnp.asarray([[2.0, 3.0, 4.0], [2.0, jnp.nan, 4.0]]), jnp.asarray([200.0, 200.0]), 0)
+    with pytest.raises(train.Diverged, match=r"step 1: the training loss is inf"):
+        train.check_divergence(jnp.asarray([jnp.inf]), train.loss_limit(jnp.asarray(jnp.inf)), 0)
+
+
+@pytest.mark.parametrize("loop", ["scan", "python"])
+def test_a_diverging_run_stops_at_the_first_bad_step(digits_setup, loop):
+    """SGD at lr 1e6 on digits: the error names the step a step-by-step float64 reference finds first."""
+    model, _, v, (x, y), _ = digits_setup
+    tx = train.make_optimizer(train.OptimConfig("sgd", 1e6), 1e6)
+    tr = train.make_trainer(model, tx)
+    key = jax.random.PRNGKey(1)
+    st, ref, first_bad = train.create_state(v, tx), [], None
+    for i in range(88):  # the reference: one step at a time, losses read on the host
+        st, (l, _) = tr.step(st, x, y, train.epoch_order(key, i // 44, x.shape[0], 32)[i % 44], key)
+        ref.append(float(l))
+        if not np.isfinite(ref[-1]) or ref[-1] > 100 * max(abs(ref[0]), 1.0):
+            first_bad = i + 1
+            break
+    assert first_bad is not None and first_bad > 1  # it does diverge, after a finite first step
+    with pytest.raises(train.Diverged, match=rf"^training diverged at step {first_bad}: the training loss is ") as e:
+        train.run(tr, train.create_state(v, tx), x, y, batch_size=32, num_steps=88, data_key=key, loop=loop)
+    assert e.value.step == first_bad and "--lr" in str(e.value) and "--clip_grad_norm" in str(e.value)
+    if np.isfinite(ref[-1]):
+        np.testing.assert_allclose(e.value.loss, ref[-1], rtol=1e-3)
+    else:
+        assert not np.isfinite(e.value.loss)
+    r = train.run(tr, train.create_state(v, tx), x, y, batch_size=32, num_steps=88, data_key=key, loop=loop,
+                  max_loss_factor=None)  # the check off: trains through, as before
+    assert not np.isfinite(r.train_loss) or r.train_loss > 100 * max(abs(ref[0]), 1.0)
+
+
+def test_run_batches_stops_a_diverging_run(digits_setup):
+    model, _, v, (x, y), _ = digits_setup
+    tx = train.make_optimizer(train.OptimConfig("sgd", 1e6), 1e6)
+    batches = ((x[i * 32:(i + 1) * 32], y[i * 32:(i + 1) * 32]) for i in range(40))
+    with pytest.raises(train.Diverged, match=r"^training diverged at step \d+"):
+        train.run_batches(train.make_trainer(model, tx), train.create_state(v, tx), batches, num_steps=40,
+                          data_key=jax.random.PRNGKey(0), log_every=10)
+
+
+def test_labels_of_another_length_than_x_are_refused(digits_setup):
+    model, tx, v, (x, y), _ = digits_setup
+    with pytest.raises(ValueError, match=rf"^y: {x.shape[0] - 1} labels for {x.shape[0]} examples of x"):
+        train.run(train.make_trainer(model, tx), train.create_state(v, tx), x, y[:-1], batch_size=32, num_steps=1,
+                  data_key=jax.random.PRNGKey(0))
