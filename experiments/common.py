@@ -393,8 +393,31 @@ def guarded(main_fn):
         except USER_ERRORS as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:
+            interrupted()
 
     return wrapper
+
+
+def locked(run_fn):
+    """An experiment's ``run(config, workdir)`` holding its workdir's lock throughout
+    (:func:`jaxprune.checkpoint.workdir_lock`): a second run in the same workdir is refused at once."""
+
+    @functools.wraps(run_fn)
+    def run(config: dict, workdir, *args, **kwargs):
+        with checkpoint.workdir_lock(workdir):
+            return run_fn(config, workdir, *args, **kwargs)
+
+    return run
+
+
+def interrupted() -> None:
+    """Ctrl-C: one line and exit code 130 (128 + SIGINT), no traceback; finished levels, rounds and seeds are on disk
+    whole (checkpoints are written with SIGINT held back, :func:`jaxprune.checkpoint.interrupts_deferred`)."""
+    import sys
+
+    print("interrupted; rerun the same command to resume", file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 # ----------------------------------------------------------------------------------------------- train one network
@@ -751,7 +774,7 @@ def check_stored(path: str | Path, settings: dict, what: str, *, added_later: Ma
     path = Path(path)
     if not path.exists():
         return False
-    record = checkpoint.read_json(path)
+    record = checkpoint.read_record(path, hint=f"; delete {path.parent} to make it again")
     if "settings" not in record:
         if legacy_ok:
             return True
@@ -787,9 +810,9 @@ def train_network(c: dict, model, x_train, y_train, seed: int, out: Path, *,
     init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
     template = models.init(model, init_key, x_train.shape)
     if check_stored(out / "trained.json", settings, "a trained network", legacy_ok=legacy_ok):
-        rec = checkpoint.read_json(out / "trained.json")
-        return checkpoint.restore(out / "checkpoint", template, rec.get("sha256"),
-                                  hint=f"; delete {out} to train it again"), rec
+        hint = f"; delete {out} to train it again"
+        rec = checkpoint.read_record(out / "trained.json", expect={"seed": int(seed)}, hint=hint)
+        return checkpoint.restore_recorded(out / "checkpoint", template, rec, "sha256", hint=hint), rec
     if out.exists():  # a partial run: start over
         shutil.rmtree(out)
     spe = train.steps_per_epoch(len(y_train), c["batch_size"])
@@ -806,8 +829,9 @@ def train_network(c: dict, model, x_train, y_train, seed: int, out: Path, *,
     rec = {"seed": seed, "steps": steps, "steps_per_epoch": spe, "train_loss": res.train_loss,
            "train_accuracy": res.train_accuracy, "seconds": res.seconds, "settings": settings}
     out.mkdir(parents=True)
-    rec["sha256"] = checkpoint.save(out / "checkpoint", variables)
-    checkpoint.write_json(out / "trained.json", rec)  # the "finished" marker, written last
+    with checkpoint.interrupts_deferred():
+        rec["sha256"] = checkpoint.save(out / "checkpoint", variables)
+        checkpoint.write_record(out / "trained.json", rec)  # the "finished" marker, written last
     return variables, rec
 
 
@@ -845,7 +869,7 @@ def read_run_config(workdir: str | Path, experiment: str, name: str = "workdir")
         return None
     fix = f"delete {workdir} to start over, or use a new --{name}" if name == "workdir" else (
         f"expected the --workdir of an {experiment} run")
-    record = checkpoint.read_json(path, hint=f"; {fix}")
+    record = checkpoint.read_json(path, hint=f"; {fix}")  # the JSON first: its form and its writer are named
     if not isinstance(record, dict):
         raise ValueError(f"{path}: holds a JSON {type(record).__name__}, not the settings object an experiment "
                          f"writes (the file was changed by hand or by another program); {fix}")
@@ -855,7 +879,7 @@ def read_run_config(workdir: str | Path, experiment: str, name: str = "workdir")
         article = "an" if short[0] in "AEIOU" else "a"
         raise ValueError(f"{name}={workdir}: not {article} {short} workdir (it was written by {writer}); "
                          + (f"use a new --workdir for {experiment}" if name == "workdir" else fix))
-    return record
+    return checkpoint.read_record(path, hint=f"; {fix}")  # then its checksum (the record without it)
 
 
 # ----------------------------------------------------------------------------------------------- unused flags

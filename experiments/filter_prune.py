@@ -147,9 +147,10 @@ def _restore_shrunk(model, widths: dict[str, int], path: Path, input_shape, sha2
     current = structured.widths(model, template, x=example)
     keep = {layer: jnp.arange(w) for layer, w in widths.items() if w != current[layer]}
     model, template = structured.remove_many(model, template, keep, x=example)
-    return model, checkpoint.restore(path, template, sha256, hint=hint)
+    return model, checkpoint.restore_recorded(path, template, {"checkpoint_sha256": sha256}, hint=hint)
 
 
+@common.locked
 def run(config: dict, workdir: str | Path) -> dict:
     """Train, then prune → fine-tune for the configured rounds, for every seed; returns the ``results.json`` dict."""
     c = _config(config)
@@ -237,7 +238,8 @@ def _run_seed(c: dict, seed: int, model, layers, data, workdir: Path) -> dict:
         d = workdir / f"round_{r}"
         widths = _layer_widths(model, variables, layers, example)
         if (d / "round.json").exists():
-            rec = checkpoint.read_json(d / "round.json", hint=_redo_hint(d))
+            rec = checkpoint.read_record(d / "round.json", expect={"round": r, "seed": seed}, hint=_redo_hint(d))
+            rec.pop("seed", None)  # identity of the file; the round records in memory hold no seed
             model, variables = _restore_shrunk(model, rec["widths"], d / "checkpoint", x.shape,
                                                rec.pop("checkpoint_sha256", None), _redo_hint(d))
             logging.info("seed %d round %d: finished earlier, resumed", seed, r)
@@ -277,9 +279,10 @@ def _run_seed(c: dict, seed: int, model, layers, data, workdir: Path) -> dict:
                "pruned_filter_fraction": pruned, "accuracy_after_removal": removed_acc,
                "accuracy_before_finetune": before["accuracy"],
                "accuracy_after_finetune": after, "finetune_seconds": res.seconds}
-        d.mkdir(parents=True)
-        sha = checkpoint.save(d / "checkpoint", variables)
-        checkpoint.write_json(d / "round.json", {**rec, "checkpoint_sha256": sha})  # the "finished" marker, last
+        with checkpoint.interrupts_deferred():
+            d.mkdir(parents=True)
+            sha = checkpoint.save(d / "checkpoint", variables)
+            checkpoint.write_record(d / "round.json", {**rec, "checkpoint_sha256": sha}, {"round": r, "seed": seed})
         logging.info("seed %d round %d: params %d (%.1f %%), accuracy %.4f -> %.4f", seed, r, rec["params"],
                      100 * rec["params_fraction"], rec["accuracy_before_finetune"], after)
         rounds.append(rec)
@@ -314,7 +317,7 @@ def _write(workdir: Path, config: dict, per_seed: dict[int, dict], label: str, f
                "rounds": rounds, "finished": finished and all(r.get("finished", True) for r in per_seed.values())}
     if len(per_seed) > 1 or "seed" not in config:
         results["per_seed"] = {str(s): r for s, r in per_seed.items()}
-    checkpoint.write_json(workdir / "results.json", results)
+    checkpoint.write_record(workdir / "results.json", results)
     base = rounds[0]
     columns = ["round", "params", "flops", "pruned_filter_fraction", "accuracy_before_finetune",
                "accuracy_before_finetune_std", "accuracy_after_finetune", "accuracy_after_finetune_std"]

@@ -211,7 +211,7 @@ def train_and_evaluate(config: dict, workdir: str | Path) -> dict:
         results = {"config": record, "derived": b.meta, "environment": common.environment(),
                    "finished": len(levels) == b.imp.levels + 1,
                    "levels": [_without_history(r) for r in levels]}
-        checkpoint.write_json(workdir / "results.json", results)
+        checkpoint.write_record(workdir / "results.json", results)
         rows = [{**r, "branch_test_accuracy": r.get("branch", {}).get("test_accuracy", "")} for r in levels]
         common.write_csv(workdir / "metrics.csv", rows, ["level", "density", "test_accuracy", "test_loss",
                                                           "train_loss", "train_accuracy", "steps", "seconds",
@@ -224,9 +224,10 @@ def train_and_evaluate(config: dict, workdir: str | Path) -> dict:
         return results
 
     imp_record = {k: v for k, v in record.items() if k not in ANALYSIS_FLAGS}  # analyses may change on a resume
-    levels = imp.run(b.task, b.imp, workdir, on_level=write,
-                     before_start=lambda wd: _check_run_config(wd, imp_record))
-    return write(levels)
+    with checkpoint.workdir_lock(workdir):
+        levels = imp.run(b.task, b.imp, workdir, on_level=write,
+                         before_start=lambda wd: _check_run_config(wd, imp_record))
+        return write(levels)
 
 
 def _check_run_config(workdir: Path, record: dict) -> None:
@@ -274,7 +275,7 @@ def load_levels(workdir: str | Path, replica: int | None = None) -> tuple[Built,
                 raise ValueError(f"replica={replica}: expected 0 <= replica < {b.task.num_replicas}")
             state = replicas.index(state, replica)
         variables.append(train.variables_of(state))
-        rec = imp.read_level(workdir, k)
+        rec = imp.read_level(workdir, k, b.task.seed)
         records.append(rec if replica is None else replica_record(rec, replica))
     if not variables:
         raise FileNotFoundError(f"workdir={workdir}: no finished level yet")
@@ -526,16 +527,15 @@ class _Analyzer:
     def update(self, records: list[dict], title: str = "") -> dict:
         """Analyse every finished level that lacks a valid record; returns the ``analysis.json`` dict."""
         path, tpath = self.workdir / "analysis.json", self.workdir / "analysis_timing.json"
-        old = checkpoint.read_json(path) if path.exists() else {"levels": []}
+        old, timing_old = _read_derived(path), _read_derived(tpath)
         entries = {e["level"]: e for e in old.get("levels", [])}
-        timing_old = checkpoint.read_json(tpath) if tpath.exists() else {"levels": []}
         timing = {t["level"]: t for t in timing_old.get("levels", [])}
         levels = [r["level"] for r in records]
 
         def write():
             doc = {"format": 1, "levels": [entries[k] for k in levels if k in entries]}
-            checkpoint.write_json(path, doc)
-            checkpoint.write_json(tpath, {"levels": [timing[k] for k in levels if k in timing]})
+            checkpoint.write_record(path, doc)
+            checkpoint.write_record(tpath, {"levels": [timing[k] for k in levels if k in timing]})
             return doc
 
         for rec in records:
@@ -586,11 +586,23 @@ def run_analyses(workdir: str | Path, analyses: list[str] | tuple[str, ...], **o
     b = build(config, strict=False)
     c = {**DEFAULTS, **options, "analyses": list(analyses)}
     settings = analysis_settings(c, b)
-    records = [imp.read_level(workdir, k) for k in imp.finished_levels(workdir)]
+    records = [imp.read_level(workdir, k, b.task.seed) for k in imp.finished_levels(workdir)]
     if not records:
         raise FileNotFoundError(f"workdir={workdir}: no finished level yet")
-    return _Analyzer(b, workdir, settings).update(records, f"{config['model']} on {config['dataset']}, "
-                                                          f"rewind={config['rewind']}")
+    with checkpoint.workdir_lock(workdir):
+        return _Analyzer(b, workdir, settings).update(records, f"{config['model']} on {config['dataset']}, "
+                                                              f"rewind={config['rewind']}")
+
+
+def _read_derived(path: Path) -> dict:
+    """A derived record (``analysis.json``, its timing), verified; absent or failing its check: none (recomputed)."""
+    if not path.exists():
+        return {"levels": []}
+    try:
+        return checkpoint.read_record(path)
+    except ValueError as e:
+        logging.warning("%s; recomputing it", e)
+        return {"levels": []}
 
 
 def plot_analyses(doc: dict, workdir: str | Path, title: str = "") -> list[Path]:
@@ -659,7 +671,7 @@ def main(argv):
         br = f"  {r['branch']['name']} {r['branch']['test_accuracy']:.4f}{std(r['branch'])}" if "branch" in r else ""
         print(f"level {r['level']:2d}  density {r['density']:.4f}  test accuracy {r['test_accuracy']:.4f}{std(r)}{br}")
     if config["analyses"]:
-        doc = checkpoint.read_json(Path(config["workdir"]) / "analysis.json")
+        doc = checkpoint.read_record(Path(config["workdir"]) / "analysis.json")
         print(f"analysis: {Path(config['workdir']) / 'analysis.json'}")
         for lv in doc["levels"]:
             print(f"level {lv['level']:2d}  density {lv['density']:.4f}  " + _summary_line(lv))

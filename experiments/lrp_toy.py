@@ -148,8 +148,9 @@ def train_model(c: dict, model, x: np.ndarray, y: np.ndarray, workdir: Path, nam
     info_path = workdir / "train.json"
     settings = training_settings(c, name or workdir.name)
     if common.check_stored(info_path, settings, "a trained network"):
-        info = checkpoint.read_json(info_path)
-        return checkpoint.restore(ckpt, variables, info.get("sha256"), hint=f"; delete {workdir} to retrain"), info
+        hint = f"; delete {workdir} to retrain"
+        info = checkpoint.read_record(info_path, hint=hint)
+        return checkpoint.restore_recorded(ckpt, variables, info, "sha256", hint), info
     if ckpt.exists():  # a partial run (no finished marker): start over
         shutil.rmtree(ckpt)
     spe = train.steps_per_epoch(len(y), c["batch_size"])
@@ -160,10 +161,11 @@ def train_model(c: dict, model, x: np.ndarray, y: np.ndarray, workdir: Path, nam
     res = train.run(train.make_trainer(model, tx), train.create_state(variables, tx), xs, ys,
                     batch_size=c["batch_size"], num_steps=steps, data_key=data_key, loop="scan")
     variables = train.variables_of(res.state)
-    sha = checkpoint.save(ckpt, variables)
-    info = {"steps": steps, "seconds": res.seconds, "final_train_loss": res.train_loss, "settings": settings,
-            "sha256": sha}
-    checkpoint.write_json(info_path, info)
+    with checkpoint.interrupts_deferred():
+        sha = checkpoint.save(ckpt, variables)
+        info = {"steps": steps, "seconds": res.seconds, "final_train_loss": res.train_loss, "settings": settings,
+                "sha256": sha}
+        checkpoint.write_record(info_path, info)
     return variables, info
 
 
@@ -318,6 +320,7 @@ def summary(results: dict, n: int) -> list[dict]:
     return rows
 
 
+@common.locked
 def run(config: dict, workdir: str | Path) -> dict:
     """Run the experiment described by ``config`` (keys = flag names, missing ones from ``DEFAULTS``)."""
     c = common.canonical_model_kwargs(common.with_defaults(config, DEFAULTS))
@@ -330,7 +333,7 @@ def run(config: dict, workdir: str | Path) -> dict:
     results = {"config": record, "environment": common.environment(), "datasets": {}}
     for name in c["datasets"]:
         results["datasets"][name] = run_dataset(c, name, workdir)
-        checkpoint.write_json(workdir / "results.json", results)
+        checkpoint.write_record(workdir / "results.json", results)
     return results
 
 

@@ -102,8 +102,10 @@ def _load_source(c: dict, path: str, seed: int = 0) -> tuple[object, dict, objec
         model = common.build_model(c, te.num_classes, input_shape=te.images.shape, defaults=DEFAULTS)
         x_train, x_test, y_test = train.to_device(tr.images, te.images, te.labels)
         template = models.init(model, jax.random.PRNGKey(0), x_test.shape)
-        return (model, checkpoint.restore(Path(path) / "checkpoint", template), x_train, x_test, y_test,
-                {"source_workdir": path, **checkpoint.read_json(Path(path) / "trained.json")})
+        hint = f"; retrain it (delete {path} and run experiments.merge there again)"
+        rec = checkpoint.read_record(Path(path) / "trained.json", hint=hint)
+        return (model, checkpoint.restore_recorded(Path(path) / "checkpoint", template, rec, "sha256", hint),
+                x_train, x_test, y_test, {"source_workdir": path, **rec})
     built, variables, records = imp_experiment.load_levels(path, replica=_imp_source_replica(path, seed))
     return (built.model, variables[0], built.task.x_train, built.task.x_test, built.task.y_test,
             {"source_workdir": path, "seed": seed, "level_0": records[0]})
@@ -117,7 +119,7 @@ SOURCE_SETTINGS = ("dataset", "normalize", "max_train_examples", "max_test_examp
 def _check_source(c: dict, path: Path) -> None:
     """A merge seed folder given as ``--source_workdir`` is read with this run's data and model flags: refuse one
     trained on other data or another model (naming each differing setting), or one recorded without settings."""
-    rec = checkpoint.read_json(path)
+    rec = checkpoint.read_record(path, hint=f"; retrain it (delete {path.parent} and run experiments.merge there)")
     if "settings" not in rec:
         raise ValueError(f"source_workdir: {path} records no settings (written by an older version), so its "
                          "data and model cannot be checked against this run's flags; retrain it, or load an "
@@ -207,7 +209,7 @@ def _write(workdir: Path, c: dict, per_seed: list[dict], meta: dict, finished: b
     summary = summarize(per_seed)
     results = {"config": c, "derived": meta, "environment": common.environment(), "finished": finished,
                "seeds": per_seed, "summary": summary}
-    checkpoint.write_json(workdir / "results.json", results)
+    checkpoint.write_record(workdir / "results.json", results)
     rows = [{"seed": s["seed"], **{k: r[k] for k in ("setting", "criterion", "mode", "test_accuracy",
                                                        "num_params", "merge_seconds")},
              "original_accuracy": s["original"]["test_accuracy"]} for s in per_seed for r in s["runs"]]
@@ -228,6 +230,7 @@ def _write(workdir: Path, c: dict, per_seed: list[dict], meta: dict, finished: b
     return results
 
 
+@common.locked
 def run(config: dict, workdir: str | Path) -> dict:
     """Train (or load) every seed's network, prune and merge it; returns the ``results.json`` dict."""
     c = _config(config)

@@ -187,6 +187,7 @@ def summarize(per_seed: list[dict], methods, sparsities) -> dict:
             "accuracy_std": {m: {k: v["std"] for k, v in d.items()} for m, d in acc.items()}}
 
 
+@common.locked
 def run(config: dict, workdir: str | Path) -> dict:
     """Run (or finish) the sweep for every seed; returns the ``results.json`` dict."""
     c = common.canonical_model_kwargs(common.with_defaults(config, DEFAULTS, RENAMED))
@@ -202,7 +203,11 @@ def run(config: dict, workdir: str | Path) -> dict:
     for seed in seeds:
         path = workdir / f"seed_{seed}.json"
         if path.exists():
-            done = checkpoint.read_json(path)
+            try:
+                done = checkpoint.read_record(path, expect={"seed": seed})
+            except checkpoint.RecordError as e:  # a derived table: recomputed
+                logging.warning("%s; retraining and recomputing it", e)
+                done = {}
             have = set(done.get("accuracy", {})) >= set(c["methods"]) and all(
                 set(map(_key, sparsities)) <= set(done["accuracy"][m]) for m in c["methods"])
             current, diff = common.stored_matches(done, same, legacy="config")  # "config": its older name
@@ -215,13 +220,14 @@ def run(config: dict, workdir: str | Path) -> dict:
             logging.warning("seed %d: %s; retraining and recomputing it", seed, why)
         r = run_seed(c, seed, tr, te, model, sparsities, num_steps)
         r["settings"] = checkpoint.as_stored(same)
-        checkpoint.write_json(path, r)
+        r = checkpoint.write_record(path, r, {"seed": seed})
+        r.pop(checkpoint.RECORD_SHA)
         per_seed.append(r)
     results = {"config": record, "environment": common.environment(), "sparsities": sparsities,
                "training_steps": num_steps, "num_train": len(tr.labels), "num_test": len(te.labels),
                **summarize(per_seed, c["methods"], sparsities),
                "per_seed": [{k: v for k, v in r.items() if k not in ("config", "settings")} for r in per_seed]}
-    checkpoint.write_json(workdir / "results.json", results)
+    checkpoint.write_record(workdir / "results.json", results)
     pct = [100 * s for s in sparsities]
     plots.curves(pct, {m: [100 * results["accuracy"][m][_key(s)] for s in sparsities] for m in c["methods"]},
                  workdir / "accuracy_vs_sparsity.png", xlabel="sparsity (%)", ylabel="test accuracy (%)",

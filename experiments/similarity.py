@@ -214,6 +214,12 @@ def run(config: dict, workdir: str | Path | None = None) -> dict:
     """Compute the similarities described by ``config``; writes ``similarity.json`` and plots to ``workdir``."""
     c = check_config(config)
     workdir = Path(workdir or c["workdir"] or Path(c["imp_workdir"]) / "similarity")
+    with checkpoint.workdir_lock(workdir):
+        return _run(c, workdir)
+
+
+def _run(c: dict, workdir: Path) -> dict:
+    """:func:`run` with the checked config ``c``, holding ``workdir``'s lock."""
     run_seeds = imp_exp.trained_seeds(c["imp_workdir"], "imp_workdir")
     seeds = _chosen_seeds(c["seeds"], run_seeds, c["imp_workdir"])  # refused before anything is loaded
     built, variables, records = imp_exp.load_levels(c["imp_workdir"])  # data as that run loaded them
@@ -234,7 +240,7 @@ def run(config: dict, workdir: str | Path | None = None) -> dict:
     result = {
         "config": {**c, "workdir": str(workdir)},
         "environment": common.environment(),
-        "imp_config": checkpoint.read_json(Path(c["imp_workdir"]) / "config.json"),
+        "imp_config": checkpoint.read_record(Path(c["imp_workdir"]) / "config.json"),
         "num_inputs": int(len(x)),
         "seeds": seeds,
         "levels": summary["levels"],
@@ -248,7 +254,7 @@ def run(config: dict, workdir: str | Path | None = None) -> dict:
         **({"per_seed": per_seed} if len(per_seed) > 1 else {}),
     }
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_json(workdir / "similarity.json", result)
+    checkpoint.write_record(workdir / "similarity.json", result)
     plot(result, workdir)
     return result
 

@@ -5,18 +5,32 @@ structure, so any pytree — optax states with empty NamedTuples, masks of bools
 Orbax writes to a temporary directory and renames it when complete, so a crash never leaves a half-written
 checkpoint that looks finished. :func:`save` returns a sha256 of the leaves; :func:`restore` given it refuses a
 checkpoint whose files were changed since (flipped bytes restore silently otherwise).
+
+Stored records (docs/design.md, "Reliability"): :func:`write_record` stores a JSON record with its own checksum
+(``record_sha256``) and identity (level, seed, round, …); :func:`read_record` verifies both on every read and refuses a
+mismatch with one line naming the file and what to delete (:class:`RecordError`, which callers of derived records
+catch to recompute them). :func:`workdir_lock` gives a run sole use of its workdir; :func:`interrupts_deferred` holds a
+SIGINT back while a checkpoint and its record are written, so an interrupted write is whole or absent.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime
 import hashlib
 import json
 import os
+import signal
+import socket
+import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 PyTree = Any
 
@@ -40,10 +54,50 @@ def save(path: str | os.PathLike, tree: PyTree) -> str:
     :func:`restore` to check."""
     path = Path(path).absolute()
     flat = _flat(tree)
-    with ocp.StandardCheckpointer() as ckpt:
+    with interrupts_deferred(), ocp.StandardCheckpointer() as ckpt:
         ckpt.save(path, flat)
+        _test_delay()
         ckpt.wait_until_finished()
     return _sha256(flat)
+
+
+# Test hook: seconds to sleep inside every save (the SIGINT-mid-checkpoint tests and benchmarks/probe_records.py).
+SAVE_DELAY_ENV = "JAXPRUNE_TEST_SAVE_DELAY"
+
+
+def _test_delay() -> None:
+    delay = os.environ.get(SAVE_DELAY_ENV)
+    if delay:
+        print(f"[{SAVE_DELAY_ENV}] saving", file=sys.stderr, flush=True)
+        time.sleep(float(delay))
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a SIGINT (Ctrl-C) back while the block runs and raise it as KeyboardInterrupt when the block is done, so a
+    checkpoint and its record are written whole (orbax's threads are not torn down mid-write). A second SIGINT stops
+    at once. Only in the main thread with Python's default SIGINT handler installed (nested uses: the outer one
+    holds)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    got: list[int] = []
+
+    def hold(signum, frame):
+        if got:
+            raise KeyboardInterrupt
+        got.append(signum)
+        print("interrupt received: finishing the checkpoint being written (interrupt again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if got:
+        raise KeyboardInterrupt
 
 
 def restore(path: str | os.PathLike, template: PyTree, sha256: str | None = None, hint: str = "") -> PyTree:
@@ -68,6 +122,17 @@ def restore(path: str | os.PathLike, template: PyTree, sha256: str | None = None
         raise ValueError(f"checkpoint {path}: its contents do not match the sha256 recorded when it was saved "
                          f"(a corrupt or changed file){hint}")
     return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(x) for x in flat.values()])
+
+
+def restore_recorded(path: str | os.PathLike, template: PyTree, record: Mapping, key: str = "checkpoint_sha256",
+                     hint: str = "") -> PyTree:
+    """:func:`restore` checked against the sha256 a record holds under ``key``; a record without one (written by an
+    older version) is refused: such a checkpoint cannot be verified, and is never restored or extended from."""
+    sha = record.get(key)
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise ValueError(f"checkpoint {Path(path).absolute()}: its record holds no {key} (written by an older "
+                         f"version), so the checkpoint cannot be verified{hint}")
+    return restore(path, template, sha, hint=hint)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -122,12 +187,151 @@ def check_run_config(workdir: str | os.PathLike, record: dict, volatile: tuple =
     # compared as JSON holds them (tuples become lists), so an identical Python config is not refused
     clean = as_stored({k: v for k, v in record.items() if k not in volatile})
     if not path.exists():
-        write_json(path, clean)
+        write_record(path, clean)
         return
-    stored = read_json(path)
+    stored = read_record(path, hint=f"; use a new --workdir, or delete {workdir} to start over")
     stored = migrate(stored) if migrate is not None else stored
     old = {k: v for k, v in stored.items() if k not in volatile}
     diff = settings_diff(old, clean, {k: v for k, v in (added_later or {}).items() if k not in volatile})
     if diff:
         raise ValueError(f"workdir {workdir} holds a run with a different config — different settings "
                          f"({format_settings_diff(diff)}); use a new --workdir or delete the old one")
+
+
+# ----------------------------------------------------------------------------------------------- stored records
+RECORD_SHA = "record_sha256"
+
+
+class RecordError(ValueError):
+    """A stored record whose checksum or identity does not match (edited, damaged, moved or swapped)."""
+
+
+def _record_sha(record: Mapping) -> str:
+    """sha256 of ``record`` (without its own checksum) as canonical JSON: sorted keys, no spaces, floats as repr."""
+    body = {k: v for k, v in as_stored(dict(record)).items() if k != RECORD_SHA}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_record(path: str | os.PathLike, record: Mapping, identity: Mapping | None = None) -> dict:
+    """Store the JSON object ``record`` atomically with its ``identity`` (e.g. ``{"level": 3}``; keys the record
+    holds must agree) and its checksum; returns what was stored. :func:`read_record` verifies both."""
+    record = dict(record)
+    for k, v in (identity or {}).items():
+        if k in record and as_stored(record[k]) != as_stored(v):
+            raise ValueError(f"{path}: the record says {k}={record[k]!r} but is stored as {k}={v!r}")
+        record[k] = v
+    record.pop(RECORD_SHA, None)
+    record[RECORD_SHA] = _record_sha(record)
+    write_json(path, record)
+    return record
+
+
+def read_record(path: str | os.PathLike, expect: Mapping | None = None, hint: str = "") -> dict:
+    """The record :func:`write_record` stored at ``path`` (without its checksum), verified: a changed file (checksum)
+    or one stored under another identity than ``expect`` (e.g. ``{"level": 3}`` for ``level_3/level.json``) is a
+    :class:`RecordError` naming the file (``hint``, what to delete, appended).
+
+    Records written before checksums existed (no ``record_sha256``) are accepted with a warning; their identity is
+    still checked where they hold the key (docs/design.md, "Reliability": the rule for old workdirs)."""
+    record = read_json(path, hint)
+    if not isinstance(record, dict):
+        raise RecordError(f"{path}: expected a JSON object (a stored record), got {type(record).__name__}{hint}")
+    sha = record.pop(RECORD_SHA, None)
+    if sha is None:
+        logging.warning("%s: written before records carried checksums; accepted unverified (rerun in a new workdir "
+                        "to have every record checked)", path)
+    elif sha != _record_sha(record):
+        raise RecordError(f"{path}: its contents do not match the checksum stored with it (the file was edited or "
+                          f"damaged after it was written){hint}")
+    for k, v in (expect or {}).items():
+        if (sha is not None or k in record) and as_stored(record.get(k)) != as_stored(v):
+            raise RecordError(f"{path}: records {k}={record.get(k)!r} where {k}={v!r} belongs (a folder moved, "
+                              f"swapped or copied from elsewhere){hint}")
+    return record
+
+
+# ----------------------------------------------------------------------------------------------- workdir lock
+LOCK_NAME = "LOCK"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _holder(lock: Path) -> dict:
+    try:
+        h = json.loads(lock.read_text())
+        return h if isinstance(h, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe(h: Mapping) -> str:
+    return f"pid {h.get('pid', '?')} on host {h.get('host', '?')}, since {h.get('since', '?')}"
+
+
+def _try_lock(lock: Path) -> bool:
+    """Create ``lock`` holding this process's pid, host and start time; False when it exists."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    since = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "since": since, "argv": sys.argv}, f)
+    return True
+
+
+def _acquire(workdir: Path, lock: Path) -> None:
+    for _ in range(3):
+        if _try_lock(lock):
+            return
+        h = _holder(lock)
+        stale = (h.get("host") == socket.gethostname() and isinstance(h.get("pid"), int)
+                 and h["pid"] != os.getpid() and not _alive(h["pid"]))
+        if not stale:
+            raise ValueError(f"workdir={workdir} is in use by another run ({_describe(h)}); wait for it to end or use "
+                             f"another --workdir (if that run is gone, delete {lock})")
+        print(f"workdir={workdir}: taking over the lock of a run that is gone ({_describe(h)})", file=sys.stderr)
+        lock.unlink(missing_ok=True)
+    raise ValueError(f"workdir={workdir}: its lock {lock} keeps changing hands; another run is starting there")
+
+
+def _release(lock: Path) -> None:
+    h = _holder(lock)
+    if h.get("pid") == os.getpid() and h.get("host") == socket.gethostname():
+        lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str | os.PathLike) -> Iterator[Path]:
+    """Sole use of ``workdir`` (created if absent) while the block runs: a lock file ``workdir/LOCK`` holds this
+    process's pid, host and start time and is removed on exit (also on exceptions and Ctrl-C). A second run is
+    refused at once naming the holder; a lock left by a dead process of this host is taken over with a message.
+    A ``workdir`` that is a file is refused; one this call created and that stays empty is removed again."""
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"workdir={workdir}: is an existing file, not a directory; give --workdir a directory (a new "
+                         "one, or an earlier run's to resume it)")
+    created = not workdir.exists()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"workdir={workdir}: cannot be created as a directory ({e.strerror}); give --workdir a "
+                         "directory path") from None
+    # multi-host runs: each process holds its own lock (all of them write the same workdir)
+    lock = workdir / (LOCK_NAME if jax.process_count() == 1 else f"{LOCK_NAME}.{jax.process_index()}")
+    _acquire(workdir, lock)
+    try:
+        yield lock
+    finally:
+        _release(lock)
+        if created and workdir.is_dir() and not any(workdir.iterdir()):
+            workdir.rmdir()

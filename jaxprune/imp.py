@@ -16,8 +16,10 @@ Control branches (``branch``), trained beside every pruned level from the same s
 
 Layout of ``workdir`` (OpenLTH-style): ``config.json``; ``level_k/{checkpoint/, level.json}``; ``results.json``;
 ``metrics.csv``; plots. ``level.json`` is written last, so a level counts as finished only when its checkpoint is
-complete; it records the checkpoint's sha256 (``checkpoint_sha256``), checked when the level is loaded (files
-written before the checksum existed load unchecked). Re-running resumes after the last finished level; every
+complete; it records the checkpoint's sha256 (``checkpoint_sha256``), checked when the level is loaded (a
+checkpoint without one is refused), and carries its own checksum and identity (level, seed;
+:func:`jaxprune.checkpoint.write_record`), verified on every read. A level is written in ``level_k.partial/`` and
+renamed to ``level_k/`` when whole, with SIGINT held back meanwhile: an interrupted level is complete or absent. Re-running resumes after the last finished level; every
 random stream is derived from ``seed`` and the level, so a resumed run equals an uninterrupted one. ``levels`` may
 be raised to extend a run, never lowered below the levels already finished.
 
@@ -41,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -487,6 +490,7 @@ def _ckpt_tree(state: train.TrainState, mask: PyTree, rewind_point: train.TrainS
 
 
 def finished_levels(workdir: Path) -> list[int]:
+    """The levels ``0..k`` finished in ``workdir`` (a ``level_j/level.json`` each), consecutive from 0."""
     done = []
     k = 0
     while (workdir / f"level_{k}" / "level.json").exists():
@@ -505,10 +509,12 @@ def _redo_hint(d: Path) -> str:
     return f"; delete {d} to train that level again (later levels are then retrained too)"
 
 
-def read_level(workdir: str | Path, level: int) -> dict:
-    """The record (``level.json``) of a finished level; a corrupt file is a ValueError naming it."""
+def read_level(workdir: str | Path, level: int, seed: int | None = None) -> dict:
+    """The record (``level.json``) of a finished level, verified: a corrupt or edited file, or one that records
+    another level (or, given ``seed``, another seed) than its folder's, is a ValueError naming it."""
     d = Path(workdir) / f"level_{level}"
-    return checkpoint.read_json(d / "level.json", hint=_redo_hint(d))
+    expect = {"level": level} if seed is None else {"level": level, "seed": seed}
+    return checkpoint.read_record(d / "level.json", expect=expect, hint=_redo_hint(d))
 
 
 def load_level(workdir: str | Path, level: int, task: Task) -> dict:
@@ -518,8 +524,8 @@ def load_level(workdir: str | Path, level: int, task: Task) -> dict:
     path = Path(workdir) / f"level_{level}"
     if not (path / "level.json").exists():
         raise FileNotFoundError(f"level {level} of {workdir} is not finished (no {path / 'level.json'})")
-    sha = read_level(workdir, level).get("checkpoint_sha256")
-    return checkpoint.restore(path / "checkpoint", _template(task, task.seed), sha256=sha, hint=_redo_hint(path))
+    rec = read_level(workdir, level, task.seed)
+    return checkpoint.restore_recorded(path / "checkpoint", _template(task, task.seed), rec, hint=_redo_hint(path))
 
 
 def run(task: Task, cfg: ImpConfig, workdir: str | Path | None, *,
@@ -578,7 +584,7 @@ def run(task: Task, cfg: ImpConfig, workdir: str | Path | None, *,
         raise ValueError(f"levels={cfg.levels}: {workdir} already holds {len(done)} finished levels (0..{done[-1]}, "
                          f"i.e. --levels={done[-1]}); --levels may be raised to extend a run, not lowered below "
                          f"{done[-1]} (use a new --workdir for a shorter run)")
-    records = [read_level(workdir, k) for k in done]
+    records = [read_level(workdir, k, task.seed) for k in done]
     if done:
         logging.info("resuming %s: levels %s already finished", workdir, done)
     if len(done) == cfg.levels + 1:
@@ -610,7 +616,7 @@ def run(task: Task, cfg: ImpConfig, workdir: str | Path | None, *,
         rec["wall_seconds"] = time.perf_counter() - t0
         tree = _ckpt_tree(res.state, mask, rewind_point, level, task.seed, task.num_replicas)
         if workdir is not None:
-            _save_level(workdir / f"level_{level}", tree, rec)
+            rec = _save_level(workdir / f"level_{level}", tree, rec, task.seed)
         if on_checkpoint is not None:
             on_checkpoint(level, tree)
         logging.info("%sdensity %.4f test accuracy %.4f", label, rec["density"], rec["test_accuracy"])
@@ -640,10 +646,18 @@ def _run_branch(setup: _Setup, cfg: ImpConfig, keys: Keys, level: int, mask, pru
     return {"name": cfg.branch, **rec}
 
 
-def _save_level(d: Path, tree: PyTree, rec: dict) -> None:
-    if d.exists():  # a partial level from a crash: start it over
-        shutil.rmtree(d)
-    d.mkdir(parents=True)
-    rec["checkpoint_sha256"] = checkpoint.save(d / "checkpoint", tree)  # checked by load_level
-    checkpoint.write_json(d / "level.json", rec)  # the "finished" marker, written last
+def _save_level(d: Path, tree: PyTree, rec: dict, seed: int) -> dict:
+    """Write level ``d`` whole or not at all: checkpoint and record go to ``<d>.partial/``, renamed to ``d`` when
+    complete, with SIGINT held back meanwhile; returns the record as stored (with its identity, level and seed)."""
+    part = d.with_name(d.name + ".partial")
+    with checkpoint.interrupts_deferred():
+        for old in (part, d):
+            if old.exists():  # a partial level from a crash (or an older version's): start it over
+                shutil.rmtree(old)
+        part.mkdir(parents=True)
+        rec = {**rec, "checkpoint_sha256": checkpoint.save(part / "checkpoint", tree)}  # checked by load_level
+        stored = checkpoint.write_record(part / "level.json", rec, {"level": rec["level"], "seed": seed})
+        os.replace(part, d)
+    stored.pop(checkpoint.RECORD_SHA)
+    return stored
 

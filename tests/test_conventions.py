@@ -188,6 +188,7 @@ def test_filter_prune_old_single_seed_workdir_is_adopted(tmp_path):
     old = json.loads((tmp_path / "config.json").read_text())  # rewrite it as the earlier release wrote it
     old["fraction"] = old.pop("prune_fraction")
     old["seed"] = 1
+    old.pop("record_sha256")  # (no record checksums then)
     (tmp_path / "config.json").write_text(json.dumps(old))
     for d in (tmp_path / "seed_1").iterdir():  # everything one level up, as the earlier release laid it out
         d.replace(tmp_path / d.name)

@@ -98,7 +98,8 @@ def test_merge_refuses_a_changed_training_setting_before_any_work(tmp_path, runs
 def test_merge_legacy_trained_json_is_refused_with_what_to_do(tmp_path, runs):
     merge.run(MERGE, tmp_path)
     rec = checkpoint.read_json(tmp_path / "seed_0" / "trained.json")
-    checkpoint.write_json(tmp_path / "seed_0" / "trained.json", {k: v for k, v in rec.items() if k != "settings"})
+    checkpoint.write_json(tmp_path / "seed_0" / "trained.json",  # as an older version wrote it (no record checksum)
+                          {k: v for k, v in rec.items() if k not in ("settings", checkpoint.RECORD_SHA)})
     with pytest.raises(ValueError, match=r"recorded without the settings .*delete .*seed_0"):
         merge.run(MERGE, tmp_path)
     shutil.rmtree(tmp_path / "seed_0")  # what the message says to do
@@ -164,7 +165,8 @@ def test_filter_prune_rounds_are_checked_and_a_redone_round_redoes_the_later_one
     seed = tmp_path / "seed_0"
     r2 = checkpoint.read_json(seed / "round_2" / "round.json")
     assert len(r2["checkpoint_sha256"]) == 64 and "checkpoint_sha256" not in first[2]  # recorded, not reported
-    checkpoint.write_json(seed / "round_2" / "round.json", {**r2, "checkpoint_sha256": "0" * 64})  # a changed file
+    # a changed checkpoint sha, the record re-stamped (a hand edit is refused by the record's own checksum first)
+    checkpoint.write_record(seed / "round_2" / "round.json", {**r2, "checkpoint_sha256": "0" * 64})
     with pytest.raises(ValueError, match=r"round_2/checkpoint: its contents do not match the sha256.*delete .*"
                                          r"round_2 to redo that round \(later rounds are then redone too\)"):
         filter_prune.run(cfg, tmp_path)
@@ -179,8 +181,14 @@ def test_filter_prune_rounds_are_checked_and_a_redone_round_redoes_the_later_one
 def test_filter_prune_old_workdir_without_recorded_training_settings_still_loads(tmp_path, runs):
     filter_prune.run(FILTER, tmp_path)
     p = tmp_path / "seed_0" / "trained" / "trained.json"
-    checkpoint.write_json(p, {k: v for k, v in checkpoint.read_json(p).items() if k not in ("settings", "sha256")})
+    rec = checkpoint.read_json(p)
+    checkpoint.write_json(p, {k: v for k, v in rec.items() if k not in ("settings", checkpoint.RECORD_SHA)})
     filter_prune.run(FILTER, tmp_path)  # config.json vouches for it
+    assert len(runs) == 2
+    # without the checkpoint's sha256 it cannot be verified: refused, never extended from (issue 28)
+    checkpoint.write_json(p, {k: v for k, v in rec.items() if k not in ("settings", "sha256", checkpoint.RECORD_SHA)})
+    with pytest.raises(ValueError, match=r"holds no sha256 .*cannot be verified; delete \S*seed_0/trained to train"):
+        filter_prune.run(FILTER, tmp_path)
     assert len(runs) == 2
 
 
@@ -208,6 +216,7 @@ def test_oneshot_recomputes_a_seed_made_with_other_settings_and_reuses_an_unchan
     # an older version's record (its settings under "config") is still reused when they agree
     rec = checkpoint.read_json(tmp_path / "seed_0.json")
     rec["config"] = rec.pop("settings")
+    rec.pop(checkpoint.RECORD_SHA)  # (nor had it a record checksum)
     checkpoint.write_json(tmp_path / "seed_0.json", rec)
     oneshot.run({**ONESHOT, "lr": 0.01}, tmp_path)
     assert len(runs) == 2
