@@ -83,8 +83,9 @@ def _correlations(bx: Basis, by: Basis) -> tuple[Array, Array]:
 
 
 def _mean(rho: Array, m: Array, truncate: float | None) -> Array:
-    """Mean of the ``m`` defined correlations (NaN when ``m = 0``: a layer without variance); ``truncate=t``: svcca's rule — mean of the first ``i`` values, ``i``
-    the first index whose preceding mass reaches ``t`` of the total (all of them if none does)."""
+    """Mean of the ``m`` defined correlations (NaN when ``m = 0``: a layer without variance); ``truncate=t``:
+    svcca's rule — mean of the first ``i`` values, ``i`` the first index whose preceding mass reaches ``t`` of the
+    total (all of them if none does)."""
     if truncate is None:
         return jnp.where(m > 0, jnp.sum(rho) / jnp.maximum(m, 1), jnp.nan)
     total = jnp.sum(rho)
