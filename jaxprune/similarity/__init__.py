@@ -7,6 +7,13 @@ and in float64 when ``jax_enable_x64`` is on. Input errors (wrong ndim, n < 2, m
 before tracing and name the argument; inside a caller's ``jit``/``vmap``, where values cannot be checked, a
 non-finite input makes exactly the results that depend on it NaN (never a plausible similarity such as 0).
 
+Every metric is invariant to isotropic scaling and is computed so in float32: each input is divided by its largest
+magnitude before any product and norms are combined as products of square roots, so ``x`` and ``c·x`` give the same
+value (to rounding; tested from 1e-6 to 1e6 and at 1e-20, 1e18, 1e30) wherever float32 can hold ``c·x``. One rule
+for what cannot be computed: a non-finite input is an error naming the argument (NaN under a caller's ``jit``), and
+a representation without variance (every sample the same: all-zero, constant, fully pruned) has no defined
+similarity and gives NaN, on the host and under ``jit`` alike (only its own pairs in :func:`pairwise`).
+
 =================  ====================================================  =========================================
 function           definition                                            invariant to
 =================  ====================================================  =========================================

@@ -37,7 +37,7 @@ def traced(*arrays) -> bool:
 
 def nan_unless_finite(value: Array, *inputs: Array) -> Array:
     """``value`` where every entry of ``inputs`` is finite, NaN otherwise: inside ``jit`` a non-finite input cannot
-    raise, and the metrics' own guards (a zero variance gives similarity 0) would turn it into a plausible 0."""
+    raise, and the scaling to largest magnitude 1 (``_linalg.unit_scale``) would turn it into plausible numbers."""
     ok = jnp.all(jnp.stack([_all_finite(a) for a in inputs]))
     return jnp.where(ok, value, jnp.nan)
 

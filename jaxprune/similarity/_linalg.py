@@ -67,6 +67,34 @@ class Serial:
         return out
 
 
+def unit_scale(x: Array) -> Array:
+    """``x`` (any shape) divided by its largest magnitude, so every entry is in ``[-1, 1]`` (an all-zero ``x`` is
+    returned as is). Every similarity here is invariant to isotropic scaling, so this changes a result by rounding
+    only, and the products and sums of squares that follow neither overflow nor underflow float32 whatever the
+    scale of the input (``‖XᵀX‖²_F`` of ReLU activations of a few thousand overflows, of 1e-10 underflows)."""
+    m = jnp.max(jnp.abs(x))
+    return x / jnp.where(m > 0, m, 1.0)
+
+
+def scaled_centred(x: Array) -> tuple[Array, Array, Array]:
+    """``x: (n, p)`` → ``(xc, xs, mean)``: ``xs = x / c`` for one ``c > 0``, ``mean (p,)`` its column means and
+    ``xc = xs - mean`` with largest magnitude 1 (all zero when every column is constant). Scaled before centring
+    (a sum of huge values overflows) and after (what is left may be far smaller); a constant column is exactly
+    zero in ``xc`` (its computed mean can differ from the constant by rounding, noise the rescaling would blow up
+    into a plausible-looking unit)."""
+    x = unit_scale(x)
+    mean = jnp.mean(x, axis=0)
+    xc = jnp.where(jnp.max(x, axis=0) > jnp.min(x, axis=0), x - mean, 0.0)
+    m = jnp.max(jnp.abs(xc))
+    m = jnp.where(m > 0, m, 1.0)
+    return xc / m, x / m, mean / m
+
+
+def centred(x: Array) -> Array:
+    """``x: (n, p)`` → centred columns with largest magnitude 1 (:func:`scaled_centred`)."""
+    return scaled_centred(x)[0]
+
+
 def gram(x: Array) -> Array:
     """``x: (n, p)`` → ``xᵀx (p, p)`` computing only the upper block triangle (≈ ``n·p²`` flops instead of
     ``2·n·p²``): columns split in halves ``[a b]``, ``aᵀa`` and ``bᵀb`` recursively, one product ``aᵀb``."""

@@ -11,7 +11,12 @@ Rank deficiency (n ≤ p, constant or linearly dependent neurons). Directions wh
 ``epsilon · s_max`` are dropped (their column of ``U`` is zeroed); ``epsilon=None`` uses ``max(n, p) · eps``
 of the dtype (numpy's ``matrix_rank`` rule). Only ``m = min(rank_x, rank_y)`` canonical correlations are then
 defined: :func:`cca` reports them first and pads with zeros to length ``min(p1, p2)``; means are over the ``m``
-defined ones (= ``min(p1, p2)`` at full rank). A layer with no variance at all gives similarity 0 (as svcca).
+defined ones (= ``min(p1, p2)`` at full rank). A layer with no variance at all (``m = 0``) gives NaN: no
+correlation is defined (google/svcca returns 0 there, a plausible-looking similarity).
+
+Scale. Each layer is divided by its largest magnitude before centring and its centred values again by theirs
+(:func:`_linalg.scaled_centred`), so the SVD's sums of squares neither overflow nor underflow float32: the
+results are the same, to rounding, for ``x`` and ``c·x`` at any ``c`` float32 can hold the data at.
 With n ≤ max(p1, p2) CCA is degenerate (all correlations → 1): reduce first (:func:`svcca`) or use CKA.
 
 Inside ``jit``/``vmap`` (tracers), shape checks still run but NaN/Inf checks cannot: non-finite input gives NaN.
@@ -30,14 +35,15 @@ Array = jax.Array
 
 
 class Basis(NamedTuple):
-    """A centred, rank-truncated factorisation ``x - mean = u · diag(s) · vt`` of one layer ``x: (n, p)``."""
+    """A centred, rank-truncated factorisation ``x/c - mean = u · diag(s) · vt`` of one layer ``x: (n, p)``, for
+    the ``c > 0`` that makes the largest centred magnitude 1 (:func:`_linalg.scaled_centred`)."""
 
     u: Array  # (n, k) orthonormal columns, k = min(n, p); columns beyond the kept rank are zero
     s: Array  # (k,) singular values, descending; zero beyond the kept rank
     vt: Array  # (k, p)
     rank: Array  # () int32, number of kept directions
     mean: Array  # (p,) neuron means
-    x: Array | None = None  # (n, p) the raw activations (only kept for svcca-compatible PWCCA)
+    x: Array | None = None  # (n, p) the uncentred activations x/c (only kept for svcca-compatible PWCCA)
 
 
 def tolerance(epsilon: float | None, n: int, p: int, dtype) -> float:
@@ -62,8 +68,8 @@ def basis(x: Array, epsilon: float | None = None, keep_variance: float | None = 
     """``x: (n, p)`` → :class:`Basis`. ``keep_variance``: also keep only the smallest number of leading directions
     whose variance fraction reaches it (SVCCA's SVD step)."""
     n, p = x.shape
-    mean = jnp.mean(x, axis=0)
-    u, s, vt = jnp.linalg.svd(x - mean, full_matrices=False)
+    xc, x, mean = _linalg.scaled_centred(x)  # every field describes x / c (CCA is scale-invariant)
+    u, s, vt = jnp.linalg.svd(xc, full_matrices=False)
     keep = kept_directions(s, n, p, epsilon, keep_variance)
     return Basis(u * keep, s * keep, vt * keep[:, None], jnp.sum(keep, dtype=jnp.int32), mean,
                  x if keep_raw else None)
@@ -77,14 +83,16 @@ def _correlations(bx: Basis, by: Basis) -> tuple[Array, Array]:
 
 
 def _mean(rho: Array, m: Array, truncate: float | None) -> Array:
-    """Mean of the ``m`` defined correlations; ``truncate=t``: svcca's rule — mean of the first ``i`` values, ``i``
-    the first index whose preceding mass reaches ``t`` of the total (all of them if none does)."""
+    """Mean of the ``m`` defined correlations (NaN when ``m = 0``: a layer without variance); ``truncate=t``:
+    svcca's rule — mean of the first ``i`` values, ``i`` the first index whose preceding mass reaches ``t`` of the
+    total (all of them if none does)."""
     if truncate is None:
-        return jnp.where(m > 0, jnp.sum(rho) / jnp.maximum(m, 1), 0.0)
+        return jnp.where(m > 0, jnp.sum(rho) / jnp.maximum(m, 1), jnp.nan)
     total = jnp.sum(rho)
     before = jnp.cumsum(rho) - rho  # mass of the values before index i
     i = jnp.sum(before < truncate * total)
-    return jnp.where(total > 0, jnp.sum(jnp.where(jnp.arange(rho.shape[0]) < i, rho, 0.0)) / jnp.maximum(i, 1), 0.0)
+    mean = jnp.where(total > 0, jnp.sum(jnp.where(jnp.arange(rho.shape[0]) < i, rho, 0.0)) / jnp.maximum(i, 1), 0.0)
+    return jnp.where(m > 0, mean, jnp.nan)
 
 
 # --------------------------------------------------------------------------- metrics as (prepare, compare) pairs
@@ -134,7 +142,7 @@ def pwcca_metric(svcca_compatible: bool = False, epsilon: float | None = None) -
         a, rho, _ = jnp.linalg.svd(bx.u.T @ by.u, full_matrices=False)
         m = jnp.minimum(bx.rank, by.rank)
         rho = jnp.where(jnp.arange(rho.shape[0]) < m, jnp.clip(rho, 0.0, 1.0), 0.0)
-        return jnp.sum(_pwcca_weights(bx, a, svcca_compatible) * rho)
+        return jnp.where(m > 0, jnp.sum(_pwcca_weights(bx, a, svcca_compatible) * rho), jnp.nan)
 
     return functools.partial(basis, epsilon=epsilon, keep_raw=svcca_compatible), compare
 
@@ -157,15 +165,16 @@ def evaluate(metric: Metric, x: Array, y: Array) -> Array:
 @functools.lru_cache(maxsize=None)
 def _cca_metric(epsilon: float | None) -> Metric:
     def compare(bx: Basis, by: Basis) -> Array:  # all min(p1, p2) correlations (n < p: fewer from the SVD)
-        rho, _ = _correlations(bx, by)
-        return jnp.pad(rho, (0, min(bx.vt.shape[-1], by.vt.shape[-1]) - rho.shape[0]))
+        rho, m = _correlations(bx, by)
+        rho = jnp.pad(rho, (0, min(bx.vt.shape[-1], by.vt.shape[-1]) - rho.shape[0]))
+        return jnp.where(m > 0, rho, jnp.nan)
 
     return functools.partial(basis, epsilon=epsilon), compare
 
 
 def cca(x: Array, y: Array, *, epsilon: float | None = None) -> Array:
     """Canonical correlations of ``x: (n, p1)`` and ``y: (n, p2)`` → ``(min(p1, p2),)`` descending in [0, 1]
-    (zeros beyond ``min(rank_x, rank_y)``)."""
+    (zeros beyond ``min(rank_x, rank_y)``; all NaN when a layer has no variance)."""
     x, y = _checks.pair(x, y)
     return evaluate(_cca_metric(_checks.epsilon(epsilon)), x, y)
 

@@ -127,10 +127,6 @@ class Factor(NamedTuple):
     k: Array | None  # SVCCA: () leading directions kept (rank cut-off, then keep_variance)
 
 
-def _centred(x: Array) -> Array:
-    return x - jnp.mean(x, axis=0)
-
-
 def _cholesky_qr2(lapack: _linalg.Serial, xc: Array, r1: Array) -> tuple[Array, Array]:
     """Second half of CholeskyQR2 for ``xc: (n, p)`` given ``r1 = chol(xcᵀxc)``: ``(q = xc R₁⁻¹ (n, p), R₂ (p, p))``
     with ``qᵀq = R₂ᵀR₂``, so ``q R₂⁻¹`` is orthonormal to rounding."""
@@ -143,7 +139,7 @@ def _condition(layers: tuple[Array, ...], kind: str, keep_variance: float | None
                ) -> tuple[Factor, ...]:
     lapack = _linalg.Serial()
     tall = [i for i, x in enumerate(layers) if x.shape[1] <= x.shape[0]]
-    centred = {i: _centred(layers[i]) for i in tall}
+    centred = {i: _linalg.centred(layers[i]) for i in tall}  # largest magnitude 1: Grams in float32's range
     r1s = {i: lapack(upper_cholesky, gram(centred[i])) for i in tall}
     kappas = dict(zip(tall, _kappa_estimates(lapack, [r1s[i] for i in tall])))
     out = []
@@ -191,7 +187,7 @@ def _basis(lapack: _linalg.Serial, x: Array, f: Factor, route: tuple[bool, int],
         b = lapack(basis, x, epsilon=epsilon, keep_variance=keep_variance)  # the single-pair functions' thin SVD
         return b.u[:, :width], b.rank, None
     if kind == "mean_cca":
-        q, r2 = _cholesky_qr2(lapack, _centred(x), f.r1)
+        q, r2 = _cholesky_qr2(lapack, _linalg.centred(x), f.r1)
         return q, jnp.asarray(width, jnp.int32), r2
     mask = (jnp.arange(width) < f.k).astype(f.q.dtype)
     return f.q @ (f.w[:, :width] * mask), f.k, None  # the leading left singular vectors

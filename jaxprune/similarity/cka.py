@@ -9,6 +9,11 @@ Linear CKA never forms an n × n matrix when ``p ≤ n``: with centred ``X`` (n,
 ‖YᵀY‖_F)`` and HSIC₁ needs only ``‖XᵀY‖_F``, the row norms and their sums. For ``p > n`` a factor ``F`` with
 ``FFᵀ = XXᵀ`` (thin SVD, n columns) is used instead, so the cost is ``O(n · min(n, p1) · min(n, p2))``.
 Inside ``jit``/``vmap`` (tracers) only shapes are checked; non-finite input gives NaN.
+
+Scale: activations (and kernels given to :func:`cka_from_grams`) are divided by their largest magnitude before any
+product (centred ones again after centring), norms are combined as ``sqrt(a)·sqrt(b)``, and the minibatch sums
+carry a per-layer scale; every value is the same, to float32 rounding, for ``x`` and ``c·x`` at any ``c`` float32
+can hold the data at. A representation without variance (every sample the same) gives NaN: CKA is 0/0 there.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ def gram_rbf(x: Array, threshold: float = 1.0) -> Array:
     """``x: (n, p)`` → ``(n, n)`` Gaussian kernel ``exp(-‖x_i - x_j‖² / (2σ²))``, ``σ = threshold ·`` the median
     distance between distinct samples (Kornblith et al.'s code takes the median over all n² entries, zero diagonal
     included, which gives a slightly smaller σ for small n)."""
-    d2 = _sq_distances(x)
+    d2 = _sq_distances(_linalg.centred(x))  # σ is relative: centring and scaling x first change nothing
     n = x.shape[0]
     iu = jnp.triu_indices(n, 1)
     med = jnp.median(d2[iu])
@@ -59,8 +64,22 @@ def center_gram(k: Array, unbiased: bool = False) -> Array:
 
 
 def _cosine(kc: Array, lc: Array) -> Array:
-    den = jnp.sqrt(jnp.sum(kc * kc)) * jnp.sqrt(jnp.sum(lc * lc))
-    return jnp.where(den > 0, jnp.sum(kc * lc) / jnp.where(den > 0, den, 1.0), 0.0)
+    return _ratio(jnp.sum(kc * lc), jnp.sum(kc * kc), jnp.sum(lc * lc))
+
+
+def _centre_kernel(k: Array, unbiased: bool) -> Array:
+    """:func:`center_gram`, exactly zero for a constant kernel (off the diagonal, when ``unbiased``): the kernel of
+    a representation without variance, whose centring in float leaves rounding noise that a ratio of such terms
+    would turn into a plausible-looking similarity instead of 0/0."""
+    off = ~jnp.eye(k.shape[0], dtype=bool) if unbiased else jnp.ones(k.shape, bool)
+    varies = jnp.max(jnp.where(off, k, -jnp.inf)) > jnp.min(jnp.where(off, k, jnp.inf))
+    return jnp.where(varies, center_gram(k, unbiased), 0.0)
+
+
+def _centred_unit_gram(k: Array, unbiased: bool) -> Array:
+    """:func:`_centre_kernel` of ``k`` scaled to largest magnitude 1 (CKA and NBS are invariant to scaling a
+    kernel)."""
+    return _centre_kernel(_linalg.unit_scale(k), unbiased)
 
 
 # ------------------------------------------------------------------------------ metrics as (prepare, compare)
@@ -71,7 +90,7 @@ class _Linear(NamedTuple):
 
 
 def _linear_factor(x: Array) -> Array:
-    xc = x - jnp.mean(x, axis=0)
+    xc = _linalg.centred(x)  # largest magnitude 1: the sums of 4th powers below stay in float32's range
     n, p = x.shape
     if p <= n:
         return xc
@@ -107,8 +126,10 @@ def linear_cka_all_pairs(px: Sequence[_Linear], py: Sequence[_Linear], debiased:
 
 
 def _ratio(num: Array, a: Array, b: Array) -> Array:
-    den = jnp.sqrt(jnp.maximum(a, 0.0) * jnp.maximum(b, 0.0))
-    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+    """``num / sqrt(a·b)`` as ``num / (sqrt(a)·sqrt(b))`` (no overflow of ``a·b``); NaN where ``a`` or ``b`` is not
+    positive (a representation without variance: CKA is 0/0 there)."""
+    den = jnp.sqrt(jnp.maximum(a, 0.0)) * jnp.sqrt(jnp.maximum(b, 0.0))
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.nan)
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,13 +149,13 @@ def linear_cka_metric(debiased: bool = False) -> Metric:
 @functools.lru_cache(maxsize=None)
 def gram_cka_metric(debiased: bool = False) -> Metric:
     """Prepare = a Gram matrix → its centred (or U-centred) version; compare = cosine of centred Grams."""
-    return functools.partial(center_gram, unbiased=debiased), _cosine
+    return functools.partial(_centred_unit_gram, unbiased=debiased), _cosine
 
 
 @functools.lru_cache(maxsize=None)
 def rbf_cka_metric(threshold: float = 1.0, debiased: bool = False) -> Metric:
     def prepare(x: Array) -> Array:
-        return center_gram(gram_rbf(x, threshold), unbiased=debiased)
+        return _centre_kernel(gram_rbf(x, threshold), debiased)
 
     return prepare, _cosine
 
@@ -164,12 +185,16 @@ def cka_from_grams(k: Array, l: Array, *, debiased: bool = False) -> Array:
 
 # ------------------------------------------------------------------------------------ streaming minibatch CKA
 class MinibatchCKA(NamedTuple):
-    """Running sums of per-batch HSIC₁ (Nguyen et al. 2021) for every layer pair."""
+    """Running sums of per-batch HSIC₁ (Nguyen et al. 2021) for every layer pair, each layer's activations divided
+    by its ``scale``: the largest magnitude seen so far (sums rescaled when it grows, like a streaming logsumexp),
+    so the sums stay in float32's range at any activation scale; the ratios are unchanged (HSIC is homogeneous)."""
 
     xy: Array  # (Lx, Ly)
     xx: Array  # (Lx,)
     yy: Array  # (Ly,)
     batches: Array  # () number of batches seen
+    x_scale: Array  # (Lx,) largest |activation| of each x layer so far (0 before the first batch)
+    y_scale: Array  # (Ly,)
 
 
 def minibatch_cka_init(num_x: int, num_y: int | None = None, dtype=None) -> MinibatchCKA:
@@ -177,26 +202,33 @@ def minibatch_cka_init(num_x: int, num_y: int | None = None, dtype=None) -> Mini
     num_y = num_x if num_y is None else num_y
     dtype = dtype or _checks.float_dtype()
     return MinibatchCKA(jnp.zeros((num_x, num_y), dtype), jnp.zeros((num_x,), dtype), jnp.zeros((num_y,), dtype),
-                        jnp.zeros((), jnp.int32))
+                        jnp.zeros((), jnp.int32), jnp.zeros((num_x,), dtype), jnp.zeros((num_y,), dtype))
 
 
-def _ugrams(xs: Sequence[Array], dtype) -> Array:
-    """Per-layer U-centred linear Grams of one batch, stacked: ``(L, b, b)``."""
-    return jnp.stack([center_gram(gram_linear(x.reshape(x.shape[0], -1).astype(dtype)), unbiased=True)
-                      for x in xs])
+def _ugrams(xs: Sequence[Array], scale: Array, dtype) -> tuple[Array, Array, Array]:
+    """One batch's per-layer U-centred linear Grams of ``xs[l] / new_scale[l]``, stacked ``(L, b, b)``;
+    ``new_scale = max(scale, largest |xs[l]|)`` ``(L,)`` and ``shrink = scale / new_scale`` ``(L,)`` (1 where both
+    are 0), the factor each layer's earlier sums need (to the power of their degree in that layer)."""
+    xs = [x.reshape(x.shape[0], -1).astype(dtype) for x in xs]
+    new = jnp.maximum(scale, jnp.stack([jnp.max(jnp.abs(x)) for x in xs]))
+    safe = jnp.where(new > 0, new, 1.0)
+    grams = jnp.stack([_centre_kernel(gram_linear(x / safe[i]), True) for i, x in enumerate(xs)])
+    return grams, new, jnp.where(new > 0, scale / safe, 1.0)
 
 
 @jax.jit
 def _update(state: MinibatchCKA, xs: tuple, ys: tuple | None) -> MinibatchCKA:
     dtype = state.xy.dtype
-    kx = _ugrams(xs, dtype)
-    ky = kx if ys is None else _ugrams(ys, dtype)
+    kx, sx, rx = _ugrams(xs, state.x_scale, dtype)
+    ky, sy, ry = (kx, sx, rx) if ys is None else _ugrams(ys, state.y_scale, dtype)
     b = kx.shape[1]
     scale = 1.0 / (b * (b - 3))
     xy = jnp.einsum("aij,bij->ab", kx, ky) * scale
     xx = jnp.einsum("aij,aij->a", kx, kx) * scale
     yy = xx if ys is None else jnp.einsum("aij,aij->a", ky, ky) * scale
-    return MinibatchCKA(state.xy + xy, state.xx + xx, state.yy + yy, state.batches + 1)
+    rx2, ry2 = rx * rx, ry * ry  # HSIC(K_l, L_m) has degree 2 in each layer's activations
+    return MinibatchCKA(state.xy * rx2[:, None] * ry2[None, :] + xy, state.xx * rx2 * rx2 + xx,
+                        state.yy * ry2 * ry2 + yy, state.batches + 1, sx, sy)
 
 
 def minibatch_cka_update(state: MinibatchCKA, xs: Sequence[Array], ys: Sequence[Array] | None = None
@@ -224,7 +256,8 @@ def minibatch_cka_update(state: MinibatchCKA, xs: Sequence[Array], ys: Sequence[
 
 
 def minibatch_cka_result(state: MinibatchCKA) -> Array:
-    """``(Lx, Ly)`` minibatch CKA: ``Σ_b HSIC₁(K_b, L_b) / sqrt(Σ_b HSIC₁(K_b, K_b) · Σ_b HSIC₁(L_b, L_b))``."""
+    """``(Lx, Ly)`` minibatch CKA: ``Σ_b HSIC₁(K_b, L_b) / sqrt(Σ_b HSIC₁(K_b, K_b) · Σ_b HSIC₁(L_b, L_b))`` (NaN
+    in the rows/columns of a layer without variance)."""
     if int(state.batches) == 0:
         raise ValueError("state: no batch added yet (call minibatch_cka_update first)")
     if not all(bool(jnp.all(jnp.isfinite(a))) for a in (state.xy, state.xx, state.yy)):

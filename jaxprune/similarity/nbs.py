@@ -10,6 +10,10 @@ would otherwise add up to a visible bias.
 :func:`nbs` is the linear-kernel case from activations: with centred ``X``, ``Y``,
 ``NBS = ‖XᵀY‖_* / (‖X‖_F ‖Y‖_F)`` (nuclear norm), evaluated on ``(n, min(n, p))`` factors — no n × n matrix when
 ``p ≤ n``. Inside ``jit``/``vmap`` only shapes are checked; non-finite input gives NaN.
+
+Scale: activations and kernels are divided by their largest magnitude first and the traces combined as
+``sqrt(Tr K)·sqrt(Tr L)``, so ``x`` and ``c·x`` give the same value (to rounding) at any ``c`` float32 can hold
+the data at; a representation without variance gives NaN (0/0).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import jax.numpy as jnp
 
 from jaxprune.similarity import _checks
 from jaxprune.similarity.cca import Metric, evaluate
-from jaxprune.similarity.cka import _linear_factor, center_gram
+from jaxprune.similarity.cka import _centred_unit_gram, _linear_factor, _ratio
 
 Array = jax.Array
 
@@ -40,8 +44,7 @@ def _bures(kc: Array, lc: Array, epsilon: float | None) -> Array:
     ks = _psd_sqrt(kc, epsilon)
     m = ks @ lc @ ks
     mu = _clip(jnp.linalg.eigvalsh(0.5 * (m + m.T)), epsilon)
-    den = jnp.sqrt(jnp.maximum(jnp.trace(kc), 0.0) * jnp.maximum(jnp.trace(lc), 0.0))
-    return jnp.where(den > 0, jnp.sum(jnp.sqrt(mu)) / jnp.where(den > 0, den, 1.0), 0.0)
+    return _ratio(jnp.sum(jnp.sqrt(mu)), jnp.trace(kc), jnp.trace(lc))
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,23 +52,21 @@ def nbs_grams_metric(epsilon: float | None = None) -> Metric:
     def compare(kc: Array, lc: Array) -> Array:
         return _bures(kc, lc, epsilon)
 
-    return center_gram, compare
+    return functools.partial(_centred_unit_gram, unbiased=False), compare
 
 
 class _Factor(NamedTuple):
     f: Array  # (n, min(n, p)) centred factor, f fᵀ = X Xᵀ
-    norm: Array  # () ‖f‖_F = sqrt(Tr K)
+    sq_norm: Array  # () ‖f‖²_F = Tr K
 
 
 def _factor(x: Array) -> _Factor:
-    f = _linear_factor(x)
-    return _Factor(f, jnp.sqrt(jnp.sum(f * f)))
+    f = _linear_factor(x)  # largest magnitude 1 (scale-invariant)
+    return _Factor(f, jnp.sum(f * f))
 
 
 def _nbs_linear(a: _Factor, b: _Factor) -> Array:
-    nuclear = jnp.sum(jnp.linalg.svd(a.f.T @ b.f, compute_uv=False))
-    den = a.norm * b.norm
-    return jnp.where(den > 0, nuclear / jnp.where(den > 0, den, 1.0), 0.0)
+    return _ratio(jnp.sum(jnp.linalg.svd(a.f.T @ b.f, compute_uv=False)), a.sq_norm, b.sq_norm)
 
 
 @functools.lru_cache(maxsize=None)
