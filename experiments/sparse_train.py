@@ -1,6 +1,6 @@
 """Sparsity during training: ``python -m experiments.sparse_train --flagfile=experiments/configs/X.cfg``.
 
-Trains the dense network and, for every ``--methods`` × ``--sparsities`` × ``--seeds``, a network made sparse
+Trains the dense network and, for every ``--methods`` × ``--sparsity`` × ``--seeds``, a network made sparse
 during training by :mod:`jaxprune.sparse_training`: ``gradual`` (Zhu & Gupta's schedule from ``--prune_begin`` to
 ``--prune_end`` every ``--prune_frequency`` steps, by magnitude, ``--pattern`` unstructured / ``n:m`` / ``block``),
 ``rigl``, ``set`` (mask updates every ``--update_interval`` steps until ``--update_end``, cosine-decayed
@@ -40,10 +40,10 @@ SPEC = [row for row in common.TRAIN_SPEC] + [
     ("prune_output", False, "also prune the output layer (default: it stays dense, as in IMP)"),
     ("exclude", [], "regexes of parameter paths never pruned, re.search-ed against paths like 'conv_0/kernel'"),
     ("methods", list(METHODS), f"any of {', '.join(METHODS)}"),
-    ("sparsities", ["0.9", "0.95", "0.98"], "target sparsities (fractions of the prunable weights removed)"),
+    ("sparsity", ["0.9", "0.95", "0.98"], "target sparsities swept (fractions of the prunable weights removed)"),
     ("pattern", "unstructured", "gradual pruning's pattern (rigl/set/static: unstructured only)",
      tuple(patterns.PATTERNS)),
-    ("nm", "2:4", "n:m for --pattern=n:m (groups along the kernels' input axis); --sparsities must be 1 - n/m"),
+    ("nm", "2:4", "n:m for --pattern=n:m (groups along the kernels' input axis); --sparsity must be 1 - n/m"),
     ("block", [], "block shape for --pattern=block, one int per kernel dimension, e.g. 4,4"),
     ("gradual_distribution", "uniform", "gradual pruning's layer sparsities", tuple(sparse_training.DISTRIBUTIONS)),
     ("dst_distribution", "erk", "rigl/set/static layer sparsities", tuple(sparse_training.DISTRIBUTIONS)),
@@ -58,7 +58,7 @@ SPEC = [row for row in common.TRAIN_SPEC] + [
     ("workdir", "runs/sparse_train", "output directory"),
 ]
 DEFAULTS = common.defaults(SPEC)
-_VOLATILE = ("data_dir", "workdir", "seeds", "methods", "sparsities", "imp_results")  # may change on a rerun
+_VOLATILE = ("data_dir", "workdir", "seeds", "methods", "sparsity", "imp_results")  # may change on a rerun
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +80,7 @@ class Config:
         bad = [m for m in methods if m not in METHODS]
         if bad or not methods:
             raise ValueError(f"methods={list(methods)}: expected one or more of {METHODS}")
-        sparsities = tuple(common.fraction_list(c["sparsities"], "sparsities", upper_open=True))
+        sparsities = tuple(common.fraction_list(c["sparsity"], "sparsity", upper_open=True))
         options = _pattern_options(c)
         if c["pattern"] != "unstructured" and set(methods) - {"gradual"}:
             raise ValueError(f"pattern={c['pattern']!r}: rigl/set/static train unstructured masks; expected "
@@ -88,8 +88,8 @@ class Config:
         if c["pattern"] == "n:m":
             want = 1 - options["n"] / options["m"]
             if len(sparsities) != 1 or abs(sparsities[0] - want) > 1e-9:
-                raise ValueError(f"sparsities={list(sparsities)}: --pattern=n:m with --nm={c['nm']} expects "
-                                 f"--sparsities={want}")
+                raise ValueError(f"sparsity={list(sparsities)}: --pattern=n:m with --nm={c['nm']} expects "
+                                 f"--sparsity={want}")
             sparsities = (want,)
         return cls(c, methods, sparsities, common.seed_list(c["seeds"]), c["pattern"], options,
                    tuple(c["exclude"]), bool(c["prune_output"]))

@@ -257,7 +257,7 @@ def _zero_pruned(updates: PyTree, params: PyTree, mask: PyTree, prunable: PyTree
 
 def apply_mask(params: PyTree, state: SparseState) -> PyTree:
     """``params`` with the weights the state's mask prunes set to 0 (call once after ``tx.init``)."""
-    return jax.tree_util.tree_map(lambda p, m: jnp.where(m, p, jnp.zeros_like(p)), params, mask_of(state))
+    return masks.apply_mask(params, mask_of(state))
 
 
 def mask_of(state: SparseState) -> PyTree:

@@ -11,7 +11,7 @@ from experiments import sparse_train
 from jaxprune import checkpoint
 
 BASE = dict(dataset="digits", model="mlp", hidden=["24", "16"], normalize="unit", optimizer="sgd", lr=0.1,
-            weight_decay=0.0, schedule="constant", training_steps="40", batch_size=32, sparsities=["0.9"],
+            weight_decay=0.0, schedule="constant", training_steps="40", batch_size=32, sparsity=["0.9"],
             prune_begin="0", prune_end="20", prune_frequency="10", update_interval="10", update_end="30",
             seeds=["0", "1"])
 
@@ -37,17 +37,17 @@ def test_end_to_end_schema_densities_and_rerun(tmp_path):
     assert (tmp_path / "accuracy_vs_density.png").stat().st_size > 1000
     run = tmp_path / "rigl" / "0.9" / "seed_1" / "run.json"
     stamp = run.stat().st_mtime_ns
-    again = sparse_train.train_and_evaluate({**BASE, "methods": ["rigl"], "sparsities": ["0.9"]}, tmp_path)
+    again = sparse_train.train_and_evaluate({**BASE, "methods": ["rigl"], "sparsity": ["0.9"]}, tmp_path)
     assert run.stat().st_mtime_ns == stamp  # reused, not retrained
     assert again["methods"]["rigl"]["0.9"] == res["methods"]["rigl"]["0.9"]
     assert checkpoint.read_json(tmp_path / "results.json")["methods"].keys() == {"rigl"}
 
 
 def test_refusals(tmp_path):
-    with pytest.raises(ValueError, match="sparsities=\\[0.9\\]: --pattern=n:m with --nm=2:4 expects"):
+    with pytest.raises(ValueError, match="sparsity=\\[0.9\\]: --pattern=n:m with --nm=2:4 expects"):
         sparse_train.train_and_evaluate({**BASE, "methods": ["gradual"], "pattern": "n:m"}, tmp_path)
     with pytest.raises(ValueError, match="pattern='n:m': rigl/set/static train unstructured masks"):
-        sparse_train.train_and_evaluate({**BASE, "methods": ["rigl"], "pattern": "n:m", "sparsities": ["0.5"]},
+        sparse_train.train_and_evaluate({**BASE, "methods": ["rigl"], "pattern": "n:m", "sparsity": ["0.5"]},
                                         tmp_path)
     with pytest.raises(ValueError, match="methods=\\['snip'\\]"):
         sparse_train.train_and_evaluate({**BASE, "methods": ["snip"]}, tmp_path)
@@ -55,5 +55,5 @@ def test_refusals(tmp_path):
         sparse_train.train_and_evaluate({**BASE, "methods": ["set"], "update_end": "80"}, tmp_path)
     with pytest.raises(ValueError, match="dense_0/kernel: m=3: the axis length 64"):
         sparse_train.train_and_evaluate({**BASE, "methods": ["gradual"], "pattern": "n:m", "nm": "2:3",
-                                         "sparsities": [str(1 / 3)]}, tmp_path)
+                                         "sparsity": [str(1 / 3)]}, tmp_path)
     assert not (tmp_path / "config.json").exists()  # refused before any work
