@@ -6,7 +6,14 @@ required). Its state is a :class:`SparseState` NamedTuple — the step counter, 
 optimizer's :class:`~jaxprune.masks.MaskedState` (mask + inner state) — so an orbax checkpoint of the optimizer
 state resumes masks and schedules exactly. Mask updates run under ``lax.cond``: one compiled step serves every
 step. The returned updates set every pruned weight to exactly 0 (``update = -w``), so after ``apply_updates`` the
-params carry the mask; call :func:`apply_mask` once after ``init`` so the first forward pass is sparse too.
+params carry the mask; call :func:`apply_mask` once after ``init`` so the first forward pass is sparse too::
+
+    prunable = masks.prunable_leaves(params, exclude=("dense_2",))
+    tx = sparse_training.dynamic(optax.sgd(0.1), prunable, sparse_training.Dynamic("rigl", 0.9, end_step=3000), key)
+    opt_state = tx.init(params)
+    params = sparse_training.apply_mask(params, opt_state)
+    ...  # any loop: updates, opt_state = tx.update(grads, opt_state, params); params = optax.apply_updates(...)
+    sparse_training.report(opt_state, prunable)["density"]  # ≈ 0.1 (exact ceil counts per layer)
 
 * **Gradual** (:class:`Gradual`; Zhu & Gupta 2017): at steps ``t = t0 + kΔt`` (``k = 0..n``, ``t0 + nΔt`` the
   end step) every prunable leaf is pruned to ``s_k = s_f + (s_i − s_f)(1 − k/n)^power`` (power 3 in the paper) by
