@@ -21,8 +21,9 @@
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,7 @@ Array = jax.Array
 PATTERNS: dict[str, type] = {}
 
 __all__ = ["PATTERNS", "register_pattern", "get", "nm_mask", "block_mask", "prune", "nm_prune", "block_prune",
-           "pruned_count", "report", "describe"]
+           "prune_counts", "pruned_count", "report", "describe"]
 
 
 def register_pattern(name: str) -> Callable[[type], type]:
@@ -227,22 +228,28 @@ def prune(scores: PyTree, mask: PyTree, prunable: PyTree, sparsity: float, patte
     ``mask`` already prunes score ``-inf`` and stay pruned. Jittable (close over all but ``scores``, ``mask``)."""
     masks.check_trees(scores, mask, prunable, params_name="scores")
     options = dict(options or {})
-    s_leaves, treedef = jax.tree_util.tree_flatten(scores)
-    out = []
-    for path_leaf, m, p in zip(jax.tree_util.tree_leaves_with_path(scores), jax.tree_util.tree_leaves(mask),
+    counts = []
+    for (path, s), m, p in zip(jax.tree_util.tree_leaves_with_path(scores), jax.tree_util.tree_leaves(mask),
                                jax.tree_util.tree_leaves(prunable)):
-        path, s = path_leaf
-        if not p:
-            out.append(m)
-            continue
-        try:
-            k = pruned_count(pattern, sparsity, jnp.shape(s), **options)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{masks.path_str(path)}: {e}") from None
-        _refuse_nan(jnp.where(m, s, 0), f"scores of {masks.path_str(path)!r}")
-        s = jnp.where(m, s, -jnp.inf)
-        out.append(m & get(pattern).select(s, k, **options))
-    return treedef.unflatten(out)
+        if p:
+            try:
+                counts.append(pruned_count(pattern, sparsity, jnp.shape(s), **options))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{masks.path_str(path)}: {e}") from None
+            _refuse_nan(jnp.where(m, s, 0), f"scores of {masks.path_str(path)!r}")
+    return prune_counts(scores, mask, prunable, counts, pattern, options)
+
+
+def prune_counts(scores: PyTree, mask: PyTree, prunable: PyTree, counts: Sequence[int | Array], pattern: str,
+                 options: dict | None = None) -> PyTree:
+    """The core of :func:`prune`: ``counts[j]`` units pruned in the ``j``-th prunable leaf (flattening order;
+    ints or traced ints, e.g. looked up in a schedule's table under ``jit``), already-pruned weights first."""
+    select = functools.partial(get(pattern).select, **dict(options or {}))
+    counts = iter(counts)
+    out = [m & select(jnp.where(m, s, -jnp.inf), next(counts)) if p else m
+           for s, m, p in zip(jax.tree_util.tree_leaves(scores), jax.tree_util.tree_leaves(mask),
+                              jax.tree_util.tree_leaves(prunable))]
+    return jax.tree_util.tree_structure(scores).unflatten(out)
 
 
 def nm_prune(scores: PyTree, mask: PyTree, prunable: PyTree, n: int, m: int, axis: int = -2) -> PyTree:

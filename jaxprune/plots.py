@@ -190,3 +190,21 @@ def overlap_vs_density(density: Sequence[float], observed: Mapping[str, Sequence
     ax.legend(fontsize=6, ncol=2)
     ax.set_title(title)
     _save(fig, path)
+
+
+def methods_vs_density(series: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float] | None]],
+                       path: str | Path, *, dense: float | None = None, title: str = "") -> None:
+    """Test accuracy (%) of several sparsity methods against density (log, dense on the left): ``series[label] =
+    (densities, accuracies, std or None)`` as fractions; ``dense``: the dense network's accuracy, a dotted line."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (d, acc, std) in series.items():
+        order = np.argsort(d)[::-1]
+        pick = lambda v: np.asarray(v, float)[order]
+        _line_with_band(ax, pick(d), 100 * pick(acc), None if std is None else 100 * pick(std), label=label)
+    if dense is not None:
+        ax.axhline(100 * dense, color="k", ls=":", label="dense")
+    _density_axis(ax)
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    _save(fig, path)

@@ -1,0 +1,277 @@
+"""Sparsity during training: ``python -m experiments.sparse_train --flagfile=experiments/configs/X.cfg``.
+
+Trains the dense network and, for every ``--methods`` × ``--sparsity`` × ``--seeds``, a network made sparse
+during training by :mod:`jaxprune.sparse_training`: ``gradual`` (Zhu & Gupta's schedule from ``--prune_begin`` to
+``--prune_end`` every ``--prune_frequency`` steps, by magnitude, ``--pattern`` unstructured / ``n:m`` / ``block``),
+``rigl``, ``set`` (mask updates every ``--update_interval`` steps until ``--update_end``, cosine-decayed
+``--drop_fraction``) and ``static`` (a fixed random mask), the layers' densities ``--gradual_distribution`` /
+``--dst_distribution`` (uniform or ERK). The output layer stays dense unless ``--prune_output``; densities are
+fractions of the prunable weights kept. Same initialisation, data order and optimizer as the dense network.
+
+Writes to ``--workdir``: ``config.json`` (the run identity), ``dense/seed_<s>/`` (a trained network, as every
+experiment's), ``<method>/<sparsity>/seed_<s>/run.json`` (one finished run, with the settings that produced it:
+reused on a rerun, refused if they differ), ``results.json`` and ``accuracy_vs_density.png`` (beside the IMP
+curve of ``--imp_results``, an ``experiments.imp`` results.json of the same network, when given).
+
+``results.json``: ``{"dense": {"test_accuracy", "test_accuracy_std", "num_seeds"}, "methods": {method: {"0.9":
+{"test_accuracy", "test_accuracy_std", "density", "density_std", "num_seeds", "per_seed"}}}, "pattern", "config",
+"environment"}`` — fractions; mean and sample std (ddof = 1, ``jaxprune.conventions.summary``) over the seeds.
+
+Importable without side effects: :func:`train_and_evaluate` takes a config dict (keys = flag names; defaults in
+``DEFAULTS``) and a workdir.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from experiments import common
+from jaxprune import augment, checkpoint, conventions, masks, models, patterns, plots, sparse_training, train
+
+METHODS = ("gradual", "rigl", "set", "static")
+SPEC = [row for row in common.TRAIN_SPEC] + [
+    ("prune_output", False, "also prune the output layer (default: it stays dense, as in IMP)"),
+    ("exclude", [], "regexes of parameter paths never pruned, re.search-ed against paths like 'conv_0/kernel'"),
+    ("methods", list(METHODS), f"any of {', '.join(METHODS)}"),
+    ("sparsity", ["0.9", "0.95", "0.98"], "target sparsities swept (fractions of the prunable weights removed)"),
+    ("pattern", "unstructured", "gradual pruning's pattern (rigl/set/static: unstructured only)",
+     tuple(patterns.PATTERNS)),
+    ("nm", "2:4", "n:m for --pattern=n:m (groups along the kernels' input axis); --sparsity must be 1 - n/m"),
+    ("block", [], "block shape for --pattern=block, one int per kernel dimension, e.g. 4,4"),
+    ("gradual_distribution", "uniform", "gradual pruning's layer sparsities", tuple(sparse_training.DISTRIBUTIONS)),
+    ("dst_distribution", "erk", "rigl/set/static layer sparsities", tuple(sparse_training.DISTRIBUTIONS)),
+    ("prune_begin", "1ep", "gradual: first pruning step (steps or epochs, 'ep')"),
+    ("prune_end", "10ep", "gradual: last pruning step (rounded down to begin + a multiple of the frequency)"),
+    ("prune_frequency", "100", "gradual: steps between pruning steps"),
+    ("update_interval", "100", "rigl/set: steps between mask updates"),
+    ("update_end", "12ep", "rigl/set: no mask update from this step on (RigL: 75 % of training)"),
+    ("drop_fraction", 0.3, "rigl/set: fraction of each layer's weights rewired at step 0 (cosine decay)"),
+    ("seeds", ["0"], "seeds (network init, data order, random masks): s1,s2,… or s:e"),
+    ("imp_results", "", "an experiments.imp results.json of the same network, drawn beside (empty: none)"),
+    ("workdir", "runs/sparse_train", "output directory"),
+]
+DEFAULTS = common.defaults(SPEC)
+_VOLATILE = ("data_dir", "workdir", "seeds", "methods", "sparsity", "imp_results")  # may change on a rerun
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The experiment's own settings, parsed and checked once (the training flags stay in ``train``)."""
+
+    train: Mapping[str, Any]  # the TRAIN_SPEC flags, as common's helpers take them
+    methods: tuple[str, ...]
+    sparsities: tuple[float, ...]
+    seeds: tuple[int, ...]
+    pattern: str
+    options: Mapping[str, Any]
+    exclude: tuple[str, ...]
+    prune_output: bool
+
+    @classmethod
+    def parse(cls, c: Mapping[str, Any]) -> "Config":
+        methods = tuple(str(m) for m in c["methods"])
+        bad = [m for m in methods if m not in METHODS]
+        if bad or not methods:
+            raise ValueError(f"methods={list(methods)}: expected one or more of {METHODS}")
+        sparsities = tuple(common.fraction_list(c["sparsity"], "sparsity", upper_open=True))
+        options = _pattern_options(c)
+        if c["pattern"] != "unstructured" and set(methods) - {"gradual"}:
+            raise ValueError(f"pattern={c['pattern']!r}: rigl/set/static train unstructured masks; expected "
+                             f"--methods=gradual, got {list(methods)}")
+        if c["pattern"] == "n:m":
+            want = 1 - options["n"] / options["m"]
+            if len(sparsities) != 1 or abs(sparsities[0] - want) > 1e-9:
+                raise ValueError(f"sparsity={list(sparsities)}: --pattern=n:m with --nm={c['nm']} expects "
+                                 f"--sparsity={want}")
+            sparsities = (want,)
+        return cls(c, methods, sparsities, common.seed_list(c["seeds"]), c["pattern"], options,
+                   tuple(c["exclude"]), bool(c["prune_output"]))
+
+
+def _pattern_options(c: Mapping[str, Any]) -> dict:
+    if c["pattern"] == "n:m":
+        m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(c["nm"]))
+        if not m or not 0 < int(m[1]) < int(m[2]):
+            raise ValueError(f"nm={c['nm']!r}: expected 'n:m' with 0 < n < m, e.g. 2:4")
+        return {"n": int(m[1]), "m": int(m[2])}
+    if c["pattern"] == "block":
+        return {"block": common.int_list(c["block"], "block")}
+    return {}
+
+
+def _steps(c: Mapping[str, Any], key: str, spe: int) -> int:
+    return train.parse_duration(c[key], spe, key)
+
+
+def method_config(cfg: Config, method: str, sparsity: float, spe: int, steps: int):
+    """The :mod:`jaxprune.sparse_training` config of one run (``spe``: steps per epoch; ``steps``: its length)."""
+    c = cfg.train
+    if method == "gradual":
+        begin, end, freq = (_steps(c, k, spe) for k in ("prune_begin", "prune_end", "prune_frequency"))
+        if not 0 <= begin <= end < steps or freq < 1:
+            raise ValueError(f"prune_begin={c['prune_begin']!r}, prune_end={c['prune_end']!r}: expected 0 <= begin "
+                             f"<= end < training_steps ({steps} steps) and prune_frequency >= 1")
+        end = begin + (end - begin) // freq * freq
+        return sparse_training.Gradual(sparsity, begin, end, freq, pattern=cfg.pattern, options=cfg.options,
+                                       distribution=c["gradual_distribution"])
+    interval, end = _steps(c, "update_interval", spe), _steps(c, "update_end", spe)
+    if method != "static" and not interval < end <= steps:
+        raise ValueError(f"update_end={c['update_end']!r}: expected update_interval ({interval} steps) < "
+                         f"update_end <= training_steps ({steps} steps)")
+    return sparse_training.Dynamic(method, sparsity, c["dst_distribution"], interval, end, float(c["drop_fraction"]))
+
+
+def run_settings(cfg: Config, method: str, sparsity: float, seed: int) -> dict:
+    """What one sparse run depends on: the training settings, its method's and the pattern's."""
+    keys = [row[0] for row in SPEC if row[0] not in _VOLATILE]
+    return {**common.settings_of(dict(cfg.train), keys), "method": method, "sparsity": sparsity, "seed": int(seed)}
+
+
+def _prunable(cfg: Config, model, params, input_shape) -> Any:
+    exclude = cfg.exclude + (() if cfg.prune_output else tuple(
+        f"^{re.escape(layer)}/" for layer in common.output_layers(model, input_shape)))
+    return masks.prunable_leaves(params, exclude=exclude)
+
+
+def train_sparse(cfg: Config, model, data: tuple, method: str, sparsity: float, seed: int) -> dict:
+    """One sparse run from the dense network's initialisation and data order: its record."""
+    x, y, xt, yt = data
+    c = cfg.train
+    spe = train.steps_per_epoch(len(y), c["batch_size"])
+    steps = train.parse_duration(c["training_steps"], spe, "training_steps")
+    init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+    template = models.init(model, init_key, x.shape)
+    prunable = _prunable(cfg, model, template["params"], x.shape)
+    optim = common.optim_config(c, spe)
+    inner = train.make_optimizer(optim, train.make_schedule(optim, steps))
+    sc = method_config(cfg, method, sparsity, spe, steps)
+    if method == "gradual":
+        tx = sparse_training.gradual(inner, prunable, sc)
+    else:
+        tx = sparse_training.dynamic(inner, prunable, sc, jax.random.fold_in(init_key, 0x4D41534B))
+    state = train.create_state(template, tx)
+    state = state._replace(params=sparse_training.apply_mask(state.params, state.opt_state))
+    res = train.run(train.make_trainer(model, tx, augment=augment.by_name(c["augment"])), state, x, y,
+                    batch_size=c["batch_size"], num_steps=steps, data_key=data_key, loop=c["loop"],
+                    log_prefix=f"[{method} {sparsity} seed {seed}] ")
+    rep = sparse_training.report(res.state.opt_state, prunable, cfg.pattern, cfg.options)
+    return {"test_accuracy": common.accuracy(model, train.variables_of(res.state), xt, yt),
+            "density": rep["density"], "kept": rep["kept"], "total": rep["total"], "pattern": rep["pattern"],
+            "conforms": all(rep["conforms"].values()), "layer_densities": rep["layers"],
+            "train_loss": res.train_loss, "seconds": res.seconds, "steps": steps}
+
+
+def _summary(records: list[dict], keys: tuple[str, ...]) -> dict:
+    out: dict[str, Any] = {}
+    for key in keys:
+        s = conventions.summary([r[key] for r in records])
+        out[key], out[f"{key}_std"] = s["mean"], s["std"]
+    return {**out, "num_seeds": len(records)}
+
+
+def train_and_evaluate(config: Mapping[str, Any], workdir: str | Path) -> dict:
+    """Dense and sparse runs of every method × sparsity × seed (reusing finished ones); the ``results.json`` dict."""
+    c = common.with_defaults(dict(config), DEFAULTS)
+    cfg = Config.parse(c)
+    workdir = Path(workdir)
+    tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
+                              c["max_test_examples"])
+    model = common.build_model(c, tr.num_classes, input_shape=tr.images.shape, defaults=DEFAULTS)
+    for method in cfg.methods:  # refuse bad schedules and patterns the leaves cannot tile before any training
+        _preflight(cfg, model, tr.images.shape, method)
+    runs = {(m, s, seed): workdir / m / str(s) / f"seed_{seed}" for m in cfg.methods for s in cfg.sparsities
+            for seed in cfg.seeds}
+    common.check_trained(c, cfg.seeds, lambda s: workdir / "dense" / f"seed_{s}")
+    for (m, s, seed), d in runs.items():
+        common.check_stored(d / "run.json", run_settings(cfg, m, s, seed), f"the {m} run at sparsity {s}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint.check_run_config(workdir, c, _VOLATILE, added_later=common.ADDED_LATER)
+    data = train.to_device(tr.images, tr.labels, te.images, te.labels)
+    dense = []
+    for seed in cfg.seeds:
+        variables, _ = common.train_network(c, model, data[0], data[1], seed, workdir / "dense" / f"seed_{seed}")
+        dense.append({"test_accuracy": common.accuracy(model, variables, data[2], data[3])})
+    records: dict[tuple, dict] = {}
+    for (m, s, seed), d in runs.items():
+        if not common.check_stored(d / "run.json", run_settings(cfg, m, s, seed), f"the {m} run"):
+            rec = {**train_sparse(cfg, model, data, m, s, seed), "settings": run_settings(cfg, m, s, seed)}
+            d.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_json(d / "run.json", rec)
+            logging.info("%s at sparsity %s, seed %d: accuracy %.4f, density %.4f", m, s, seed,
+                         rec["test_accuracy"], rec["density"])
+        records[(m, s, seed)] = checkpoint.read_json(d / "run.json")
+    return _write(cfg, workdir, dense, records)
+
+
+def _preflight(cfg: Config, model, input_shape: tuple, method: str) -> None:
+    spe = train.steps_per_epoch(input_shape[0], cfg.train["batch_size"])
+    steps = train.parse_duration(cfg.train["training_steps"], spe, "training_steps")
+    params = jax.eval_shape(lambda: models.init(model, jax.random.PRNGKey(0), input_shape))["params"]
+    prunable = _prunable(cfg, model, params, input_shape)
+    for s in cfg.sparsities:
+        sc = method_config(cfg, method, s, spe, steps)
+        if method == "gradual":
+            sparse_training._gradual_table(params, prunable, sc)
+
+
+def _write(cfg: Config, workdir: Path, dense: list[dict], records: dict[tuple, dict]) -> dict:
+    methods: dict[str, dict] = {}
+    for m in cfg.methods:
+        methods[m] = {}
+        for s in cfg.sparsities:
+            per = [records[(m, s, seed)] for seed in cfg.seeds]
+            methods[m][str(s)] = {**_summary(per, ("test_accuracy", "density")),
+                                  "conforms": all(r["conforms"] for r in per),
+                                  "per_seed": {str(seed): {k: r[k] for k in ("test_accuracy", "density")}
+                                               for seed, r in zip(cfg.seeds, per)}}
+    results = {"dense": _summary(dense, ("test_accuracy",)), "methods": methods,
+               "pattern": patterns.describe(cfg.pattern, cfg.options), "config": dict(cfg.train),
+               "environment": common.environment()}
+    checkpoint.write_json(workdir / "results.json", results)
+    _plot(results, workdir / "accuracy_vs_density.png", cfg.train.get("imp_results", ""))
+    return results
+
+
+def _plot(results: dict, path: Path, imp_results: str) -> None:
+    series = {}
+    for m, by_s in results["methods"].items():
+        rows = list(by_s.values())
+        series[m] = ([r["density"] for r in rows], [r["test_accuracy"] for r in rows],
+                     [r["test_accuracy_std"] for r in rows])
+    if imp_results:
+        levels = checkpoint.read_json(imp_results, hint=f" (--imp_results={imp_results})")["levels"]
+        series["IMP (rewind to init)"] = ([r["density"] for r in levels], [r["test_accuracy"] for r in levels],
+                                          [r.get("test_accuracy_std", 0.0) for r in levels])
+    c = results["config"]
+    plots.methods_vs_density(series, path, dense=results["dense"]["test_accuracy"],
+                             title=f"{c['model']} on {c['dataset']}: sparse training ({results['pattern']})")
+
+
+def format_table(results: dict) -> str:
+    """Markdown: one row per method, one column per sparsity, ``mean ± std`` test accuracy (%)."""
+    sparsities = list(next(iter(results["methods"].values())))
+    d = results["dense"]
+    lines = [f"dense: {100 * d['test_accuracy']:.2f} ± {100 * d['test_accuracy_std']:.2f} % "
+             f"({d['num_seeds']} seeds); pattern {results['pattern']}",
+             "| method | " + " | ".join(f"sparsity {s} (density)" for s in sparsities) + " |",
+             "|---|" + "---|" * len(sparsities)]
+    for m, by_s in results["methods"].items():
+        cells = [f"{100 * r['test_accuracy']:.2f} ± {100 * r['test_accuracy_std']:.2f} ({r['density']:.4f})"
+                 for r in by_s.values()]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(results: dict, config: dict) -> str:
+    return format_table(results)
+
+
+if __name__ == "__main__":
+    common.launch(SPEC, train_and_evaluate, report)
