@@ -136,6 +136,11 @@ def imp_cases(root: Path) -> None:
         return "SILENT"
 
     case("imp", "config.json lr edited to match new flags", config_edited)
+    imp_derived_cases(root, base)
+
+
+def imp_derived_cases(root: Path, base: Path) -> None:
+    """Derived records of the IMP run in ``base`` (rebuilt, not refused), and a reader of its levels."""
 
     def derived(name):
         wd = fresh(base, f"derived_{name.replace('.', '_')}")

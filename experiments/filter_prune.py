@@ -139,9 +139,9 @@ def _redo_hint(d: Path) -> str:
     return f"; delete {d} to redo that round (later rounds are then redone too)"
 
 
-def _restore_shrunk(model, widths: dict[str, int], path: Path, input_shape, sha256: str | None = None,
-                    hint: str = ""):
-    """The model of the given widths and its variables from a round checkpoint (``sha256``: checked if given)."""
+def _restore_shrunk(model, widths: dict[str, int], path: Path, input_shape, sha256: str | None, hint: str = ""):
+    """The model of the given widths and its variables from a round checkpoint, checked against ``sha256`` (the
+    one its ``round.json`` records; None is refused: an unverified checkpoint is never restored)."""
     template = models.init(model, jax.random.PRNGKey(0), input_shape)
     example = (1,) + tuple(input_shape[1:])
     current = structured.widths(model, template, x=example)
