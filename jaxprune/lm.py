@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, Callable
 
@@ -77,9 +78,16 @@ def loss_fn(apply: Callable, params: PyTree, x: Array, y: Array) -> Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
+@functools.lru_cache(maxsize=32)
 def flax_apply(model: nn.Module) -> Callable[[PyTree, Array], Array]:
-    """``f(params, tokens) -> logits`` of a Flax module (its ``params`` collection only)."""
+    """``f(params, tokens) -> logits`` of a Flax module (its ``params`` collection only); the same function for
+    equal modules, so the jitted evaluation and sampling below compile once per model."""
     return lambda params, x: model.apply({"params": params}, x)
+
+
+@functools.lru_cache(maxsize=32)
+def _summed_loss(apply: Callable) -> Callable:
+    return jax.jit(lambda p, xb, yb: optax.softmax_cross_entropy_with_integer_labels(apply(p, xb), yb).sum())
 
 
 def make_chunk(apply: Callable, tx: optax.GradientTransformation, ids: Array, cfg: LMConfig) -> Callable:
@@ -102,7 +110,7 @@ def make_chunk(apply: Callable, tx: optax.GradientTransformation, ids: Array, cf
 
 def evaluate(apply: Callable, params: PyTree, x: np.ndarray, y: np.ndarray, batch_size: int = 64) -> float:
     """Mean cross-entropy (nats per character) over the windows ``x, y: (n, t)``, in batches."""
-    f = jax.jit(lambda p, xb, yb: optax.softmax_cross_entropy_with_integer_labels(apply(p, xb), yb).sum())
+    f = _summed_loss(apply)
     total = 0.0
     for i in range(0, x.shape[0], batch_size):
         total += float(f(params, jnp.asarray(x[i:i + batch_size]), jnp.asarray(y[i:i + batch_size])))
@@ -141,16 +149,24 @@ def generate(apply: Callable, params: PyTree, prompt: np.ndarray, key: Array, n:
     if prompt.size < 1 or not temperature > 0:
         raise ValueError("prompt: expected at least one id, and temperature > 0")
     buf = jnp.zeros((context,), jnp.int32).at[:prompt.size].set(prompt)
-
-    def step(carry, k):
-        buf, length = carry
-        logits = apply(params, buf[None])[0, jnp.minimum(length, context) - 1]
-        tok = jax.random.categorical(k, logits / temperature).astype(jnp.int32)
-        full = length >= context
-        buf = jnp.where(full, jnp.roll(buf, -1).at[context - 1].set(tok),
-                        buf.at[jnp.minimum(length, context - 1)].set(tok))
-        return (buf, length + 1), tok
-
-    _, toks = jax.jit(lambda b, ks: jax.lax.scan(step, (b, jnp.int32(prompt.size)), ks))(
-        buf, jax.random.split(key, n))
+    toks = _sampler(apply, context, float(temperature))(params, buf, jnp.int32(prompt.size), jax.random.split(key, n))
     return np.asarray(toks)
+
+
+@functools.lru_cache(maxsize=32)
+def _sampler(apply: Callable, context: int, temperature: float) -> Callable:
+    """Jitted ``(params, buf (context,), length, keys (n, 2)) -> ids (n,)``: the sampling loop of :func:`generate`."""
+
+    def run(params, buf, length, keys):
+        def step(carry, k):
+            buf, length = carry
+            logits = apply(params, buf[None])[0, jnp.minimum(length, context) - 1]
+            tok = jax.random.categorical(k, logits / temperature).astype(jnp.int32)
+            full = length >= context
+            buf = jnp.where(full, jnp.roll(buf, -1).at[context - 1].set(tok),
+                            buf.at[jnp.minimum(length, context - 1)].set(tok))
+            return (buf, length + 1), tok
+
+        return jax.lax.scan(step, (buf, length), keys)[1]
+
+    return jax.jit(run)
