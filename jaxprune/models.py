@@ -9,7 +9,10 @@ structured pruning uses to rebuild it smaller. Layer names:
 * ``ConvNet`` (LTH Conv-2/4/6): ``conv_0 … conv_{k-1}``, ``dense_0, dense_1, dense_2``;
 * ``VGG``: ``conv_i`` each followed by ``bn_i``, then ``dense_0`` (after global average pooling);
 * ``ResNet``: ``stem_conv, stem_bn``, blocks ``block{stage}_{index}`` holding ``conv_0, bn_0, conv_1, bn_1``
-  (and ``shortcut_conv, shortcut_bn`` where the shape changes), then ``dense``.
+  (and ``shortcut_conv, shortcut_bn`` where the shape changes), then ``dense``;
+* ``GPT`` (character language model, token ids ``(b, t) -> logits (b, t, vocab)``; not built by :func:`build`, no
+  representations): ``embed, pos_embed, block_{i}_attn/{q,k,v,out}, block_{i}_ln_{0,1}, block_{i}_fc,
+  block_{i}_proj, ln_f, head``.
 
 Every model sows its named intermediate representations (post-activation and pooling outputs, then ``logits``)
 into the ``"representations"`` collection; :func:`representations` returns them in forward order.
