@@ -141,10 +141,12 @@ def fit(apply: Callable, params: PyTree, train_ids: np.ndarray, cfg: LMConfig, d
     return params, {"train_loss": history, "seconds": seconds}
 
 
-def generate(apply: Callable, params: PyTree, prompt: np.ndarray, key: Array, n: int, context: int,
+def generate(model: nn.Module, params: PyTree, prompt: np.ndarray, key: Array, n: int,
              temperature: float = 1.0) -> np.ndarray:
     """``n`` ids sampled after ``prompt: (p,) int`` (p >= 1), each from the model's distribution at the last
-    position of the most recent ``context`` ids (divided by ``temperature``). Returns ``(n,)`` int32."""
+    position of the most recent ``model.context`` ids (logits divided by ``temperature``). ``model``: a Flax LM
+    with a ``context`` field (e.g. :class:`jaxprune.models.GPT`). Returns ``(n,)`` int32."""
+    context, apply = int(model.context), flax_apply(model)
     prompt = np.asarray(prompt, np.int32).reshape(-1)[-context:]
     if prompt.size < 1 or not temperature > 0:
         raise ValueError("prompt: expected at least one id, and temperature > 0")

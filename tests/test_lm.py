@@ -64,8 +64,8 @@ def test_gpt_is_causal_and_generate_is_reproducible():
     assert la.shape == (1, 8, 11)
     np.testing.assert_allclose(la[0, :5], lb[0, :5], atol=1e-6)
     assert np.abs(np.asarray(la[0, 5:] - lb[0, 5:])).max() > 1e-4
-    g1 = lm.generate(apply, params, np.array([1, 2]), jax.random.PRNGKey(3), 12, 8)
-    g2 = lm.generate(apply, params, np.array([1, 2]), jax.random.PRNGKey(3), 12, 8)
+    g1 = lm.generate(model, params, np.array([1, 2]), jax.random.PRNGKey(3), 12)
+    g2 = lm.generate(model, params, np.array([1, 2]), jax.random.PRNGKey(3), 12)
     assert g1.shape == (12,) and (g1 == g2).all() and g1.max() < 11
     # the first sampled id comes from the logits after the prompt
     logits = apply(params, jnp.array([[1, 2]]))[0, -1]
