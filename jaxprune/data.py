@@ -10,6 +10,11 @@ Where the data lives: ``data_dir`` argument, else the ``JAXPRUNE_DATA_DIR`` envi
 ``~/tensorflow_datasets``. For MNIST-like sets the directory may hold the raw IDX ``.gz`` files (directly or in a
 ``<name>/`` subfolder) or a TFDS-prepared folder (``<name>/<version>/`` directly or under ``tensorflow_datasets/``).
 Decoded TFDS arrays are cached as ``.npz`` under ``JAXPRUNE_CACHE_DIR`` (default ``~/.cache/jaxprune``).
+
+Text corpora (character-level language modelling) come from :func:`load_text` as a :class:`TextData`
+``(train, val, vocab)``: ``train``/``val`` int32 ``(n,)`` character ids, ``vocab`` the sorted distinct characters.
+``shakespeare`` is ``<data_dir>/shakespeare/shakespeare.txt`` (checked against its published sha256), split by
+characters: the first 90 % for training, the rest for validation.
 """
 from __future__ import annotations
 
@@ -22,13 +27,20 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Dataset", "DataError", "load", "available", "standardize", "scale_to_unit_range", "TOY_SIZES"]
+__all__ = ["Dataset", "DataError", "load", "available", "standardize", "scale_to_unit_range", "TOY_SIZES",
+           "TextData", "load_text", "text_data", "encode", "decode", "TEXTS"]
 
 
 class Dataset(NamedTuple):
     images: np.ndarray  # (n, h, w, c) float32, or (n, 2) for toys
     labels: np.ndarray  # (n,) int32
     num_classes: int
+
+
+class TextData(NamedTuple):
+    train: np.ndarray  # (n_train,) int32 character ids
+    val: np.ndarray  # (n_val,) int32 character ids
+    vocab: str  # the distinct characters, sorted; id i is vocab[i]
 
 
 class DataError(ValueError):
@@ -260,6 +272,67 @@ def _prepare_or_explain(name: str, builder, tfds_dir: Path) -> None:
 
     tfds.builder(name, data_dir=str(tfds_dir), file_format="array_record").download_and_prepare()
     del builder
+
+
+# ----------------------------------------------------------------------------------------------- text
+# Text corpora: file under the data dir, its sha256 (see the data README) and the training fraction of the split.
+TEXTS = {"shakespeare": ("shakespeare/shakespeare.txt",
+                         "04decea0dd965df5e6cfc4a538b0c62623aaa3bfd848ac7fad6734e59c96624d", 0.9)}
+
+
+def load_text(name: str, data_dir: str | os.PathLike | None = None) -> TextData:
+    """Character-level corpus ``name`` (a key of :data:`TEXTS`) split into train/val ids (see :func:`text_data`).
+
+    The file is checked against its published sha256; a missing or changed file is a :class:`DataError` naming it."""
+    if name not in TEXTS:
+        raise DataError(f"name={name!r}: unknown text corpus; expected one of {tuple(TEXTS)}")
+    rel, sha, train_fraction = TEXTS[name]
+    path = resolve_data_dir(data_dir) / rel
+    return _text_cached(str(path), sha, train_fraction)
+
+
+@functools.lru_cache(maxsize=2)
+def _text_cached(path: str, sha: str, train_fraction: float) -> TextData:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"missing file {p} (expected the corpus there: pass --data_dir or set JAXPRUNE_DATA_DIR to "
+                        "the folder holding shakespeare/shakespeare.txt)")
+    raw = p.read_bytes()
+    got = hashlib.sha256(raw).hexdigest()
+    if got != sha:
+        raise DataError(f"{p}: checksum mismatch, sha256 {got}, expected {sha} (corrupt or not the published file)")
+    return text_data(raw.decode("ascii"), train_fraction)
+
+
+def text_data(text: str, train_fraction: float = 0.9) -> TextData:
+    """``text`` as ids over its sorted distinct characters; the first ``floor(train_fraction · len)`` characters are
+    the training split, the rest validation (floor: 5,057,321 · 0.9 → 4,551,588 for Shakespeare)."""
+    if not 0.0 < train_fraction < 1.0:
+        raise DataError(f"train_fraction={train_fraction!r}: expected a fraction in (0, 1)")
+    if len(text) < 2:
+        raise DataError(f"text: expected at least 2 characters, got {len(text)}")
+    vocab = "".join(sorted(set(text)))
+    ids = encode(text, vocab)
+    cut = int(np.floor(train_fraction * len(text)))
+    cut = min(max(cut, 1), len(text) - 1)
+    return TextData(ids[:cut].copy(), ids[cut:].copy(), vocab)
+
+
+def encode(text: str, vocab: str) -> np.ndarray:
+    """``text`` as int32 ids ``(len(text),)`` into the sorted ``vocab``; a character outside it is a DataError."""
+    points = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    table = np.frombuffer(vocab.encode("utf-32-le"), np.uint32)
+    ids = np.minimum(np.searchsorted(table, points), len(table) - 1).astype(np.int32)
+    bad = table[ids] != points
+    if bad.any():
+        raise DataError(f"text: character {text[int(np.argmax(bad))]!r} is not in the vocabulary "
+                        f"({len(vocab)} characters)")
+    return ids
+
+
+def decode(ids, vocab: str) -> str:
+    """Ids ``(n,)`` back to text."""
+    return "".join(vocab[int(i)] for i in np.asarray(ids).reshape(-1))
 
 
 # ----------------------------------------------------------------------------------------------- transforms

@@ -9,7 +9,10 @@ structured pruning uses to rebuild it smaller. Layer names:
 * ``ConvNet`` (LTH Conv-2/4/6): ``conv_0 … conv_{k-1}``, ``dense_0, dense_1, dense_2``;
 * ``VGG``: ``conv_i`` each followed by ``bn_i``, then ``dense_0`` (after global average pooling);
 * ``ResNet``: ``stem_conv, stem_bn``, blocks ``block{stage}_{index}`` holding ``conv_0, bn_0, conv_1, bn_1``
-  (and ``shortcut_conv, shortcut_bn`` where the shape changes), then ``dense``.
+  (and ``shortcut_conv, shortcut_bn`` where the shape changes), then ``dense``;
+* ``GPT`` (character language model, token ids ``(b, t) -> logits (b, t, vocab)``; not built by :func:`build`, no
+  representations): ``embed, pos_embed, block_{i}_attn/{q,k,v,out}, block_{i}_ln_{0,1}, block_{i}_fc,
+  block_{i}_proj, ln_f, head``.
 
 Every model sows its named intermediate representations (post-activation and pooling outputs, then ``logits``)
 into the ``"representations"`` collection; :func:`representations` returns them in forward order.
@@ -338,6 +341,70 @@ class ResNet(nn.Module):
         x = _sow(self, "gap", jnp.mean(x, axis=(1, 2)))
         x = nn.Dense(self.num_classes, kernel_init=KERNEL_INIT, name="dense")(x)
         return _sow(self, "logits", x)
+
+
+# ----------------------------------------------------------------------------------------------- GPT
+GPT_INIT = nn.initializers.normal(0.02)  # GPT-2's initialiser for every kernel and embedding
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with separate ``q``, ``k``, ``v`` and ``out`` dense layers.
+
+    ``x: (b, t, d) -> (b, t, d)``; ``d`` must be divisible by ``heads``."""
+
+    heads: int
+    out_init: Callable = GPT_INIT
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, t, d = x.shape
+        if d % self.heads:
+            raise ValueError(f"heads={self.heads}: expected a divisor of the width {d}")
+        hd = d // self.heads
+        q, k, v = (nn.Dense(d, kernel_init=GPT_INIT, name=n)(x).reshape(b, t, self.heads, hd) for n in "qkv")
+        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) / jnp.sqrt(float(hd)).astype(x.dtype)
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
+        y = jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(logits, axis=-1), v).reshape(b, t, d)
+        return nn.Dense(d, kernel_init=self.out_init, name="out")(y)
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer on token ids: ``tokens: (b, t) int -> logits (b, t, vocab_size)`` with
+    ``t <= context``.
+
+    Pre-LayerNorm blocks ``x + attn(LN(x))``, ``x + mlp(LN(x))`` (MLP ``d -> mlp_ratio·d -> d``, GELU), learned
+    position embeddings, a final LayerNorm, and a readout ``head`` (or, with ``tie_embeddings``, the token
+    embedding's transpose). Kernels N(0, 0.02), residual projections N(0, 0.02/√(2·depth)) (GPT-2). Names:
+    ``embed, pos_embed, block_{i}_{ln_0, attn/{q,k,v,out}, ln_1, fc, proj}, ln_f, head``."""
+
+    vocab_size: int
+    context: int = 128
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: int = 4
+    tie_embeddings: bool = False
+
+    @nn.compact
+    def __call__(self, tokens: Array, train: bool = False) -> Array:
+        t = tokens.shape[-1]
+        if t > self.context:
+            raise ValueError(f"tokens: {t} positions, expected at most context={self.context}")
+        embed = nn.Embed(self.vocab_size, self.width, embedding_init=GPT_INIT, name="embed")
+        pos = self.param("pos_embed", GPT_INIT, (self.context, self.width))
+        x = embed(tokens) + pos[:t]
+        resid = nn.initializers.normal(0.02 / (2 * self.depth) ** 0.5)
+        for i in range(self.depth):
+            x = x + CausalSelfAttention(self.heads, resid, name=f"block_{i}_attn")(
+                nn.LayerNorm(name=f"block_{i}_ln_0")(x))
+            h = nn.LayerNorm(name=f"block_{i}_ln_1")(x)
+            h = nn.gelu(nn.Dense(self.mlp_ratio * self.width, kernel_init=GPT_INIT, name=f"block_{i}_fc")(h))
+            x = x + nn.Dense(self.width, kernel_init=resid, name=f"block_{i}_proj")(h)
+        x = nn.LayerNorm(name="ln_f")(x)
+        if self.tie_embeddings:
+            return embed.attend(x)
+        return nn.Dense(self.vocab_size, kernel_init=GPT_INIT, name="head")(x)
 
 
 # ----------------------------------------------------------------------------------------------- helpers

@@ -17,12 +17,12 @@ LIB = ROOT / "jaxprune"
 
 # Top-level library modules (a package counts as one module) by layer; docs/design.md draws the same picture.
 LAYERS: dict[str, int] = {
-    "conventions": 0, "_validate": 0,
-    "data": 1, "models": 1, "augment": 1, "distributed": 1, "checkpoint": 1, "plots": 1, "masks": 1,
-    "similarity": 1,
-    "train": 2, "patterns": 2, "graph": 2,
-    "replicas": 3, "structured": 3, "lrp": 3, "sparse_training": 3, "lm": 3, "calibrated": 3,
-    "imp": 4, "merging": 4, "criteria": 4, "analysis": 4, "runs": 5,
+    "_validate": 0, "conventions": 1,
+    "data": 2, "models": 2, "augment": 2, "distributed": 2, "checkpoint": 2, "plots": 2, "masks": 2,
+    "similarity": 2,
+    "train": 3, "patterns": 3, "graph": 3,
+    "replicas": 4, "structured": 4, "lrp": 4, "sparse_training": 4, "lm": 4, "calibrated": 4,
+    "imp": 5, "merging": 5, "criteria": 5, "analysis": 5, "runs": 6,
 }
 PRUNING = {"masks", "patterns", "imp", "structured", "merging", "graph", "lrp", "criteria", "sparse_training",
            "calibrated", "analysis"}
