@@ -44,7 +44,7 @@ import numpy as np
 Array = jax.Array
 PyTree = Any
 
-__all__ = ["Net", "Layer", "Graph", "net", "build", "run", "shrink", "silence", "rebuild", "count_macs",
+__all__ = ["Net", "Layer", "Graph", "net", "build", "run", "shrink", "silence", "rebuild", "count_macs", "uncounted", "param_roles",
            "UnsupportedError"]
 
 
@@ -838,8 +838,9 @@ def _linear(e: Eqn, k: int, prog: Program, origin, sources, leaf_of, n: Net, lay
         _opaque(e, [v for v in e.ins if isinstance(v, int) and v in origin], origin, new_units, freeze, note, shapes)
         return lead(note)
     src = sources.get(w, frozenset())
-    if w in leaf_of:
-        leaf = leaf_of[w]
+    leaf, perm = _kernel_view(w, leaf_of, prog)
+    if leaf is not None:
+        pass
     elif w in prog.consts or not src:
         # a linear map with constant weights (e.g. a fixed filter): weight-free, proportional LRP
         note = f"{e.name} with constant weights"
@@ -854,12 +855,18 @@ def _linear(e: Eqn, k: int, prog: Program, origin, sources, leaf_of, n: Net, lay
     xshape = shapes[a]
     if e.name == "dot_general":
         (lc, rc), (lb, rb) = e.params["dimension_numbers"]
-        if lb or rb or tuple(lc) != (len(xshape) - 1,) or tuple(rc) != (0,) or len(kshape) != 2:
+        if lb or rb or tuple(lc) != (len(xshape) - 1,) or tuple(rc) not in ((0,), (1,)) or len(kshape) != 2 or \
+                (perm is None and tuple(rc) != (0,)):
             note = (f"dot_general with dimension numbers {e.params['dimension_numbers']} (a dense layer contracts "
-                    "the activation's last axis with axis 0 of a 2-D kernel)")
+                    "the activation's last axis with one axis of a 2-D kernel)")
             _opaque(e, [a], origin, new_units, freeze, note, shapes)
             return lead(note)
-        kind, in_axis, out_axis, positions = "dense", 0, 1, int(np.prod(e.shapes[0][1:-1])) if len(e.shapes[0]) > 2 else 1
+        in_axis = (perm or (0, 1))[int(rc[0])]  # the kernel leaf's axes (a transposed view: a tied weight)
+        kind, out_axis, positions = "dense", 1 - in_axis, int(np.prod(e.shapes[0][1:-1])) if len(e.shapes[0]) > 2 else 1
+    elif perm is not None:
+        note = "conv_general_dilated with a transposed kernel"
+        _opaque(e, [a], origin, new_units, freeze, note, shapes)
+        return lead(note)
     else:
         dn = e.params["dimension_numbers"]
         lhs, rhs, out = dn.lhs_spec, dn.rhs_spec, dn.out_spec
@@ -873,6 +880,8 @@ def _linear(e: Eqn, k: int, prog: Program, origin, sources, leaf_of, n: Net, lay
         kind, in_axis, out_axis = "conv", int(rhs[1]), int(rhs[0])
         positions = int(np.prod(e.shapes[0][1:-1]))
     name = n.module_path(leaf) or n.paths[leaf]
+    uses = sum(1 for l in layers if l["kernel"] == leaf)
+    name = name if not uses else f"{name}#{uses + 1}"  # a kernel used again (tied weights): its own layer name
     li = len(layers)
     units = int(kshape[out_axis])
     ids = new_units(units, li)
@@ -883,6 +892,19 @@ def _linear(e: Eqn, k: int, prog: Program, origin, sources, leaf_of, n: Net, lay
     origin[e.outs[0]] = ids
     last_layer[0] = name
     return "linear", "rule", ""
+
+
+def _kernel_view(w, leaf_of: dict, prog: Program) -> tuple[int | None, tuple | None]:
+    """``(leaf, None)`` when ``w`` is a parameter leaf, ``(leaf, perm)`` when it is a 2-D leaf transposed (a tied
+    weight read as ``kernel.T``; ``perm[j]``: the leaf axis of ``w``'s axis ``j``), else ``(None, None)``."""
+    if isinstance(w, tuple):
+        return None, None
+    if w in leaf_of:
+        return leaf_of[w], None
+    e = next((e for e in prog.eqns if w in e.outs), None)
+    if e is None or e.name != "transpose" or isinstance(e.ins[0], tuple) or e.ins[0] not in leaf_of:
+        return None, None
+    return leaf_of[e.ins[0]], tuple(int(p) for p in e.params["permutation"])
 
 
 def _opaque(e: Eqn, act_in, origin, new_units, freeze, note: str, shapes) -> None:
@@ -1098,8 +1120,15 @@ def folded(g: Graph, layer: Layer, env_or_leaves) -> tuple[Array, Array]:
     a = a_full.reshape(-1, shape[-1])[0]
     b = b_full.reshape(-1, shape[-1])[0]
     bshape = [1] * w.ndim
-    bshape[layer.out_axis] = layer.units
+    bshape[_operand_out_axis(e, layer)] = layer.units
     return w * a.reshape(bshape).astype(w.dtype), b
+
+
+def _operand_out_axis(e: Eqn, layer: Layer) -> int:
+    """The units' axis of the kernel *operand* (a tied ``kernel.T`` has it where the leaf has its input axis)."""
+    if e.name == "dot_general":
+        return 1 - int(e.params["dimension_numbers"][0][1][0])
+    return layer.out_axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1193,8 +1222,9 @@ def shrink(g: Graph, keep: Mapping[str, Any]) -> list[Array]:
 
 def silence(g: Graph, keep: Mapping[str, Any]) -> list[Array]:
     """Same shapes, the units not kept silenced: their kernel columns and the chain's per-channel offsets and
-    scales (bias; BatchNorm's scale and bias) zeroed, so their pre-activation is exactly 0. An empty ``keep`` for a
-    layer silences all of it."""
+    scales (bias; BatchNorm's scale and bias) zeroed, so their pre-activation is exactly 0, and the input rows of
+    every layer reading them zeroed, so whatever the activation makes of 0 reaches no consumer (the network then
+    computes what the shrunk one does). An empty ``keep`` for a layer silences all of it."""
     removed = g.removed_units(keep)
     leaves = list(g.net.leaves)
     by_leaf: dict[int, list] = {}
@@ -1205,6 +1235,8 @@ def silence(g: Graph, keep: Mapping[str, Any]) -> list[Array]:
         l = g.layers[name]
         targets.append((l.kernel, l.out_axis))
         targets += [(leaf, axis) for leaf in l.zero for axis, _ in by_leaf.get(leaf, [])]
+    # the consumers' input rows: a silenced unit still sends act(0) (sigmoid: 0.5; ReLU → BatchNorm: BN(0) ≠ 0)
+    targets += [(l.kernel, l.in_axis) for l in g.layers.values() if l.in_axis in dict(by_leaf.get(l.kernel, []))]
     for leaf, axis in dict.fromkeys(targets):
         ids = dict(by_leaf[leaf])[axis]
         off = removed[ids]
@@ -1329,13 +1361,117 @@ def _discover_fields(g: Graph, model, x) -> dict:
     return found
 
 
+# ----------------------------------------------------------------------------------------------- roles
+def param_roles(g: Graph) -> dict[str, str]:
+    """``{Net.paths[i]: role}`` of every parameter, read from the program: ``"kernel"`` (an operand of a
+    ``dot_general`` or convolution of an activation — dense, conv, ``DenseGeneral`` and attention projections, a
+    tied ``kernel.T``, whatever its shape), ``"embedding"`` (a table ``gather``-ed by activation indices; wins over a
+    tied readout's ``"kernel"``), ``"other"`` (biases of any shape, norms' scales, statistics, position embeddings,
+    class tokens). A parameter passed into control flow or a custom call with activations, whose use cannot be read,
+    is a ``"kernel"`` when it is a floating array of ``ndim >= 2`` (the ``ndim`` rule it replaces), else ``"other"``."""
+    prog, leaves = g.program, g.net.leaves
+    src = {vid: frozenset({i}) for i, vid in enumerate(prog.leaf_ids)}
+    roles: dict[int, str] = {}
+    for e in prog.eqns:
+        act = [isinstance(a, int) and a in g.origins for a in e.ins]
+        weights = [src.get(a, frozenset()) for a, f in zip(e.ins, act) if not f and isinstance(a, int)]
+        if not any(act):
+            for o in e.outs:
+                src[o] = frozenset().union(*weights)
+            continue
+        if e.name in ("gather", "dynamic_slice") and not act[0]:
+            role = "embedding"
+        elif e.name in LINEAR:
+            role = "kernel"
+        elif _inner(e) is not None or "branches" in e.params or "body_jaxpr" in e.params:
+            role = "opaque"
+        else:
+            continue
+        for leaf in frozenset().union(*weights):
+            if role == "opaque":
+                x = leaves[leaf]
+                role_here = "kernel" if len(x.shape) >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else "other"
+                roles.setdefault(leaf, role_here)
+            elif roles.get(leaf) != "embedding":
+                roles[leaf] = role
+    return {p: roles.get(i, "other") for i, p in enumerate(g.net.paths)}
+
+
 # ----------------------------------------------------------------------------------------------- cost
 def count_macs(g: Graph) -> dict[str, int]:
-    """Multiply-accumulates per example of every linear layer: kernel size × output positions."""
+    """Multiply-accumulates per example of every ``dot_general`` and convolution of the program.
+
+    A linear layer is keyed by its name (kernel size × output positions); every other product is keyed
+    ``"<op> after <layer>"`` (numbered from ``#2`` when repeated): attention's activation × activation products
+    (``q·kᵀ``, ``attn·v``), ``DenseGeneral``/einsum projections, grouped and depthwise convolutions (``out_elems ·
+    kh·kw·cin/groups``). Products of weights alone (a kernel computed from parameters) count once per call.
+    Operations whose inner programs hold products the count cannot read (control flow, custom calls) are listed by
+    :func:`uncounted`, never dropped silently."""
     out = {}
     for name, l in g.layers.items():
         out[name] = int(l.positions) * int(np.prod(np.shape(g.net.leaves[l.kernel])))
+    batch = int(g.program.shapes[g.program.x_id][0]) if g.program.shapes[g.program.x_id] else 1
+    layer_eqns = {l.eqn for l in g.layers.values()}
+    for k, e in enumerate(g.program.eqns):
+        if e.name not in LINEAR or k in layer_eqns:
+            continue
+        macs = _eqn_macs(e, g.program.shapes)
+        per_example = g.kinds[k] != "weight"
+        key = _product_name(g, k, e) if per_example else f"{e.name} of weights"
+        key = next(f"{key}#{i}" if i > 1 else key for i in range(1, len(out) + 2)
+                   if (f"{key}#{i}" if i > 1 else key) not in out)
+        out[key] = int(macs // max(batch, 1)) if per_example else int(macs)
     return out
+
+
+def _product_name(g: Graph, k: int, e: Eqn) -> str:
+    """The module path of a parameter operand (``"enc/attn/query"``), else ``"<op> after <layer>"``."""
+    leaf_of = {vid: i for i, vid in enumerate(g.program.leaf_ids)}
+    for a in e.ins:
+        leaf, _ = _kernel_view(a, leaf_of, g.program)
+        if leaf is not None:
+            return g.net.module_path(leaf) or g.net.paths[leaf]
+    return f"{e.name} after {g.near[k]}" if g.near[k] else f"{e.name} before the first layer"
+
+
+def _eqn_macs(e: Eqn, shapes: dict) -> int:
+    """MACs of one ``dot_general`` (``out_elems · contracted size``) or convolution (``out_elems · kernel size /
+    output features``, i.e. ``kh·kw·cin/groups``)."""
+    def shape(a):
+        return tuple(np.shape(a[1])) if isinstance(a, tuple) else tuple(shapes[a])
+
+    out = int(np.prod(e.shapes[0]))
+    if e.name == "dot_general":
+        (lc, _), _ = e.params["dimension_numbers"]
+        lhs = shape(e.ins[0])
+        return out * int(np.prod([lhs[i] for i in lc]))
+    rhs = shape(e.ins[1])
+    out_feature_axis = e.params["dimension_numbers"].rhs_spec[0]
+    return out * int(np.prod(rhs)) // int(rhs[out_feature_axis])
+
+
+def uncounted(g: Graph) -> tuple[str, ...]:
+    """Operations whose inner programs contain products :func:`count_macs` does not count (``scan``, ``while``,
+    ``cond``, custom calls around a matmul), each named with the layer before it; empty when every product counts."""
+    found = []
+    for k, e in enumerate(g.program.eqns):
+        inner = [j for j in (_inner(e),) if j is not None] + [b.jaxpr for b in e.params.get("branches", ())]
+        inner += [j.jaxpr for key in ("body_jaxpr", "cond_jaxpr") for j in [e.params.get(key)] if j is not None]
+        if any(_has_product(j) for j in inner):
+            where = f"after layer {g.near[k]!r}" if g.near[k] else "before the first layer"
+            found.append(f"{e.name} {where}")
+    return tuple(found)
+
+
+def _has_product(jaxpr) -> bool:
+    for e in jaxpr.eqns:
+        if e.primitive.name in LINEAR:
+            return True
+        subs = [v for v in e.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr")]
+        subs += [b for b in e.params.get("branches", ())]
+        if any(_has_product(getattr(v, "jaxpr", v)) for v in subs):
+            return True
+    return False
 
 
 # ----------------------------------------------------------------------------------------------- example inputs
