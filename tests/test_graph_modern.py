@@ -164,3 +164,30 @@ def test_imp_prunes_the_vit_kernels_not_its_attention_biases_or_position_embeddi
     tree = imp.prunable_tree(task, imp.ImpConfig(), params)
     assert not tree["enc"]["mha"]["query"]["bias"] and tree["enc"]["mha"]["out"]["kernel"]
 
+
+# ----------------------------------------------------------------------------------------------- the op registry
+def test_an_unregistered_op_is_refused_by_name_and_one_registered_handler_makes_it_followable(monkeypatch):
+    from jaxprune.graph import ops
+
+    model = M.SortedTokens()
+    v, x = _setup(model, (3, 4, 4))
+    g = graph.build(model, v, x)
+    assert g.prunable() == () and "sort is not an operation the graph can follow" in g.why_not_prunable("tok_in")
+    with pytest.raises(graph.UnsupportedError, match="sort is not an operation .* after layer 'tok_in'"):
+        criteria.scores("lrp", model, v, x, jnp.zeros(3, jnp.int32))
+
+    monkeypatch.setattr(ops, "OPS", dict(ops.OPS))  # the registry and the graph cache restored after the test
+    monkeypatch.setattr(graph.analyse, "_CACHE", {})
+
+    @ops.register_op("sort")
+    def sort_positions(e, t):  # sorting along positions keeps each value in its channel
+        if int(e.params["dimension"]) == len(e.shapes[0]) - 1:
+            return t.opaque(e, "sort along the channel axis")
+        t.origin[e.outs[0]] = t.origin[t.acts(e)[0]]
+        return "move", ""
+
+    g = graph.build(model, v, x)
+    assert g.prunable() == ("tok_in",)
+    small, sv = st.remove_units(model, v, "tok_in", np.array([0, 3]), x=x)
+    masked = st.mask_units(model, v, "tok_in", np.array([0, 3]), x=x)
+    np.testing.assert_allclose(model.apply(masked, x), small.apply(sv, x), rtol=1e-5, atol=1e-5)
