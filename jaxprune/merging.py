@@ -283,9 +283,22 @@ def fold(w: Array, dec: Decomposition, axis: int = 0) -> Array:
 # The wiring (which BatchNorm follows a layer, which layers read it) is the model's graph (jaxprune.graph), the one
 # structured pruning uses, so merging and physical removal can never disagree about the topology.
 def mergeable_layers(model: Any, *, variables: PyTree = None, x: Any = None) -> tuple[str, ...]:
-    """Layers that can be merged, in forward order: every layer :func:`jaxprune.structured.remove_units` can shrink
-    alone (not output layers, nor layers whose outputs are summed with a residual), read from the model's graph."""
-    return structured.prunable_layers(model, variables=variables, x=x)
+    """Layers :func:`merge` accepts, in forward order, read from the model's graph: layers
+    :func:`jaxprune.structured.remove_units` can shrink alone (not output layers, nor layers whose outputs are summed
+    with a residual) whose path to the layers reading them is positively homogeneous (ReLU, pooling, reshapes; not
+    sigmoid, nor a BatchNorm after the activation) and whose chain is a bias or a BatchNorm."""
+    variables = structured._need(model, variables, x, "mergeable_layers")
+    g = _graph(model, variables, x)
+    return tuple(n for n in g.prunable() if _merge_refusal(g, n) is None)
+
+
+def _merge_refusal(g: graph.Graph, layer: str) -> str | None:
+    """Why :func:`merge` refuses ``layer`` (the error :func:`_link` raises), or None."""
+    try:
+        _link(g, layer)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _graph(model: Any, variables: PyTree, x: Any = None) -> graph.Graph:

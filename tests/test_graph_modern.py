@@ -191,3 +191,16 @@ def test_an_unregistered_op_is_refused_by_name_and_one_registered_handler_makes_
     small, sv = st.remove_units(model, v, "tok_in", np.array([0, 3]), x=x)
     masked = st.mask_units(model, v, "tok_in", np.array([0, 3]), x=x)
     np.testing.assert_allclose(model.apply(masked, x), small.apply(sv, x), rtol=1e-5, atol=1e-5)
+
+
+def test_mergeable_layers_lists_only_the_layers_merge_accepts():
+    from jaxprune import merging
+
+    for model in (M.SigmoidMLP(), M.ReluThenNorm()):  # sigmoid, BN after ReLU: not positively homogeneous
+        v, x = _setup(model, (4, 5))
+        layer = graph.build(model, v, x).prunable()[0]
+        assert merging.mergeable_layers(model, variables=v) == ()
+        with pytest.raises(ValueError, match="positively homogeneous"):
+            merging.decompose_layer(model, v, layer, 2)
+    plain, shape = U.PlainMLP(), (3, 5, 2)
+    assert merging.mergeable_layers(plain, variables=U.init(plain, shape)) == ("fc1", "fc2")
