@@ -69,6 +69,8 @@ SPEC = [
     ("scope", "global", "rank magnitudes across all layers or per layer", masks.SCOPES),
     ("prune_output", False, "also prune the output layer's kernel"),
     ("prune_biases", False, "also prune the biases of the pruned layers, ranked with their weights"),
+    ("prune_embeddings", False, "also prune embedding tables (weights are chosen by their role in the model: the "
+                                "kernels of dense, conv and attention projections)"),
     ("exclude", [], "regexes of parameter paths never pruned, re.search-ed against paths like 'dense_0/kernel' "
                     "('^dense_' prunes only the convolutions)"),
     ("rewind", "init", "where each pruned level starts training", imp.REWINDS),
@@ -99,7 +101,8 @@ SPEC = [*SPEC, *ANALYSIS_SPEC]
 ANALYSIS_FLAGS = tuple(row[0] for row in ANALYSIS_SPEC)  # not IMP settings: never in config.json
 DEFAULTS = common.defaults(SPEC)
 # older config.json files ran with these values
-ADDED_LATER = {**common.ADDED_LATER, "exclude": [], "clip_grad_norm": 0.0, "prune_biases": False, "finetune_lr": None}
+ADDED_LATER = {**common.ADDED_LATER, "exclude": [], "clip_grad_norm": 0.0, "prune_biases": False, "finetune_lr": None,
+                "prune_embeddings": False}
 # Flag names of earlier releases (accepted with a deprecation warning until the next one): --seed=S
 # --num_replicas=K is --seeds=S,…,S+K-1.
 RENAMED = (common.Renamed((("seed", 0, "seed for initialisation, data order, dropout and control branches"),
@@ -173,7 +176,8 @@ def build(config: dict, strict: bool = True) -> Built:
         f"^{re.escape(layer)}/" for layer in common.output_layers(model, tr.images.shape)))
     cfg = imp.ImpConfig(levels=c["levels"], fraction=c["prune_fraction"], scope=c["scope"], rewind=c["rewind"],
                         rewind_step=duration("rewind_step", c["rewind_step"]), branch=c["branch"], exclude=exclude,
-                        prune_biases=c["prune_biases"], finetune_lr=c["finetune_lr"])
+                        prune_biases=c["prune_biases"], finetune_lr=c["finetune_lr"],
+                        prune_embeddings=c["prune_embeddings"])
     task = imp.Task(model, *train.to_device(tr.images, tr.labels, te.images, te.labels), optim=optim,
                     num_steps=num_steps, batch_size=c["batch_size"], seed=seed, loop=c["loop"],
                     eval_every_epoch=c["eval_every_epoch"], num_replicas=num_replicas,
@@ -403,7 +407,7 @@ class _Analyzer:
     def prunable(self):
         if self._prunable is None:
             params = _replica(self.level(0)["state"].params, 0, self.k)
-            self._prunable = masks.prunable_leaves(params, exclude=self.cfg.exclude, biases=self.cfg.prune_biases)
+            self._prunable = imp.prunable_tree(self.task, self.cfg, params)
         return self._prunable
 
     def trainer(self, rewind: str) -> tuple[train.Trainer, optax.GradientTransformation]:

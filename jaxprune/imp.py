@@ -74,6 +74,7 @@ class ImpConfig:
     branch: str = "none"
     exclude: tuple[str, ...] = ()  # regexes of param paths never pruned (e.g. the output layer)
     prune_biases: bool = False  # rank the biases of prunable layers with their weights
+    prune_embeddings: bool = False  # also prune embedding tables (gathered by token ids)
     finetune_lr: float | None = None  # rewind="finetune": constant learning rate (None: the schedule's final one)
 
     def __post_init__(self):
@@ -222,6 +223,18 @@ def init_variables(task: Task, key: jax.Array) -> dict:
     x = jnp.zeros((1,) + shape[1:], jnp.float32)
     variables = task.model.init({"params": key, "dropout": key}, x)
     return {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+
+
+def prunable_tree(task: Task, cfg: ImpConfig, params: Any) -> Any:
+    """Bools over ``params``: the leaves IMP prunes — kernels by their role in the model's program (dense, conv and
+    attention projections; embeddings with ``cfg.prune_embeddings``; :func:`jaxprune.masks.role_prunable`), minus
+    ``cfg.exclude``, plus their biases with ``cfg.prune_biases``."""
+    shape = _input_shape(task)
+    dtype = task.x_train.dtype if task.x_train is not None else jnp.float32
+    abstract = jax.eval_shape(lambda: init_variables(task, jax.random.PRNGKey(0)))
+    x = jax.ShapeDtypeStruct((1,) + tuple(shape[1:]), dtype)
+    predicate = masks.role_prunable(task.model, abstract, x, embeddings=cfg.prune_embeddings)
+    return masks.prunable_leaves(params, predicate=predicate, exclude=cfg.exclude, biases=cfg.prune_biases)
 
 
 class Keys:
@@ -568,8 +581,7 @@ def run(task: Task, cfg: ImpConfig, workdir: str | Path | None, *,
                              "learning rate (e.g. optax.adamw(optax.constant_schedule(1e-4)) beside "
                              "optax.adamw(schedule))")
     _check_labels(task, rep.first(setup.init_variables))
-    prunable = masks.prunable_leaves(rep.first(setup.init_variables)["params"], exclude=cfg.exclude,
-                                     biases=cfg.prune_biases)
+    prunable = prunable_tree(task, cfg, rep.first(setup.init_variables)["params"])
     # Settings are recorded only once they are known to be valid, so a corrected rerun is not refused; the
     # workdir is created only then, so a refused run leaves nothing behind.
     if before_start is not None and workdir is not None:

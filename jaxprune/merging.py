@@ -283,13 +283,62 @@ def fold(w: Array, dec: Decomposition, axis: int = 0) -> Array:
 # The wiring (which BatchNorm follows a layer, which layers read it) is the model's graph (jaxprune.graph), the one
 # structured pruning uses, so merging and physical removal can never disagree about the topology.
 def mergeable_layers(model: Any, *, variables: PyTree = None, x: Any = None) -> tuple[str, ...]:
-    """Layers that can be merged, in forward order: every layer :func:`jaxprune.structured.remove_units` can shrink
-    alone (not output layers, nor layers whose outputs are summed with a residual), read from the model's graph."""
-    return structured.prunable_layers(model, variables=variables, x=x)
+    """Layers :func:`merge` accepts, in forward order, read from the model's graph: layers
+    :func:`jaxprune.structured.remove_units` can shrink alone (not output layers, nor layers whose outputs are summed
+    with a residual) whose path to the layers reading them is positively homogeneous (ReLU, pooling, reshapes; not
+    sigmoid, nor a BatchNorm after the activation) and whose chain is a bias or a BatchNorm."""
+    variables = structured._need(model, variables, x, "mergeable_layers")
+    g = _graph(model, variables, x)
+    return tuple(n for n in g.prunable() if _merge_refusal(g, n) is None)
+
+
+def _merge_refusal(g: graph.Graph, layer: str) -> str | None:
+    """Why :func:`merge` refuses ``layer`` (the error :func:`_link` raises), or None."""
+    try:
+        _link(g, layer)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def _graph(model: Any, variables: PyTree, x: Any = None) -> graph.Graph:
     return graph.build(model, variables, graph.example_input(model, variables, x))
+
+
+def homogeneous(g: graph.Graph, layer: str) -> bool:
+    """True when every path from ``layer``'s pre-activation to the next linear layers passes only positively
+    homogeneous ops (ReLU, max/average pooling, data movement, sums, scaling by constants): ``f(s·v) = s·f(v)`` for
+    ``s > 0``, which lets a kept unit stand in for a merged one."""
+    prog = g.program
+    todo, seen = [g.layers[layer].out], set()
+    while todo:
+        v = todo.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        for k in g.uses.get(v, []):
+            e, kind = prog.eqns[k], g.kinds[k]
+            if kind == "linear":
+                continue
+            scaling = kind == "affine" and e.name in ("mul", "div") and all(isinstance(a, tuple) for a in e.ins
+                                                                             if a is not v)
+            if not (_is_relu(e) if kind == "activation" else kind in ("move", "pool") or scaling or (
+                    kind == "reduce" and e.name == "reduce_sum")):
+                return False
+            todo.extend(e.outs)
+    return True
+
+
+def _is_relu(e) -> bool:
+    """``max(x, 0)``, directly or as a call whose program is only that (``jax.nn.relu``)."""
+    if e.name == "max":
+        return any(isinstance(a, tuple) and float(np.asarray(a[1])) == 0.0 for a in e.ins)
+    inner = graph.ops.inner_jaxpr(e)
+    eqns = list(inner.eqns) if inner is not None else []
+    while len(eqns) == 1 and eqns[0].primitive.name in graph.program._INLINE:
+        eqns = list(eqns[0].params["jaxpr"].jaxpr.eqns)
+    return (len(eqns) == 1 and eqns[0].primitive.name == "max"
+            and any(hasattr(v, "val") and float(np.asarray(v.val)) == 0.0 for v in eqns[0].invars))
 
 
 def _link(g: graph.Graph, layer: str) -> graph.Layer:
@@ -301,7 +350,7 @@ def _link(g: graph.Graph, layer: str) -> graph.Layer:
                  if why == graph.OUTPUT else
                  f" ({why})")
         raise ValueError(f"layer={layer!r} cannot be merged{extra}; mergeable layers: {g.prunable()}")
-    if not g.homogeneous[layer]:
+    if not homogeneous(g, layer):
         raise ValueError(f"layer={layer!r}: merging needs the path to the layers reading it to be positively "
                          "homogeneous (ReLU, max/average pooling, reshapes): relu(s·v) = s·relu(v) for s > 0 is what "
                          "lets a kept unit stand in for a pruned one")

@@ -308,7 +308,9 @@ def remove_many(model: Any, variables: Variables, keep: Mapping[str, Array], *,
 
 def mask_units(model: Any, variables: Variables, layer: str, keep: Array, *, x: Any = None) -> Variables:
     """Same shapes, units outside ``keep`` silenced: their kernel columns/filters and bias zeroed and, when a
-    BatchNorm follows, its scale and offset zeroed too (so the unit's post-BN activation is exactly 0).
+    BatchNorm follows, its scale and offset zeroed too (so the unit's post-BN activation is exactly 0), and the
+    input rows of the layers reading them zeroed (so an activation that does not map 0 to 0 — sigmoid, or a
+    BatchNorm after the ReLU — sends nothing on).
 
     ``keep: (k,) int`` is validated exactly as by :func:`remove_units` (unique integer indices in range; a boolean
     mask or float indices are refused), and the masked network computes the same logits as the shrunk one. The one
@@ -373,12 +375,16 @@ def widths(model: Any, variables: Variables, *, x: Any = None) -> dict[str, int]
 
 
 def count_flops(model: Any, variables: Variables, input_shape: Sequence[int]) -> dict[str, Any]:
-    """Multiply-accumulates of the conv and dense layers for one example of shape ``input_shape[1:]``:
-    ``{'macs': int, 'flops': 2·macs, 'layers': {path: macs}}`` (BatchNorm, bias and pooling are not counted).
+    """Multiply-accumulates of every product of the model for one example of shape ``input_shape[1:]``:
+    ``{'macs': int, 'flops': 2·macs, 'layers': {name: macs}, 'uncounted': (op, …)}`` (BatchNorm, bias, norms and
+    pooling are not counted).
 
-    A layer's MACs are its kernel size times its number of output positions (``h·w`` for a conv, 1 for dense),
-    read from the model's graph."""
+    A layer's MACs are its kernel size times its number of output positions (``h·w`` for a conv, 1 for dense);
+    every other ``dot_general``/convolution (attention's ``q·kᵀ`` and ``attn·v``, ``DenseGeneral`` projections,
+    depthwise and grouped convolutions) is counted too, under ``"<op> after <layer>"``
+    (:func:`jaxprune.graph.count_macs`). ``uncounted`` names operations (control flow, custom calls) holding
+    products the count cannot read — empty when ``macs`` is the whole model."""
     g = graph.build(model, variables, jax.ShapeDtypeStruct((1,) + tuple(input_shape[1:]), jnp.float32))
     layers = graph.count_macs(g)
     macs = int(sum(layers.values()))
-    return {"macs": macs, "flops": 2 * macs, "layers": layers}
+    return {"macs": macs, "flops": 2 * macs, "layers": layers, "uncounted": graph.uncounted(g)}

@@ -48,7 +48,11 @@ def test_unit_pruning_zeroes_whole_columns_with_smallest_l2_norm(scope):
         assert len(zero_cols["dense_0"]) + len(zero_cols["dense_1"]) == 16
         cut = np.sort(allnorms)[15]
         assert all(norms[n][c] <= cut for n, cols in zero_cols.items() for c in cols)
-    np.testing.assert_array_equal(out["params"]["dense_2"]["kernel"], v["params"]["dense_2"]["kernel"])
+    # the output layer keeps its columns; only its input rows of dense_1's masked units are zeroed (they send nothing)
+    head, rows = np.asarray(v["params"]["dense_2"]["kernel"]).copy(), zero_cols["dense_1"]
+    head[rows] = 0.0
+    np.testing.assert_array_equal(out["params"]["dense_2"]["kernel"], head)
+    np.testing.assert_array_equal(np.asarray(out["params"]["dense_1"]["kernel"])[zero_cols["dense_0"]], 0.0)
 
 
 def _independent_accuracy(model, trained: dict, method: str, k: float, x, y) -> float:

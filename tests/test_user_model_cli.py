@@ -138,13 +138,15 @@ def test_flag_errors_name_the_flag_and_write_nothing(mymodels, tmp_path, config,
 
 # ----------------------------------------------------------------------------------------------- experiments
 def _independent_unit_pruned(params: dict, k: float) -> dict:
-    """``ceil(k·n)`` smallest-L2 kernel columns of fc1 and fc2 zeroed with their biases (numpy); head untouched."""
+    """``ceil(k·n)`` smallest-L2 kernel columns of fc1 and fc2 (ranked on the trained kernels) zeroed with their
+    biases and the next layer's input rows (a masked unit sends nothing on), in numpy; head's columns untouched."""
     p = jax.tree_util.tree_map(np.array, params)
-    for name in ("fc1", "fc2"):
-        w = p[name]["kernel"]
-        gone = np.argsort(np.linalg.norm(w, axis=0), kind="stable")[:math.ceil(k * w.shape[1] - 1e-9)]
-        w[:, gone] = 0.0
-        p[name]["bias"][gone] = 0.0
+    gone = {name: np.argsort(np.linalg.norm(p[name]["kernel"], axis=0), kind="stable")[
+        :math.ceil(k * p[name]["kernel"].shape[1] - 1e-9)] for name in ("fc1", "fc2")}
+    for name, after in (("fc1", "fc2"), ("fc2", "head")):
+        p[name]["kernel"][:, gone[name]] = 0.0
+        p[name]["bias"][gone[name]] = 0.0
+        p[after]["kernel"][gone[name], :] = 0.0
     return p
 
 

@@ -1,0 +1,221 @@
+"""The model as one pure function (:class:`Net`) and its flattened program (:class:`Program`): ``jit``
+calls inlined, ``custom_jvp``/``custom_vjp`` calls kept whole."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+PyTree = Any
+
+
+class UnsupportedError(ValueError):
+    """An operation of the model that the requested function cannot follow (named in the message)."""
+
+
+# ----------------------------------------------------------------------------------------------- models
+def _path_str(path: tuple) -> str:
+    parts = []
+    for k in path:
+        if isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value":
+            continue  # nnx.State leaves are Variables: ``…/kernel/value``
+        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
+    return "/".join(parts)
+
+
+def _is_nnx_graphdef(model: Any) -> bool:
+    return type(model).__name__ in ("GraphDef", "NodeDef") and type(model).__module__.startswith("flax.nnx")
+
+
+def _is_nnx_module(model: Any) -> bool:
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, nnx.Module)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Net:
+    """A model and its variables as one pure function over a pytree of arrays.
+
+    ``tree``: the variables (linen dict of collections, or an ``nnx.State``); ``paths[i]``: the ``"/"``-joined path
+    of leaf ``i`` (the linen collection first, e.g. ``"params/fc1/kernel"``); ``prefix[i]``: how many leading path
+    parts are not module names (1 for linen collections, 0 for NNX).
+    """
+
+    model: Any
+    kind: str  # "linen" | "nnx"
+    tree: PyTree
+    treedef: Any
+    paths: tuple[str, ...]
+    prefix: int
+    call_kwargs: tuple = ()
+
+    @property
+    def leaves(self) -> list[Array]:
+        return jax.tree_util.tree_leaves(self.tree)
+
+    def apply(self, leaves: Sequence[Array], x: Array) -> Array:
+        tree = jax.tree_util.tree_unflatten(self.treedef, list(leaves))
+        if self.kind == "linen":
+            return self.model.apply(tree, x, **dict(self.call_kwargs))
+        from flax import nnx
+
+        return nnx.merge(self.model, tree)(x)
+
+    def module_path(self, i: int) -> str:
+        """Module path of leaf ``i`` (``"block1/conv_a"``) and its name (``"kernel"``)."""
+        parts = self.paths[i].split("/")
+        return "/".join(parts[self.prefix:-1])
+
+    def with_leaves(self, leaves: Sequence[Array]) -> PyTree:
+        return jax.tree_util.tree_unflatten(self.treedef, list(leaves))
+
+
+def net(model: Any, variables: Any = None) -> Net:
+    """Normalise ``(model, variables)``: a linen module with its variables dict, or NNX ``(graphdef, state)``
+    (an ``nnx.Module`` is split here)."""
+    if _is_nnx_module(model):
+        from flax import nnx
+
+        model, variables = nnx.split(model)
+    if _is_nnx_graphdef(model):
+        leaves, treedef = jax.tree_util.tree_flatten(variables)
+        paths = tuple(_path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(variables))
+        return Net(model, "nnx", variables, treedef, paths, 0)
+    import flax.linen as nn
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a flax.linen.Module or an NNX model (graphdef from nnx.split), got "
+                        f"{type(model).__name__}")
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        raise ValueError("variables: expected the model's variables {'params': ..., ['batch_stats': ...]}, got "
+                         f"{type(variables).__name__}" + (f" with keys {sorted(variables)}"
+                                                          if isinstance(variables, Mapping) else ""))
+    variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats") or k not in ("intermediates",
+                                                                                                    "representations")}
+    leaves, treedef = jax.tree_util.tree_flatten(variables)
+    paths = tuple(_path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(variables))
+    return Net(model, "linen", variables, treedef, paths, 1, call_kwargs(model))
+
+
+def call_kwargs(model: Any) -> tuple:
+    """``(("train", False),)`` when a linen model's ``__call__`` takes ``train`` (inference mode), else ``()``."""
+    try:
+        sig = inspect.signature(type(model).__call__)
+    except (TypeError, ValueError):  # pragma: no cover
+        return ()
+    return (("train", False),) if "train" in sig.parameters else ()
+
+
+# ----------------------------------------------------------------------------------------------- flat program
+@dataclasses.dataclass(frozen=True, eq=False)
+class Eqn:
+    """One equation of the flattened program: inputs are var ids (int) or literals (``("lit", value)``)."""
+
+    prim: Any
+    params: dict
+    ins: tuple
+    outs: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]  # output shapes
+    dtypes: tuple
+
+    @property
+    def name(self) -> str:
+        return self.prim.name
+
+    def bind(self, *args):
+        got = self.prim.get_bind_params(self.params)
+        # jax < 0.7 returned (subfuns, params); newer versions return the params alone
+        subfuns, params = got if isinstance(got, tuple) else ((), got)
+        out = self.prim.bind(*subfuns, *args, **params)
+        return out if self.prim.multiple_results else [out]
+
+
+_INLINE = ("pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "remat2")
+
+
+def _flatten(jaxpr, consts, ids: list, counter: list, eqns: list, const_vals: dict) -> list:
+    """Append ``jaxpr``'s equations to ``eqns`` with its invars bound to ``ids``; returns its outvar ids."""
+    from jax.extend import core as jcore
+
+    env = dict(zip(jaxpr.invars, ids))
+    for v, c in zip(jaxpr.constvars, consts):
+        counter[0] += 1
+        env[v] = counter[0]
+        const_vals[counter[0]] = c
+
+    def read(v):
+        if isinstance(v, jcore.Literal):
+            return ("lit", v.val)
+        return env[v]
+
+    for e in jaxpr.eqns:
+        ins = [read(v) for v in e.invars]
+        sub = e.params.get("jaxpr") if e.primitive.name in _INLINE else None
+        if sub is not None and hasattr(sub, "jaxpr"):
+            sub_ids = []
+            for a in ins:
+                if isinstance(a, tuple):  # a literal argument: give it an id with a constant value
+                    counter[0] += 1
+                    const_vals[counter[0]] = a[1]
+                    a = counter[0]
+                sub_ids.append(a)
+            outs = _flatten(sub.jaxpr, sub.consts, sub_ids, counter, eqns, const_vals)
+            for v, o in zip(e.outvars, outs):
+                env[v] = o
+            continue
+        outs = []
+        for v in e.outvars:
+            counter[0] += 1
+            env[v] = counter[0]
+            outs.append(counter[0])
+        eqns.append(Eqn(e.primitive, dict(e.params), tuple(ins), tuple(outs),
+                        tuple(tuple(v.aval.shape) for v in e.outvars), tuple(v.aval.dtype for v in e.outvars)))
+    return [read(v) for v in jaxpr.outvars]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Program:
+    eqns: tuple[Eqn, ...]
+    leaf_ids: tuple[int, ...]
+    x_id: int
+    out_ids: tuple
+    consts: dict
+    shapes: dict  # var id -> shape
+
+
+def _trace(n: Net, x: jax.ShapeDtypeStruct) -> Program:
+    leaves = [_spec(a) for a in n.leaves]
+    closed = jax.make_jaxpr(lambda ls, v: n.apply(ls, v))(leaves, x)
+    jaxpr = closed.jaxpr
+    counter = [0]
+    ids = []
+    for _ in jaxpr.invars:
+        counter[0] += 1
+        ids.append(counter[0])
+    eqns: list[Eqn] = []
+    consts: dict = {}
+    outs = _flatten(jaxpr, closed.consts, ids, counter, eqns, consts)
+    shapes = {i: tuple(v.aval.shape) for i, v in zip(ids, jaxpr.invars)}
+    for e in eqns:
+        shapes.update(zip(e.outs, e.shapes))
+    for i, c in consts.items():
+        shapes[i] = tuple(np.shape(c))
+    return Program(tuple(eqns), tuple(ids[:-1]), ids[-1], tuple(outs), consts, shapes)
+
+
+def _last(shape) -> int:
+    return int(shape[-1]) if len(shape) else 1
+
+
+def _spec(a: Any) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(a.shape), a.dtype) if hasattr(a, "shape") and hasattr(a, "dtype") else \
+        jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a))
+
