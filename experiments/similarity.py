@@ -36,29 +36,36 @@ from experiments import common
 from experiments import imp as imp_exp
 from jaxprune import analysis, checkpoint, conventions, plots, replicas, similarity
 
+def _linear_gram(x):
+    """``x xᵀ`` of ``x`` divided by its largest magnitude: the variants below are cosines of Grams, invariant to
+    scaling ``x``, and ``vdot(k, k)`` of activations of a few hundred overflows float32 unscaled (issue 28)."""
+    x = x / jnp.maximum(jnp.max(jnp.abs(x)), jnp.finfo(x.dtype).tiny)
+    return x @ x.T
+
+
 def _gram_cosine(k, l):
-    return jnp.vdot(k, l) / jnp.sqrt(jnp.vdot(k, k) * jnp.vdot(l, l))
+    return jnp.vdot(k, l) / (jnp.sqrt(jnp.vdot(k, k)) * jnp.sqrt(jnp.vdot(l, l)))
 
 
 def _study_centring(x):
     """The pruned-layer-similarity study's ``_centering`` as one stored version of its ``nn_comparison.py`` has it:
     ``K - K.mean(0) - K.mean(1) + K.mean()`` without ``keepdims``, so both mean vectors broadcast along rows
     (``K_ij - m_j - m_j + m̄`` for a symmetric K) instead of centring rows and columns."""
-    k = x @ x.T
+    k = _linear_gram(x)
     return k - k.mean(0)[None, :] - k.mean(1)[None, :] + k.mean()
 
 
 def _trace_cosine(k, l):
     """That file's ``(K @ L).trace() / (‖K‖_F ‖L‖_F)`` (equal to the Gram cosine only for symmetric K or L)."""
-    return jnp.sum(k * l.T) / jnp.sqrt(jnp.vdot(k, k) * jnp.vdot(l, l))
+    return jnp.sum(k * l.T) / (jnp.sqrt(jnp.vdot(k, k)) * jnp.sqrt(jnp.vdot(l, l)))
 
 
 # Linear CKA computed the wrong ways seen in reference code, to explain published numbers (not similarities we
 # recommend): Gram matrices not centred at all, centred on one side only (K − column means), or centred as one
 # stored version of the pruned-layer-similarity study's code does.
 STUDY_VARIANTS = {
-    "cka_no_centring": (lambda x: x @ x.T, _gram_cosine),
-    "cka_one_sided_centring": (lambda x: (lambda k: k - k.mean(0, keepdims=True))(x @ x.T), _gram_cosine),
+    "cka_no_centring": (_linear_gram, _gram_cosine),
+    "cka_one_sided_centring": (lambda x: (lambda k: k - k.mean(0, keepdims=True))(_linear_gram(x)), _gram_cosine),
     "cka_study_centring": (_study_centring, _trace_cosine),
 }
 

@@ -152,3 +152,20 @@ def test_study_centring_variant_matches_its_closed_form():
     xc, yc = x - x.mean(0), y - y.mean(0)
     np.testing.assert_allclose(float(compare(prepare(xc), prepare(yc))), float(similarity.linear_cka(x, y)),
                                rtol=1e-4)
+
+
+@pytest.mark.parametrize("c", [1e-6, 1e3, 1e6, 1e18])
+def test_study_variants_are_scale_invariant_in_float32(c):
+    """Cosines of Grams do not change when the activations are scaled; in float32 ``vdot(k, k)·vdot(l, l)``
+    underflowed at c = 1e-6 and overflowed at 1e6 and 1e18 on these layers (issue 28). Float64 formulas."""
+    rng = np.random.default_rng(1)
+    x = np.maximum(rng.normal(size=(40, 7)) + 1.5, 0.0)
+    y = np.maximum(x @ rng.normal(size=(7, 5)) + rng.normal(size=(40, 5)), 0.0)
+    k, l = x @ x.T, y @ y.T
+    cos = lambda a, b, bt: np.sum(a * (b.T if bt else b)) / np.sqrt(np.sum(a * a) * np.sum(b * b))
+    study = lambda g: g - g.mean(0)[None, :] - g.mean(1)[None, :] + g.mean()
+    want = {"cka_no_centring": cos(k, l, False), "cka_one_sided_centring": cos(k - k.mean(0), l - l.mean(0), False),
+            "cka_study_centring": cos(study(k), study(l), True)}
+    for name, (prepare, compare) in exp.STUDY_VARIANTS.items():
+        got = compare(prepare((x * c).astype(np.float32)), prepare((y * c).astype(np.float32)))
+        np.testing.assert_allclose(float(got), want[name], rtol=1e-4, err_msg=name)

@@ -72,8 +72,8 @@ def _centre_kernel(k: Array, unbiased: bool) -> Array:
     a representation without variance, whose centring in float leaves rounding noise that a ratio of such terms
     would turn into a plausible-looking similarity instead of 0/0."""
     off = ~jnp.eye(k.shape[0], dtype=bool) if unbiased else jnp.ones(k.shape, bool)
-    varies = jnp.max(jnp.where(off, k, -jnp.inf)) > jnp.min(jnp.where(off, k, jnp.inf))
-    return jnp.where(varies, center_gram(k, unbiased), 0.0)
+    constant = jnp.max(jnp.where(off, k, -jnp.inf)) == jnp.min(jnp.where(off, k, jnp.inf))  # False for NaN
+    return jnp.where(constant, 0.0, center_gram(k, unbiased))
 
 
 def _centred_unit_gram(k: Array, unbiased: bool) -> Array:
@@ -260,7 +260,7 @@ def minibatch_cka_result(state: MinibatchCKA) -> Array:
     in the rows/columns of a layer without variance)."""
     if int(state.batches) == 0:
         raise ValueError("state: no batch added yet (call minibatch_cka_update first)")
-    if not all(bool(jnp.all(jnp.isfinite(a))) for a in (state.xy, state.xx, state.yy)):
+    if not all(bool(jnp.all(jnp.isfinite(a))) for a in state[:3] + state[4:]):  # the sums and the scales
         raise ValueError("state: non-finite HSIC sums (a batch with NaN/Inf activations was added inside jit, "
                          "where its values could not be checked)")
     return _ratio(state.xy, state.xx[:, None], state.yy[None, :])
