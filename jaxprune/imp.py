@@ -57,7 +57,7 @@ import optax
 from absl import logging
 
 from jaxprune import augment as augmentation
-from jaxprune import _validate, checkpoint, conventions, masks, models, replicas, train
+from jaxprune import _validate, checkpoint, conventions, graph, masks, models, replicas, train
 
 PyTree = Any
 REWINDS = ("init", "step", "lr", "finetune")
@@ -227,13 +227,13 @@ def init_variables(task: Task, key: jax.Array) -> dict:
 
 def prunable_tree(task: Task, cfg: ImpConfig, params: Any) -> Any:
     """Bools over ``params``: the leaves IMP prunes — kernels by their role in the model's program (dense, conv and
-    attention projections; embeddings with ``cfg.prune_embeddings``; :func:`jaxprune.masks.role_prunable`), minus
+    attention projections; embeddings with ``cfg.prune_embeddings``; :func:`jaxprune.graph.role_prunable`), minus
     ``cfg.exclude``, plus their biases with ``cfg.prune_biases``."""
     shape = _input_shape(task)
     dtype = task.x_train.dtype if task.x_train is not None else jnp.float32
     abstract = jax.eval_shape(lambda: init_variables(task, jax.random.PRNGKey(0)))
     x = jax.ShapeDtypeStruct((1,) + tuple(shape[1:]), dtype)
-    predicate = masks.role_prunable(task.model, abstract, x, embeddings=cfg.prune_embeddings)
+    predicate = graph.role_prunable(task.model, abstract, x, embeddings=cfg.prune_embeddings)
     return masks.prunable_leaves(params, predicate=predicate, exclude=cfg.exclude, biases=cfg.prune_biases)
 
 

@@ -87,27 +87,6 @@ def default_prunable(path: str, leaf: Array) -> bool:
     return len(shape) >= 2 and bool(jnp.issubdtype(dtype, jnp.floating))
 
 
-def role_prunable(model: Any, variables: Any, x: Any = None, *,
-                  embeddings: bool = False) -> Callable[[str, Array], bool]:
-    """A ``predicate`` for :func:`prunable_leaves` that chooses leaves by their role in the model's program
-    (:func:`jaxprune.graph.param_roles`), not their ``ndim``: the kernels of dense, conv and attention projections
-    (``DenseGeneral``'s ``(features, heads, head_dim)`` too), and, with ``embeddings=True``, embedding tables. Biases
-    of any shape (``DenseGeneral``'s ``(heads, head_dim)``), norms' scales, position embeddings and class tokens are
-    never chosen (``prunable_leaves(biases=True)`` adds the biases of chosen kernels). ``model, variables``: a linen
-    module and its variables, or NNX ``(graphdef, state)``; ``x``: an example input or its shape (default:
-    inferred). Paths are those of the ``params`` tree (``"fc1/kernel"``)."""
-    from jaxprune import graph
-
-    g = graph.build(model, variables, graph.example_input(model, variables, x))
-    want = ("kernel", "embedding") if embeddings else ("kernel",)
-    chosen = {"/".join(p.split("/")[g.net.prefix:]) for p, r in graph.param_roles(g).items() if r in want}
-
-    def predicate(path: str, leaf: Array) -> bool:
-        return path in chosen and default_prunable(path, leaf)
-
-    return predicate
-
-
 def compile_patterns(exclude: Iterable[str]) -> list[re.Pattern]:
     """The ``exclude`` regexes compiled; a ValueError naming the one that is not a regular expression."""
     out = []

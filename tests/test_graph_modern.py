@@ -116,7 +116,7 @@ def test_raw_param_layers_are_read_with_their_parameter_paths():
 def _chosen(model, v, x, **kw):
     from jaxprune import masks
 
-    t = masks.prunable_leaves(v["params"], predicate=masks.role_prunable(model, v, x, **kw))
+    t = masks.prunable_leaves(v["params"], predicate=graph.role_prunable(model, v, x, **kw))
     return sorted(masks.path_str(p) for p, b in jax.tree_util.tree_leaves_with_path(t) if b)
 
 
@@ -146,7 +146,7 @@ def test_prunable_by_role_equals_the_ndim_rule_on_the_library_models():
                          (models.ResNet(depth=8, num_classes=3, width=2), (1, 8, 8, 3))]:
         v = models.init(model, KEY, shape)
         x = jnp.zeros(shape)
-        by_role = masks.prunable_leaves(v["params"], predicate=masks.role_prunable(model, v, x))
+        by_role = masks.prunable_leaves(v["params"], predicate=graph.role_prunable(model, v, x))
         assert by_role == masks.prunable_leaves(v["params"]), type(model).__name__
 
 

@@ -47,7 +47,7 @@ written in the test that uses the op (``remove_units`` == ``mask_units`` through
 from __future__ import annotations
 
 from jaxprune.graph.analyse import build
-from jaxprune.graph.cost import count_macs, param_roles, uncounted
+from jaxprune.graph.cost import count_macs, param_roles, role_prunable, uncounted
 from jaxprune.graph.execute import BoundOp, folded, lrp_role, run, safe_divide, stabilize
 from jaxprune.graph.inputs import example_input
 from jaxprune.graph.model_graph import OUTPUT, Graph, Layer
@@ -57,4 +57,4 @@ from jaxprune.graph.program import (Eqn, Net, Program, UnsupportedError, _is_nnx
 from jaxprune.graph.surgery import rebuild, shrink, silence
 
 __all__ = ["Net", "Layer", "Graph", "net", "build", "run", "shrink", "silence", "rebuild", "count_macs", "uncounted",
-           "param_roles", "UnsupportedError", "OPS", "register_op"]
+           "param_roles", "role_prunable", "UnsupportedError", "OPS", "register_op"]

@@ -1,12 +1,13 @@
 """What the program costs and what its parameters are: MACs of every product, parameter roles."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import masks
 from jaxprune.graph.model_graph import Graph
 from jaxprune.graph.ops import LINEAR, inner_jaxpr as _inner, kernel_view as _kernel_view
 from jaxprune.graph.program import Eqn
@@ -126,3 +127,24 @@ def _has_product(jaxpr) -> bool:
             return True
     return False
 
+
+def role_prunable(model: Any, variables: Any, x: Any = None, *,
+                  embeddings: bool = False) -> Callable[[str, Array], bool]:
+    """A ``predicate`` for :func:`jaxprune.masks.prunable_leaves` that chooses leaves by their role in the model's
+    program (:func:`param_roles`), not their ``ndim``: the kernels of dense, conv and attention projections
+    (``DenseGeneral``'s ``(features, heads, head_dim)`` too), and, with ``embeddings=True``, embedding tables. Biases
+    of any shape (``DenseGeneral``'s ``(heads, head_dim)``), norms' scales, position embeddings and class tokens are
+    never chosen (``prunable_leaves(biases=True)`` adds the biases of chosen kernels). ``model, variables``: a linen
+    module and its variables, or NNX ``(graphdef, state)``; ``x``: an example input or its shape (default:
+    inferred). Paths are those of the ``params`` tree (``"fc1/kernel"``)."""
+    from jaxprune.graph.analyse import build
+    from jaxprune.graph.inputs import example_input
+
+    g = build(model, variables, example_input(model, variables, x))
+    want = ("kernel", "embedding") if embeddings else ("kernel",)
+    chosen = {"/".join(p.split("/")[g.net.prefix:]) for p, r in param_roles(g).items() if r in want}
+
+    def predicate(path: str, leaf: Array) -> bool:
+        return path in chosen and masks.default_prunable(path, leaf)
+
+    return predicate
