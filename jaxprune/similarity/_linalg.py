@@ -82,12 +82,15 @@ def scaled_centred(x: Array) -> tuple[Array, Array, Array]:
     (a sum of huge values overflows) and after (what is left may be far smaller); a constant column is exactly
     zero in ``xc`` (its computed mean can differ from the constant by rounding, noise the rescaling would blow up
     into a plausible-looking unit)."""
-    x = unit_scale(x)
+    safe = lambda m: jnp.where(m > 0, m, 1.0)
+    hi, lo = jnp.max(x, axis=0), jnp.min(x, axis=0)  # (p,): every scale below is read from these, no extra pass
+    m1 = safe(jnp.maximum(jnp.max(hi), -jnp.min(lo)))
+    x = x / m1
     mean = jnp.mean(x, axis=0)
-    xc = jnp.where(jnp.max(x, axis=0) > jnp.min(x, axis=0), x - mean, 0.0)
-    m = jnp.max(jnp.abs(xc))
-    m = jnp.where(m > 0, m, 1.0)
-    return xc / m, x / m, mean / m
+    varies = hi > lo
+    # largest |x/m1 - mean| per column, exactly: division and subtraction round monotonically
+    m2 = safe(jnp.max(jnp.where(varies, jnp.maximum(hi / m1 - mean, mean - lo / m1), 0.0)))
+    return jnp.where(varies, x - mean, 0.0) / m2, x / m2, mean / m2
 
 
 def centred(x: Array) -> Array:
