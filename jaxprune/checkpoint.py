@@ -61,15 +61,19 @@ def save(path: str | os.PathLike, tree: PyTree) -> str:
     return _sha256(flat)
 
 
-# Test hook: seconds to sleep inside every save (the SIGINT-mid-checkpoint tests and benchmarks/probe_records.py).
+# Test hook: seconds to sleep inside every save (the SIGINT-mid-checkpoint tests and benchmarks/probe_records.py);
+# the sleep ends early once the file named by SAVE_RELEASE_ENV exists (so a test on a loaded machine need not guess).
 SAVE_DELAY_ENV = "JAXPRUNE_TEST_SAVE_DELAY"
+SAVE_RELEASE_ENV = "JAXPRUNE_TEST_SAVE_RELEASE"
 
 
 def _test_delay() -> None:
     delay = os.environ.get(SAVE_DELAY_ENV)
     if delay:
         print(f"[{SAVE_DELAY_ENV}] saving", file=sys.stderr, flush=True)
-        time.sleep(float(delay))
+        release, end = os.environ.get(SAVE_RELEASE_ENV), time.monotonic() + float(delay)
+        while time.monotonic() < end and not (release and os.path.exists(release)):
+            time.sleep(0.1)
 
 
 @contextlib.contextmanager

@@ -227,15 +227,21 @@ def test_similarity_refuses_a_held_workdir(imp_run, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- CLI, SIGINT
-def _start(wd: Path, *extra: str, delay: float = 0.0) -> subprocess.Popen:
+def _start(wd: Path, *extra: str, delay: float = 0.0, release: Path | None = None) -> subprocess.Popen:
+    """``experiments.imp`` on digits in a subprocess with Ctrl-C's default handling restored (pytest-xdist workers
+    ignore SIGINT, and a child would inherit that); ``delay``/``release``: the save hook of ``jaxprune.checkpoint``."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop(checkpoint.SAVE_DELAY_ENV, None)
+    env.pop(checkpoint.SAVE_RELEASE_ENV, None)
     if delay:
         env[checkpoint.SAVE_DELAY_ENV] = str(delay)
+    if release is not None:
+        env[checkpoint.SAVE_RELEASE_ENV] = str(release)
     args = ["--flagfile=experiments/configs/quickstart.cfg", f"--workdir={wd}", "--training_steps=4",
             "--branch=none", *extra]
     return subprocess.Popen([sys.executable, "-m", "experiments.imp", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(cond, proc: subprocess.Popen, timeout: float = 300.0) -> None:
@@ -251,7 +257,8 @@ def test_cli_second_run_refused_and_sigint_mid_checkpoint_is_one_line(tmp_path):
     """Run A sleeps inside its level-0 save (test hook); run B in the same workdir is refused naming A; SIGINT to A
     mid-checkpoint: one line, exit 130, level 0 whole and verified; the same command then resumes and finishes."""
     wd = tmp_path / "wd"
-    a = _start(wd, "--levels=1", delay=20)
+    release = tmp_path / "release"  # A's level-0 save waits (up to 600 s) until the test creates this file
+    a = _start(wd, "--levels=1", delay=600, release=release)
     _wait_for(lambda: (wd / "level_0.partial").exists(), a)
     b = subprocess.run([sys.executable, "-m", "experiments.imp", f"--workdir={wd}", "--dataset=digits",
                         "--model=mlp", "--hidden=8"], cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -260,6 +267,8 @@ def test_cli_second_run_refused_and_sigint_mid_checkpoint_is_one_line(tmp_path):
     last = b.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: workdir={wd} is in use by another run (pid {a.pid} on host ")
     a.send_signal(signal.SIGINT)
+    time.sleep(2.0)  # the interrupt arrives while the save is still in progress
+    release.touch()
     _, err = a.communicate(timeout=300)
     assert a.returncode == 130, err[-3000:]
     assert err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
