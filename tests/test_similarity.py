@@ -255,7 +255,9 @@ def test_cca_invariant_to_invertible_maps_cka_is_not(seed, p1):
         np.testing.assert_allclose(S.cca(x @ a, y), S.cca(x, y), atol=1e-8)
         np.testing.assert_allclose(S.mean_cca(x @ a, y), S.mean_cca(x, y), atol=1e-8)
         np.testing.assert_allclose(S.svcca(x @ a, y, 1.0), S.svcca(x, y, 1.0), atol=1e-8)  # keep all: plain CCA
-        assert abs(float(S.linear_cka(x @ a, y)) - float(S.linear_cka(x, y))) > 1e-3
+        # in float64 an invariant metric moves by ~1e-15; CKA moves by 5.8e-4 at least in the draws seen so far
+        # (seed 2798, p1=2 gave 5.8e-4, below the 1e-3 this bound used to be)
+        assert abs(float(S.linear_cka(x @ a, y)) - float(S.linear_cka(x, y))) > 1e-6
 
 
 def test_cka_not_invariant_construction():
