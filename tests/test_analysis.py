@@ -358,6 +358,7 @@ def test_the_copy_trained_with_the_levels_own_data_order_is_the_level(tmp_path, 
             np.testing.assert_array_equal(u, v)
 
 
+@pytest.mark.slow
 def test_a_killed_and_resumed_run_reproduces_analysis_json_exactly(tmp_path):
     kw = dict(analyses=ALL, seeds=["3:5"], instability_points=4, analysis_metrics=["linear_cka", "nbs"])
     full = tmp_path / "full"

@@ -6,6 +6,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -123,6 +125,7 @@ def _cifar_shaped_run(experiment: str, cfg: str, wd, *flags: str) -> dict:
     return res
 
 
+@pytest.mark.slow
 def test_conv4_cifar10_config_runs_end_to_end(tmp_path):
     _cifar_shaped_run("imp", "conv4_cifar10.cfg", tmp_path, "--training_steps=2", "--levels=1")
     level = json.loads((tmp_path / "level_1" / "level.json").read_text())
@@ -133,6 +136,7 @@ def test_conv4_cifar10_config_runs_end_to_end(tmp_path):
     assert level["kept_weights"] == level["prunable_weights"] - math.ceil(0.2 * level["prunable_weights"] - 1e-9)
 
 
+@pytest.mark.slow
 def test_filter_prune_resnet20_cifar10_config_runs_end_to_end(tmp_path):
     res = _cifar_shaped_run("filter_prune", "filter_prune_resnet20_cifar10.cfg", tmp_path, "--training_steps=2",
                             "--finetune_steps=1", "--max_rounds=1")
@@ -141,6 +145,7 @@ def test_filter_prune_resnet20_cifar10_config_runs_end_to_end(tmp_path):
                                          for s, w in enumerate((16, 32, 64)) for b in range(3)}
 
 
+@pytest.mark.slow
 def test_merge_vgg16_cifar10_config_runs_end_to_end(tmp_path):
     res = _cifar_shaped_run("merge", "merge_vgg16_cifar10.cfg", tmp_path, "--training_steps=1", "--criteria=l2")
     cfg = [int(w) for w in res["config"]["pruned_cfg"] if w != "M"]

@@ -400,6 +400,7 @@ def test_lowering_levels_below_the_finished_ones_is_refused(tmp_path, lottery):
     assert len(raised["levels"]) == 3 and raised["finished"]
 
 
+@pytest.mark.slow
 def test_lenet300_learns_real_mnist(tmp_path, data_dir):
     res = imp_exp.train_and_evaluate(dict(dataset="mnist", data_dir=str(data_dir), model="lenet300",
                                           max_train_examples=6000, max_test_examples=2000, training_steps="3ep",

@@ -73,6 +73,7 @@ def test_gpt_is_causal_and_generate_is_reproducible():
     assert g1[0] == int(jax.random.categorical(k, logits))
 
 
+@pytest.mark.slow
 def test_lm_prune_end_to_end_tiny(tmp_path, monkeypatch):
     from experiments import lm_prune
 
