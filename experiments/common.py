@@ -879,7 +879,7 @@ def read_run_config(workdir: str | Path, experiment: str, name: str = "workdir")
         article = "an" if short[0] in "AEIOU" else "a"
         raise ValueError(f"{name}={workdir}: not {article} {short} workdir (it was written by {writer}); "
                          + (f"use a new --workdir for {experiment}" if name == "workdir" else fix))
-    return checkpoint.read_record(path, hint=f"; {fix}")  # then its checksum (the record without it)
+    return checkpoint.verify_record(path, record, hint=f"; {fix}")  # then its checksum (the record without it)
 
 
 # ----------------------------------------------------------------------------------------------- unused flags

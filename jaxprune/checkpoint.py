@@ -237,9 +237,14 @@ def read_record(path: str | os.PathLike, expect: Mapping | None = None, hint: st
 
     Records written before checksums existed (no ``record_sha256``) are accepted with a warning; their identity is
     still checked where they hold the key (docs/design.md, "Reliability": the rule for old workdirs)."""
-    record = read_json(path, hint)
+    return verify_record(path, read_json(path, hint), expect, hint)
+
+
+def verify_record(path: str | os.PathLike, record: Any, expect: Mapping | None = None, hint: str = "") -> dict:
+    """:func:`read_record` on the JSON value already read from ``path`` (``path`` names the file in errors)."""
     if not isinstance(record, dict):
         raise RecordError(f"{path}: expected a JSON object (a stored record), got {type(record).__name__}{hint}")
+    record = dict(record)
     sha = record.pop(RECORD_SHA, None)
     if sha is None:
         logging.warning("%s: written before records carried checksums; accepted unverified (rerun in a new workdir "
