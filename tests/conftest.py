@@ -1,6 +1,7 @@
 """Shared fixtures. Real data: ``JAXPRUNE_DATA_DIR`` (CI sets it to ../shared/data), else ../shared/data if present."""
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -28,6 +29,17 @@ def data_dir() -> Path:
     if d is None:
         pytest.skip("real data not found: set JAXPRUNE_DATA_DIR to the shared data folder")
     return d
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after every test module. Each XLA:CPU executable kept alive by a jit cache holds
+    memory mappings; one xdist worker running ~450 tests accumulated them towards the kernel's limit
+    (``vm.max_map_count`` = 65530): 12,672 maps after ``test_similarity_pairwise.py`` alone, 697 with this fixture
+    (BUILD-notes, "CI crash of 2026-12-06"). Programs are rarely shared across modules, so little is recompiled."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(autouse=True)
