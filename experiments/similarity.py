@@ -69,8 +69,15 @@ STUDY_VARIANTS = {
     "cka_study_centring": (_study_centring, _trace_cosine),
 }
 
-# experiment metric name → (similarity name or (prepare, compare) pair, options)
-METRICS: dict[str, tuple] = {**analysis.SIMILARITY_METRICS, **{name: (pair, {}) for name, pair in STUDY_VARIANTS.items()}}
+
+
+def metrics_table() -> dict[str, tuple]:
+    """Experiment metric name → (similarity name or (prepare, compare) pair, options): the similarity registry's
+    presets (live: a similarity registered after import is included) and the study variants."""
+    return {**analysis.SIMILARITY_METRICS, **{name: (pair, {}) for name, pair in STUDY_VARIANTS.items()}}
+
+
+METRICS = metrics_table()  # at import: the default of --metrics
 CCA_FAMILY = analysis.CCA_FAMILY
 
 SPEC = [
@@ -92,7 +99,7 @@ DEFAULTS = common.defaults(SPEC)
 
 
 def _options(name: str, c: dict) -> tuple[str, dict]:
-    sim, opts = METRICS[name]
+    sim, opts = metrics_table()[name]
     opts = dict(opts)
     if sim in ("mean_cca", "svcca") and c["truncate"]:
         opts["truncate"] = c["truncate"]
@@ -107,9 +114,10 @@ def check_config(config: dict) -> dict:
     c = common.with_defaults(config, DEFAULTS)
     if not c["imp_workdir"]:
         raise ValueError("imp_workdir: required (an experiments.imp output directory)")
-    bad = [m for m in c["metrics"] if m not in METRICS]
+    table = metrics_table()
+    bad = [m for m in c["metrics"] if m not in table]
     if bad or not c["metrics"]:
-        raise ValueError(f"metrics={c['metrics']}: expected a non-empty subset of {list(METRICS)}")
+        raise ValueError(f"metrics={c['metrics']}: expected a non-empty subset of {list(table)}")
     common.check_range("rbf_threshold", c["rbf_threshold"], 0, low_open=True)
     if c["num_inputs"] < 4:
         raise ValueError(f"num_inputs={c['num_inputs']}: expected at least 4 (500 or more for stable estimates)")

@@ -47,17 +47,9 @@ PyTree = Any
 Array = jax.Array
 ApplyFn = Callable[[PyTree, Array], Array]  # (params or variables, x (b, …)) -> logits (b, classes)
 
-# similarity name -> (jaxprune.similarity metric, options); the names experiments.similarity uses
-SIMILARITY_METRICS: dict[str, tuple[str, dict]] = {
-    "mean_cca": ("mean_cca", {}),
-    "svcca": ("svcca", {}),
-    "pwcca": ("pwcca", {}),
-    "pwcca_svcca": ("pwcca", {"svcca_compatible": True}),
-    "linear_cka": ("linear_cka", {}),
-    "linear_cka_debiased": ("linear_cka", {"debiased": True}),
-    "rbf_cka": ("rbf_cka", {}),
-    "nbs": ("nbs", {}),
-}
+# label -> (jaxprune.similarity name, options): the names the analyses and experiments accept; the similarity
+# registry's presets themselves (similarity.register_similarity / register_preset add to it)
+SIMILARITY_METRICS: dict[str, tuple[str, dict]] = similarity.PRESETS
 DEFAULT_METRICS = ("linear_cka", "pwcca", "nbs")
 CCA_FAMILY = ("mean_cca", "svcca", "pwcca")
 

@@ -25,6 +25,10 @@ linear_cka         centred kernel alignment, linear kernel (Kornblith)    orthog
 rbf_cka            CKA with a Gaussian kernel, median bandwidth           orthogonal maps, isotropic scaling
 nbs                normalised Bures similarity (Tang 2020)               orthogonal maps, isotropic scaling
 =================  ====================================================  =========================================
+
+**Adding a similarity**: ``register_similarity(name, factory, options)`` (one call; see its docstring), and one test
+against a float64 reference of its formula plus its invariances (``tests/test_similarity_registry.py`` shows one).
+``register_preset(label, name, **options)`` names fixed options for the analyses and the experiments' ``--metrics``.
 """
 from jaxprune.similarity._checks import flatten_conv
 from jaxprune.similarity.cca import cca, mean_cca, pwcca, svcca
@@ -32,8 +36,9 @@ from jaxprune.similarity.cka import (MinibatchCKA, center_gram, cka_from_grams, 
                                      minibatch_cka, minibatch_cka_init, minibatch_cka_result, minibatch_cka_update,
                                      rbf_cka)
 from jaxprune.similarity.nbs import nbs, nbs_from_grams
-from jaxprune.similarity.pairwise import SIMILARITIES, metric, pairwise
+from jaxprune.similarity.pairwise import PRESETS, SIMILARITIES, metric, pairwise, register_preset, register_similarity
 
 __all__ = ["cca", "mean_cca", "svcca", "pwcca", "linear_cka", "rbf_cka", "cka_from_grams", "gram_linear", "gram_rbf",
            "center_gram", "MinibatchCKA", "minibatch_cka", "minibatch_cka_init", "minibatch_cka_update",
-           "minibatch_cka_result", "nbs", "nbs_from_grams", "pairwise", "metric", "SIMILARITIES", "flatten_conv"]
+           "minibatch_cka_result", "nbs", "nbs_from_grams", "pairwise", "metric", "SIMILARITIES", "flatten_conv",
+           "PRESETS", "register_similarity", "register_preset"]

@@ -47,13 +47,50 @@ _OPTIONS: dict[str, tuple[Callable[..., Metric], dict[str, tuple[Any, Callable]]
                                      "debiased": (False, bool)}),
     "nbs": (nbs_metric, {}),
 }
-SIMILARITIES = tuple(_OPTIONS)
+# The registered names (a live view: :func:`register_similarity` adds to it).
+SIMILARITIES = _OPTIONS.keys()
+
+# label → (similarity name, options): the names the per-level analyses and the experiments' ``--metrics`` accept
+# (:data:`jaxprune.analysis.SIMILARITY_METRICS` is this dict). Every similarity is its own preset.
+PRESETS: dict[str, tuple[str, dict]] = {
+    "mean_cca": ("mean_cca", {}), "svcca": ("svcca", {}), "pwcca": ("pwcca", {}),
+    "pwcca_svcca": ("pwcca", {"svcca_compatible": True}),  # google/svcca's compute_pwcca
+    "linear_cka": ("linear_cka", {}), "linear_cka_debiased": ("linear_cka", {"debiased": True}),
+    "rbf_cka": ("rbf_cka", {}), "nbs": ("nbs", {})}
+
+
+def register_similarity(name: str, factory: Callable[..., Metric],
+                        options: dict[str, tuple[Any, Callable]] | None = None) -> None:
+    """Add a similarity: ``factory(**options) -> (prepare, compare)`` (``prepare`` maps one ``(n, p)`` layer to its
+    features, ``compare`` two prepared layers to a scalar, larger = more similar); ``options``: ``{option: (default,
+    validator)}``, the validator returning the checked value or raising a one-line ``ValueError``. Afterwards
+    :func:`metric`, :func:`pairwise`, the per-level analyses and the experiments' ``--metrics`` know ``name``.
+    Use a cached factory (``functools.lru_cache``) so equal options give the same functions (one compilation)."""
+    if not isinstance(name, str) or not name or name in _OPTIONS or name in PRESETS:
+        raise ValueError(f"name={name!r}: expected a new non-empty similarity name (taken: {sorted(PRESETS)})")
+    if not callable(factory):
+        raise TypeError(f"factory: expected a callable returning (prepare, compare), got {type(factory).__name__}")
+    spec = dict(options or {})
+    bad = [k for k, v in spec.items() if not (isinstance(v, tuple) and len(v) == 2 and callable(v[1]))]
+    if bad:
+        raise ValueError(f"options: {bad} must map to (default, validator) pairs")
+    _OPTIONS[name] = (factory, spec)
+    PRESETS[name] = (name, {})
+
+
+def register_preset(label: str, name: str, **options) -> None:
+    """Name a similarity with fixed options for the analyses and the experiments, e.g.
+    ``register_preset("linear_cka_debiased", "linear_cka", debiased=True)`` (options validated now)."""
+    if not isinstance(label, str) or not label or label in PRESETS:
+        raise ValueError(f"label={label!r}: expected a new non-empty preset name (taken: {sorted(PRESETS)})")
+    _checked_options(name, options)
+    PRESETS[label] = (name, dict(options))
 
 
 def _checked_options(name: str, options: dict) -> dict:
     """Every option of the named similarity, validated, defaults filled in."""
     if name not in _OPTIONS:
-        raise ValueError(f"metric={name!r}: expected one of {SIMILARITIES}")
+        raise ValueError(f"metric={name!r}: expected one of {tuple(_OPTIONS)}")
     spec = _OPTIONS[name][1]
     unknown = set(options) - set(spec)
     if unknown:
@@ -62,7 +99,7 @@ def _checked_options(name: str, options: dict) -> dict:
 
 
 def metric(name: str, **options) -> Metric:
-    """The ``(prepare, compare)`` pair of a named similarity, e.g. ``metric("rbf_cka", threshold=0.5)``."""
+    """The ``(prepare, compare)`` pair of a registered similarity, e.g. ``metric("rbf_cka", threshold=0.5)``."""
     options = _checked_options(name, options)
     return _OPTIONS[name][0](**options)
 
