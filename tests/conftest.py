@@ -38,8 +38,9 @@ def _release_compiled_programs():
     (``vm.max_map_count`` = 65530): 12,672 maps after ``test_similarity_pairwise.py`` alone, 697 with this fixture
     (BUILD-notes, "CI crash of 2026-12-06"). Programs are rarely shared across modules, so little is recompiled."""
     yield
-    jax.clear_caches()
-    gc.collect()
+    if not os.environ.get("JAXPRUNE_TEST_KEEP_PROGRAMS"):  # benchmarks/probe_maps.py --keep: the state without it
+        jax.clear_caches()
+        gc.collect()
 
 
 @pytest.fixture(autouse=True)
