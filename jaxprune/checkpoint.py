@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -240,6 +241,13 @@ def read_record(path: str | os.PathLike, expect: Mapping | None = None, hint: st
     return verify_record(path, read_json(path, hint), expect, hint)
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_unverified(folder: str) -> None:
+    """One warning per folder and process (a workdir of old records is read many times by a report)."""
+    logging.warning("%s: holds records written before records carried checksums; accepted unverified (rerun in a new "
+                    "workdir to have every record checked)", folder)
+
+
 def verify_record(path: str | os.PathLike, record: Any, expect: Mapping | None = None, hint: str = "") -> dict:
     """:func:`read_record` on the JSON value already read from ``path`` (``path`` names the file in errors)."""
     if not isinstance(record, dict):
@@ -247,8 +255,7 @@ def verify_record(path: str | os.PathLike, record: Any, expect: Mapping | None =
     record = dict(record)
     sha = record.pop(RECORD_SHA, None)
     if sha is None:
-        logging.warning("%s: written before records carried checksums; accepted unverified (rerun in a new workdir "
-                        "to have every record checked)", path)
+        _warn_unverified(str(Path(path).resolve().parent))
     elif sha != _record_sha(record):
         raise RecordError(f"{path}: its contents do not match the checksum stored with it (the file was edited or "
                           f"damaged after it was written){hint}")
