@@ -5,9 +5,11 @@ Adam 1e-3, 3 epochs, batch 100), then evaluate the test accuracy at each sparsit
 
 * **weight** pruning: zero the ``ceil(k·n)`` smallest-|w| weights of every hidden kernel (layerwise), or of all
   hidden kernels ranked together (``--scope=global``);
-* **unit** pruning: zero the ``ceil(k·n)`` output units (kernel columns / conv filters, with their bias and
-  following BatchNorm scale/offset) with the smallest L2 norm in every shrinkable layer (layerwise), or ranked
-  across layers (``--scope=global``); ``--unit_criterion`` picks another :mod:`jaxprune.structured` criterion.
+* **unit** pruning: silence the ``ceil(k·n)`` output units with the smallest L2 norm in every shrinkable layer
+  (layerwise), or ranked across layers (``--scope=global``), with :func:`jaxprune.structured.mask_units`: their
+  kernel columns / conv filters, bias and following BatchNorm scale/offset are zeroed, and so are the input rows of
+  the layers reading them (a unit whose activation does not map 0 to 0 sends nothing on), so the accuracy is that
+  of the network with those units removed; ``--unit_criterion`` picks another :mod:`jaxprune.structured` criterion.
 
 The output layer is never pruned and nothing is retrained. Usage::
 
