@@ -1,6 +1,6 @@
 """Rebuilding smaller models: linen models whose widths are written inline (``nn.Dense(48)`` inside
-``@nn.compact``: rebuilt by intercepting the submodules' calls). Models written here, with their own names and
-shapes."""
+``@nn.compact``: rebuilt by intercepting the submodules' calls) and NNX models (their width attributes follow the
+shrunk parameters). Models written here, with their own names and shapes."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxprune import graph
 from jaxprune import structured as st
@@ -108,3 +109,50 @@ def test_a_width_that_is_no_field_of_a_module_is_refused_naming_the_layer():
     with pytest.raises(ValueError, match=r"layer 'params/w_hidden'.*not a field of a submodule.*with_widths"):
         st.remove_units(m, v, "params/w_hidden", np.array([0, 1]), x=x)
 
+
+# ----------------------------------------------------------------------------------------------- NNX
+class Scaled(nnx.Module):
+    """A module of the test's own holding its width as an attribute: y = x · gain, gain: (width,)."""
+
+    def __init__(self, width: int):
+        self.width = width
+        self.gain = nnx.Param(jnp.linspace(0.5, 1.5, width))
+
+    def __call__(self, x):
+        return x * self.gain[...]
+
+
+class NNXMixer(nnx.Module):
+    """conv 3 → 6 → BatchNorm → relu → conv 6 → 6 (equal in and out widths) → relu → mean → Scaled → linear 6 → 5
+    → relu → linear 5 → 2."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.c1 = nnx.Conv(3, 6, (3, 3), padding="SAME", rngs=rngs)
+        self.bn = nnx.BatchNorm(6, rngs=rngs)
+        self.c2 = nnx.Conv(6, 6, (3, 3), padding="SAME", rngs=rngs)
+        self.scale = Scaled(6)
+        self.fc = nnx.Linear(6, 5, rngs=rngs)
+        self.out = nnx.Linear(5, 2, rngs=rngs)
+
+    def __call__(self, x):
+        x = nnx.relu(self.c2(nnx.relu(self.bn(self.c1(x)))))
+        x = self.scale(x.mean(axis=(1, 2)))
+        return self.out(nnx.relu(self.fc(x)))
+
+
+def test_an_nnx_model_after_removal_reports_its_new_widths_and_applies():
+    m = NNXMixer(nnx.Rngs(2))
+    m.eval()
+    gd, state = nnx.split(m)
+    x = jax.random.normal(KEY, (2, 5, 5, 3))
+    keep = {"c1": np.array([0, 2, 5]), "c2": np.array([1, 3, 4, 5]), "fc": np.array([0, 4])}
+    small, sv = st.remove_many(gd, state, keep, x=x)
+    got = nnx.merge(small, sv)
+    np.testing.assert_allclose(got(x), nnx.merge(gd, st.mask_many(gd, state, keep, x=x))(x), rtol=1e-5, atol=1e-5)
+    assert (got.c1.in_features, got.c1.out_features, got.bn.num_features) == (3, 3, 3)
+    assert (got.c2.in_features, got.c2.out_features, got.scale.width) == (3, 4, 4)
+    assert getattr(got.c2, "kernel_shape", (3, 3, 3, 4)) == got.c2.kernel[...].shape == (3, 3, 3, 4)
+    assert (got.fc.in_features, got.fc.out_features, got.out.in_features, got.out.out_features) == (4, 2, 2, 2)
+    small2, sv2 = st.remove_units(small, sv, "fc", np.array([1]), x=x)  # and again, on the shrunk model
+    again = nnx.merge(small2, sv2)
+    assert (again.fc.out_features, again.out.in_features, again.c2.out_features) == (1, 1, 4)

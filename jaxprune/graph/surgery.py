@@ -71,16 +71,17 @@ def silence(g: Graph, keep: Mapping[str, Any]) -> list[Array]:
 def rebuild(g: Graph, leaves: Sequence[Array], widths: Mapping[str, int], x: Any) -> tuple[Any, PyTree]:
     """``(smaller model, its variables)`` for shrunk ``leaves`` whose layers now have ``widths`` units.
 
-    Uses, in this order, the model's ``with_widths`` hook, NNX's parameters-only shrinking, linen integer width
-    fields, and for the layers left, interception of the submodules' calls (see the module docstring); checks
-    that the rebuilt model's variable shapes are the shrunk ones."""
+    Uses, in this order, the model's ``with_widths`` hook, for NNX the shrunk state with the modules' width
+    attributes updated (:func:`_rebuild_nnx`; returns ``(graphdef, state)``), linen integer width fields, and for
+    the layers left, interception of the submodules' calls (see the module docstring); checks that the rebuilt
+    model's variable shapes are the shrunk ones."""
     n = g.net
     tree = n.with_leaves(leaves)
     model = n.model
     if hasattr(model, "with_widths"):
         new_model = model.with_widths(dict(widths))
     elif n.kind == "nnx":
-        return model, tree
+        return _rebuild_nnx(g, leaves)
     else:
         new_model = _rebuild_linen(g, model, widths, x)
     spec = jax.ShapeDtypeStruct(tuple(np.shape(x)), jnp.result_type(x) if not isinstance(
@@ -279,3 +280,56 @@ def _module_fields(n, model, x) -> dict[tuple, dict]:
         jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), spec, **dict(n.call_kwargs)))
     return seen
 
+
+# ----------------------------------------------------------------------------------------------- NNX
+def _rebuild_nnx(g: Graph, leaves: Sequence[Array]) -> tuple[Any, PyTree]:
+    """``nnx.split`` of the model merged with the shrunk ``leaves``, every module's integer attributes that held
+    the old size of one of its parameters' shrunk axes set to the new size (``in_features``, ``out_features``,
+    ``num_features``, or any attribute matched by the shapes; see :func:`_fix_widths`)."""
+    from flax import nnx
+
+    n = g.net
+    module = nnx.merge(n.model, n.with_leaves(leaves))
+    ids = {(leaf, axis): ("unit", np.asarray(u).tobytes()) for leaf, axis, u in g.slices}
+    by_module: dict[str, list[int]] = {}
+    for i, p in enumerate(n.paths):
+        by_module.setdefault(p.rpartition("/")[0], []).append(i)
+    for path, m in nnx.iter_graph(module):
+        own = by_module.get("/".join(map(str, path)))
+        if own and isinstance(m, nnx.Module):
+            axes = [(ids.get((i, a), ("fixed", int(old))), int(old), int(np.shape(leaves[i])[a]), n.paths[i],
+                     len(np.shape(leaves[i]))) for i in own for a, old in enumerate(np.shape(n.leaves[i]))]
+            _fix_widths(m, axes)
+    return nnx.split(module)
+
+
+def _fix_widths(m: Any, axes: Sequence[tuple]) -> None:
+    """Set ``m``'s integer attributes to its parameters' new sizes. ``axes``: ``(identity, old size, new size,
+    leaf path, ndim)`` per parameter axis (one identity per set of units: a kernel's output axis and its bias share
+    one; axes no unit indexes share one per size). Per old size ``o``: the attributes equal to ``o`` (in the order
+    the module holds them) take the new sizes of the identities of size ``o`` (ordered by the parameters, most axes
+    first, then axis: a kernel's input before its output) one to one; with a different number of each, a single
+    attribute takes a single new size. A tuple attribute equal to a parameter's old shape takes its new shape
+    (``kernel_shape``)."""
+    axes = sorted(axes, key=lambda t: (-t[4], t[3]))
+    sizes: dict[int, dict] = {}
+    shapes: dict[tuple, list] = {}
+    for ident, old, new, path, _ in axes:
+        sizes.setdefault(old, {}).setdefault(ident, new)
+        shapes.setdefault(path, []).append((old, new))
+    attrs = [(k, v) for k, v in vars(m).items() if not k.startswith("_")]
+    for k, v in attrs:
+        for dims in shapes.values():
+            if isinstance(v, tuple) and v == tuple(o for o, _ in dims) and v != tuple(w for _, w in dims):
+                setattr(m, k, tuple(w for _, w in dims))
+    ints = [(k, v) for k, v in attrs if isinstance(v, int) and not isinstance(v, bool)]
+    for old, idents in sizes.items():
+        news = list(idents.values())
+        if all(w == old for w in news):
+            continue
+        held = [k for k, v in ints if v == old]
+        if len(held) == len(news):
+            for k, w in zip(held, news):
+                setattr(m, k, w)
+        elif len(held) == 1 and len({w for w in news if w != old}) == 1:
+            setattr(m, held[0], next(w for w in news if w != old))
