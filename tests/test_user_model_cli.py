@@ -59,6 +59,20 @@ class NnxNet(nnx.Module):
         return self.lin(x.reshape((x.shape[0], -1)))
 
 
+class NnxMLP(nnx.Module):
+    """NNX: flatten -> hid (Linear) -> BatchNorm -> relu -> dropout -> out (Linear, num_classes)."""
+
+    def __init__(self, rngs: nnx.Rngs, width: int = 12, num_classes: int = 3):
+        self.hid = nnx.Linear(64, width, rngs=rngs)
+        self.bn = nnx.BatchNorm(width, rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)
+        self.out = nnx.Linear(width, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.drop(nnx.relu(self.bn(self.hid(x.reshape((x.shape[0], -1))))))
+        return self.out(x)
+
+
 not_a_model = 3
 '''
 KWARGS = '{"hidden": [12, 8]}'
@@ -116,7 +130,9 @@ def test_build_model_constructs_the_class_with_the_json_kwargs_and_the_dataset_c
                                  r"flax.linen.Module classes: FixedHead, MyMLP"),
     ({"model": "mymodels:"}, r"model='mymodels:': expected module.path:ClassName"),
     ({"model": "mymodels:not_a_model"}, r"expected a flax.linen.Module subclass, got an instance of int"),
-    ({"model": "mymodels:NnxNet"}, r"NnxNet is an NNX module; the experiments train linen models only"),
+    ({"model": "mymodels:NnxMLP", "model_kwargs": '{"depth": 2}'}, r"NnxMLP\(\*\*model_kwargs, num_classes=10\) "
+                                                                    r"fails \(TypeError: .*'depth'.*\); its fields: "
+                                                                    r"width, num_classes"),
     ({"model_kwargs": "{hidden: [1]}"}, r"model_kwargs='\{hidden: \[1\]\}': not valid JSON"),
     ({"model_kwargs": "[12, 8]"}, r"model_kwargs='\[12, 8\]': expected a JSON object"),
     ({"model_kwargs": '{"width": 3}'}, r"MyMLP\(\*\*model_kwargs, num_classes=10\) fails \(TypeError: "
@@ -282,6 +298,34 @@ def test_imp_and_similarity_on_a_user_model(mymodels, tmp_path):
                                      "metrics": ["linear_cka"]}, tmp_path / "sim")
     assert sim["layers"] == ["fc1", "fc2", "head"]  # a user model's representations: its layers' outputs
     np.testing.assert_allclose(np.diag(np.asarray(sim["matrix"]["linear_cka"][0])), 1.0, atol=1e-4)
+
+
+def test_imp_and_filter_prune_train_an_nnx_model(mymodels, tmp_path):
+    from flax import nnx
+
+    nnx_user = {"model": "mymodels:NnxMLP", "model_kwargs": '{"width": 12}'}
+    model = common.build_model(nnx_user, 10, input_shape=(5, 8, 8, 1))
+    assert isinstance(model, common.NNXModel) and model.nnx_class is mymodels.NnxMLP
+    cfg = {"dataset": "digits", **nnx_user, "training_steps": "40", "batch_size": 64, "levels": 1,
+           "prune_fraction": 0.5}
+    res = imp_experiment.train_and_evaluate(cfg, tmp_path / "imp")
+    assert list(res["derived"]["imp"]["exclude"]) == ["^out/"]  # the graph's output layer is never pruned
+    built, variables, records = imp_experiment.load_levels(tmp_path / "imp")
+    p0, p1 = variables[0]["params"], variables[1]["params"]
+    assert np.count_nonzero(np.asarray(p1["hid"]["kernel"])) == 64 * 12 - math.ceil(0.5 * 64 * 12 - 1e-9)
+    assert np.count_nonzero(np.asarray(p1["out"]["kernel"]) == 0) == 0
+    assert not np.allclose(variables[0]["batch_stats"]["bn"]["mean"], 0.0)  # BatchNorm statistics were trained
+    x, y = np.asarray(built.task.x_test), np.asarray(built.task.y_test)
+    for level, v in enumerate(variables):  # the saved variables are the NNX module's state, by attribute path
+        plain = mymodels.NnxMLP(nnx.Rngs(5), width=12, num_classes=10)
+        plain.eval()
+        nnx.update(plain, nnx.State({**v["params"], **{k: {**v["params"][k], **v["batch_stats"].get(k, {})}
+                                                        for k in v["params"]}}))
+        assert res["levels"][level]["test_accuracy"] == pytest.approx(_acc(plain(x), y), abs=1.01 / len(y))
+    assert res["levels"][0]["test_accuracy"] > 0.5 and p0["hid"]["kernel"].shape == (64, 12)
+    fres = filter_prune.run({**FILTER, **nnx_user, "max_rounds": 1}, tmp_path / "filter")
+    assert fres["layers"] == ["hid"] and [r["widths"] for r in fres["rounds"]] == [{"hid": 12}, {"hid": 9}]
+    assert fres["rounds"][1]["params"] == 64 * 9 + 9 + 2 * 9 + 9 * 10 + 10
 
 
 # ----------------------------------------------------------------------------------------------- the command line

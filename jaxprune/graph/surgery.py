@@ -71,15 +71,17 @@ def silence(g: Graph, keep: Mapping[str, Any]) -> list[Array]:
 def rebuild(g: Graph, leaves: Sequence[Array], widths: Mapping[str, int], x: Any) -> tuple[Any, PyTree]:
     """``(smaller model, its variables)`` for shrunk ``leaves`` whose layers now have ``widths`` units.
 
-    Uses, in this order, the model's ``with_widths`` hook, for NNX the shrunk state with the modules' width
-    attributes updated (:func:`_rebuild_nnx`; returns ``(graphdef, state)``), linen integer width fields, and for
-    the layers left, interception of the submodules' calls (see the module docstring); checks that the rebuilt
-    model's variable shapes are the shrunk ones."""
+    Uses, in this order, the model's ``with_widths`` hook, its ``with_shapes(shapes: dict[leaf path, shape])``
+    hook, for NNX the shrunk state with the modules' width attributes updated (:func:`_rebuild_nnx`; returns
+    ``(graphdef, state)``), linen integer width fields, and for the layers left, interception of the submodules'
+    calls (see the module docstring); checks that the rebuilt model's variable shapes are the shrunk ones."""
     n = g.net
     tree = n.with_leaves(leaves)
     model = n.model
     if hasattr(model, "with_widths"):
         new_model = model.with_widths(dict(widths))
+    elif hasattr(model, "with_shapes"):  # a model whose variables' shapes set its widths (an NNX model as linen)
+        new_model = model.with_shapes({p: tuple(np.shape(a)) for p, a in zip(n.paths, leaves)})
     elif n.kind == "nnx":
         return _rebuild_nnx(g, leaves)
     else:
