@@ -51,6 +51,18 @@ class FixedHead(nn.Module):
         return nn.Dense(4, name="out")(x.reshape((x.shape[0], -1)))
 
 
+class InlineMLP(nn.Module):
+    """Widths written inline (no width field): flatten -> Dense(12) -> relu -> Dense(8) -> relu -> classes."""
+
+    num_classes: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(12)(x.reshape((x.shape[0], -1))))
+        x = nn.relu(nn.Dense(8)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
 class NnxNet(nnx.Module):
     def __init__(self, rngs=None):
         self.lin = nnx.Linear(64, 10, rngs=rngs or nnx.Rngs(0))
@@ -127,7 +139,7 @@ def test_build_model_constructs_the_class_with_the_json_kwargs_and_the_dataset_c
     ({"model": "nosuchmodule_jaxprune:Net"}, r"model='nosuchmodule_jaxprune:Net': cannot import module "
                                              r"'nosuchmodule_jaxprune' \(ModuleNotFoundError"),
     ({"model": "mymodels:Nope"}, r"model='mymodels:Nope': module 'mymodels' has no attribute 'Nope'; its "
-                                 r"flax.linen.Module classes: FixedHead, MyMLP"),
+                                 r"flax.linen.Module classes: FixedHead, InlineMLP, MyMLP"),
     ({"model": "mymodels:"}, r"model='mymodels:': expected module.path:ClassName"),
     ({"model": "mymodels:not_a_model"}, r"expected a flax.linen.Module subclass, got an instance of int"),
     ({"model": "mymodels:NnxMLP", "model_kwargs": '{"depth": 2}'}, r"NnxMLP\(\*\*model_kwargs, num_classes=10\) "
@@ -250,6 +262,17 @@ def test_filter_prune_physically_shrinks_a_user_model_through_its_width_field(my
     assert checkpoint.read_json(tmp_path / "config.json")["model_kwargs"] == KWARGS
     with pytest.raises(ValueError, match=r"different config .*model_kwargs"):
         filter_prune.run({**FILTER, "model_kwargs": '{"hidden": [12, 9]}'}, tmp_path)
+
+
+def test_filter_prune_shrinks_a_user_model_whose_widths_are_written_inline(mymodels, tmp_path):
+    cfg = {**FILTER, "model": "mymodels:InlineMLP", "model_kwargs": ""}
+    res = filter_prune.run(cfg, tmp_path)
+    assert res["layers"] == ["Dense_0", "Dense_1"]
+    assert [r["widths"] for r in res["rounds"]] == [{"Dense_0": 12, "Dense_1": 8}, {"Dense_0": 9, "Dense_1": 6},
+                                                    {"Dense_0": 6, "Dense_1": 4}]
+    assert [r["params"] for r in res["rounds"]] == [64 * a + a + a * b + b + b * 10 + 10
+                                                    for a, b in ((12, 8), (9, 6), (6, 4))]
+    assert filter_prune.run(cfg, tmp_path)["rounds"] == res["rounds"]  # resumed: the rounds restored, not redone
 
 
 def test_merge_on_a_user_model(mymodels, tmp_path):
