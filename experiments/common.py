@@ -13,9 +13,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
+from flax.core import FrozenDict
 
 from jaxprune import augment, checkpoint, data, graph, models, train
 
@@ -473,8 +475,10 @@ USER_MODEL_CONTRACT = (
     "count> when it has a num_classes field that model_kwargs leaves out), applied as model.apply(variables, x"
     "[, train=...]) to NHWC inputs (n, h, w, c) (MLPs flatten them), returning logits (n, num_classes); a `train` "
     "argument of __call__, when it has one, is True while training (dropout, BatchNorm statistics) and False "
-    "otherwise. Pruning reads its layers from its graph (jaxprune.graph): removing units needs a "
-    "with_widths(dict[layer, int]) method or integer / tuple-of-integer width fields")
+    "otherwise. Or an NNX module class (flax.nnx.Module), constructed as ClassName(**model_kwargs, rngs=...) and "
+    "trained through NNXModel (its train()/eval() modes). Pruning reads its layers from its graph (jaxprune.graph); "
+    "removing units rebuilds it through a with_widths(dict[layer, int]) method, integer / tuple-of-integer width "
+    "fields, or the width fields of its layers' own modules (nn.Dense(48) written inline)")
 
 
 def is_user_model(name: Any) -> bool:
@@ -561,14 +565,11 @@ def user_model_class(spec: str) -> type:
     except ImportError:  # pragma: no cover
         nnx = None
     if isinstance(obj, type) and nnx is not None and issubclass(obj, nnx.Module):
-        raise ValueError(f"model={spec!r}: {attr} is an NNX module; the experiments train linen models only (their "
-                         "training loop, jaxprune.train, calls model.apply(variables, x, train=...)). Write it as a "
-                         "flax.linen.Module, or use the library functions directly: they take NNX models as "
-                         "nnx.split gives them (see jaxprune.graph)")
+        return obj  # trained through NNXModel
     if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
         what = f"an instance of {type(obj).__name__}" if not isinstance(obj, type) else f"the class {obj.__name__}"
-        raise ValueError(f"model={spec!r}: expected a flax.linen.Module subclass, got {what}; the contract: "
-                         f"{USER_MODEL_CONTRACT}")
+        raise ValueError(f"model={spec!r}: expected a flax.linen.Module subclass, got {what} (or a flax.nnx.Module "
+                         f"subclass); the contract: {USER_MODEL_CONTRACT}")
     return obj
 
 
@@ -596,8 +597,109 @@ def _with_train(cls: type) -> type:
 
 def _field_names(cls: type) -> list[str]:
     import dataclasses
+    import inspect
 
+    if _is_nnx_class(cls):  # an NNX module's constructor arguments (rngs is passed by NNXModel)
+        return [n for n in list(inspect.signature(cls.__init__).parameters)[1:] if n != "rngs"]
     return [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+
+
+def _is_nnx_class(cls: Any) -> bool:
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(cls, type) and issubclass(cls, nnx.Module)
+
+
+class NNXModel(nn.Module):
+    """An NNX module class as a linen module, so the experiments train it unchanged (``model.init`` /
+    ``model.apply(variables, x, train=...)`` with ``{'params': …, ['batch_stats': …]}``).
+
+    Every call builds the NNX module abstractly (``nnx.eval_shape``; for ``init``, concretely from the ``params``
+    key), ``nnx.merge``s it with the linen variables (its ``nnx.Param`` state as ``params``, its ``nnx.BatchStat``
+    state as ``batch_stats``, keyed by the NNX attribute paths: ``params/lin/kernel``), sets its mode
+    (``train()`` / ``eval()``), calls it, and in training writes the updated statistics back: the pure training
+    step around it is linen's. Other NNX state (random streams of dropout) is rebuilt per call from the ``dropout``
+    key. ``shapes``: ``{leaf path: shape}`` of a shrunk model (:meth:`with_shapes`, used by
+    :func:`jaxprune.graph.rebuild`); ``init`` gives leading slices of the initial values of those shapes."""
+
+    nnx_class: Any
+    kwargs: Any = FrozenDict()
+    shapes: Any = FrozenDict()
+
+    def with_shapes(self, shapes: Mapping[str, tuple]) -> "NNXModel":
+        return self.clone(shapes=FrozenDict({**self.shapes, **{k: tuple(v) for k, v in shapes.items()}}))
+
+    def constructed(self) -> Any:
+        """The NNX module, abstract (``nnx.eval_shape``: nothing is computed)."""
+        from flax import nnx
+
+        return nnx.eval_shape(lambda: self._make(jax.random.PRNGKey(0)))
+
+    def _make(self, key):
+        import inspect
+
+        from flax import nnx
+
+        takes_rngs = "rngs" in inspect.signature(self.nnx_class.__init__).parameters
+        return self.nnx_class(**self.kwargs, **({"rngs": nnx.Rngs(key)} if takes_rngs else {}))
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        from flax import nnx
+
+        if self.is_initializing():
+            module = self._make(self.make_rng("params"))
+        else:
+            module = self.constructed()
+        gdef, params, stats, rest = nnx.split(module, nnx.Param, nnx.BatchStat, ...)
+        init = _cut_to({"params": nnx.to_pure_dict(params), "batch_stats": nnx.to_pure_dict(stats)}, self.shapes)
+        p = {k: self.param(str(k), lambda _, v=v: v) for k, v in init["params"].items()}
+        b = {k: self.variable("batch_stats", str(k), lambda v=v: v) for k, v in init["batch_stats"].items()}
+        nnx.replace_by_pure_dict(params, p)
+        nnx.replace_by_pure_dict(stats, {k: v.value for k, v in b.items()})
+        key = self.make_rng("dropout") if train and self.has_rng("dropout") else jax.random.PRNGKey(0)
+        m = nnx.merge(gdef, params, stats, _concrete(rest, key))
+        m.train() if train else m.eval()
+        out = m(x)
+        if train and not self.is_initializing() and self.is_mutable_collection("batch_stats"):
+            for k, v in nnx.to_pure_dict(nnx.state(m, nnx.BatchStat)).items():
+                b[k].value = v
+        return out
+
+
+def _cut_to(tree: dict, shapes: Mapping[str, tuple]) -> dict:
+    """``tree`` with every leaf whose ``"/"``-joined path is in ``shapes`` cut to its leading slice of that shape
+    (an abstract leaf given that shape)."""
+    if not shapes:
+        return tree
+    def cut(p, a):
+        shape = shapes.get(graph._path_str(p))
+        if shape is None:
+            return a
+        if isinstance(a, jax.ShapeDtypeStruct):  # applying: the abstract module's state
+            return jax.ShapeDtypeStruct(shape, a.dtype)
+        return a[tuple(slice(0, s) for s in shape)]
+
+    return jax.tree_util.tree_map_with_path(cut, tree)
+
+
+def _concrete(rest: Any, key) -> Any:
+    """Concrete values for abstract NNX state other than parameters and statistics: random keys from ``key``
+    (one per leaf), zeros otherwise (counters)."""
+    import jax.numpy as jnp
+
+    leaves, treedef = jax.tree_util.tree_flatten(rest)
+    out = []
+    for i, a in enumerate(leaves):
+        if not isinstance(a, jax.ShapeDtypeStruct):
+            out.append(a)
+        elif jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            out.append(jnp.broadcast_to(jax.random.wrap_key_data(jax.random.fold_in(key, i)), a.shape))
+        else:
+            out.append(jnp.zeros(a.shape, a.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def check_model(model, spec: str, input_shape: Sequence[int], num_classes: int) -> None:
@@ -642,7 +744,9 @@ def build_user_model(c: dict, num_classes: int, input_shape: Sequence[int] | Non
     if added:
         kwargs["num_classes"] = int(num_classes)
     try:
-        model = _with_train(cls)(**kwargs)
+        model = NNXModel(cls, FrozenDict(kwargs)) if _is_nnx_class(cls) else _with_train(cls)(**kwargs)
+        if _is_nnx_class(cls):
+            model.constructed()  # constructor errors named here
     except Exception as e:  # unknown or missing arguments, or the model's own checks
         raise ValueError(f"model_kwargs={given}: {cls.__name__}(**model_kwargs"
                          f"{f', num_classes={num_classes}' if added else ''}) fails ({type(e).__name__}: {e}); its "

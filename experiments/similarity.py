@@ -9,6 +9,10 @@ set of inputs (the first ``--num_inputs`` of the ``--probe_split`` split, as tha
 * the full layer × layer matrix, each level's layers against the dense layers (``matrix``, one jitted
   ``similarity.pairwise`` call per metric over the stack of levels).
 
+Token representations ``(n, tokens, d)`` (a transformer's layers) follow ``--tokens``: ``mean`` (default; the
+means over tokens, ``(n, d)``, everywhere) or ``flatten`` (``vs_dense`` on the ``n·tokens`` tokens as samples,
+``(n·tokens, d)``; the matrix, whose layers must share their samples, on ``(n, tokens·d)``).
+
 Conv maps: the matrix always flattens them (``(n, h·w·c)``; layers of different spatial size stay comparable).
 For ``vs_dense`` the CCA family uses ``--cca_conv``: ``pixel`` (default; every position of every input is a
 sample, channels are features — svcca's and the pruned-layer-similarity study's choice) or ``flatten``. With
@@ -90,6 +94,10 @@ SPEC = [
     ("probe_split", "test", "split the probe inputs come from (train: the study's code probes the first training "
                             "images)", ("test", "train")),
     ("cca_conv", "pixel", "conv maps for the CCA family's per-layer comparison", ("pixel", "flatten")),
+    ("tokens", "mean", "token representations (n, tokens, d): 'mean' (default) compares the means over tokens "
+                       "(n, d) everywhere; 'flatten' compares each layer with its dense self on the n·tokens tokens "
+                       "as samples (n·tokens, d) and enters the layer x layer matrix as (n, tokens·d)",
+     ("mean", "flatten")),
     ("keep_variance", 0.99, "SVCCA: variance fraction kept by each side's SVD"),
     ("truncate", 0.0, "mean CCA / SVCCA: average only the leading correlations holding this mass (svcca's 0.98); "
                       "0 averages all"),
@@ -125,7 +133,18 @@ def check_config(config: dict) -> dict:
         raise ValueError(f"probe_split={c['probe_split']!r}: expected 'test' or 'train'")
     if c["cca_conv"] not in ("pixel", "flatten"):
         raise ValueError(f"cca_conv={c['cca_conv']!r}: expected 'pixel' or 'flatten'")
+    if c["tokens"] not in analysis.TOKEN_MODES:
+        raise ValueError(f"tokens={c['tokens']!r}: expected one of {', '.join(analysis.TOKEN_MODES)}")
     return c
+
+
+def _matrix_view(a, tokens: str):
+    """One layer's ``(n, p)`` for the layer × layer matrix: conv maps ``(n, h·w·c)``; token representations the
+    means ``(n, d)`` (``tokens="mean"``) or ``(n, t·d)`` (``"flatten"``: every token's unit a feature)."""
+    a = jnp.asarray(a)
+    if a.ndim == 3 and tokens == "flatten":
+        return a.reshape(a.shape[0], -1)
+    return similarity.flatten_conv(analysis.token_samples(a, tokens), "flatten")
 
 
 def representations(model, variables: list[dict], x: np.ndarray, names: list[str] | None
@@ -166,7 +185,7 @@ def _compare(model, variables: list[dict], records: list[dict], x: np.ndarray, c
     reps, records, skipped = _finite_levels(reps, records, names)
     logging.info("%d levels, %d inputs, layers %s", len(reps), len(x), names)
 
-    flat = [jnp.stack([similarity.flatten_conv(r[n], "flatten") for r in reps]) for n in names]  # (K, n, p)
+    flat = [jnp.stack([_matrix_view(r[n], c["tokens"]) for r in reps]) for n in names]  # (K, n, p)
     dense = [f[0] for f in flat]
     matrix, vs_dense = {}, {}
     for name in c["metrics"]:
@@ -174,6 +193,10 @@ def _compare(model, variables: list[dict], records: list[dict], x: np.ndarray, c
         m = np.asarray(similarity.pairwise(sim, flat, dense, **opts))  # (K, L, L)
         matrix[name] = m.tolist()
         per_layer = {n: [float(v) for v in m[:, i, i]] for i, n in enumerate(names)}
+        for n in names:  # token samples (n·t, d): each layer against its dense self
+            if reps[0][n].ndim == 3 and c["tokens"] == "flatten":
+                tok = jnp.stack([analysis.token_samples(r[n], "flatten") for r in reps])
+                per_layer[n] = [float(v) for v in similarity.pairwise(sim, [tok], [tok[0]], **opts)[:, 0, 0]]
         if sim in CCA_FAMILY and c["cca_conv"] == "pixel":
             for n in names:
                 if reps[0][n].ndim == 4:
@@ -263,6 +286,8 @@ def _run(c: dict, workdir: Path) -> dict:
         "layers": per_seed[0]["layers"],
         "layer_shapes": per_seed[0]["layer_shapes"],
         "conv": {"matrix": "flatten", "vs_dense_cca_family": c["cca_conv"], "vs_dense_kernel_metrics": "flatten"},
+        "tokens": {"matrix": "mean" if c["tokens"] == "mean" else "features (n, tokens·d)",
+                   "vs_dense": "mean" if c["tokens"] == "mean" else "samples (n·tokens, d)"},
         "vs_dense": summary["vs_dense"],
         **({"vs_dense_std": summary["vs_dense_std"]} if "vs_dense_std" in summary else {}),
         "matrix": summary["matrix"],

@@ -52,6 +52,7 @@ ApplyFn = Callable[[PyTree, Array], Array]  # (params or variables, x (b, …)) 
 SIMILARITY_METRICS: dict[str, tuple[str, dict]] = similarity.PRESETS
 DEFAULT_METRICS = ("linear_cka", "pwcca", "nbs")
 CCA_FAMILY = ("mean_cca", "svcca", "pwcca")
+TOKEN_MODES = ("mean", "flatten")  # token representations (n, tokens, d): the default first
 
 
 # ----------------------------------------------------------------------------------------------- interpolation
@@ -331,13 +332,29 @@ def _metric_spec(name: str, metrics: Mapping[str, tuple] | None) -> tuple[Any, d
     return sim, dict(opts)
 
 
+def token_samples(a: Array, tokens: str = "mean") -> Array:
+    """Token representations ``a: (n, t, d)`` as 2-D activations: ``tokens="mean"`` (the default) → ``(n, d)``,
+    the mean over the tokens; ``"flatten"`` → ``(n·t, d)``, every token of every input a sample. Activations
+    ``(n, p)`` and conv maps ``(n, h, w, c)`` pass through unchanged (conv maps keep their own handling)."""
+    if tokens not in TOKEN_MODES:
+        raise ValueError(f"tokens={tokens!r}: expected one of {TOKEN_MODES} (token representations (n, tokens, d): "
+                         "'mean' over the tokens, or 'flatten' to n·tokens samples)")
+    a = jnp.asarray(a)
+    if a.ndim != 3:
+        return a
+    return a.mean(axis=1) if tokens == "mean" else a.reshape(-1, a.shape[-1])
+
+
 def similarity_to_dense(reps: Mapping[str, Array], dense_reps: Mapping[str, Array],
                         metrics: Sequence[str] | Mapping[str, tuple] = DEFAULT_METRICS, *,
-                        layers: Sequence[str] | None = None, cca_conv: str = "pixel") -> dict[str, dict[str, float]]:
+                        layers: Sequence[str] | None = None, cca_conv: str = "pixel",
+                        tokens: str = "mean") -> dict[str, dict[str, float]]:
     """Each layer of a network against the same layer of a reference (the dense network): ``{metric: {layer: s}}``.
 
-    ``reps``, ``dense_reps``: ``{layer: (n, p) or conv maps (n, h, w, c)}`` of the same ``n`` inputs
-    (:func:`jaxprune.models.representations`). ``metrics``: names of :data:`SIMILARITY_METRICS` (those of
+    ``reps``, ``dense_reps``: ``{layer: (n, p), token representations (n, t, d) or conv maps (n, h, w, c)}`` of
+    the same ``n`` inputs (:func:`jaxprune.models.representations`). Token representations follow ``tokens``
+    (:func:`token_samples`: ``"mean"``, the default, compares the ``(n, d)`` means over tokens; ``"flatten"`` the
+    ``(n·t, d)`` tokens as samples). ``metrics``: names of :data:`SIMILARITY_METRICS` (those of
     ``experiments.similarity``), or ``{label: (jaxprune.similarity name or (prepare, compare) pair, options)}``.
     ``layers``: which (default: every layer of ``dense_reps``, in order). Conv maps are flattened to ``(n, h·w·c)``,
     except for the CCA family with ``cca_conv="pixel"`` (``(n·h·w, c)``: every position a sample, svcca's choice).
@@ -345,6 +362,7 @@ def similarity_to_dense(reps: Mapping[str, Array], dense_reps: Mapping[str, Arra
     diagonal of the layer × layer matrix is needed), so each layer is factorised once per metric."""
     if cca_conv not in ("pixel", "flatten"):
         raise ValueError(f"cca_conv={cca_conv!r}: expected 'pixel' or 'flatten'")
+    token_samples(jnp.zeros((1, 1)), tokens)  # the option checked before any work
     table = dict(metrics) if isinstance(metrics, Mapping) else None
     names = list(metrics)
     if not names:
@@ -364,6 +382,7 @@ def similarity_to_dense(reps: Mapping[str, Array], dense_reps: Mapping[str, Arra
             if np.shape(x) != np.shape(y):
                 raise ValueError(f"reps: layer {l!r} has shape {np.shape(x)}; expected {np.shape(y)}, its shape in "
                                  "dense_reps (the same inputs through the same architecture)")
+            x, y = token_samples(x, tokens), token_samples(y, tokens)
             fx, fy = similarity.flatten_conv(x, mode(x)), similarity.flatten_conv(y, mode(y))
             out[m][l] = float(similarity.pairwise(sim, [fx], [fy], **opts)[0, 0])
     return out

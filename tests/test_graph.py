@@ -146,17 +146,17 @@ def test_refusals_name_the_layer_and_the_reason():
     with pytest.raises(ValueError, match=r"layer='dw'.*feature_group_count=2"):
         st.remove_units(gm, gv, "dw", [0], x=jnp.zeros((1, 4, 4, 2)))
 
-    class Fixed(nn.Module):  # widths hard-coded: no way to rebuild it smaller
+    class Fixed(nn.Module):  # a width hard-coded in a parameter's shape: no way to rebuild it smaller
         @nn.compact
         def __call__(self, x):
-            return nn.Dense(2, name="b")(nn.relu(nn.Dense(7, name="a")(x)))
+            return nn.Dense(2, name="b")(nn.relu(x @ self.param("a", nn.initializers.ones, (3, 7))))
 
     fm = Fixed()
     fv = fm.init(KEY, jnp.zeros((1, 3)))
     with pytest.raises(ValueError, match="with_widths"):
-        st.remove_units(fm, fv, "a", [0, 1], x=jnp.zeros((1, 3)))
-    masked = st.mask_units(fm, fv, "a", [0, 1], x=jnp.zeros((1, 3)))  # masking needs no rebuild
-    assert int((np.asarray(masked["params"]["a"]["kernel"]) != 0).any(0).sum()) == 2
+        st.remove_units(fm, fv, "params/a", [0, 1], x=jnp.zeros((1, 3)))
+    masked = st.mask_units(fm, fv, "params/a", [0, 1], x=jnp.zeros((1, 3)))  # masking needs no rebuild
+    assert int((np.asarray(masked["params"]["a"]) != 0).any(0).sum()) == 2
 
 
 # ----------------------------------------------------------------------------------------------- merging

@@ -51,12 +51,38 @@ class FixedHead(nn.Module):
         return nn.Dense(4, name="out")(x.reshape((x.shape[0], -1)))
 
 
+class InlineMLP(nn.Module):
+    """Widths written inline (no width field): flatten -> Dense(12) -> relu -> Dense(8) -> relu -> classes."""
+
+    num_classes: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(12)(x.reshape((x.shape[0], -1))))
+        x = nn.relu(nn.Dense(8)(x))
+        return nn.Dense(self.num_classes)(x)
+
+
 class NnxNet(nnx.Module):
     def __init__(self, rngs=None):
         self.lin = nnx.Linear(64, 10, rngs=rngs or nnx.Rngs(0))
 
     def __call__(self, x):
         return self.lin(x.reshape((x.shape[0], -1)))
+
+
+class NnxMLP(nnx.Module):
+    """NNX: flatten -> hid (Linear) -> BatchNorm -> relu -> dropout -> out (Linear, num_classes)."""
+
+    def __init__(self, rngs: nnx.Rngs, width: int = 12, num_classes: int = 3):
+        self.hid = nnx.Linear(64, width, rngs=rngs)
+        self.bn = nnx.BatchNorm(width, rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)
+        self.out = nnx.Linear(width, num_classes, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.drop(nnx.relu(self.bn(self.hid(x.reshape((x.shape[0], -1))))))
+        return self.out(x)
 
 
 not_a_model = 3
@@ -113,10 +139,12 @@ def test_build_model_constructs_the_class_with_the_json_kwargs_and_the_dataset_c
     ({"model": "nosuchmodule_jaxprune:Net"}, r"model='nosuchmodule_jaxprune:Net': cannot import module "
                                              r"'nosuchmodule_jaxprune' \(ModuleNotFoundError"),
     ({"model": "mymodels:Nope"}, r"model='mymodels:Nope': module 'mymodels' has no attribute 'Nope'; its "
-                                 r"flax.linen.Module classes: FixedHead, MyMLP"),
+                                 r"flax.linen.Module classes: FixedHead, InlineMLP, MyMLP"),
     ({"model": "mymodels:"}, r"model='mymodels:': expected module.path:ClassName"),
     ({"model": "mymodels:not_a_model"}, r"expected a flax.linen.Module subclass, got an instance of int"),
-    ({"model": "mymodels:NnxNet"}, r"NnxNet is an NNX module; the experiments train linen models only"),
+    ({"model": "mymodels:NnxMLP", "model_kwargs": '{"depth": 2}'}, r"NnxMLP\(\*\*model_kwargs, num_classes=10\) "
+                                                                    r"fails \(TypeError: .*'depth'.*\); its fields: "
+                                                                    r"width, num_classes"),
     ({"model_kwargs": "{hidden: [1]}"}, r"model_kwargs='\{hidden: \[1\]\}': not valid JSON"),
     ({"model_kwargs": "[12, 8]"}, r"model_kwargs='\[12, 8\]': expected a JSON object"),
     ({"model_kwargs": '{"width": 3}'}, r"MyMLP\(\*\*model_kwargs, num_classes=10\) fails \(TypeError: "
@@ -236,6 +264,17 @@ def test_filter_prune_physically_shrinks_a_user_model_through_its_width_field(my
         filter_prune.run({**FILTER, "model_kwargs": '{"hidden": [12, 9]}'}, tmp_path)
 
 
+def test_filter_prune_shrinks_a_user_model_whose_widths_are_written_inline(mymodels, tmp_path):
+    cfg = {**FILTER, "model": "mymodels:InlineMLP", "model_kwargs": ""}
+    res = filter_prune.run(cfg, tmp_path)
+    assert res["layers"] == ["Dense_0", "Dense_1"]
+    assert [r["widths"] for r in res["rounds"]] == [{"Dense_0": 12, "Dense_1": 8}, {"Dense_0": 9, "Dense_1": 6},
+                                                    {"Dense_0": 6, "Dense_1": 4}]
+    assert [r["params"] for r in res["rounds"]] == [64 * a + a + a * b + b + b * 10 + 10
+                                                    for a, b in ((12, 8), (9, 6), (6, 4))]
+    assert filter_prune.run(cfg, tmp_path)["rounds"] == res["rounds"]  # resumed: the rounds restored, not redone
+
+
 def test_merge_on_a_user_model(mymodels, tmp_path):
     cfg = {"dataset": "digits", **USER, "normalize": "none", "optimizer": "momentum", "lr": 0.05,
            "weight_decay": 0.0, "schedule": "constant", "milestones": [], "training_steps": "2ep", "batch_size": 32,
@@ -282,6 +321,34 @@ def test_imp_and_similarity_on_a_user_model(mymodels, tmp_path):
                                      "metrics": ["linear_cka"]}, tmp_path / "sim")
     assert sim["layers"] == ["fc1", "fc2", "head"]  # a user model's representations: its layers' outputs
     np.testing.assert_allclose(np.diag(np.asarray(sim["matrix"]["linear_cka"][0])), 1.0, atol=1e-4)
+
+
+def test_imp_and_filter_prune_train_an_nnx_model(mymodels, tmp_path):
+    from flax import nnx
+
+    nnx_user = {"model": "mymodels:NnxMLP", "model_kwargs": '{"width": 12}'}
+    model = common.build_model(nnx_user, 10, input_shape=(5, 8, 8, 1))
+    assert isinstance(model, common.NNXModel) and model.nnx_class is mymodels.NnxMLP
+    cfg = {"dataset": "digits", **nnx_user, "training_steps": "40", "batch_size": 64, "levels": 1,
+           "prune_fraction": 0.5}
+    res = imp_experiment.train_and_evaluate(cfg, tmp_path / "imp")
+    assert list(res["derived"]["imp"]["exclude"]) == ["^out/"]  # the graph's output layer is never pruned
+    built, variables, records = imp_experiment.load_levels(tmp_path / "imp")
+    p0, p1 = variables[0]["params"], variables[1]["params"]
+    assert np.count_nonzero(np.asarray(p1["hid"]["kernel"])) == 64 * 12 - math.ceil(0.5 * 64 * 12 - 1e-9)
+    assert np.count_nonzero(np.asarray(p1["out"]["kernel"]) == 0) == 0
+    assert not np.allclose(variables[0]["batch_stats"]["bn"]["mean"], 0.0)  # BatchNorm statistics were trained
+    x, y = np.asarray(built.task.x_test), np.asarray(built.task.y_test)
+    for level, v in enumerate(variables):  # the saved variables are the NNX module's state, by attribute path
+        plain = mymodels.NnxMLP(nnx.Rngs(5), width=12, num_classes=10)
+        plain.eval()
+        nnx.update(plain, nnx.State({**v["params"], **{k: {**v["params"][k], **v["batch_stats"].get(k, {})}
+                                                        for k in v["params"]}}))
+        assert res["levels"][level]["test_accuracy"] == pytest.approx(_acc(plain(x), y), abs=1.01 / len(y))
+    assert res["levels"][0]["test_accuracy"] > 0.5 and p0["hid"]["kernel"].shape == (64, 12)
+    fres = filter_prune.run({**FILTER, **nnx_user, "max_rounds": 1}, tmp_path / "filter")
+    assert fres["layers"] == ["hid"] and [r["widths"] for r in fres["rounds"]] == [{"hid": 12}, {"hid": 9}]
+    assert fres["rounds"][1]["params"] == 64 * 9 + 9 + 2 * 9 + 9 * 10 + 10
 
 
 # ----------------------------------------------------------------------------------------------- the command line

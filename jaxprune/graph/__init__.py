@@ -29,7 +29,10 @@ NNX model as ``nnx.split`` gives it: ``(graphdef, state)`` (call ``model.eval()`
 dropout). Smaller models (after removing units) are rebuilt through, in this order: the model's own
 ``with_widths(widths: dict[layer, int]) -> Module`` method; for NNX, nothing (the state's shapes are the model's);
 for linen, integer (or tuple-of-integer) dataclass fields found to set a layer's width (each is perturbed once and
-the parameter shapes compared). A model with none of these is refused with this contract in the message.
+the parameter shapes compared), then, for the layers no field sets (widths written inline, ``nn.Dense(48)``),
+interception of the submodules' calls (:mod:`~jaxprune.graph.surgery`): the returned model is a subclass of the
+model's class that sets the width fields of the submodules at the shrunk layers' module paths. A layer none of these
+reaches (a width written into a ``self.param`` shape) is refused with this contract in the message.
 
 **Inside** (one module per concern): :mod:`~jaxprune.graph.program` (the model as a pure function and its flattened
 program), :mod:`~jaxprune.graph.ops` (the op registry: one handler per primitive family), :mod:`~jaxprune.graph.table`

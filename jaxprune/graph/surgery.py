@@ -1,8 +1,17 @@
 """Pytree surgery on the unit table: removing units (:func:`shrink`), silencing them (:func:`silence`) and
-rebuilding the smaller model (:func:`rebuild`)."""
+rebuilding the smaller model (:func:`rebuild`).
+
+A linen model whose widths are written inline (``nn.Dense(48)`` inside ``@nn.compact``, no ``with_widths``, no
+width field) is rebuilt by interception: the returned model is an instance of a subclass of the model's class (same
+name, same fields, same variable tree) whose ``__call__`` runs the original under
+:func:`flax.linen.intercept_methods`; the interceptor gives each submodule at a shrunk layer's module path (its scope
+path, never its class) the new value of the integer field that held the old width (``features=48`` → ``40``), found
+by matching the field's value with the kernel's old output size, while the submodule's methods (``setup`` included)
+run. Only ``__call__`` is intercepted (a model applied through ``method=`` gets the original widths)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -62,17 +71,21 @@ def silence(g: Graph, keep: Mapping[str, Any]) -> list[Array]:
 def rebuild(g: Graph, leaves: Sequence[Array], widths: Mapping[str, int], x: Any) -> tuple[Any, PyTree]:
     """``(smaller model, its variables)`` for shrunk ``leaves`` whose layers now have ``widths`` units.
 
-    Uses the model's ``with_widths`` hook, NNX's parameters-only shrinking, or linen integer width fields (see the
-    module docstring); checks that the rebuilt model's variable shapes are the shrunk ones."""
+    Uses, in this order, the model's ``with_widths`` hook, its ``with_shapes(shapes: dict[leaf path, shape])``
+    hook, for NNX the shrunk state with the modules' width attributes updated (:func:`_rebuild_nnx`; returns
+    ``(graphdef, state)``), linen integer width fields, and for the layers left, interception of the submodules'
+    calls (see the module docstring); checks that the rebuilt model's variable shapes are the shrunk ones."""
     n = g.net
     tree = n.with_leaves(leaves)
     model = n.model
     if hasattr(model, "with_widths"):
         new_model = model.with_widths(dict(widths))
+    elif hasattr(model, "with_shapes"):  # a model whose variables' shapes set its widths (an NNX model as linen)
+        new_model = model.with_shapes({p: tuple(np.shape(a)) for p, a in zip(n.paths, leaves)})
     elif n.kind == "nnx":
-        return model, tree
+        return _rebuild_nnx(g, leaves)
     else:
-        new_model = _rebuild_by_fields(g, model, widths, x)
+        new_model = _rebuild_linen(g, model, widths, x)
     spec = jax.ShapeDtypeStruct(tuple(np.shape(x)), jnp.result_type(x) if not isinstance(
         x, jax.ShapeDtypeStruct) else x.dtype)
     try:
@@ -92,17 +105,18 @@ def rebuild(g: Graph, leaves: Sequence[Array], widths: Mapping[str, int], x: Any
     return new_model, tree
 
 
-def _rebuild_by_fields(g: Graph, model, widths: Mapping[str, int], x) -> Any:
+def _rebuild_linen(g: Graph, model, widths: Mapping[str, int], x) -> Any:
+    """Width fields of the model first (:func:`_discover_fields`), interception for the layers they do not set."""
     fields = _discover_fields(g, model, x)
+    by_field = {layer: w for layer, w in widths.items() if layer in fields}
+    rest = {layer: w for layer, w in widths.items() if layer not in fields}
+    new_model = _rebuild_by_fields(g, model, by_field, fields) if by_field else model
+    return _intercepted(g, new_model, rest, x) if rest else new_model
+
+
+def _rebuild_by_fields(g: Graph, model, widths: Mapping[str, int], fields: Mapping[str, tuple]) -> Any:
     updates: dict[str, Any] = {}
     for layer, w in widths.items():
-        if layer not in fields:
-            raise ValueError(
-                f"model: cannot rebuild {type(model).__name__} with layer {layer!r} of width {w}: the model has no "
-                "`with_widths(widths: dict[str, int]) -> Module` method and no integer (or tuple-of-integer) field "
-                "that sets this layer's width. Contract for user models: give the model such a method, or a width "
-                "field per layer (e.g. `hidden: Sequence[int]`); NNX models need neither (pass nnx.split's "
-                "(graphdef, state))")
         field, idx, group = fields[layer]
         others = [m for m in group if m != layer]
         for m in others:
@@ -171,3 +185,153 @@ def _discover_fields(g: Graph, model, x) -> dict:
         _FIELD_CACHE[key] = found
     return found
 
+
+
+# ----------------------------------------------------------------------------------------------- interception
+def _is_width(v: Any) -> bool:
+    ints = lambda t: isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+    return ints(v) or (isinstance(v, tuple) and bool(v) and all(ints(t) for t in v))
+
+
+def _intercepted(g: Graph, model, widths: Mapping[str, int], x) -> Any:
+    """``model`` rebuilt with ``widths: {layer: units}`` set on its submodules by interception (module docstring).
+
+    Overrides accumulate: a model rebuilt this way and shrunk again keeps one subclass of the original class."""
+    n = g.net
+    base = getattr(type(model), "_jaxprune_base", type(model))
+    overrides = {p: dict(f) for p, f in getattr(type(model), "_jaxprune_overrides", ())}
+    seen = _module_fields(n, model, x)
+    for layer, w in widths.items():
+        l = g.layers[layer]
+        path = tuple(p for p in n.module_path(l.kernel).split("/") if p)
+        old = int(np.shape(n.leaves[l.kernel])[l.out_axis])
+        found = [(f, v) for f, v in seen.get(path, {}).items() if v == old or (isinstance(v, tuple) and old in v)]
+        if w == old:
+            continue
+        if not path or len(found) != 1:
+            why = ("its width is not a field of a submodule" if not path or path not in seen else
+                   f"{'no' if not found else 'more than one'} integer field of module {'/'.join(path)!r} holds "
+                   f"its width {old}" + (f" ({', '.join(f for f, _ in found)})" if found else ""))
+            raise ValueError(
+                f"model: cannot rebuild {type(model).__name__} with layer {layer!r} of width {w}: {why}. Contract "
+                "for user models: a `with_widths(widths: dict[str, int]) -> Module` method, an integer (or "
+                "tuple-of-integer) width field per layer (e.g. `hidden: Sequence[int]`), or layers whose width is "
+                "a field of their own module (`nn.Dense(48)`); NNX models need none (pass nnx.split's "
+                "(graphdef, state))")
+        f, v = found[0]
+        overrides.setdefault(path, {})[f] = int(w) if not isinstance(v, tuple) else tuple(
+            int(w) if t == old else t for t in v)
+    frozen = tuple(sorted((p, tuple(sorted(f.items()))) for p, f in overrides.items()))
+    kwargs = {fl.name: getattr(model, fl.name) for fl in dataclasses.fields(model) if fl.name not in ("parent", "name")}
+    return _resized_class(base, frozen)(**kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _resized_class(base: type, overrides: tuple) -> type:
+    """A subclass of ``base`` (same name) whose ``__call__`` runs under an interceptor setting ``overrides``:
+    ``((scope path, ((field, value), …)), …)``."""
+    import flax.linen as nn
+
+    table = {p: dict(f) for p, f in overrides}
+
+    @functools.wraps(base.__call__)
+    def __call__(self, *args, **kwargs):
+        with nn.intercept_methods(functools.partial(_set_widths, table)):
+            return base.__call__(self, *args, **kwargs)
+
+    return type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__,
+                                         "__qualname__": base.__qualname__, "__doc__": base.__doc__,
+                                         "_jaxprune_base": base, "_jaxprune_overrides": overrides})
+
+
+def _set_widths(table: Mapping[tuple, dict], next_fun, args, kwargs, context):
+    """Interceptor: while a method of the module at a scope path in ``table`` runs, its fields hold the new widths."""
+    m = context.module
+    new = table.get(tuple(m.scope.path)) if m.scope is not None else None
+    if not new:
+        return next_fun(*args, **kwargs)
+    old = {f: getattr(m, f) for f in new}
+    for f, v in new.items():
+        object.__setattr__(m, f, v)
+    try:
+        return next_fun(*args, **kwargs)
+    finally:
+        for f, v in old.items():
+            object.__setattr__(m, f, v)
+
+
+def _module_fields(n, model, x) -> dict[tuple, dict]:
+    """``{scope path: {field: integer or tuple-of-integer value}}`` of every submodule the model calls (the values
+    in effect, overrides of an already rebuilt model included), read by intercepting one abstract ``init``."""
+    import flax.linen as nn
+
+    over = {p: dict(f) for p, f in getattr(type(model), "_jaxprune_overrides", ())}
+    seen: dict[tuple, dict] = {}
+
+    def record(next_fun, args, kwargs, context):
+        m = context.module
+        path = tuple(m.scope.path) if m.scope is not None else None
+        if path and path not in seen:
+            vals = {fl.name: getattr(m, fl.name) for fl in dataclasses.fields(m)
+                    if fl.name not in ("parent", "name") and _is_width(getattr(m, fl.name))}
+            seen[path] = {**vals, **over.get(path, {})}
+        return next_fun(*args, **kwargs)
+
+    spec = jnp.zeros(tuple(np.shape(x)), jnp.result_type(x) if not isinstance(x, jax.ShapeDtypeStruct) else x.dtype)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), spec, **dict(n.call_kwargs)))
+    return seen
+
+
+# ----------------------------------------------------------------------------------------------- NNX
+def _rebuild_nnx(g: Graph, leaves: Sequence[Array]) -> tuple[Any, PyTree]:
+    """``nnx.split`` of the model merged with the shrunk ``leaves``, every module's integer attributes that held
+    the old size of one of its parameters' shrunk axes set to the new size (``in_features``, ``out_features``,
+    ``num_features``, or any attribute matched by the shapes; see :func:`_fix_widths`)."""
+    from flax import nnx
+
+    n = g.net
+    module = nnx.merge(n.model, n.with_leaves(leaves))
+    ids = {(leaf, axis): ("unit", np.asarray(u).tobytes()) for leaf, axis, u in g.slices}
+    by_module: dict[str, list[int]] = {}
+    for i, p in enumerate(n.paths):
+        by_module.setdefault(p.rpartition("/")[0], []).append(i)
+    for path, m in nnx.iter_graph(module):
+        own = by_module.get("/".join(map(str, path)))
+        if own and isinstance(m, nnx.Module):
+            axes = [(ids.get((i, a), ("fixed", int(old))), int(old), int(np.shape(leaves[i])[a]), n.paths[i],
+                     len(np.shape(leaves[i]))) for i in own for a, old in enumerate(np.shape(n.leaves[i]))]
+            _fix_widths(m, axes)
+    return nnx.split(module)
+
+
+def _fix_widths(m: Any, axes: Sequence[tuple]) -> None:
+    """Set ``m``'s integer attributes to its parameters' new sizes. ``axes``: ``(identity, old size, new size,
+    leaf path, ndim)`` per parameter axis (one identity per set of units: a kernel's output axis and its bias share
+    one; axes no unit indexes share one per size). Per old size ``o``: the attributes equal to ``o`` (in the order
+    the module holds them) take the new sizes of the identities of size ``o`` (ordered by the parameters, most axes
+    first, then axis: a kernel's input before its output) one to one; with a different number of each, a single
+    attribute takes a single new size. A tuple attribute equal to a parameter's old shape takes its new shape
+    (``kernel_shape``)."""
+    axes = sorted(axes, key=lambda t: (-t[4], t[3]))
+    sizes: dict[int, dict] = {}
+    shapes: dict[tuple, list] = {}
+    for ident, old, new, path, _ in axes:
+        sizes.setdefault(old, {}).setdefault(ident, new)
+        shapes.setdefault(path, []).append((old, new))
+    attrs = [(k, v) for k, v in vars(m).items() if not k.startswith("_")]
+    for k, v in attrs:
+        for dims in shapes.values():
+            if isinstance(v, tuple) and v == tuple(o for o, _ in dims) and v != tuple(w for _, w in dims):
+                setattr(m, k, tuple(w for _, w in dims))
+    ints = [(k, v) for k, v in attrs if isinstance(v, int) and not isinstance(v, bool)]
+    for old, idents in sizes.items():
+        news = list(idents.values())
+        if all(w == old for w in news):
+            continue
+        held = [k for k, v in ints if v == old]
+        if len(held) == len(news):
+            for k, w in zip(held, news):
+                setattr(m, k, w)
+        elif len(held) == 1 and len({w for w in news if w != old}) == 1:
+            setattr(m, held[0], next(w for w in news if w != old))
