@@ -95,3 +95,74 @@ def test_attn_lrp_softmax_absorbs_its_taylor_bias():
     c = lrp.relevance(Mixer(), v, x, composite=_exact("cp_lrp"))
     assert not np.allclose(np.asarray(a.input), np.asarray(c.input), atol=1e-4)
     np.testing.assert_allclose(np.asarray(a.logits), np.asarray(c.logits))
+
+
+# ----------------------------------------------------------------------------------------------- matrix form
+class LinNormAttn(nn.Module):
+    """Bias-free linear, LayerNorm (no bias), one-head softmax attention, output projection, token mean, head."""
+
+    d: int = 5
+    classes: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(self.d, use_bias=False, name="lin")(x)
+        g = nn.LayerNorm(use_bias=False, epsilon=1e-3, name="norm")(h)
+        q, k, v = (nn.Dense(self.d, use_bias=False, name=n)(g) for n in ("wq", "wk", "wv"))
+        s = jax.nn.softmax(jnp.einsum("btd,bsd->bts", q / np.sqrt(self.d), k), axis=-1)
+        y = nn.Dense(self.d, use_bias=False, name="wo")(jnp.einsum("bts,bsd->btd", s, v))
+        return nn.Dense(self.classes, use_bias=False, name="cls")(y.mean(axis=1))
+
+
+def _matrix_lrp(p: dict, x: np.ndarray, target: int, softmax: str) -> np.ndarray:
+    """AttnLRP / CP-LRP of LinNormAttn for one sample ``x: (t, d)``, float64, ε = 0, from the papers' formulas:
+    ε-rule ``R_i = Σ_j x_i w_ij / z_j R_j``; the mean over tokens ``R_t = y_t / Σ_t y_t · R``; the uniform rule
+    for ``S·V`` and ``q·kᵀ`` (half of ``R_ij`` split by ``a_ik b_kj / z_ij``); softmax ``R_L = L ⊙ (R_S − S ⊙
+    Σ_row R_S)`` (AttnLRP) or ``R_L = 0`` with all of ``S·V``'s relevance to ``V`` (CP-LRP); LayerNorm as the
+    linear map ``h ↦ (h − mean h) · γ/σ`` with σ held constant (LXT)."""
+    W0, gam, Wq, Wk, Wv, Wo, Wc = (p[k] for k in ("lin", "scale", "wq", "wk", "wv", "wo", "cls"))
+    d = W0.shape[1]
+    h = x @ W0
+    c = h - h.mean(-1, keepdims=True)
+    sig = np.sqrt((c ** 2).mean(-1, keepdims=True) + 1e-3)
+    g = c / sig * gam
+    q, k, v = (g @ Wq) / np.sqrt(d), g @ Wk, g @ Wv
+    L = q @ k.T
+    S = np.exp(L - L.max(-1, keepdims=True))
+    S /= S.sum(-1, keepdims=True)
+    O = S @ v
+    Y = O @ Wo
+    pm = Y.mean(0)
+    z = pm @ Wc
+    R = np.zeros_like(z)
+    R[target] = z[target]
+    R_p = pm * ((R / z) @ Wc.T)
+    R_Y = Y / Y.sum(0) * R_p
+    R_O = O * ((R_Y / Y) @ Wo.T)
+    if softmax == "cp_lrp":
+        R_S, R_v = np.zeros_like(S), v * (S.T @ (R_O / O))
+    else:
+        R_S, R_v = 0.5 * S * ((R_O / O) @ v.T), 0.5 * v * (S.T @ (R_O / O))
+    R_L = L * (R_S - S * R_S.sum(-1, keepdims=True))
+    R_q, R_k = 0.5 * q * ((R_L / L) @ k), 0.5 * k * ((R_L / L).T @ q)
+    R_g = g * ((R_q / q) @ (Wq / np.sqrt(d)).T + (R_k / k) @ Wk.T + (R_v / v) @ Wv.T)
+    w = gam / sig * R_g / g
+    R_h = h * (w - w.mean(-1, keepdims=True))
+    return x * ((R_h / h) @ W0.T)
+
+
+@pytest.mark.parametrize("softmax", ["attn_lrp", "cp_lrp"])
+def test_rules_equal_matrix_form_float64(softmax):
+    with jax.enable_x64(True):
+        model = LinNormAttn()
+        x = jax.random.normal(jax.random.PRNGKey(3), (2, 4, 3), jnp.float64)
+        v = model.init(jax.random.PRNGKey(2), x)
+        v = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), v)
+        scale = 0.5 + jax.random.uniform(jax.random.PRNGKey(4), (5,), jnp.float64)
+        v = {"params": {**v["params"], "norm": {"scale": scale}}}
+        rel = lrp.relevance(model, v, x, composite=_exact(softmax), target=1)
+        p = {k: np.asarray(v["params"][k]["kernel"]) for k in ("lin", "wq", "wk", "wv", "wo", "cls")}
+        p["scale"] = np.asarray(scale)
+        for i in range(x.shape[0]):
+            want = _matrix_lrp(p, np.asarray(x[i]), 1, softmax)
+            np.testing.assert_allclose(np.asarray(rel.input[i]), want, rtol=1e-9, atol=1e-12)
