@@ -152,6 +152,7 @@ class _Reader:
         self.nl: dict = {prog.x_id: False}
         self.steps: list[Step] = []
         self.producer = {o: k for k, e in enumerate(prog.eqns) for o in e.outs}
+        self.uses = _uses(prog)
 
     def kind(self, a) -> str:
         return "weight" if isinstance(a, tuple) else self.cls[a]
@@ -217,6 +218,9 @@ def _classify(rd: _Reader, k: int, e: graph.Eqn) -> Step:
         else:
             rd.set(e, "active")
             return Step("product", act)
+    if _is_bias(rd, e, act):
+        rd.set(e, "active")
+        return Step("bias", act)
     if e.name in _SUMS and len({rd.src[e.ins[i]] for i in act}) == 2:
         rd.set(e, "active", stat=all(rd.stat[e.ins[i]] for i in act))
         return Step("zrule", act)
@@ -229,6 +233,17 @@ def _classify(rd: _Reader, k: int, e: graph.Eqn) -> Step:
     raise graph.UnsupportedError(f"model: LRP cannot propagate through {e.name} (equation {k}); supported: linear "
                                  "layers, products and sums of activations, elementwise functions, normalisation, "
                                  "softmax, reductions and data movement")
+
+
+def _is_bias(rd: _Reader, e: graph.Eqn, act: tuple) -> bool:
+    """``e`` adds a weight to the output of a linear layer read by nothing else: the layer's bias."""
+    if e.name not in ("add", "add_any") or len(act) != 1 or len(e.ins) != 2:
+        return False
+    a = e.ins[act[0]]
+    j = rd.producer.get(a)
+    return (j is not None and rd.steps[j].role == "linear" and len(rd.uses.get(a, [])) == 1 and
+            a not in rd.prog.out_ids and rd.kind(e.ins[1 - act[0]]) == "weight" and
+            rd.prog.shapes[a] == e.shapes[0])
 
 
 def _classify_elementwise(rd: _Reader, k: int, e: graph.Eqn, act: tuple) -> Step:
@@ -306,13 +321,10 @@ def _layers(rd: _Reader, steps: list, uses: dict, n: graph.Net) -> dict:
         name = name if name not in layers else f"{name}#{sum(1 for m in layers if m.split('#')[0] == name) + 1}"
         out, bias = e.outs[0], None
         us = uses.get(out, [])
-        if len(us) == 1 and out not in prog.out_ids:
+        if len(us) == 1 and steps[us[0]].role == "bias":
             b = prog.eqns[us[0]]
-            others = [a for a in b.ins if a != out]
-            if b.name in ("add", "add_any") and len(others) == 1 and rd.kind(others[0]) == "weight" and \
-                    b.shapes[0] == e.shapes[0]:
-                bias, out = others[0], b.outs[0]
-                steps[us[0]] = Step("skip")
+            bias, out = b.ins[1 - steps[us[0]].act[0]], b.outs[0]
+            steps[us[0]] = Step("skip")
         roles = tuple(r for r, on in (("input", e.ins[st.act[0]] in (prog.x_id, *rd.roots)),
                                       ("output", out in prog.out_ids)) if on)
         units = 1
@@ -328,7 +340,7 @@ def plan(program: graph.Program, net: graph.Net, float_input: bool, cp: bool) ->
     """Read ``program`` for LRP: a :class:`Step` per equation (``cp``: CP-LRP's constant attention weights)."""
     rd = _Reader(program, float_input, cp)
     rd.roots = ()
-    steps: list[Step] = []
+    steps = rd.steps
     for k, e in enumerate(program.eqns):
         if all(rd.kind(a) == "weight" for a in e.ins):
             rd.set(e, "weight")
@@ -338,7 +350,7 @@ def plan(program: graph.Program, net: graph.Net, float_input: bool, cp: bool) ->
         steps.append(st)
         if st.role == "root":
             rd.roots += tuple(e.outs)
-    uses = _uses(program)
+    uses = rd.uses
     layers = _layers(rd, steps, uses, net)
     for k, st in enumerate(steps):
         if st.role == "softmax":
