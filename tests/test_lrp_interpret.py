@@ -166,3 +166,81 @@ def test_rules_equal_matrix_form_float64(softmax):
         for i in range(x.shape[0]):
             want = _matrix_lrp(p, np.asarray(x[i]), 1, softmax)
             np.testing.assert_allclose(np.asarray(rel.input[i]), want, rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------- units, tokens, errors
+def test_unit_relevance_per_channel_and_per_head():
+    """All relevance passes ``lin`` and (CP-LRP) the values ``wv``: their units' relevance sums to the output's;
+    a multi-head projection's units are ``(heads, head_dim)``; the output layer's is the target logit."""
+    model = LinNormAttn()
+    v, x = _init(model, (3, 4, 3))
+    comp = _exact("cp_lrp")
+    out = _out(lrp.relevance(model, v, x, composite=comp))
+    for layer in ("lin", "wv"):
+        r = interpret.unit_relevance(model, v, x, layer=layer, composite=comp)
+        assert r.shape == (3, 5)
+        np.testing.assert_allclose(np.asarray(r.sum(1)), out, rtol=1e-4)
+    r = interpret.unit_relevance(model, v, x, layer="cls", composite=comp)
+    np.testing.assert_allclose(np.asarray(r.sum(1)), out, rtol=1e-5)
+    assert int((np.abs(np.asarray(r)) > 0).sum()) == 3  # the target logit only
+    mv, mx = _init(Mixer(), (2, 5, 6))
+    r = interpret.unit_relevance(Mixer(), mv, mx, layer="attn/query", composite="attn_lrp")
+    full = lrp.relevance(Mixer(), mv, mx, composite="attn_lrp").layers["attn/query"]
+    assert r.shape == (2, 2, 3)
+    np.testing.assert_allclose(np.asarray(r), np.asarray(full.sum(1)), rtol=1e-5, atol=1e-7)
+
+
+class TokenNet(nn.Module):
+    """Token ids → embedding + learned positions, one pre-norm attention block, mean, classifier."""
+
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(11, 6, name="tok")(ids) + self.param("pos", nn.initializers.normal(0.5), (ids.shape[1], 6))
+        h = nn.LayerNorm(use_bias=False)(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=2, use_bias=False, name="sa")(h, h)
+        return nn.Dense(3, use_bias=False, name="out")(x.mean(1))
+
+
+def test_token_input_relevance_per_token():
+    """Integer inputs: relevance starts at the embedded vectors; per token it is their sum over the embedding
+    axis. With CP-LRP and ε = 0 the learned positions take their share (a bias-like add): tokens + positions
+    = output; with zero positions the tokens get it all."""
+    ids = jax.random.randint(jax.random.PRNGKey(0), (3, 4), 0, 11)
+    v = TokenNet().init(jax.random.PRNGKey(1), ids)
+    rel = lrp.relevance(TokenNet(), v, ids, composite=_exact("cp_lrp"))
+    assert rel.input.shape == (3, 4) and jnp.issubdtype(rel.input.dtype, jnp.floating)
+    v0 = {"params": {**v["params"], "pos": jnp.zeros_like(v["params"]["pos"])}}
+    rel0 = lrp.relevance(TokenNet(), v0, ids, composite=_exact("cp_lrp"))
+    np.testing.assert_allclose(np.asarray(rel0.input.sum(1)), _out(rel0), rtol=1e-4)
+    assert not np.allclose(np.asarray(rel.input.sum(1)), _out(rel), rtol=1e-3)
+
+
+def test_refusals_and_bad_arguments():
+    class Ratio(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(nn.Dense(3, name="a")(x) / nn.Dense(3, name="b")(x))
+
+    x = jnp.ones((2, 4))
+    v = Ratio().init(jax.random.PRNGKey(0), x)
+    with pytest.raises(graph.UnsupportedError, match="division of two activations"):
+        lrp.relevance(Ratio(), v, x, composite="attn_lrp")
+    with pytest.raises(ValueError, match="composite='attn'"):
+        interpret.relevance(Ratio(), v, x, composite="attn")
+    with pytest.raises(ValueError, match="softmax='plain'"):
+        interpret.PrimitiveComposite(softmax="plain")
+    dv, dx = _init(DepthNet(), (1, 6, 6, 2))
+    with pytest.raises(ValueError, match=r"layers: \['nope'\]"):
+        interpret.relevance(DepthNet(), dv, dx, layers=("nope",))
+    assert set(interpret.PRESETS) >= {"attn_lrp", "cp_lrp"}
+
+
+def test_gamma_option_on_linear_layers():
+    """``gamma`` puts LRP-γ on every non-output linear layer (ε on the output layer), as a Composite lookup."""
+    comp = interpret.attn_lrp(gamma=0.25)
+    assert comp.linear.rule_for("stem", "conv") == rules.Gamma(0.25, 1e-6)
+    assert comp.linear.rule_for("fc", "dense", ("output",)) == rules.Epsilon(1e-6)
+    v, x = _init(DepthNet(), (2, 6, 6, 2))
+    a = lrp.relevance(DepthNet(), v, x, composite=comp)
+    b = lrp.relevance(DepthNet(), v, x, composite="attn_lrp")
+    assert not np.allclose(np.asarray(a.input), np.asarray(b.input), atol=1e-5)
