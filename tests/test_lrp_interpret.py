@@ -244,3 +244,13 @@ def test_gamma_option_on_linear_layers():
     a = lrp.relevance(DepthNet(), v, x, composite=comp)
     b = lrp.relevance(DepthNet(), v, x, composite="attn_lrp")
     assert not np.allclose(np.asarray(a.input), np.asarray(b.input), atol=1e-5)
+
+
+def test_composite_names_and_zbox_checked():
+    v, x = _init(DepthNet(), (1, 6, 6, 2))
+    bad = interpret.PrimitiveComposite(composites.Composite.of(names={"conv9": rules.Epsilon()}))
+    with pytest.raises(ValueError, match=r"composite names \['conv9'\]"):
+        lrp.relevance(DepthNet(), v, x, composite=bad)
+    box = interpret.PrimitiveComposite(composites.Composite.of(names={"stem": rules.ZBox((0.0,) * 3, (1.0,) * 3)}))
+    with pytest.raises(ValueError, match="ZBox low=.* on layer 'stem'.* 2 per-channel"):
+        lrp.relevance(DepthNet(), v, x, composite=box)

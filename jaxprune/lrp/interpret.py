@@ -567,10 +567,15 @@ def _input_relevance(p: Plan, x: Array, r_probes: dict) -> Array:
     return total
 
 
-def _core(p: Plan, comp: PrimitiveComposite, rules: tuple, layers: tuple, leaves: list, x: Array, target: Array):
+def _rules(p: Plan, comp: PrimitiveComposite) -> dict:
+    """``{layer: rule}`` by the composite's lookup (name, role, kind)."""
+    return {n: comp.linear.rule_for(n, kind, roles) for n, (_, kind, roles, _, _) in p.layers.items()}
+
+
+def _core(p: Plan, comp: PrimitiveComposite, layers: tuple, leaves: list, x: Array, target: Array):
     from jaxprune.lrp.relevance import Relevance
 
-    rule_map = dict(rules)
+    rule_map = _rules(p, comp)
     names = layers + tuple(f"root:{v}" for v in p.roots)
     shapes = {**{n: p.program.shapes[p.layers[n][3]] for n in layers},
               **{f"root:{v}": p.program.shapes[v] for v in p.roots}}
@@ -591,7 +596,7 @@ def _core(p: Plan, comp: PrimitiveComposite, rules: tuple, layers: tuple, leaves
     return Relevance(r_x, {n: r_pr[n] for n in layers}, logits, t)
 
 
-_core_jit = jax.jit(_core, static_argnums=(0, 1, 2, 3))
+_core_jit = jax.jit(_core, static_argnums=(0, 1, 2))
 
 
 def _check_input(x: Any) -> Array:
@@ -622,9 +627,24 @@ def relevance(model: Any, variables: Any, x: Any, *, composite: Any = "attn_lrp"
     unknown = [n for n in names if n not in p.layers]
     if unknown:
         raise ValueError(f"layers: {unknown} are not linear layers of the model; its layers are {list(p.layers)}")
-    rules = tuple((n, comp.linear.rule_for(n, kind, roles)) for n, (_, kind, roles, _, _) in p.layers.items())
+    _check_rules(p, comp)
     t = _check_target(g, x.shape[0], target)
-    return _core_jit(p, comp, rules, names, list(g.net.leaves), x, t)
+    return _core_jit(p, comp, names, list(g.net.leaves), x, t)
+
+
+def _check_rules(p: Plan, comp: PrimitiveComposite) -> None:
+    """Every ``names`` entry of the composite names a layer; a ZBox's bounds fit its layer's input channels."""
+    unknown = [n for n, _ in comp.linear.names if n not in p.layers]
+    if unknown:
+        raise ValueError(f"composite names {unknown} match no linear layer; the model has {list(p.layers)}")
+    for name, rule in _rules(p, comp).items():
+        e = p.program.eqns[p.layers[name][0]]
+        a = e.ins[p.steps[p.layers[name][0]].act[0]]
+        c = p.program.shapes[a][-1] if isinstance(a, int) else 1
+        for bound in ("low", "high") if isinstance(rule, R.ZBox) else ():
+            if np.shape(getattr(rule, bound)) not in ((), (1,), (c,)):
+                raise ValueError(f"composite: ZBox {bound}={getattr(rule, bound)!r} on layer {name!r}: expected a "
+                                 f"float or {c} per-channel values")
 
 
 def unit_relevance(model: Any, variables: Any, x: Any, *, layer: str, composite: Any = "attn_lrp",
