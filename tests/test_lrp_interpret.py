@@ -254,3 +254,12 @@ def test_composite_names_and_zbox_checked():
     box = interpret.PrimitiveComposite(composites.Composite.of(names={"stem": rules.ZBox((0.0,) * 3, (1.0,) * 3)}))
     with pytest.raises(ValueError, match="ZBox low=.* on layer 'stem'.* 2 per-channel"):
         lrp.relevance(DepthNet(), v, x, composite=box)
+
+
+def test_under_jit_and_vmap_same_as_eager():
+    v, x = _init(Mixer(), (3, 5, 6))
+    want = lrp.relevance(Mixer(), v, x, composite="cp_lrp").input
+    jitted = jax.jit(lambda u: lrp.relevance(Mixer(), v, u, composite="cp_lrp").input)(x)
+    mapped = jax.vmap(lambda u: lrp.relevance(Mixer(), v, u[None], composite="cp_lrp").input[0])(x)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(want), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(mapped), np.asarray(want), rtol=1e-5, atol=1e-7)

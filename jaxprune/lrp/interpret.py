@@ -433,10 +433,6 @@ def _read(env: dict, a):
     return a[1] if isinstance(a, tuple) else env[a]
 
 
-def _bind(e: graph.Eqn, args: list) -> list:
-    return e.bind(*args)
-
-
 def _with(e: graph.Eqn, env: dict, act: tuple, stop: bool = True) -> Callable:
     """``fn(*active values) -> e's output``, the other operands read from ``env`` (gradient stopped)."""
     def fn(*vals):
