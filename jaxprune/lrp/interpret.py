@@ -31,7 +31,6 @@ Anything else that an activation reaches is refused with :class:`jaxprune.graph.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
