@@ -263,3 +263,18 @@ def test_under_jit_and_vmap_same_as_eager():
     mapped = jax.vmap(lambda u: lrp.relevance(Mixer(), v, u[None], composite="cp_lrp").input[0])(x)
     np.testing.assert_allclose(np.asarray(jitted), np.asarray(want), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(np.asarray(mapped), np.asarray(want), rtol=1e-5, atol=1e-7)
+
+
+def test_classic_refusal_points_to_the_presets_which_follow_the_gate():
+    class Gate(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(nn.Dense(6, use_bias=False, name="value")(x))
+            g = nn.sigmoid(nn.Dense(6, use_bias=False, name="gate")(x))
+            return nn.Dense(3, use_bias=False, name="out")(h * g)
+
+    v, x = _init(Gate(), (4, 5))
+    with pytest.raises(graph.UnsupportedError, match="mul of two activations.*'attn_lrp' and 'cp_lrp'"):
+        lrp.relevance(Gate(), v, x, composite="epsilon")
+    rel = lrp.relevance(Gate(), v, x, composite=_exact("attn_lrp"))
+    np.testing.assert_allclose(np.asarray(rel.input.sum(1)), _out(rel), rtol=1e-4)

@@ -254,5 +254,9 @@ def relevance(model: Any, variables: Any, x: Any, *, composite: C.Composite | R.
     _check_rules(g, rules)
     t = _check_target(g, x.shape[0], target)
     layers = non_output_layers(g)
-    rel = _core_jit(static(g), rules, layers, list(g.net.leaves), x, t)
+    try:
+        rel = _core_jit(static(g), rules, layers, list(g.net.leaves), x, t)
+    except graph.UnsupportedError as err:
+        raise graph.UnsupportedError(f"{err}; the composites 'attn_lrp' and 'cp_lrp' (jaxprune.lrp.interpret) "
+                                     "follow products of activations, normalisation and softmax") from err
     return rel._replace(layers={k: rel.layers[k] for k in layers})
