@@ -229,6 +229,9 @@ def relevance(model: Any, variables: Any, x: Any, *, composite: C.Composite | R.
     The model must return logits ``(n, C)``; the output relevance is the target logit (all other logits zero).
     BatchNorm and biases are folded into their layer inside the pass (the variables are not changed).
     ``composite``: a :class:`~jaxprune.lrp.composites.Composite`, one rule for every layer, or a preset name.
+    A :class:`~jaxprune.lrp.interpret.PrimitiveComposite` or one of its presets (``"attn_lrp"``, ``"cp_lrp"``)
+    runs :func:`jaxprune.lrp.interpret.relevance` instead: transformers and modern convnets (LayerNorm,
+    attention, gated MLPs, depthwise convs), with ``layers`` at every linear layer's output (bias added).
 
     Returns :class:`Relevance`: ``input`` like ``x``; ``layers[name]: (n, …, units)`` the relevance arriving at
     each non-output linear layer's pre-activation (ReLU passes relevance through, so it is also the relevance of
@@ -238,6 +241,11 @@ def relevance(model: Any, variables: Any, x: Any, *, composite: C.Composite | R.
     cannot follow (a product of two activations, a softmax inside the net) raises
     :class:`jaxprune.graph.UnsupportedError` naming it and the layer before it.
     """
+    from jaxprune.lrp import interpret
+
+    if isinstance(composite, interpret.PrimitiveComposite) or (isinstance(composite, str) and
+                                                               composite in interpret.PRESETS):
+        return interpret.relevance(model, variables, x, composite=composite, target=target)
     comp = C.get(composite)
     x = _check_x(x)
     g = build_graph(model, variables, x)
@@ -246,5 +254,9 @@ def relevance(model: Any, variables: Any, x: Any, *, composite: C.Composite | R.
     _check_rules(g, rules)
     t = _check_target(g, x.shape[0], target)
     layers = non_output_layers(g)
-    rel = _core_jit(static(g), rules, layers, list(g.net.leaves), x, t)
+    try:
+        rel = _core_jit(static(g), rules, layers, list(g.net.leaves), x, t)
+    except graph.UnsupportedError as err:
+        raise graph.UnsupportedError(f"{err}; the composites 'attn_lrp' and 'cp_lrp' (jaxprune.lrp.interpret) "
+                                     "follow products of activations, normalisation and softmax") from err
     return rel._replace(layers={k: rel.layers[k] for k in layers})
