@@ -12,6 +12,13 @@ higher means more important (kept). These plug into ``jaxprune.structured.select
 * ``taylor``: ``|mean z · ∂L/∂z|`` (Molchanov et al. 2017); layer L2.
 * ``lrp``: relevance summed over samples (and positions) at the unit's output; layer L1.
 
+Attention heads (layers of kind ``"heads"``: the ``q``/``k``/``v`` projections ``(d, heads, head_dim)``,
+:mod:`jaxprune.graph.attention`) are scored per head: ``weight`` sums the head's kernel slice, ``grad``/``taylor``
+average over samples, tokens and the head's ``head_dim`` channels of ``z: (n, tokens, heads, head_dim)``. A head
+whose output-projection rows are zero gets ``grad`` and ``taylor`` exactly 0 on its q, k and v. Coupled layers
+(q/k/v heads, a gated MLP's two layers) are scored separately; :func:`jaxprune.structured.keep_coupled` carries one
+layer's kept units to the others.
+
 ``L`` is the per-sample cross-entropy at the given labels; LRP explains the label's logit. ``z`` is the layer's
 pre-activation as the graph defines it: the output of its chain (bias, BatchNorm), the input to the activation.
 The gradients are taken with zero probes added there while the model's own program runs
@@ -23,6 +30,7 @@ kernels (:func:`jaxprune.graph.example_input`).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -65,8 +73,10 @@ def _normalize_layers(criterion: str, raw: Scores, layers, norm: str | None) -> 
     return {k: normalize(raw[k], norm or "none", name=f"{criterion} scores of layer {k!r}") for k in layers}
 
 
-def _unit_mean(a: Array) -> Array:
-    """``(n, …, units) -> (units,)`` mean over samples and positions."""
+def _unit_mean(a: Array, axis: int = -1) -> Array:
+    """``(n, …, units, …) -> (units,)`` mean over samples, positions (and a head's channels) of the units on
+    ``axis`` (-1: channels; -2: attention heads ``(n, tokens, heads, head_dim)``)."""
+    a = jnp.moveaxis(a, axis, -1)
     return jnp.mean(a.reshape(-1, a.shape[-1]), axis=0)
 
 
@@ -127,16 +137,19 @@ def _pre_activation_grads(sg, layers: tuple[str, ...], leaves: list, x: Array, y
 _pre_activation_grads_jit = jax.jit(_pre_activation_grads, static_argnums=(0, 1))
 
 
-@jax.jit
-def _grad_taylor(z: dict, g: dict) -> tuple[dict, dict]:
-    return ({k: jnp.abs(_unit_mean(g[k])) for k in g}, {k: jnp.abs(_unit_mean(z[k] * g[k])) for k in g})
+@functools.partial(jax.jit, static_argnums=2)
+def _grad_taylor(z: dict, g: dict, axes: tuple) -> tuple[dict, dict]:
+    """``|mean ∂L/∂z|`` and ``|mean z·∂L/∂z|`` per unit; ``axes``: ``((layer, its unit axis), …)``."""
+    ax = dict(axes)
+    return ({k: jnp.abs(_unit_mean(g[k], ax[k])) for k in g},
+            {k: jnp.abs(_unit_mean(z[k] * g[k], ax[k])) for k in g})
 
 
 def _gradient_scores(which: int, model, variables, x, y, norm) -> Scores:
     g, x, y = _check_batch(model, variables, x, y)
     layers = non_output_layers(g)
     z, gr = _pre_activation_grads_jit(static(g), layers, list(g.net.leaves), x, y)
-    raw = _grad_taylor(z, gr)
+    raw = _grad_taylor(z, gr, tuple((k, g.layers[k].unit_axis) for k in layers))
     criterion = ("grad", "taylor")[which]
     if which == 0:  # a NaN pre-activation gets a zero ReLU gradient: only z·∂L/∂z shows it (Taylor: below)
         for k in layers:

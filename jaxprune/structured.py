@@ -16,6 +16,12 @@ statistics, and the input dimension of the next layer (conv → conv, conv → f
 pool → dense, dense → dense) — and returns the matching smaller model definition. :func:`mask_units` zeroes the
 same units in place (same shapes); both networks compute the same logits.
 
+Attention heads are units too (read from the program, :mod:`jaxprune.graph.attention`): the ``q``/``k``/``v``
+projections of a head are coupled layers, removed together with :func:`remove_many` (every head axis shrinks: the
+projections' kernels and biases, the output projection's rows); :func:`keep_coupled` extends one layer's kept units
+to the layers coupled to it (a key/value head takes its query group under grouped-query attention; a gated MLP's
+two layers keep the same units).
+
 Which layers can be shrunk (:func:`prunable_layers`): every hidden layer of ``MLP``, ``LeNet5`` and ``ConvNet``,
 every conv of ``VGG`` and, in a ``ResNet``, only the block-internal ``block{s}_{b}/conv_0`` (so residual widths
 stay aligned). Output layers are never shrunk.
@@ -252,8 +258,34 @@ def unit_params(g: graph.Graph, layer: str) -> dict:
     leaves = g.net.leaves
     out = {"kernel": jnp.moveaxis(leaves[l.kernel], l.out_axis, -1)}
     bias = l.bias if l.bias is not None else (l.bn or {}).get("layer_bias")
-    if bias is not None:
+    if bias is not None and np.ndim(leaves[bias]) > 1:  # a head bias (heads, head_dim): joins the kernel's rows
+        axis = next(a for leaf, a, ids in g.slices if leaf == bias and np.array_equal(ids, g.unit_ids[layer]))
+        rows = [out["kernel"].reshape(-1, l.units), jnp.moveaxis(leaves[bias], axis, -1).reshape(-1, l.units)]
+        out["kernel"] = jnp.concatenate(rows, axis=0)
+    elif bias is not None:
         out["bias"] = leaves[bias]
+    return out
+
+
+def keep_coupled(model: Any, variables: Variables, keep: Mapping[str, Array], *, x: Any = None) -> dict[str, Array]:
+    """``keep: {layer: kept indices}`` extended to every layer coupled to one of them: a coupled layer keeps the
+    units whose coupling class holds no removed unit. For attention heads (one unit of the ``q``/``k``/``v``
+    projections) ``{key projection: kept kv heads}`` gives the query projection the heads of those groups
+    (grouped-query attention) and the value projection the same heads; for a gated MLP the gate's kept units give
+    the up projection's. Feed the result to :func:`remove_many` / :func:`mask_many`."""
+    g = _graph(model, variables, x)
+    k = _keeps(g, keep, allow_empty=True)
+    removed = np.zeros(g.owner.shape, bool)
+    for layer, kept in k.items():
+        off = np.ones(g.layers[layer].units, bool)
+        off[kept] = False
+        removed[g.unit_ids[layer][off]] = True
+    gone = np.isin(g.cls, np.unique(g.cls[removed]))
+    out = {layer: jnp.asarray(kept, jnp.int32) for layer, kept in k.items()}
+    for name in g.layers:
+        hit = gone[g.unit_ids[name]]
+        if name not in out and hit.any():
+            out[name] = jnp.asarray(np.flatnonzero(~hit), jnp.int32)
     return out
 
 
@@ -383,8 +415,10 @@ def count_flops(model: Any, variables: Variables, input_shape: Sequence[int]) ->
     every other ``dot_general``/convolution (attention's ``q·kᵀ`` and ``attn·v``, ``DenseGeneral`` projections,
     depthwise and grouped convolutions) is counted too, under ``"<op> after <layer>"``
     (:func:`jaxprune.graph.count_macs`). ``uncounted`` names operations (control flow, custom calls) holding
-    products the count cannot read — empty when ``macs`` is the whole model."""
-    g = graph.build(model, variables, jax.ShapeDtypeStruct((1,) + tuple(input_shape[1:]), jnp.float32))
+    products the count cannot read — empty when ``macs`` is the whole model. ``input_shape`` may be an example
+    input (array or ``jax.ShapeDtypeStruct``): its dtype is used (token ids for a language model), else float32."""
+    shape, dtype = tuple(getattr(input_shape, "shape", input_shape)), getattr(input_shape, "dtype", jnp.float32)
+    g = graph.build(model, variables, jax.ShapeDtypeStruct((1,) + shape[1:], dtype))
     layers = graph.count_macs(g)
     macs = int(sum(layers.values()))
     return {"macs": macs, "flops": 2 * macs, "layers": layers, "uncounted": graph.uncounted(g)}

@@ -23,6 +23,15 @@ that cannot shrink: units reaching the model's output or coupled to its input, a
 the table cannot follow (a reduction over channels, a softmax). Operations nothing can follow are refused, by name,
 where a function needs them (LRP through a product of two activations, say); building the graph never fails on them.
 
+**Attention heads** (:mod:`~jaxprune.graph.attention`): a projection ``x · K (d, heads, head_dim)``
+(``DenseGeneral``, an einsum, ``nnx.MultiHeadAttention``) is a layer of kind ``"heads"`` whose units are its heads,
+and a dense layer whose ``heads·head_dim`` channels are reshaped into heads has each head's channels coupled; the
+head axis is followed to the products of two activations (``q·kᵀ``, ``weights·v``), where the heads of both
+operands are coupled (a key/value head with its query group under grouped-query attention), and to the output
+projection, whose input rows are the heads'. Removing heads (``remove_many`` on the coupled q/k/v layers;
+:func:`jaxprune.structured.keep_coupled`) shrinks every head axis and equals masking them. A gated MLP's product of
+two activations (SwiGLU) couples the units of its two layers.
+
 **Models.** A ``flax.linen.Module`` with ``{'params': …, ['batch_stats': …]}`` (applied as ``model.apply(variables,
 x)``, with ``train=False`` when its ``__call__`` takes ``train``; inference mode must be its default otherwise), or an
 NNX model as ``nnx.split`` gives it: ``(graphdef, state)`` (call ``model.eval()`` first when it has BatchNorm or
@@ -37,7 +46,8 @@ reaches (a width written into a ``self.param`` shape) is refused with this contr
 **Inside** (one module per concern): :mod:`~jaxprune.graph.program` (the model as a pure function and its flattened
 program), :mod:`~jaxprune.graph.ops` (the op registry: one handler per primitive family), :mod:`~jaxprune.graph.table`
 (the unit table the handlers fill), :mod:`~jaxprune.graph.analyse` (:func:`build`), :mod:`~jaxprune.graph.execute`
-(:func:`run`, the replay with probes or LRP rules), :mod:`~jaxprune.graph.surgery` (:func:`shrink`,
+(:func:`run`, the replay with probes or LRP rules), :mod:`~jaxprune.graph.attention` (heads),
+:mod:`~jaxprune.graph.surgery` (:func:`shrink`,
 :func:`silence`, :func:`rebuild`), :mod:`~jaxprune.graph.cost` (:func:`count_macs`, :func:`uncounted`,
 :func:`param_roles`), :mod:`~jaxprune.graph.inputs` (:func:`example_input`).
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxprune.graph import ops
+from jaxprune.graph import attention
 from jaxprune.graph.inputs import example_input
 from jaxprune.graph.model_graph import OUTPUT, Graph, Layer
 from jaxprune.graph.program import Net, Program, _spec, _trace, net
@@ -55,7 +55,7 @@ def _analyse(n: Net, prog: Program) -> Graph:
     notes, near = [], []
     for e in prog.eqns:
         near.append(t.last_layer)
-        kind, note = ops.handle(e, t)
+        kind, note = attention.handle(e, t)
         t.kinds.append(kind)
         notes.append(note)
     uses: dict[int, list[int]] = {}
@@ -63,6 +63,7 @@ def _analyse(n: Net, prog: Program) -> Graph:
         for a in e.ins:
             if isinstance(a, int):
                 uses.setdefault(a, []).append(k)
+    attention.finish(t, prog.out_ids)
     lay = _chains(t, uses)
     cls = t.uf.classes()
     frozen = {}
@@ -125,7 +126,8 @@ def _layers(t: UnitTable, lay: dict, cls: np.ndarray) -> dict[str, Layer]:
         result[name] = Layer(name=name, kind=l["kind"], units=l["units"], eqn=l["eqn"], chain=l["chain"],
                              out=l["out"], kernel=l["kernel"], in_axis=l["in_axis"], out_axis=l["out_axis"],
                              bias=l["bias"], batchnorm=l["batchnorm"], inputs=in_names, consumers=cons,
-                             positions=l["positions"], zero=tuple(dict.fromkeys(zero)))
+                             positions=l["positions"], zero=tuple(dict.fromkeys(zero)),
+                             unit_axis=l.get("unit_axis", -1))
     return result
 
 

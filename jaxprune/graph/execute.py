@@ -57,6 +57,8 @@ def run(g: Graph, leaves: Sequence[Array], x: Array, *, rules: Mapping[str, Any]
     """
     prog = g.program
     lrp = rules is not None
+    if lrp:
+        _check_lrp(g)
     env: dict = dict(prog.consts)
     for vid, leaf in zip(prog.leaf_ids, leaves):
         env[vid] = leaf
@@ -91,6 +93,27 @@ def run(g: Graph, leaves: Sequence[Array], x: Array, *, rules: Mapping[str, Any]
     return (out[0] if len(out) == 1 else out), seen
 
 
+def _check_lrp(g: Graph) -> None:
+    """Refuse an LRP pass before it starts, naming the first equation LRP cannot propagate through, then any
+    attention-head layer (units on a non-channel axis) — not a shape error inside a half-run pass."""
+    for k, e in enumerate(g.program.eqns):
+        if g.kinds[k] not in ("linear", "chain") and lrp_role(g.kinds[k], e.name) == "unsupported":
+            raise _refusal(g, k)
+    for name, l in g.layers.items():
+        kernel = g.program.shapes[g.program.leaf_ids[l.kernel]]
+        if l.unit_axis != -1 or len(kernel) > 2 and l.kind == "dense":
+            raise UnsupportedError(f"model: LRP cannot propagate through the attention projection {name!r} (kind "
+                                   f"{l.kind!r}, kernel {kernel}); supported: linear layers with 2-D dense or conv "
+                                   "kernels")
+
+
+def _refusal(g: Graph, k: int) -> UnsupportedError:
+    where = f" after layer {g.near[k]!r}" if g.near[k] else " before the first layer"
+    return UnsupportedError(f"model: LRP cannot propagate through {g.notes[k] or g.program.eqns[k].name}{where}; "
+                            "supported: linear layers, BatchNorm, elementwise activations, pooling, reshapes, "
+                            "concatenation and residual adds")
+
+
 def _lrp_step(g: Graph, k: int, args: list, lrp_epsilon: float) -> list:
     """Equation ``k`` (not a layer) of an LRP pass on its argument values, by its role (:func:`lrp_role`)."""
     e = g.program.eqns[k]
@@ -102,10 +125,7 @@ def _lrp_step(g: Graph, k: int, args: list, lrp_epsilon: float) -> list:
         return [_passthrough(e, args, is_act)]
     if role == "prop":
         return [_proportional(e, args, is_act, lrp_epsilon)]
-    where = f" after layer {g.near[k]!r}" if g.near[k] else " before the first layer"
-    raise UnsupportedError(f"model: LRP cannot propagate through {g.notes[k] or e.name}{where}; supported: linear "
-                           "layers, BatchNorm, elementwise activations, pooling, reshapes, concatenation and residual "
-                           "adds")
+    raise _refusal(g, k)
 
 
 def _chain_fn(g: Graph, layer: Layer, env: dict) -> Callable[[Array], Array]:

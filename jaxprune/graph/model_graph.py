@@ -19,7 +19,9 @@ OUTPUT = "it is an output layer: its units are (or are coupled to) the model's o
 class Layer:
     """A linear layer of the graph.
 
-    ``name``: module path (``"block1/conv_a"``); ``kind``: ``"dense"`` or ``"conv"``; ``units``: its outputs;
+    ``name``: module path (``"block1/conv_a"``); ``kind``: ``"dense"``, ``"conv"`` or ``"heads"`` (an attention
+    projection ``(d, heads, head_dim)`` whose units are its heads, on axis ``unit_axis`` of its output); ``units``:
+    its outputs;
     ``kernel``: index of its kernel leaf (``Net.paths``), ``in_axis``/``out_axis`` of that kernel; ``bias``: index
     of a bias leaf in its chain or None; ``batchnorm``: ``{'mean', 'var', 'scale', 'bias'}`` leaf indices and
     ``'epsilon'`` when its chain has BatchNorm's inference form; ``inputs``/``consumers``: producer/consumer layer
@@ -42,6 +44,7 @@ class Layer:
     consumers: tuple[str, ...]
     positions: int  # output positions per example (h·w for a conv, 1 for dense)
     zero: tuple[int, ...] = ()  # chain leaves zeroed (with the kernel column) to silence a unit
+    unit_axis: int = -1  # the axis of the layer's output holding its units (-2: attention heads, kind "heads")
 
     @property
     def bn(self) -> dict | None:
@@ -107,8 +110,9 @@ class Graph:
             return OUTPUT if OUTPUT in reasons else reasons[0]
         others = self.coupled(name)
         if others:
-            return (f"its units are coupled to layers {list(others)} (a residual add or a shared channel): remove "
-                    "units from all of them alike, in one call (remove_many with the same kept units)")
+            return (f"its units are coupled to layers {list(others)} (a residual add, a shared channel, attention "
+                    "heads or a gated product): remove units from all of them alike, in one call (remove_many with "
+                    "the same kept units; structured.keep_coupled extends one layer's kept units to the others)")
         return None
 
     def prunable(self) -> tuple[str, ...]:
@@ -154,7 +158,8 @@ class Graph:
                 names = sorted({self._owner_name(int(m)) for m in members})
                 left = sorted({self._owner_name(int(m)) for m in missing})
                 raise ValueError(f"keep: units of {sorted({self._owner_name(int(m)) for m in members if removed[m]})} "
-                                 f"are coupled to units of {left} (a residual add or a shared channel joins "
+                                 f"are coupled to units of {left} (a residual add, a shared channel, attention "
+                                 f"heads or a gated product join "
                                  f"{names}); remove the coupled units of every one of these layers alike, in one "
                                  "call (remove_many)")
         return removed

@@ -50,6 +50,7 @@ class UnitTable:
         self.index: list[int] = []
         self.frozen_units: dict[int, str] = {}
         self.origin: dict[int, np.ndarray] = {}  # activation var -> (last dim,) unit ids
+        self.heads: dict[int, tuple[int, np.ndarray]] = {}  # activation var -> (head axis, head unit ids)
         self.sources: dict[int, frozenset] = {vid: frozenset({i}) for vid, i in self.leaf_of.items()}
         self.sources.update({vid: frozenset() for vid in prog.consts})
         self.layers: list[dict] = []
