@@ -20,8 +20,9 @@ unites the units it adds). From that one table follow the producers and consumer
 slices that remove a unit (its kernel column, bias, BatchNorm entries, the consumers' input rows — any leaf whose
 axis is indexed by the unit), the coupled layers (a removal must take every unit of a coupled class) and the layers
 that cannot shrink: units reaching the model's output or coupled to its input, and channels mixed by an operation
-the table cannot follow (a reduction over channels, a softmax). Operations nothing can follow are refused, by name,
-where a function needs them (LRP through a product of two activations, say); building the graph never fails on them.
+the table cannot follow (a reduction over channels that is not a norm's statistic, a softmax). Operations nothing
+can follow are refused, by name, where a function needs them (LRP through a product of two activations, say);
+building the graph never fails on them.
 
 **Models.** A ``flax.linen.Module`` with ``{'params': …, ['batch_stats': …]}`` (applied as ``model.apply(variables,
 x)``, with ``train=False`` when its ``__call__`` takes ``train``; inference mode must be its default otherwise), or an
@@ -36,7 +37,10 @@ program), :mod:`~jaxprune.graph.ops` (the op registry: one handler per primitive
 (the unit table the handlers fill), :mod:`~jaxprune.graph.analyse` (:func:`build`), :mod:`~jaxprune.graph.execute`
 (:func:`run`, the replay with probes or LRP rules), :mod:`~jaxprune.graph.surgery` (:func:`shrink`,
 :func:`silence`, :func:`rebuild`), :mod:`~jaxprune.graph.cost` (:func:`count_macs`, :func:`uncounted`,
-:func:`param_roles`), :mod:`~jaxprune.graph.inputs` (:func:`example_input`).
+:func:`param_roles`), :mod:`~jaxprune.graph.inputs` (:func:`example_input`), :mod:`~jaxprune.graph.convs`
+(depthwise convolutions follow their input's units; grouped ones are refused by name), :mod:`~jaxprune.graph.norms`
+(LayerNorm, RMSNorm, GroupNorm: a reduction over channels broadcast back onto the same activation is a statistic,
+not a mixer; GroupNorm groups are coupled, LayerNorm/RMSNorm channels removable but not maskable).
 
 **Adding a graph op** (a primitive the graph refuses today): write one handler ``handler(e, t) -> (kind, note)``
 registered with ``@ops.register_op("primitive_name")`` in :mod:`jaxprune.graph.ops` (≤ 25 lines: map the activation
@@ -47,6 +51,8 @@ written in the test that uses the op (``remove_units`` == ``mask_units`` through
 from __future__ import annotations
 
 from jaxprune.graph.analyse import build
+from jaxprune.graph.convs import depthwise_groups
+from jaxprune.graph.norms import regrouped
 from jaxprune.graph.cost import count_macs, param_roles, role_prunable, uncounted
 from jaxprune.graph.execute import BoundOp, folded, lrp_role, run, safe_divide, stabilize
 from jaxprune.graph.inputs import example_input
@@ -57,4 +63,5 @@ from jaxprune.graph.program import (Eqn, Net, Program, UnsupportedError, _is_nnx
 from jaxprune.graph.surgery import rebuild, shrink, silence
 
 __all__ = ["Net", "Layer", "Graph", "net", "build", "run", "shrink", "silence", "rebuild", "count_macs", "uncounted",
-           "param_roles", "role_prunable", "UnsupportedError", "OPS", "register_op"]
+           "param_roles", "role_prunable", "UnsupportedError", "OPS", "register_op", "depthwise_groups",
+           "regrouped"]
