@@ -335,7 +335,9 @@ def remove_many(model: Any, variables: Variables, keep: Mapping[str, Array], *,
     k = _keeps(g, keep)
     leaves = graph.shrink(g, k)
     widths = {layer: int(v.size) for layer, v in k.items()}
-    return graph.rebuild(g, leaves, widths, spec)
+    new_model, new_variables = graph.rebuild(g, leaves, widths, spec)
+    new_model = graph.regrouped(g, g.removed_units(k), new_model, new_variables, spec)
+    return new_model, new_variables
 
 
 def mask_units(model: Any, variables: Variables, layer: str, keep: Array, *, x: Any = None) -> Variables:
@@ -347,7 +349,8 @@ def mask_units(model: Any, variables: Variables, layer: str, keep: Array, *, x: 
     ``keep: (k,) int`` is validated exactly as by :func:`remove_units` (unique integer indices in range; a boolean
     mask or float indices are refused), and the masked network computes the same logits as the shrunk one. The one
     difference: an empty ``keep`` is allowed here and silences the whole layer (e.g. one-shot unit pruning at
-    100 % sparsity), while :func:`remove_units` refuses to build a zero-width layer."""
+    100 % sparsity), while :func:`remove_units` refuses to build a zero-width layer. Units normalised together with
+    other channels (a LayerNorm or RMSNorm over them) are refused naming the norm: only removal is defined there."""
     return mask_many(model, variables, {layer: keep}, x=x)
 
 

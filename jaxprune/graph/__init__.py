@@ -20,8 +20,9 @@ unites the units it adds). From that one table follow the producers and consumer
 slices that remove a unit (its kernel column, bias, BatchNorm entries, the consumers' input rows — any leaf whose
 axis is indexed by the unit), the coupled layers (a removal must take every unit of a coupled class) and the layers
 that cannot shrink: units reaching the model's output or coupled to its input, and channels mixed by an operation
-the table cannot follow (a reduction over channels, a softmax). Operations nothing can follow are refused, by name,
-where a function needs them (LRP through a product of two activations, say); building the graph never fails on them.
+the table cannot follow (a reduction over channels that is not a norm's statistic, a softmax). Operations nothing
+can follow are refused, by name, where a function needs them (LRP through a product of two activations, say);
+building the graph never fails on them.
 
 **Attention heads** (:mod:`~jaxprune.graph.attention`): a projection ``x · K (d, heads, head_dim)``
 (``DenseGeneral``, an einsum, ``nnx.MultiHeadAttention``) is a layer of kind ``"heads"`` whose units are its heads,
@@ -49,7 +50,10 @@ program), :mod:`~jaxprune.graph.ops` (the op registry: one handler per primitive
 (:func:`run`, the replay with probes or LRP rules), :mod:`~jaxprune.graph.attention` (heads),
 :mod:`~jaxprune.graph.surgery` (:func:`shrink`,
 :func:`silence`, :func:`rebuild`), :mod:`~jaxprune.graph.cost` (:func:`count_macs`, :func:`uncounted`,
-:func:`param_roles`), :mod:`~jaxprune.graph.inputs` (:func:`example_input`).
+:func:`param_roles`), :mod:`~jaxprune.graph.inputs` (:func:`example_input`), :mod:`~jaxprune.graph.convs`
+(depthwise convolutions follow their input's units; grouped ones are refused by name), :mod:`~jaxprune.graph.norms`
+(LayerNorm, RMSNorm, GroupNorm: a reduction over channels broadcast back onto the same activation is a statistic,
+not a mixer; GroupNorm groups are coupled, LayerNorm/RMSNorm channels removable but not maskable).
 
 **Adding a graph op** (a primitive the graph refuses today): write one handler ``handler(e, t) -> (kind, note)``
 registered with ``@ops.register_op("primitive_name")`` in :mod:`jaxprune.graph.ops` (≤ 25 lines: map the activation
@@ -60,6 +64,8 @@ written in the test that uses the op (``remove_units`` == ``mask_units`` through
 from __future__ import annotations
 
 from jaxprune.graph.analyse import build
+from jaxprune.graph.convs import depthwise_groups
+from jaxprune.graph.norms import regrouped
 from jaxprune.graph.cost import count_macs, param_roles, role_prunable, uncounted
 from jaxprune.graph.execute import BoundOp, folded, lrp_role, run, safe_divide, stabilize
 from jaxprune.graph.inputs import example_input
@@ -70,4 +76,5 @@ from jaxprune.graph.program import (Eqn, Net, Program, UnsupportedError, _is_nnx
 from jaxprune.graph.surgery import rebuild, shrink, silence
 
 __all__ = ["Net", "Layer", "Graph", "net", "build", "run", "shrink", "silence", "rebuild", "count_macs", "uncounted",
-           "param_roles", "role_prunable", "UnsupportedError", "OPS", "register_op"]
+           "param_roles", "role_prunable", "UnsupportedError", "OPS", "register_op", "depthwise_groups",
+           "regrouped"]

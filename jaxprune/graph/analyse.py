@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from jaxprune.graph import attention
+from jaxprune.graph import convs, norms  # noqa: F401 (their handlers register into ops.OPS)
 from jaxprune.graph.inputs import example_input
 from jaxprune.graph.model_graph import OUTPUT, Graph, Layer
 from jaxprune.graph.program import Net, Program, _spec, _trace, net
@@ -58,6 +59,7 @@ def _analyse(n: Net, prog: Program) -> Graph:
         kind, note = attention.handle(e, t)
         t.kinds.append(kind)
         notes.append(note)
+    norms.resolve(t)
     uses: dict[int, list[int]] = {}
     for k, e in enumerate(prog.eqns):
         for a in e.ins:
@@ -77,7 +79,8 @@ def _analyse(n: Net, prog: Program) -> Graph:
                  owner=np.asarray(t.owner, np.int64), index=np.asarray(t.index, np.int64), cls=cls, frozen=frozen,
                  slices=tuple((leaf, axis, ids) for (leaf, axis), ids in t.slices.items()),
                  unit_ids={l["name"]: l["ids"] for l in t.layers}, near=tuple(near), origins=t.origin,
-                 refused=t.refused, uses=uses)
+                 refused=t.refused, uses=uses, norms=dict(t.norms),
+                 normed={int(cls[u]): t.normed[u] for u in sorted(t.normed, reverse=True)})  # the first norm wins
 
 
 def _chains(t: UnitTable, uses: dict) -> dict[str, dict]:

@@ -59,7 +59,7 @@ class Graph:
     program: Program
     layers: dict  # name -> Layer, forward order
     kinds: tuple  # per eqn: "linear", "chain", "activation", "affine", "merge", "move", "pool", "reduce", "weight",
-    #                "opaque"
+    #                "opaque", "depthwise" (jaxprune.graph.convs), "statistic" (jaxprune.graph.norms)
     notes: tuple  # per eqn: why opaque or unsupported (or "")
     owner: np.ndarray  # unit id -> producer index (-1 input, -2 constant/opaque, k: k-th layer)
     index: np.ndarray  # unit id -> index within its producer
@@ -71,6 +71,8 @@ class Graph:
     origins: dict  # activation var id -> (last dim,) unit ids
     refused: dict  # module path -> why its linear-looking operation is not a supported layer
     uses: dict  # var id -> indices of the equations reading it
+    normed: dict = dataclasses.field(default_factory=dict)  # class id -> the norm mixing it with all its channels
+    norms: dict = dataclasses.field(default_factory=dict)  # norm name -> (groups, size) unit ids it normalises
 
     # ------------------------------------------------------------------ queries
     def layer(self, name: str) -> Layer:
@@ -158,9 +160,8 @@ class Graph:
                 names = sorted({self._owner_name(int(m)) for m in members})
                 left = sorted({self._owner_name(int(m)) for m in missing})
                 raise ValueError(f"keep: units of {sorted({self._owner_name(int(m)) for m in members if removed[m]})} "
-                                 f"are coupled to units of {left} (a residual add, a shared channel, attention "
-                                 f"heads or a gated product join "
-                                 f"{names}); remove the coupled units of every one of these layers alike, in one "
-                                 "call (remove_many)")
+                                 f"are coupled to units of {left} (a residual add, a shared channel, a norm's "
+                                 f"channel group, attention heads or a gated product join {names}); remove the "
+                                 "coupled units of every one of these layers alike, in one call (remove_many)")
         return removed
 

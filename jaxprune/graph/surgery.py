@@ -44,8 +44,11 @@ def silence(g: Graph, keep: Mapping[str, Any]) -> list[Array]:
     """Same shapes, the units not kept silenced: their kernel columns and the chain's per-channel offsets and
     scales (bias; BatchNorm's scale and bias) zeroed, so their pre-activation is exactly 0, and the input rows of
     every layer reading them zeroed, so whatever the activation makes of 0 reaches no consumer (the network then
-    computes what the shrunk one does). An empty ``keep`` for a layer silences all of it."""
+    computes what the shrunk one does). An empty ``keep`` for a layer silences all of it. Units normalised together
+    with other channels (a LayerNorm or RMSNorm statistic, ``Graph.normed``) are refused: zeros still count in the
+    statistic, so no masking equals their removal."""
     removed = g.removed_units(keep)
+    _refuse_normed(g, removed)
     leaves = list(g.net.leaves)
     by_leaf: dict[int, list] = {}
     for leaf, axis, ids in g.slices:
@@ -66,6 +69,16 @@ def silence(g: Graph, keep: Mapping[str, Any]) -> list[Array]:
         shape[axis] = ids.size
         leaves[leaf] = jnp.where(jnp.asarray(~off).reshape(shape), leaves[leaf], jnp.zeros_like(leaves[leaf]))
     return leaves
+
+
+def _refuse_normed(g: Graph, removed: np.ndarray) -> None:
+    """A one-line error naming the norm when a removed unit is normalised together with other channels."""
+    for c in np.unique(g.cls[removed]).tolist():
+        if int(c) in g.normed:
+            who = sorted({g._owner_name(int(u)) for u in np.flatnonzero(removed & (g.cls == c))})
+            raise ValueError(f"keep: units of {who} are normalised together with other channels by {g.normed[c]!r} "
+                             "(a statistic over the channel axis): masking them changes that statistic, removing "
+                             "them defines the smaller model; use remove_units / remove_many")
 
 
 def rebuild(g: Graph, leaves: Sequence[Array], widths: Mapping[str, int], x: Any) -> tuple[Any, PyTree]:

@@ -58,6 +58,11 @@ class UnitTable:
         self.last_layer: str | None = None
         self.refused: dict[str, str] = {}
         self.kinds: list[str] = []  # per equation read so far (the next one's index is len(kinds))
+        # normalisations (jaxprune.graph.norms): statistics over channels (var -> Stat; not activations), units a
+        # norm's statistic mixes (unit -> norm name), each norm's channel groups (name -> (groups, size) unit ids)
+        self.stats: dict[int, Any] = {}
+        self.normed: dict[int, str] = {}
+        self.norms: dict[str, np.ndarray] = {}
         x_units = self.new_units(_last(self.shapes[prog.x_id]), -1)
         self.origin[prog.x_id] = x_units
         self.freeze(x_units, "they are coupled to the model's input channels")
@@ -93,11 +98,17 @@ class UnitTable:
         return "opaque", note
 
     def weights_only(self, e: Eqn) -> tuple[str, str]:
-        """A computation on parameters and constants alone (BatchNorm's ``rsqrt(var + eps)``): its sources."""
+        """A computation on parameters and constants alone (BatchNorm's ``rsqrt(var + eps)``): its sources. With a
+        norm's statistic among its inputs (``rsqrt(var(x) + eps) · scale``) its outputs are that statistic."""
         src = frozenset().union(*[self.sources.get(a, frozenset()) for a in e.ins if isinstance(a, int)])
         for o in e.outs:
             self.sources[o] = src
-        return "weight", ""
+        stats = [self.stats[a] for a in e.ins if isinstance(a, int) and a in self.stats]
+        if not stats:
+            return "weight", ""
+        for o in e.outs:
+            self.stats[o] = stats[0].merge(stats[1:])
+        return "statistic", ""
 
     # ------------------------------------------------------------------ parameter slices
     def add_slice(self, leaf: int, axis: int, ids: np.ndarray) -> None:
