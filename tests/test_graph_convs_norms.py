@@ -229,7 +229,7 @@ def test_groupnorm_groups_are_coupled_and_removing_whole_groups_is_exact():
               "mix": {"kernel": p["mix"]["kernel"][:, :, keep], "bias": p["mix"]["bias"]}, "o": p["o"]}
     _close(small.apply(sv, x), GroupedNormNet(width=4).apply({"params": sliced}, x))
     _close(small.apply(sv, x), model.apply(st.mask_units(model, v, "feat", keep, x=x), x))
-    with pytest.raises(ValueError, match="a norm's channel group joins"):
+    with pytest.raises(ValueError, match="a norm.s channel group"):
         st.remove_units(model, v, "feat", np.array([0, 2, 3, 6, 7]), x=x)  # half of group 0
 
 
@@ -328,3 +328,24 @@ def test_a_channel_reduction_that_is_not_a_norm_still_freezes_its_channels():
     assert g.prunable() == () and not g.norms and not g.normed
     assert "normalised by statistics of other channels" in g.why_not_prunable("a")
     assert "reduce_sum over the channel axis" in g.why_not_prunable("b")
+
+
+def test_classic_lrp_refuses_a_layernorm_by_name_and_attn_lrp_conserves_through_it():
+    """A norm's statistic has no classic LRP rule: refused naming the op and the layer before it (not a leaked
+    tracer); the attn_lrp composite holds the normalising factor constant and conserves the target logit."""
+    from jaxprune import lrp
+
+    class DenseNormDense(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Dense(6, name="inner", use_bias=False)(x))
+            x = nn.LayerNorm(name="norm_x", use_bias=False, use_scale=False)(x)
+            return nn.Dense(3, name="outer", use_bias=False)(x)
+
+    model, x = DenseNormDense(), jax.random.normal(jax.random.PRNGKey(0), (4, 5))
+    v = model.init(jax.random.PRNGKey(1), x)
+    with pytest.raises(graph.UnsupportedError, match="reduce_sum after layer 'inner'.*attn_lrp"):
+        lrp.relevance(model, v, x, composite="epsilon")
+    r = lrp.relevance(model, v, x, composite="attn_lrp")
+    np.testing.assert_allclose(np.asarray(r.input).sum(1), np.asarray(r.logits)[np.arange(4), np.asarray(r.target)],
+                               rtol=1e-4)

@@ -41,7 +41,7 @@ def handle(e: Eqn, t: UnitTable) -> Verdict:
     if e.name == "reshape" and t.acts(e) and t.acts(e)[0] not in t.heads and _splits_heads(e, t):
         return _split_channels(e, t)
     verdict = ops.handle(e, t)
-    if not any(isinstance(a, int) and a in t.heads for a in e.ins):
+    if not any(a in t.heads for a in t.acts(e)):  # a norm's statistic (graph.norms) is no activation: no head rule
         return verdict
     rule = HEAD_RULES.get(e.name)
     if rule is None or (verdict[0] == "opaque" and e.name in ops.CUSTOM):
