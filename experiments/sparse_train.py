@@ -70,6 +70,8 @@ SPEC = [row for row in common.TRAIN_SPEC] + [
 DEFAULTS = common.defaults(SPEC)
 # may change on a rerun (the multiplier is in each sparse run's settings and folder name, not the dense networks')
 _VOLATILE = ("data_dir", "workdir", "seeds", "methods", "sparsity", "imp_results", "sparse_steps_multiplier")
+# flags added after workdirs were first written, with the value older config.json / run.json files were made with
+ADDED_LATER = {**common.ADDED_LATER, "sparse_steps_multiplier": 1.0, "validation_examples": 0}
 STRETCHED = ("training_steps", "prune_begin", "prune_end", "update_end")  # scaled by --sparse_steps_multiplier
 
 
@@ -232,9 +234,10 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str | Path) -> dict:
             for s in cfg.sparsities for seed in cfg.seeds}
     common.check_trained(c_dense, cfg.seeds, lambda s: workdir / "dense" / f"seed_{s}")
     for (m, s, seed), d in runs.items():
-        common.check_stored(d / "run.json", run_settings(cfg, m, s, seed), f"the {m} run at sparsity {s}")
+        common.check_stored(d / "run.json", run_settings(cfg, m, s, seed), f"the {m} run at sparsity {s}",
+                            added_later=ADDED_LATER)
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint.check_run_config(workdir, c, _VOLATILE, added_later=common.ADDED_LATER)
+    checkpoint.check_run_config(workdir, c, _VOLATILE, added_later=ADDED_LATER)
     data = train.to_device(tr.images, tr.labels, te.images, te.labels)
     dense = []
     for seed in cfg.seeds:
@@ -243,7 +246,8 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str | Path) -> dict:
         dense.append({cfg.metric: common.accuracy(model, variables, data[2], data[3])})
     records: dict[tuple, dict] = {}
     for (m, s, seed), d in runs.items():
-        if not common.check_stored(d / "run.json", run_settings(cfg, m, s, seed), f"the {m} run"):
+        if not common.check_stored(d / "run.json", run_settings(cfg, m, s, seed), f"the {m} run",
+                                   added_later=ADDED_LATER):
             rec = {**train_sparse(cfg, model, data, m, s, seed), "settings": run_settings(cfg, m, s, seed)}
             d.mkdir(parents=True, exist_ok=True)
             checkpoint.write_json(d / "run.json", rec)

@@ -90,3 +90,19 @@ def test_multiplier_and_validation_refused(tmp_path, key, value, match):
     with pytest.raises(ValueError, match=match):
         sparse_train.train_and_evaluate({**BASE, "methods": ["rigl"], key: value}, tmp_path)
     assert not (tmp_path / "config.json").exists()
+
+
+def test_workdir_from_before_the_multiplier_and_validation_flags_is_reused(tmp_path):
+    """config.json and run.json written before --sparse_steps_multiplier / --validation_examples existed (keys
+    absent) are reused as made with their defaults (1, 0), not refused."""
+    cfg = {**BASE, "methods": ["static"], "seeds": ["0"]}
+    sparse_train.train_and_evaluate(cfg, tmp_path)
+    old = ("sparse_steps_multiplier", "validation_examples")
+    config = checkpoint.read_record(tmp_path / "config.json")
+    checkpoint.write_record(tmp_path / "config.json", {k: v for k, v in config.items() if k not in old})
+    run = checkpoint.read_json(tmp_path / "static/0.9/seed_0/run.json")
+    run["settings"] = {k: v for k, v in run["settings"].items() if k not in old}
+    checkpoint.write_json(tmp_path / "static/0.9/seed_0/run.json", run)
+    stamp = (tmp_path / "static/0.9/seed_0/run.json").stat().st_mtime_ns
+    sparse_train.train_and_evaluate(cfg, tmp_path)
+    assert (tmp_path / "static/0.9/seed_0/run.json").stat().st_mtime_ns == stamp
