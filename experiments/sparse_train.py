@@ -7,6 +7,9 @@ during training by :mod:`jaxprune.sparse_training`: ``gradual`` (Zhu & Gupta's s
 ``--drop_fraction``) and ``static`` (a fixed random mask), the layers' densities ``--gradual_distribution`` /
 ``--dst_distribution`` (uniform or ERK). The output layer stays dense unless ``--prune_output``; densities are
 fractions of the prunable weights kept. Same initialisation, data order and optimizer as the dense network.
+``--sparse_steps_multiplier=k`` trains the sparse runs k × the dense steps with their whole schedule stretched
+(RigL's 2×/5×), keyed ``rigl_2x``; ``--validation_examples=N`` holds out the last N training examples and
+evaluates every network on them (``val_accuracy``), so settings are tuned without the test set.
 
 Writes to ``--workdir``: ``config.json`` (the run identity), ``dense/seed_<s>/`` (a trained network, as every
 experiment's), ``<method>/<sparsity>/seed_<s>/run.json`` (one finished run, with the settings that produced it:
@@ -14,8 +17,10 @@ reused on a rerun, refused if they differ), ``results.json`` and ``accuracy_vs_d
 curve of ``--imp_results``, an ``experiments.imp`` results.json of the same network, when given).
 
 ``results.json``: ``{"dense": {"test_accuracy", "test_accuracy_std", "num_seeds"}, "methods": {method: {"0.9":
-{"test_accuracy", "test_accuracy_std", "density", "density_std", "num_seeds", "per_seed"}}}, "pattern", "config",
-"environment"}`` — fractions; mean and sample std (ddof = 1, ``jaxprune.conventions.summary``) over the seeds.
+{"test_accuracy", "test_accuracy_std", "density", "density_std", "num_seeds", "steps", "per_seed"}}}, "metric",
+"sparse_steps_multiplier", "pattern", "config", "environment"}`` — fractions; mean and sample std (ddof = 1,
+``jaxprune.conventions.summary``) over the seeds; ``val_accuracy`` instead of ``test_accuracy`` (``"metric"``)
+with ``--validation_examples``.
 
 Importable without side effects: :func:`train_and_evaluate` takes a config dict (keys = flag names; defaults in
 ``DEFAULTS``) and a workdir.
@@ -53,12 +58,21 @@ SPEC = [row for row in common.TRAIN_SPEC] + [
     ("update_interval", "100", "rigl/set: steps between mask updates"),
     ("update_end", "12ep", "rigl/set: no mask update from this step on (RigL: 75 % of training)"),
     ("drop_fraction", 0.3, "rigl/set: fraction of each layer's weights rewired at step 0 (cosine decay)"),
+    ("sparse_steps_multiplier", 1.0, "sparse runs train k × --training_steps with every duration of their schedule "
+     "(milestones, prune_begin/end, update_end) stretched by k; the dense network trains 1× (RigL's 2×/5×). k != 1 "
+     "is named in the method's key and folder: rigl_2x"),
+    ("validation_examples", 0, "hold out the last N training examples: every network trains on the rest and is "
+     "evaluated on them (results say val_accuracy), for tuning without the test set (0: the test set)"),
     ("seeds", ["0"], "seeds (network init, data order, random masks): s1,s2,… or s:e"),
     ("imp_results", "", "an experiments.imp results.json of the same network, drawn beside (empty: none)"),
     ("workdir", "runs/sparse_train", "output directory"),
 ]
 DEFAULTS = common.defaults(SPEC)
-_VOLATILE = ("data_dir", "workdir", "seeds", "methods", "sparsity", "imp_results")  # may change on a rerun
+# may change on a rerun (the multiplier is in each sparse run's settings and folder name, not the dense networks')
+_VOLATILE = ("data_dir", "workdir", "seeds", "methods", "sparsity", "imp_results", "sparse_steps_multiplier")
+# flags added after workdirs were first written, with the value older config.json / run.json files were made with
+ADDED_LATER = {**common.ADDED_LATER, "sparse_steps_multiplier": 1.0, "validation_examples": 0}
+STRETCHED = ("training_steps", "prune_begin", "prune_end", "update_end")  # scaled by --sparse_steps_multiplier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +87,17 @@ class Config:
     options: Mapping[str, Any]
     exclude: tuple[str, ...]
     prune_output: bool
+    multiplier: float = 1.0  # sparse runs' length, in dense runs' (--sparse_steps_multiplier)
+    validation: int = 0  # held-out training examples evaluated instead of the test set
+
+    @property
+    def metric(self) -> str:
+        """The accuracy's key in records and results: ``val_accuracy`` on held-out training examples."""
+        return "val_accuracy" if self.validation else "test_accuracy"
+
+    def key(self, method: str) -> str:
+        """A method's key in ``results.json`` and its folder: ``rigl``, or ``rigl_2x`` when trained 2× longer."""
+        return method if self.multiplier == 1 else f"{method}_{self.multiplier:g}x"
 
     @classmethod
     def parse(cls, c: Mapping[str, Any]) -> "Config":
@@ -91,8 +116,14 @@ class Config:
                 raise ValueError(f"sparsity={list(sparsities)}: --pattern=n:m with --nm={c['nm']} expects "
                                  f"--sparsity={want}")
             sparsities = (want,)
+        k, n_val = c["sparse_steps_multiplier"], c["validation_examples"]
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 1 <= k <= 100:
+            raise ValueError(f"sparse_steps_multiplier={k!r}: expected a number in [1, 100] (sparse runs train k × "
+                             "the dense steps)")
+        if isinstance(n_val, bool) or not isinstance(n_val, int) or n_val < 0:
+            raise ValueError(f"validation_examples={n_val!r}: expected an integer >= 0 (held-out training examples)")
         return cls(c, methods, sparsities, common.seed_list(c["seeds"]), c["pattern"], options,
-                   tuple(c["exclude"]), bool(c["prune_output"]))
+                   tuple(c["exclude"]), bool(c["prune_output"]), float(k), n_val)
 
 
 def _pattern_options(c: Mapping[str, Any]) -> dict:
@@ -110,9 +141,20 @@ def _steps(c: Mapping[str, Any], key: str, spe: int) -> int:
     return train.parse_duration(c[key], spe, key)
 
 
+def stretched(cfg: Config, spe: int) -> dict:
+    """The training flags of a sparse run: every duration of :data:`STRETCHED` and the milestones, in steps,
+    × ``--sparse_steps_multiplier`` (rounded); intervals between mask updates unchanged."""
+    c, k = dict(cfg.train), cfg.multiplier
+    if k == 1:
+        return c
+    out = {key: str(round(k * _steps(c, key, spe))) for key in STRETCHED}
+    out["milestones"] = [str(round(k * train.parse_duration(m, spe, "milestones"))) for m in c["milestones"]]
+    return {**c, **out}
+
+
 def method_config(cfg: Config, method: str, sparsity: float, spe: int, steps: int):
     """The :mod:`jaxprune.sparse_training` config of one run (``spe``: steps per epoch; ``steps``: its length)."""
-    c = cfg.train
+    c = stretched(cfg, spe)
     if method == "gradual":
         begin, end, freq = (_steps(c, k, spe) for k in ("prune_begin", "prune_end", "prune_frequency"))
         if not 0 <= begin <= end < steps or freq < 1:
@@ -131,7 +173,8 @@ def method_config(cfg: Config, method: str, sparsity: float, spe: int, steps: in
 def run_settings(cfg: Config, method: str, sparsity: float, seed: int) -> dict:
     """What one sparse run depends on: the training settings, its method's and the pattern's."""
     keys = [row[0] for row in SPEC if row[0] not in _VOLATILE]
-    return {**common.settings_of(dict(cfg.train), keys), "method": method, "sparsity": sparsity, "seed": int(seed)}
+    return {**common.settings_of(dict(cfg.train), keys), "method": method, "sparsity": sparsity, "seed": int(seed),
+            "sparse_steps_multiplier": cfg.multiplier}
 
 
 def _prunable(cfg: Config, model, params, input_shape) -> Any:
@@ -143,8 +186,8 @@ def _prunable(cfg: Config, model, params, input_shape) -> Any:
 def train_sparse(cfg: Config, model, data: tuple, method: str, sparsity: float, seed: int) -> dict:
     """One sparse run from the dense network's initialisation and data order: its record."""
     x, y, xt, yt = data
-    c = cfg.train
-    spe = train.steps_per_epoch(len(y), c["batch_size"])
+    spe = train.steps_per_epoch(len(y), cfg.train["batch_size"])
+    c = stretched(cfg, spe)
     steps = train.parse_duration(c["training_steps"], spe, "training_steps")
     init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
     template = models.init(model, init_key, x.shape)
@@ -162,7 +205,7 @@ def train_sparse(cfg: Config, model, data: tuple, method: str, sparsity: float, 
                     batch_size=c["batch_size"], num_steps=steps, data_key=data_key, loop=c["loop"],
                     log_prefix=f"[{method} {sparsity} seed {seed}] ")
     rep = sparse_training.report(res.state.opt_state, prunable, cfg.pattern, cfg.options)
-    return {"test_accuracy": common.accuracy(model, train.variables_of(res.state), xt, yt),
+    return {cfg.metric: common.accuracy(model, train.variables_of(res.state), xt, yt),
             "density": rep["density"], "kept": rep["kept"], "total": rep["total"], "pattern": rep["pattern"],
             "conforms": all(rep["conforms"].values()), "layer_densities": rep["layers"],
             "train_loss": res.train_loss, "seconds": res.seconds, "steps": steps}
@@ -183,36 +226,54 @@ def train_and_evaluate(config: Mapping[str, Any], workdir: str | Path) -> dict:
     workdir = Path(workdir)
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                               c["max_test_examples"])
+    tr, te, c_dense = _held_out(cfg, tr, te)
     model = common.build_model(c, tr.num_classes, input_shape=tr.images.shape, defaults=DEFAULTS)
     for method in cfg.methods:  # refuse bad schedules and patterns the leaves cannot tile before any training
         _preflight(cfg, model, tr.images.shape, method)
-    runs = {(m, s, seed): workdir / m / str(s) / f"seed_{seed}" for m in cfg.methods for s in cfg.sparsities
-            for seed in cfg.seeds}
-    common.check_trained(c, cfg.seeds, lambda s: workdir / "dense" / f"seed_{s}")
+    runs = {(m, s, seed): workdir / cfg.key(m) / str(s) / f"seed_{seed}" for m in cfg.methods
+            for s in cfg.sparsities for seed in cfg.seeds}
+    common.check_trained(c_dense, cfg.seeds, lambda s: workdir / "dense" / f"seed_{s}")
     for (m, s, seed), d in runs.items():
-        common.check_stored(d / "run.json", run_settings(cfg, m, s, seed), f"the {m} run at sparsity {s}")
+        common.check_stored(d / "run.json", run_settings(cfg, m, s, seed), f"the {m} run at sparsity {s}",
+                            added_later=ADDED_LATER)
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint.check_run_config(workdir, c, _VOLATILE, added_later=common.ADDED_LATER)
+    checkpoint.check_run_config(workdir, c, _VOLATILE, added_later=ADDED_LATER)
     data = train.to_device(tr.images, tr.labels, te.images, te.labels)
     dense = []
     for seed in cfg.seeds:
-        variables, _ = common.train_network(c, model, data[0], data[1], seed, workdir / "dense" / f"seed_{seed}")
-        dense.append({"test_accuracy": common.accuracy(model, variables, data[2], data[3])})
+        variables, _ = common.train_network(c_dense, model, data[0], data[1], seed,
+                                            workdir / "dense" / f"seed_{seed}")
+        dense.append({cfg.metric: common.accuracy(model, variables, data[2], data[3])})
     records: dict[tuple, dict] = {}
     for (m, s, seed), d in runs.items():
-        if not common.check_stored(d / "run.json", run_settings(cfg, m, s, seed), f"the {m} run"):
+        if not common.check_stored(d / "run.json", run_settings(cfg, m, s, seed), f"the {m} run",
+                                   added_later=ADDED_LATER):
             rec = {**train_sparse(cfg, model, data, m, s, seed), "settings": run_settings(cfg, m, s, seed)}
             d.mkdir(parents=True, exist_ok=True)
             checkpoint.write_json(d / "run.json", rec)
             logging.info("%s at sparsity %s, seed %d: accuracy %.4f, density %.4f", m, s, seed,
-                         rec["test_accuracy"], rec["density"])
+                         rec[cfg.metric], rec["density"])
         records[(m, s, seed)] = checkpoint.read_json(d / "run.json")
     return _write(cfg, workdir, dense, records)
 
 
+def _held_out(cfg: Config, tr, te) -> tuple:
+    """``(train, evaluation set, the dense networks' config)``: with ``--validation_examples=N`` the last N
+    training examples are the evaluation set and the networks train on the first ones (their run identity says so:
+    ``max_train_examples``); else the test set. Normalisation statistics stay those of the whole training split."""
+    n = cfg.validation
+    if not n:
+        return tr, te, dict(cfg.train)
+    if n >= len(tr.labels):
+        raise ValueError(f"validation_examples={n}: expected fewer than the {len(tr.labels)} training examples")
+    cut = len(tr.labels) - n
+    held = tr._replace(images=tr.images[cut:], labels=tr.labels[cut:])
+    return tr._replace(images=tr.images[:cut], labels=tr.labels[:cut]), held, {**cfg.train, "max_train_examples": cut}
+
+
 def _preflight(cfg: Config, model, input_shape: tuple, method: str) -> None:
     spe = train.steps_per_epoch(input_shape[0], cfg.train["batch_size"])
-    steps = train.parse_duration(cfg.train["training_steps"], spe, "training_steps")
+    steps = train.parse_duration(stretched(cfg, spe)["training_steps"], spe, "training_steps")
     params = jax.eval_shape(lambda: models.init(model, jax.random.PRNGKey(0), input_shape))["params"]
     prunable = _prunable(cfg, model, params, input_shape)
     for s in cfg.sparsities:
@@ -224,14 +285,15 @@ def _preflight(cfg: Config, model, input_shape: tuple, method: str) -> None:
 def _write(cfg: Config, workdir: Path, dense: list[dict], records: dict[tuple, dict]) -> dict:
     methods: dict[str, dict] = {}
     for m in cfg.methods:
-        methods[m] = {}
+        methods[cfg.key(m)] = {}
         for s in cfg.sparsities:
             per = [records[(m, s, seed)] for seed in cfg.seeds]
-            methods[m][str(s)] = {**_summary(per, ("test_accuracy", "density")),
-                                  "conforms": all(r["conforms"] for r in per),
-                                  "per_seed": {str(seed): {k: r[k] for k in ("test_accuracy", "density")}
-                                               for seed, r in zip(cfg.seeds, per)}}
-    results = {"dense": _summary(dense, ("test_accuracy",)), "methods": methods,
+            methods[cfg.key(m)][str(s)] = {**_summary(per, (cfg.metric, "density")),
+                                           "conforms": all(r["conforms"] for r in per), "steps": per[0]["steps"],
+                                           "per_seed": {str(seed): {k: r[k] for k in (cfg.metric, "density")}
+                                                        for seed, r in zip(cfg.seeds, per)}}
+    results = {"dense": _summary(dense, (cfg.metric,)), "methods": methods, "metric": cfg.metric,
+               "sparse_steps_multiplier": cfg.multiplier,
                "pattern": patterns.describe(cfg.pattern, cfg.options), "config": dict(cfg.train),
                "environment": common.environment()}
     checkpoint.write_json(workdir / "results.json", results)
@@ -240,30 +302,29 @@ def _write(cfg: Config, workdir: Path, dense: list[dict], records: dict[tuple, d
 
 
 def _plot(results: dict, path: Path, imp_results: str) -> None:
-    series = {}
+    series, metric = {}, results["metric"]
     for m, by_s in results["methods"].items():
         rows = list(by_s.values())
-        series[m] = ([r["density"] for r in rows], [r["test_accuracy"] for r in rows],
-                     [r["test_accuracy_std"] for r in rows])
+        series[m] = ([r["density"] for r in rows], [r[metric] for r in rows], [r[f"{metric}_std"] for r in rows])
     if imp_results:
         levels = checkpoint.read_json(imp_results, hint=f" (--imp_results={imp_results})")["levels"]
         series["IMP (rewind to init)"] = ([r["density"] for r in levels], [r["test_accuracy"] for r in levels],
                                           [r.get("test_accuracy_std", 0.0) for r in levels])
     c = results["config"]
-    plots.methods_vs_density(series, path, dense=results["dense"]["test_accuracy"],
+    plots.methods_vs_density(series, path, dense=results["dense"][metric],
                              title=f"{c['model']} on {c['dataset']}: sparse training ({results['pattern']})")
 
 
 def format_table(results: dict) -> str:
     """Markdown: one row per method, one column per sparsity, ``mean ± std`` test accuracy (%)."""
     sparsities = list(next(iter(results["methods"].values())))
-    d = results["dense"]
-    lines = [f"dense: {100 * d['test_accuracy']:.2f} ± {100 * d['test_accuracy_std']:.2f} % "
+    d, metric = results["dense"], results["metric"]
+    lines = [f"{metric}, dense: {100 * d[metric]:.2f} ± {100 * d[f'{metric}_std']:.2f} % "
              f"({d['num_seeds']} seeds); pattern {results['pattern']}",
              "| method | " + " | ".join(f"sparsity {s} (density)" for s in sparsities) + " |",
              "|---|" + "---|" * len(sparsities)]
     for m, by_s in results["methods"].items():
-        cells = [f"{100 * r['test_accuracy']:.2f} ± {100 * r['test_accuracy_std']:.2f} ({r['density']:.4f})"
+        cells = [f"{100 * r[metric]:.2f} ± {100 * r[f'{metric}_std']:.2f} ({r['density']:.4f})"
                  for r in by_s.values()]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -57,3 +57,52 @@ def test_refusals(tmp_path):
         sparse_train.train_and_evaluate({**BASE, "methods": ["gradual"], "pattern": "n:m", "nm": "2:3",
                                          "sparsity": [str(1 / 3)]}, tmp_path)
     assert not (tmp_path / "config.json").exists()  # refused before any work
+
+
+def test_longer_sparse_runs_and_held_out_validation(tmp_path):
+    """--sparse_steps_multiplier=2: the sparse run trains 2 × 40 steps with its schedule stretched (update_end 30 →
+    60), keyed rigl_2x; the dense network trains 40. --validation_examples=337: every network trains on the first
+    1100 digits and is evaluated on the last 337 (val_accuracy, a multiple of 1/337)."""
+    cfg = sparse_train.Config.parse({**sparse_train.DEFAULTS, **BASE, "sparse_steps_multiplier": 2.0})
+    rigl = sparse_train.method_config(cfg, "rigl", 0.9, 45, 80)
+    gradual = sparse_train.method_config(cfg, "gradual", 0.9, 45, 80)
+    assert (rigl.end_step, rigl.interval) == (60, 10)
+    assert (gradual.begin_step, gradual.end_step, gradual.frequency) == (0, 40, 10)
+    res = sparse_train.train_and_evaluate({**BASE, "methods": ["rigl"], "seeds": ["0"], "sparse_steps_multiplier": 2,
+                                           "validation_examples": 337}, tmp_path)
+    assert res["metric"] == "val_accuracy" and res["sparse_steps_multiplier"] == 2
+    rec = res["methods"]["rigl_2x"]["0.9"]
+    assert set(res["methods"]) == {"rigl_2x"} and rec["steps"] == 80
+    for acc in (rec["val_accuracy"], res["dense"]["val_accuracy"]):
+        assert abs(acc * 337 - round(acc * 337)) < 1e-6 and 0.3 < acc <= 1
+    dense = checkpoint.read_json(tmp_path / "dense" / "seed_0" / "trained.json")
+    assert dense["steps"] == 40 and dense["settings"]["max_train_examples"] == 1100
+    run = checkpoint.read_json(tmp_path / "rigl_2x" / "0.9" / "seed_0" / "run.json")
+    assert run["steps"] == 80 and run["settings"]["sparse_steps_multiplier"] == 2.0
+    assert "val_accuracy, dense" in sparse_train.format_table(res)
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("sparse_steps_multiplier", 0.5, "sparse_steps_multiplier=0.5: expected a number in \\[1, 100\\]"),
+    ("validation_examples", -1, "validation_examples=-1: expected an integer >= 0"),
+    ("validation_examples", 1437, "validation_examples=1437: expected fewer than the 1437 training examples")])
+def test_multiplier_and_validation_refused(tmp_path, key, value, match):
+    with pytest.raises(ValueError, match=match):
+        sparse_train.train_and_evaluate({**BASE, "methods": ["rigl"], key: value}, tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_workdir_from_before_the_multiplier_and_validation_flags_is_reused(tmp_path):
+    """config.json and run.json written before --sparse_steps_multiplier / --validation_examples existed (keys
+    absent) are reused as made with their defaults (1, 0), not refused."""
+    cfg = {**BASE, "methods": ["static"], "seeds": ["0"]}
+    sparse_train.train_and_evaluate(cfg, tmp_path)
+    old = ("sparse_steps_multiplier", "validation_examples")
+    config = checkpoint.read_record(tmp_path / "config.json")
+    checkpoint.write_record(tmp_path / "config.json", {k: v for k, v in config.items() if k not in old})
+    run = checkpoint.read_json(tmp_path / "static/0.9/seed_0/run.json")
+    run["settings"] = {k: v for k, v in run["settings"].items() if k not in old}
+    checkpoint.write_json(tmp_path / "static/0.9/seed_0/run.json", run)
+    stamp = (tmp_path / "static/0.9/seed_0/run.json").stat().st_mtime_ns
+    sparse_train.train_and_evaluate(cfg, tmp_path)
+    assert (tmp_path / "static/0.9/seed_0/run.json").stat().st_mtime_ns == stamp
