@@ -176,8 +176,16 @@ def lrp_scores(model: Any, variables: Any, x: Any, y: Any = None, *,
     if y is not None:
         _check_batch(model, variables, x, y)
     rel = lrp.relevance(model, variables, x, composite=composite, target=y)
-    raw = {k: jnp.sum(r.reshape(-1, r.shape[-1]), axis=0) for k, r in rel.layers.items()}
-    return _normalize_layers("lrp", raw, list(rel.layers), norm)
+    g = build_graph(model, variables, jnp.asarray(x))
+    layers = [k for k in non_output_layers(g) if k in rel.layers]
+    raw = {k: _unit_sum(rel.layers[k], g.layers[k].unit_axis) for k in layers}  # heads: (heads,), not head_dim
+    return _normalize_layers("lrp", raw, layers, norm)
+
+
+def _unit_sum(a: Array, axis: int) -> Array:
+    """``(n, …, units, …) -> (units,)``: the sum over every axis but ``axis`` (a head's channels included)."""
+    a = jnp.moveaxis(a, axis, -1)
+    return jnp.sum(a.reshape(-1, a.shape[-1]), axis=0)
 
 
 def scores(criterion: str, model: Any, variables: Any, x: Any = None, y: Any = None, *,

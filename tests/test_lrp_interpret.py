@@ -278,3 +278,33 @@ def test_classic_refusal_points_to_the_presets_which_follow_the_gate():
         lrp.relevance(Gate(), v, x, composite="epsilon")
     rel = lrp.relevance(Gate(), v, x, composite=_exact("attn_lrp"))
     np.testing.assert_allclose(np.asarray(rel.input.sum(1)), _out(rel), rtol=1e-4)
+
+
+class HeadsBlock(nn.Module):
+    """pre-LN attention (3 heads of 2) + GELU MLP, mean over tokens, 4 classes."""
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.LayerNorm(name="n_a")(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=3, qkv_features=6, name="mix")(y, y)
+        x = x + nn.Dense(5, name="back")(nn.gelu(nn.Dense(9, name="wide")(nn.LayerNorm(name="n_b")(x))))
+        return nn.Dense(4, name="readout")(x.mean(1))
+
+
+def test_lrp_criterion_with_attn_lrp_scores_heads_per_head_and_skips_the_output_layer():
+    """criteria.lrp_scores on a transformer: a head projection's score is its heads' relevance summed over samples,
+    tokens and each head's channels — shape (heads,), like the gradient criteria — never per head channel."""
+    from jaxprune import criteria
+
+    model = HeadsBlock()
+    x = jax.random.normal(jax.random.PRNGKey(3), (4, 6, 5))
+    v = model.init(jax.random.PRNGKey(4), x)
+    y = jnp.array([0, 3, 1, 2])
+    got = criteria.lrp_scores(model, v, x, y, composite="attn_lrp", norm=None)
+    assert set(got) == {"mix/query", "mix/key", "mix/value", "mix/out", "wide", "back"}
+    for k in ("mix/query", "mix/key", "mix/value"):
+        per_unit = np.asarray(lrp.unit_relevance(model, v, x, layer=k, composite="attn_lrp", target=y))
+        assert per_unit.shape == (4, 3, 2) and np.shape(got[k]) == (3,)
+        np.testing.assert_allclose(np.asarray(got[k]), per_unit.sum(axis=(0, 2)), rtol=1e-5, atol=1e-7)
+    wide = np.asarray(lrp.unit_relevance(model, v, x, layer="wide", composite="attn_lrp", target=y))
+    np.testing.assert_allclose(np.asarray(got["wide"]), wide.sum(0), rtol=1e-5, atol=1e-7)
