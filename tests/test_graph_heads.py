@@ -3,6 +3,8 @@ written here (other names and shapes than jaxprune.models): removal == masking, 
 counts, criteria on heads, and LRP's refusal naming the op."""
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -59,6 +61,7 @@ class EinsumAttention(nn.Module):
 
     heads: int = 3
     head_dim: int = 2
+    softmax: Any = jax.nn.softmax
 
     @nn.compact
     def __call__(self, x):
@@ -67,7 +70,7 @@ class EinsumAttention(nn.Module):
         wq, wk, wv = (self.param(f"w_{c}", init, (d, self.heads, self.head_dim)) for c in "qkv")
         wo = self.param("w_o", init, (self.heads, self.head_dim, d))
         q, k, v = (jnp.einsum("btd,dhk->bthk", x, w) for w in (wq, wk, wv))
-        att = jax.nn.softmax(jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(self.head_dim), axis=-1)
+        att = self.softmax(jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(self.head_dim))
         x = x + jnp.einsum("bthk,hkd->btd", jnp.einsum("bhts,bshk->bthk", att, v), wo)
         return nn.Dense(3, name="out_dense")(x.mean(axis=1))
 
@@ -198,6 +201,41 @@ def test_einsum_written_attention_heads_remove_equals_mask():
     small, sv = st.remove_many(model, v, keep, x=x)
     assert small.heads == 2 and sv["params"]["w_o"].shape == (2, 2, 6)
     _close(model.apply(st.mask_many(model, v, keep, x=x), x), small.apply(sv, x))
+
+
+@jax.custom_jvp
+def custom_softmax(z):
+    """A softmax over the last axis behind ``jax.custom_jvp`` (as ``jax.nn.softmax`` is from jax 0.12.1 on)."""
+    e = jnp.exp(z - jax.lax.stop_gradient(z.max(-1, keepdims=True)))
+    return e / e.sum(-1, keepdims=True)
+
+
+@custom_softmax.defjvp
+def _custom_softmax_jvp(primals, tangents):
+    s = custom_softmax(primals[0])
+    return s, s * (tangents[0] - (s * tangents[0]).sum(-1, keepdims=True))
+
+
+def test_a_softmax_behind_custom_jvp_is_read_through_for_heads_and_lrp():
+    """A custom_jvp call that reduces along an axis is inlined: heads stay units (remove == mask) and AttnLRP
+    conserves through it; an elementwise custom_jvp (jax.nn.relu) stays one activation."""
+    from jaxprune import lrp
+
+    model = EinsumAttention(softmax=custom_softmax)
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 6))
+    v = model.init(jax.random.PRNGKey(0), x)
+    assert "custom_jvp_call" in str(jax.make_jaxpr(lambda a: model.apply(v, a))(x))
+    g = graph.build(model, v, x)
+    assert ("params/w_q", "params/w_k", "params/w_v") in g.coupled_groups()
+    keep = {f"params/w_{c}": np.array([0, 2]) for c in "qkv"}
+    small, sv = st.remove_many(model, v, keep, x=x)
+    _close(model.apply(st.mask_many(model, v, keep, x=x), x), small.apply(sv, x))
+    r = lrp.relevance(model, v, x, composite="attn_lrp")
+    assert np.all(np.isfinite(np.asarray(r.input)))
+    relu_net = nn.Sequential([nn.Dense(4), jax.nn.relu, nn.Dense(2)])
+    xr = jnp.ones((2, 3))
+    gr = graph.build(relu_net, relu_net.init(jax.random.PRNGKey(0), xr), xr)
+    assert any(e.name == "custom_jvp_call" for e in gr.program.eqns)  # relu kept whole
 
 
 def test_dense_then_reshape_heads_couple_each_heads_channels():

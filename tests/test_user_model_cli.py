@@ -367,7 +367,7 @@ def test_command_line_imports_the_model_from_the_working_directory(tmp_path):
     assert p.returncode == 2 and not wd.exists()
     assert p.stderr.strip().splitlines()[-1] == (
         "error: model='mymodels:Nope': module 'mymodels' has no attribute 'Nope'; its flax.linen.Module classes: "
-        "FixedHead, MyMLP")
+        "FixedHead, InlineMLP, MyMLP")
     p = cli("--model=mymodels:MyMLP", "--model_kwargs={hidden: 3}")
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
         "error: model_kwargs='{hidden: 3}': not valid JSON")

@@ -1,5 +1,5 @@
 """The model as one pure function (:class:`Net`) and its flattened program (:class:`Program`): ``jit``
-calls inlined, ``custom_jvp``/``custom_vjp`` calls kept whole."""
+calls inlined, ``custom_jvp``/``custom_vjp`` calls kept whole unless they combine values along an axis (a softmax)."""
 from __future__ import annotations
 
 import dataclasses
@@ -139,6 +139,33 @@ class Eqn:
 
 
 _INLINE = ("pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "remat2")
+_CUSTOM = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+# primitives that combine values along an axis: a custom call holding one is read through (see _custom_inner)
+_MIXING = ("reduce_", "argmax", "argmin", "cum", "dot_general", "conv_general_dilated", "sort", "top_k")
+
+
+def _mixes(jaxpr) -> bool:
+    """Whether ``jaxpr`` (or a call inside it) combines values along an axis (a reduction, a product, a sort)."""
+    for e in jaxpr.eqns:
+        if e.primitive.name.startswith(_MIXING):
+            return True
+        sub = e.params.get("jaxpr") or e.params.get("call_jaxpr")
+        if sub is not None and _mixes(getattr(sub, "jaxpr", sub)):
+            return True
+    return False
+
+
+def _custom_inner(e):
+    """The inner closed jaxpr of a ``custom_jvp``/``custom_vjp`` call that combines values along an axis — from
+    jax 0.12.1 on, ``jax.nn.softmax`` is one — so that it is inlined like a ``jit`` call and the graph and the
+    LRP replay read its operations (the replay then differentiates the primal operations, the same function);
+    None for the rest: elementwise custom calls (``jax.nn.relu``) stay whole, as one activation."""
+    if e.primitive.name not in _CUSTOM:
+        return None
+    inner = e.params.get("call_jaxpr") or e.params.get("fun_jaxpr")
+    if inner is None or not hasattr(inner, "jaxpr") or len(inner.jaxpr.invars) != len(e.invars):
+        return None
+    return inner if _mixes(inner.jaxpr) else None
 
 
 def _flatten(jaxpr, consts, ids: list, counter: list, eqns: list, const_vals: dict) -> list:
@@ -158,7 +185,7 @@ def _flatten(jaxpr, consts, ids: list, counter: list, eqns: list, const_vals: di
 
     for e in jaxpr.eqns:
         ins = [read(v) for v in e.invars]
-        sub = e.params.get("jaxpr") if e.primitive.name in _INLINE else None
+        sub = e.params.get("jaxpr") if e.primitive.name in _INLINE else _custom_inner(e)
         if sub is not None and hasattr(sub, "jaxpr"):
             sub_ids = []
             for a in ins:
