@@ -1,6 +1,7 @@
 """Memory mappings held by one test process: the count of ``/proc/self/maps`` lines after running test files in
 this process, with JAX's compiled programs kept (as a plain pytest process keeps them) and with
-``tests/conftest.py``'s per-module ``jax.clear_caches()`` active. The kernel refuses new mappings beyond
+``tests/conftest.py``'s clearing active (``jax.clear_caches()`` after a test module once the process holds more
+than 20,000 mappings; the numbers in BUILD-notes were taken when it cleared after every module). The kernel refuses new mappings beyond
 ``vm.max_map_count`` (65530 here), and XLA:CPU then crashes while compiling or loading a program.
 
     PYTHONPATH=. JAXPRUNE_DATA_DIR=... python benchmarks/probe_maps.py [--keep] tests/test_similarity_pairwise.py …
