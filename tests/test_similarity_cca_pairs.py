@@ -219,6 +219,7 @@ def _layer(rng, n: int, p: int, kind: str) -> np.ndarray:
     return a
 
 
+@pytest.mark.slow  # ~160 s (ten hypothesis draws, each compiling float64 programs): the 3.12 leg runs it
 @settings(max_examples=10, deadline=None)
 @given(st.integers(0, 10_000), st.integers(12, 40),
        st.lists(st.tuples(st.integers(1, 14), st.sampled_from(["plain", "dead", "low_rank"])), min_size=1, max_size=3),
