@@ -76,8 +76,13 @@ def _normalize_layers(criterion: str, raw: Scores, layers, norm: str | None) -> 
 def _unit_mean(a: Array, axis: int = -1) -> Array:
     """``(n, …, units, …) -> (units,)`` mean over samples, positions (and a head's channels) of the units on
     ``axis`` (-1: channels; -2: attention heads ``(n, tokens, heads, head_dim)``)."""
+    return jnp.mean(_by_unit(a, axis), axis=0)
+
+
+def _by_unit(a: Array, axis: int) -> Array:
+    """``(n, …, units, …) -> (n·…, units)``: the units of ``axis`` last, every other axis flattened."""
     a = jnp.moveaxis(a, axis, -1)
-    return jnp.mean(a.reshape(-1, a.shape[-1]), axis=0)
+    return a.reshape(-1, a.shape[-1])
 
 
 def _check_batch(model: Any, variables: Any, x: Any, y: Any) -> tuple[graph.Graph, Array, Array]:
@@ -184,8 +189,7 @@ def lrp_scores(model: Any, variables: Any, x: Any, y: Any = None, *,
 
 def _unit_sum(a: Array, axis: int) -> Array:
     """``(n, …, units, …) -> (units,)``: the sum over every axis but ``axis`` (a head's channels included)."""
-    a = jnp.moveaxis(a, axis, -1)
-    return jnp.sum(a.reshape(-1, a.shape[-1]), axis=0)
+    return jnp.sum(_by_unit(a, axis), axis=0)
 
 
 def scores(criterion: str, model: Any, variables: Any, x: Any = None, y: Any = None, *,

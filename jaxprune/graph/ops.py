@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from jaxprune.graph.program import _INLINE, Eqn, _last
+from jaxprune.graph.program import _INLINE, CUSTOM, Eqn, _last, call_jaxpr
 from jaxprune.graph.table import UnitTable
 
 Verdict = tuple[str, str]  # (kind, note)
@@ -38,7 +38,6 @@ POOLS = frozenset({"reduce_window_max", "reduce_window_min", "reduce_window_sum"
 REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "argmax", "argmin", "reduce_and",
                         "reduce_or"})
 LINEAR = frozenset({"dot_general", "conv_general_dilated"})
-CUSTOM = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
 
 
 def register_op(*names: str) -> Callable:
@@ -62,14 +61,9 @@ def handle(e: Eqn, t: UnitTable) -> Verdict:
 
 # ----------------------------------------------------------------------------------------------- helpers
 def inner_jaxpr(e):
-    """The inner jaxpr of a call-like equation (custom_jvp/vjp, pjit), or None."""
-    for key in ("call_jaxpr", "fun_jaxpr", "jaxpr"):
-        j = e.params.get(key)
-        if j is not None and hasattr(j, "jaxpr"):
-            return j.jaxpr
-        if j is not None and hasattr(j, "eqns"):
-            return j
-    return None
+    """The inner (open) jaxpr of a call-like equation (custom_jvp/vjp, pjit), or None."""
+    j = call_jaxpr(e.params)
+    return getattr(j, "jaxpr", j)
 
 
 def jaxpr_elementwise(jaxpr) -> bool:

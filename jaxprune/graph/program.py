@@ -139,9 +139,19 @@ class Eqn:
 
 
 _INLINE = ("pjit", "jit", "closed_call", "core_call", "remat", "checkpoint", "remat2")
-_CUSTOM = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+CUSTOM = ("custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
 # primitives that combine values along an axis: a custom call holding one is read through (see _custom_inner)
 _MIXING = ("reduce_", "argmax", "argmin", "cum", "dot_general", "conv_general_dilated", "sort", "top_k")
+
+
+def call_jaxpr(params: dict):
+    """The program a call-like equation runs (``custom_jvp``/``custom_vjp``, ``pjit``), from its ``params``: a
+    closed jaxpr (``.jaxpr``, ``.consts``), an open one, or None."""
+    for key in ("call_jaxpr", "fun_jaxpr", "jaxpr"):
+        j = params.get(key)
+        if j is not None and (hasattr(j, "jaxpr") or hasattr(j, "eqns")):
+            return j
+    return None
 
 
 def _mixes(jaxpr) -> bool:
@@ -149,7 +159,7 @@ def _mixes(jaxpr) -> bool:
     for e in jaxpr.eqns:
         if e.primitive.name.startswith(_MIXING):
             return True
-        sub = e.params.get("jaxpr") or e.params.get("call_jaxpr")
+        sub = call_jaxpr(e.params)
         if sub is not None and _mixes(getattr(sub, "jaxpr", sub)):
             return True
     return False
@@ -160,9 +170,9 @@ def _custom_inner(e):
     jax 0.12.1 on, ``jax.nn.softmax`` is one — so that it is inlined like a ``jit`` call and the graph and the
     LRP replay read its operations (the replay then differentiates the primal operations, the same function);
     None for the rest: elementwise custom calls (``jax.nn.relu``) stay whole, as one activation."""
-    if e.primitive.name not in _CUSTOM:
+    if e.primitive.name not in CUSTOM:
         return None
-    inner = e.params.get("call_jaxpr") or e.params.get("fun_jaxpr")
+    inner = call_jaxpr(e.params)
     if inner is None or not hasattr(inner, "jaxpr") or len(inner.jaxpr.invars) != len(e.invars):
         return None
     return inner if _mixes(inner.jaxpr) else None
