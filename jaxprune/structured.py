@@ -415,16 +415,26 @@ def select_layers(model: Any, variables: Variables, n_keep: Mapping[str, int], c
 def unit_groups(model: Any, variables: Any = None, *, x: Any = None, kind: str = "all",
                 heads: bool = True) -> tuple[tuple[str, ...], ...]:
     """Groups of layers pruned as one, in forward order: every :func:`prunable_layers` layer of ``kind`` alone (a
-    1-tuple) and, with ``heads``, every coupled group of attention-head layers (the ``q``/``k``/``v`` projections
-    of one attention, kind ``"heads"``). Residual streams and gated-MLP pairs are coupled groups too but are not
-    listed (pass their layers to :func:`select_groups` yourself). Feed the groups to :func:`group_widths`."""
+    1-tuple) and, with ``heads``, every coupled group of attention-head layers: the ``q``/``k``/``v`` projections
+    of one attention, whether of kind ``"heads"`` (``DenseGeneral``, einsum kernels) or dense layers reshaped into
+    heads (each coupling class then holds a head's ``head_dim`` channels of every layer). Residual streams and
+    gated-MLP pairs (one unit per layer in each class) are coupled groups too but are not listed (pass their layers
+    to :func:`select_groups` yourself). Feed the groups to :func:`group_widths`."""
     singles = prunable_layers(model, kind, variables=variables, x=x)
     g = _graph(model, _need(model, variables, x, "unit_groups"), x)
     groups = [(n,) for n in singles]
     if heads:
-        groups += [grp for grp in g.coupled_groups() if all(g.layers[n].kind == "heads" for n in grp)]
+        groups += [grp for grp in g.coupled_groups() if _is_heads(g, grp)]
     order = list(g.layers)
     return tuple(sorted(groups, key=lambda grp: order.index(grp[0])))
+
+
+def _is_heads(g: graph.Graph, group: Sequence[str]) -> bool:
+    """Whether a coupled group is attention heads: layers of kind ``"heads"``, or classes of ≥ 2 channels of each
+    layer (a dense projection reshaped into heads)."""
+    if all(g.layers[n].kind == "heads" for n in group):
+        return True
+    return all(np.unique(g.cls[g.unit_ids[n]], return_counts=True)[1].min() >= 2 for n in group)
 
 
 def _group(g: graph.Graph, layer: str) -> tuple[tuple[str, ...], np.ndarray]:

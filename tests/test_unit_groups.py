@@ -122,3 +122,34 @@ def test_the_library_vit_prunes_heads_and_mlp_units_per_block():
     # patch embedding 16·49·64; per block q/k/v/out 4·17·64·64, q·kᵀ and attention·v 2·17·17·64, MLP 2·17·64·128
     macs = 16 * 49 * 64 + 2 * (4 * 17 * 64 * 64 + 2 * 17 * 17 * 64 + 2 * 17 * 64 * 128) + 64 * 10
     assert st.count_flops(model, v, x.shape)["macs"] == macs
+
+
+class ReshapedHeads(nn.Module):
+    """(n, t, 8) → dense q/k/v (8) reshaped into 2 heads of 4 → softmax attention → merged → dense (8) → residual →
+    gated pair (silu(a)·b, 5 units: one unit per layer in each class, not heads) → dense (3) on the mean."""
+
+    @nn.compact
+    def __call__(self, x):
+        n, t, d = x.shape
+        q, k, v = (nn.Dense(d, name=f"p{c}")(x).reshape(n, t, 2, d // 2) for c in "qkv")
+        a = jax.nn.softmax(jnp.einsum("bthc,bshc->bhts", q, k), axis=-1)
+        x = x + nn.Dense(d, name="mix")(jnp.einsum("bhts,bshc->bthc", a, v).reshape(n, t, d))
+        h = nn.silu(nn.Dense(5, name="ga")(x)) * nn.Dense(5, name="gb")(x)
+        return nn.Dense(3, name="o")(h.mean(axis=1))
+
+
+def test_dense_projections_reshaped_into_heads_are_a_heads_group_and_a_gated_pair_is_not():
+    model = ReshapedHeads()
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 4, 8))
+    v = model.init(jax.random.PRNGKey(0), x)
+    groups = st.unit_groups(model, v, x=x)
+    assert groups == (("pq", "pk", "pv"),)
+    assert st.group_widths(model, v, groups, x=x) == {"pq": 2}
+    p = {c: np.concatenate([np.asarray(v["params"][c]["kernel"], np.float64),
+                            np.asarray(v["params"][c]["bias"], np.float64)[None]]) for c in ("pq", "pk", "pv")}
+    l1 = [sum(np.abs(p[c][:, 4 * h:4 * h + 4]).sum() for c in p) for h in range(2)]
+    keep = st.select_groups(model, v, {"pq": 1}, "l1", x=x)
+    head = int(np.argmax(l1))
+    assert all(keep[c].tolist() == list(range(4 * head, 4 * head + 4)) for c in ("pq", "pk", "pv"))
+    keep = st.select_groups(model, v, {"ga": 3}, "l2", x=x)  # the gated pair, asked for by name
+    assert keep.keys() == {"ga", "gb"} and np.array_equal(keep["ga"], keep["gb"])
