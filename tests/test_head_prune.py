@@ -1,0 +1,136 @@
+"""experiments.head_prune on a tiny ViT and 256 MNIST examples: the command line writes the documented keys, the
+removals take the counted heads and units (closed-form widths and parameter counts, the weight criterion's head
+checked in float64), a rerun reuses the trained networks and the finished cells, bad flags are refused by name."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from experiments import head_prune
+from jaxprune import structured, train
+
+KWARGS = '{"depth": 1, "heads": 2, "mlp": 8, "width": 8}'  # 7×7 patches: 16 + 1 tokens, 2 heads of 4 channels
+TINY = dict(dataset="mnist", max_train_examples=256, max_test_examples=128, model="jaxprune.models:ViT",
+            model_kwargs=KWARGS, training_steps="4", batch_size=32, finetune_steps="2", reference_examples=8,
+            reference_sizes=["1", "4"], fractions=["0.5"], seeds=["0", "1"])
+
+
+def _params(heads: int, mlp: int) -> int:
+    """Parameters of the tiny ViT (width 8, head_dim 4, 10 classes), counted by hand: patch embedding 49·8+8,
+    class token 8, positions 17·8, three LayerNorms in the block and one final (16 each), q/k/v 3·(8·4h+4h),
+    out 4h·8+8, fc 8·m+m, proj m·8+8, head 8·10+10."""
+    return 400 + 8 + 136 + 3 * 16 + 16 + 3 * 36 * heads + 32 * heads + 8 + 9 * mlp + 8 * mlp + 8 + 90
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, data_dir):
+    """One end-to-end run through the command line (the flags as a user types them): ``(workdir, stdout)``."""
+    wd = tmp_path_factory.mktemp("head_prune") / "run"
+    flags = [f"--{k}={','.join(v) if isinstance(v, list) else v}" for k, v in {**TINY, "data_dir": data_dir}.items()]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-m", "experiments.head_prune", *flags, f"--workdir={wd}"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return wd, p.stdout, str(data_dir)
+
+
+def test_command_line_writes_the_documented_keys(cli_run):
+    wd, stdout, _ = cli_run
+    res = json.loads((wd / "results.json").read_text())
+    assert {"config", "environment", "groups", "original_widths", "dense", "oneshot", "reference",
+            "reference_fraction", "per_seed", "finished"} <= set(res)
+    assert res["groups"] == [["block_0_attn/query", "block_0_attn/key", "block_0_attn/value"], ["block_0_fc"]]
+    assert set(res["oneshot"]) == set(head_prune.CRITERIA) and set(res["reference"]) == {"lrp", "taylor", "grad"}
+    for crit, by_f in res["oneshot"].items():
+        e = by_f["0.5"]
+        for key in ("accuracy", "accuracy_finetuned"):
+            vals = e[key]["values"]
+            assert len(vals) == e[key]["n"] == 2 and all(0 <= v <= 1 for v in vals)
+            assert e[key]["mean"] == pytest.approx(np.mean(vals))
+            assert e[key]["std"] == pytest.approx(np.std(vals, ddof=1))
+    for by_n in res["reference"].values():
+        assert list(by_n) == ["1", "4"] and all(len(e["accuracy"]["values"]) == 2 for e in by_n.values())
+    assert res["dense"]["accuracy"]["n"] == 2 and set(res["per_seed"]) == {"0", "1"}
+    with open(wd / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 + 3 * 2 and {r["sweep"] for r in rows} == {"fraction", "reference"}
+    for name in ("accuracy_vs_fraction.png", "accuracy_vs_fraction_finetuned.png", "accuracy_vs_reference.png"):
+        assert (wd / name).stat().st_size > 1000
+    assert "| lrp |" in stdout and "by reference examples" in stdout
+
+
+def test_every_criterion_removes_half_the_heads_and_units(cli_run):
+    """Widths and parameter counts in the record follow from ceil(0.5 · 2) heads and ceil(0.5 · 8) units removed."""
+    res = json.loads((cli_run[0] / "results.json").read_text())
+    assert res["original_widths"] == {"block_0_attn/query": 2, "block_0_fc": 8}
+    for crit, by_f in res["oneshot"].items():
+        assert by_f["0.5"]["widths"] == {"block_0_attn/query": 1, "block_0_fc": 4}, crit
+        assert by_f["0.5"]["params"] == _params(1, 4), crit
+    assert _params(2, 8) == sum(int(np.prod(s)) for s in _leaf_shapes())
+
+
+def _leaf_shapes():
+    import jax
+
+    from experiments import common
+    from jaxprune import models
+
+    c = {**head_prune.DEFAULTS, **TINY}
+    model = common.build_model(c, 10)
+    v = jax.eval_shape(lambda: models.init(model, jax.random.PRNGKey(0), (1, 28, 28, 1)))
+    return [a.shape for a in jax.tree_util.tree_leaves(v["params"])]
+
+
+def test_rerun_reuses_networks_and_cells_and_the_weight_criterion_keeps_the_larger_head(cli_run, monkeypatch):
+    wd, _, data_dir = cli_run
+    before = json.loads((wd / "results.json").read_text())
+    trained = (wd / "seed_0" / "trained" / "trained.json").read_text()
+    kept = []
+    real_remove = structured.remove_many
+
+    def spy(model, variables, keep, **kw):
+        kept.append((variables, keep))
+        return real_remove(model, variables, keep, **kw)
+
+    def no_training(*a, **kw):
+        raise AssertionError("a finished network or cell was trained again")
+
+    monkeypatch.setattr(structured, "remove_many", spy)
+    monkeypatch.setattr(train, "run", no_training)
+    again = head_prune.run({**TINY, "data_dir": data_dir}, wd)
+    assert (wd / "seed_0" / "trained" / "trained.json").read_text() == trained
+    assert again["oneshot"] == before["oneshot"] and again["reference"] == before["reference"]
+    assert len(kept) == len(head_prune.CRITERIA)  # only the preflight on the untrained network removed anything
+    # the weight criterion's head on that network: the larger l2 norm of its q/k/v weights and biases (float64)
+    variables, keep = kept[head_prune.CRITERIA.index("weight")]
+    p = variables["params"]["block_0_attn"]
+    norms = [np.sqrt(sum(np.sum(np.asarray(p[m]["kernel"], np.float64)[:, h] ** 2)
+                         + np.sum(np.asarray(p[m]["bias"], np.float64)[h] ** 2) for m in ("query", "key", "value")))
+             for h in range(2)]
+    want = [int(np.argmax(norms))]
+    for m in ("query", "key", "value"):
+        assert np.asarray(keep[f"block_0_attn/{m}"]).tolist() == want
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"criteria": ["lrp", "magic"]}, "criteria=lrp,magic: expected distinct criteria among lrp, taylor"),
+    ({"fractions": ["0.5", "1.5"]}, "fractions='1.5': expected fractions in [0, 1)"),
+    ({"fractions": ["0"]}, "fractions=0.0: expected fractions in (0, 1)"),
+    ({"fractions": ["0.9"]}, "fractions=0.9: would remove all 2 units of 'block_0_attn/query'"),
+    ({"reference_fraction": 1.0}, "reference_fraction=1.0: expected a finite number in (0, 1)"),
+    ({"reference_sizes": ["4", "0"]}, "reference_sizes=4,0: expected integers >= 1"),
+    ({"lrp_composite": "zplus"}, "lrp_composite='zplus': expected one of attn_lrp, cp_lrp"),
+])
+def test_bad_flags_are_refused_by_name_before_any_work(tmp_path, data_dir, change, message):
+    wd = tmp_path / "w"
+    with pytest.raises(ValueError) as e:
+        head_prune.run({**TINY, "data_dir": str(data_dir), **change}, wd)
+    assert message in str(e.value)
+    assert not wd.exists()
