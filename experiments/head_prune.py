@@ -207,33 +207,49 @@ def _cells(c: dict, t: Task, path: Path) -> dict:
     done = {"oneshot": dict(stored.get("oneshot", {})), "reference": dict(stored.get("reference", {}))}
     x, y = t.data[:2]
     idx = _reference_draw(t.seed, len(y), max([c["reference_examples"], *c["reference_sizes"]]))
-    jobs = [("oneshot", f"{crit}@{f:g}", crit, f, c["reference_examples"])
-            for crit in c["criteria"] for f in c["fractions"]]
-    jobs += [("reference", f"{crit}@{n}", crit, None, n)
-             for crit in c["criteria"] if crit in DATA_CRITERIA for n in c["reference_sizes"]]
-    for table, name, crit, fraction, n in jobs:
-        if name in done[table]:
-            continue
-        t0 = time.perf_counter()
-        ref = (x[idx[:n]], y[idx[:n]])
-        cell = (oneshot_cell(c, t, crit, fraction, ref) if table == "oneshot" else reference_cell(c, t, crit, ref))
-        done[table][name] = {**cell, "seconds": time.perf_counter() - t0}
-        with checkpoint.interrupts_deferred():
-            checkpoint.write_record(path, done, {"seed": t.seed})
-        logging.info("seed %d %s %s: %s", t.seed, table, name, {k: v for k, v in cell.items() if "acc" in k})
+    for crit in c["criteria"]:
+        for table, name, fraction, size in _cell_list(c, crit):
+            if name in done[table]:
+                continue
+            t0 = time.perf_counter()
+            ref = (x[idx[:size]], y[idx[:size]])
+            cell = (oneshot_cell(c, t, crit, fraction, ref) if table == "oneshot" else reference_cell(c, t, crit, ref))
+            done[table][name] = {**cell, "seconds": time.perf_counter() - t0}
+            with checkpoint.interrupts_deferred():
+                checkpoint.write_record(path, done, {"seed": t.seed})
+            logging.info("seed %d %s %s: %s", t.seed, table, name, {k: v for k, v in cell.items() if "acc" in k})
     return done
 
 
-def _preflight(c: dict, model, x, y) -> None:
+def _cell_list(c: dict, crit: str) -> list[tuple[str, str, float, int]]:
+    """``(table, cell name, fraction, reference examples)`` of one criterion's cells in a seed's ``cells.json``."""
+    cells = [("oneshot", f"{crit}@{f:g}", f, c["reference_examples"]) for f in c["fractions"]]
+    return cells + [("reference", f"{crit}@{n}", float(c["reference_fraction"]), n)
+                    for n in c["reference_sizes"] if crit in DATA_CRITERIA]
+
+
+def _pending(c: dict, workdir: Path) -> list[str]:
+    """The criteria with a cell not yet finished for some seed (a finished criterion needs no preflight)."""
+    done = []
+    for s in c["seeds"]:
+        path = workdir / f"seed_{s}" / "cells.json"
+        done.append(checkpoint.read_record(path, {"seed": s}, f"; delete {path}") if path.exists() else {})
+    return [crit for crit in c["criteria"]
+            if any(cell[1] not in d.get(cell[0], {}) for d in done for cell in _cell_list(c, crit))]
+
+
+def _preflight(c: dict, model, x, y, pending: list[str]) -> None:
     """Refuse, before any training, a model without groups, a fraction that empties a group, or a criterion that
-    cannot score the model: every criterion selects at the largest fraction on the untrained network."""
+    cannot score the model: every ``pending`` criterion selects at the largest fraction on an untrained network."""
     example = (1,) + tuple(x.shape[1:])
+    shapes = jax.eval_shape(lambda: models.init(model, jax.random.PRNGKey(0), x.shape))  # the graph needs no values
+    _check_fractions(c, _groups(model, shapes, example)[1])
+    if not pending:
+        return
     variables = models.init(model, jax.random.PRNGKey(0), x.shape)
-    groups, widths = _groups(model, variables, example)
-    _check_fractions(c, widths)
-    t = Task(model, variables, (x, y, x, y), groups, widths, 0)
+    t = Task(model, variables, (x, y, x, y), *_groups(model, variables, example), 0)
     n = min(int(c["reference_examples"]), 4, len(y))
-    for crit in c["criteria"]:
+    for crit in pending:
         try:
             _remove(t, _source(c, crit, t, x[:n], y[:n]), max(c["fractions"]))
         except (TypeError, KeyError, NotImplementedError, ValueError, graph.UnsupportedError) as e:
@@ -256,7 +272,7 @@ def run(config: dict, workdir: str | Path) -> dict:
     _finetune_steps(c, len(tr.labels))
     common.check_training_unused(c, DEFAULTS, len(tr.labels))
     common.check_trained(c, c["seeds"], lambda s: workdir / f"seed_{s}" / "trained")
-    _preflight(c, model, tr.images, tr.labels)
+    _preflight(c, model, tr.images, tr.labels, _pending(c, workdir))
     workdir.mkdir(parents=True, exist_ok=True)  # a refused flag or model leaves no workdir
     checkpoint.check_run_config(workdir, c, _VOLATILE)
     data = train.to_device(tr.images, tr.labels, te.images, te.labels)

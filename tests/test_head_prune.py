@@ -18,15 +18,15 @@ from jaxprune import structured, train
 
 KWARGS = '{"depth": 1, "heads": 2, "mlp": 8, "width": 8}'  # 7×7 patches: 16 + 1 tokens, 2 heads of 4 channels
 TINY = dict(dataset="mnist", max_train_examples=256, max_test_examples=128, model="jaxprune.models:ViT",
-            model_kwargs=KWARGS, training_steps="4", batch_size=32, finetune_steps="2", reference_examples=8,
-            reference_sizes=["1", "4"], fractions=["0.5"], seeds=["0", "1"])
+            model_kwargs=KWARGS, training_steps="4", batch_size=32, finetune_steps="1", reference_examples=4,
+            reference_sizes=["2", "4"], fractions=["0.5"], seeds=["3"])
 
 
 def _params(heads: int, mlp: int) -> int:
     """Parameters of the tiny ViT (width 8, head_dim 4, 10 classes), counted by hand: patch embedding 49·8+8,
     class token 8, positions 17·8, three LayerNorms in the block and one final (16 each), q/k/v 3·(8·4h+4h),
     out 4h·8+8, fc 8·m+m, proj m·8+8, head 8·10+10."""
-    return 400 + 8 + 136 + 3 * 16 + 16 + 3 * 36 * heads + 32 * heads + 8 + 9 * mlp + 8 * mlp + 8 + 90
+    return 400 + 8 + 136 + 2 * 16 + 16 + 3 * 36 * heads + 32 * heads + 8 + 9 * mlp + 8 * mlp + 8 + 90
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +51,12 @@ def test_command_line_writes_the_documented_keys(cli_run):
     for crit, by_f in res["oneshot"].items():
         e = by_f["0.5"]
         for key in ("accuracy", "accuracy_finetuned"):
-            vals = e[key]["values"]
-            assert len(vals) == e[key]["n"] == 2 and all(0 <= v <= 1 for v in vals)
-            assert e[key]["mean"] == pytest.approx(np.mean(vals))
-            assert e[key]["std"] == pytest.approx(np.std(vals, ddof=1))
+            (v,) = e[key]["values"]
+            assert e[key]["n"] == 1 and e[key]["mean"] == v and e[key]["std"] == 0.0 and 0 <= v <= 1
+            assert v == res["per_seed"]["3"]["oneshot"][f"{crit}@0.5"][key]
     for by_n in res["reference"].values():
-        assert list(by_n) == ["1", "4"] and all(len(e["accuracy"]["values"]) == 2 for e in by_n.values())
-    assert res["dense"]["accuracy"]["n"] == 2 and set(res["per_seed"]) == {"0", "1"}
+        assert list(by_n) == ["2", "4"] and all(e["accuracy"]["n"] == 1 for e in by_n.values())
+    assert res["dense"]["accuracy"]["n"] == 1 and set(res["per_seed"]) == {"3"}
     with open(wd / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 5 + 3 * 2 and {r["sweep"] for r in rows} == {"fraction", "reference"}
@@ -91,7 +90,7 @@ def _leaf_shapes():
 def test_rerun_reuses_networks_and_cells_and_the_weight_criterion_keeps_the_larger_head(cli_run, monkeypatch):
     wd, _, data_dir = cli_run
     before = json.loads((wd / "results.json").read_text())
-    trained = (wd / "seed_0" / "trained" / "trained.json").read_text()
+    trained = (wd / "seed_3" / "trained" / "trained.json").read_text()
     kept = []
     real_remove = structured.remove_many
 
@@ -104,19 +103,42 @@ def test_rerun_reuses_networks_and_cells_and_the_weight_criterion_keeps_the_larg
 
     monkeypatch.setattr(structured, "remove_many", spy)
     monkeypatch.setattr(train, "run", no_training)
-    again = head_prune.run({**TINY, "data_dir": data_dir}, wd)
-    assert (wd / "seed_0" / "trained" / "trained.json").read_text() == trained
+    c = {**TINY, "data_dir": data_dir}
+    again = head_prune.run(c, wd)
+    assert (wd / "seed_3" / "trained" / "trained.json").read_text() == trained
     assert again["oneshot"] == before["oneshot"] and again["reference"] == before["reference"]
-    assert len(kept) == len(head_prune.CRITERIA)  # only the preflight on the untrained network removed anything
-    # the weight criterion's head on that network: the larger l2 norm of its q/k/v weights and biases (float64)
-    variables, keep = kept[head_prune.CRITERIA.index("weight")]
+    assert kept == []  # every cell was finished: nothing scored or removed, not even by the preflight
+
+    # the weight criterion on the trained network: the head whose q/k/v weights and biases have the larger l2 norm
+    from experiments import common
+
+    c = head_prune._config(c)
+    x = np.zeros((8, 28, 28, 1), np.float32)
+    model = common.build_model(c, 10)
+    variables, _ = common.train_network(c, model, x, np.zeros(8, np.int32), 3, wd / "seed_3" / "trained")
+    t = head_prune.Task(model, variables, (x,), *head_prune._groups(model, variables, (1, 28, 28, 1)), 3)
+    small, _ = head_prune._remove(t, "l2", 0.5)
     p = variables["params"]["block_0_attn"]
     norms = [np.sqrt(sum(np.sum(np.asarray(p[m]["kernel"], np.float64)[:, h] ** 2)
                          + np.sum(np.asarray(p[m]["bias"], np.float64)[h] ** 2) for m in ("query", "key", "value")))
              for h in range(2)]
-    want = [int(np.argmax(norms))]
+    assert abs(norms[0] - norms[1]) > 1e-6 * max(norms)
     for m in ("query", "key", "value"):
-        assert np.asarray(keep[f"block_0_attn/{m}"]).tolist() == want
+        assert np.asarray(kept[0][1][f"block_0_attn/{m}"]).tolist() == [int(np.argmax(norms))]
+    assert np.asarray(kept[0][1]["block_0_fc"]).size == 4
+
+
+def test_summaries_over_seeds_are_mean_and_sample_std():
+    c = head_prune._config({**TINY, "criteria": ["weight"], "reference_sizes": [], "seeds": ["0", "1", "2"]})
+    acc = {0: (0.5, 0.75), 1: (0.25, 0.5), 2: (0.125, 1.0)}
+    per_seed = {s: {"oneshot": {"weight@0.5": {"accuracy": a, "accuracy_finetuned": b, "widths": {"q": 1},
+                                                "params": 7}}} for s, (a, b) in acc.items()}
+    got = head_prune.summarize(c, per_seed)["oneshot"]["weight"]["0.5"]
+    for i, key in enumerate(("accuracy", "accuracy_finetuned")):
+        vals = [acc[s][i] for s in (0, 1, 2)]
+        assert got[key] == {"mean": np.mean(vals), "std": pytest.approx(np.std(vals, ddof=1)), "n": 3,
+                            "values": vals}
+    assert got["widths"] == {"q": 1} and got["params"] == 7
 
 
 @pytest.mark.parametrize("change, message", [
