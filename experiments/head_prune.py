@@ -345,9 +345,9 @@ def csv_rows(results: dict) -> list[dict]:
 
 def plot(results: dict, workdir: Path) -> None:
     """Accuracy vs fraction pruned (one curve per criterion, ± std; fraction 0 = the unpruned network), without and
-    with fine-tuning, and accuracy vs reference-set size (log x)."""
+    with fine-tuning, and accuracy vs reference-set size (log x; the data-free criteria as flat lines)."""
     c, dense = results["config"], results["dense"]["accuracy"]
-    what = f"{c['model']} on {c['dataset']}, {dense['n']} seed(s)"
+    what = f"{c['model']}/{c['dataset']}, {dense['n']} seed(s)"
     fracs = [0.0] + [float(f) for f in next(iter(results["oneshot"].values()))]
     for key, name, tail in (("accuracy", "accuracy_vs_fraction.png", "no fine-tuning"),
                             ("accuracy_finetuned", "accuracy_vs_fraction_finetuned.png", "after fine-tuning")):
@@ -361,9 +361,12 @@ def plot(results: dict, workdir: Path) -> None:
         sizes = [int(n) for n in next(iter(results["reference"].values()))]
         ref = {k: [100 * e["accuracy"]["mean"] for e in v.values()] for k, v in results["reference"].items()}
         err = {k: [100 * e["accuracy"]["std"] for e in v.values()] for k, v in results["reference"].items()}
-        plots.curves(sizes, {**ref, "unpruned": [100 * dense["mean"]] * len(sizes)}, workdir /
-                     "accuracy_vs_reference.png", xlabel="reference examples", ylabel="test accuracy (%)",
-                     title=f"{what}: {results['reference_fraction']:g} removed, no fine-tuning", errors=err, logx=True)
+        rf = f"{results['reference_fraction']:g}"  # the data-free criteria at that fraction, when they ran at it
+        flat = {f"{k} (no data)": [100 * e[rf]["accuracy"]["mean"]] * len(sizes)
+                for k, e in results["oneshot"].items() if k not in DATA_CRITERIA and rf in e}
+        plots.curves(sizes, {**ref, **flat}, workdir / "accuracy_vs_reference.png", xlabel="reference examples",
+                     ylabel="test accuracy (%)", errors=err, logx=True,
+                     title=f"{what}: {rf} removed, one shot, unpruned {100 * dense['mean']:.1f} %")
 
 
 def format_table(results: dict) -> str:
