@@ -69,7 +69,9 @@ SPEC = [(row[0], _TRAINING.get(row[0], row[1]), *row[2:]) for row in common.TRAI
 DEFAULTS = common.defaults(SPEC)
 # may change between a run and its resumption: what is swept (cells are stored per criterion and fraction/size)
 _VOLATILE = ("workdir", "data_dir", "seeds", "criteria", "fractions", "reference_sizes")
-RANDOM_STREAM = 0x52414E44  # fold_in tag of the random criterion's key, apart from the fine-tuning keys
+RANDOM_STREAM = 0x52414E44  # fold_in tag of the random criterion's key
+FINETUNE_STREAM = 0x46544E45  # fold_in tag of the fine-tuning data order: the same for every criterion and fraction
+# of a network, so criteria are compared on the same batches (paired per seed)
 
 
 def _config(config: dict) -> dict:
@@ -184,7 +186,7 @@ def oneshot_cell(c: dict, t: Task, crit: str, fraction: float, ref: tuple) -> di
             "widths": structured.group_widths(small, small_vars, t.groups, x=t.example),
             "params": models.count_params(small_vars["params"])}
     if _finetune_steps(c, len(t.data[1])) > 0:
-        key = jax.random.fold_in(jax.random.PRNGKey(t.seed), CRITERIA.index(crit) * 1000 + round(fraction * 999))
+        key = jax.random.fold_in(jax.random.PRNGKey(t.seed), FINETUNE_STREAM)  # one data order for every cell
         cell["accuracy_finetuned"] = common.accuracy(small, _finetune(c, small, small_vars, t, key), x_test, y_test)
     return cell
 

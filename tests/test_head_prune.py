@@ -156,3 +156,15 @@ def test_bad_flags_are_refused_by_name_before_any_work(tmp_path, data_dir, chang
         head_prune.run({**TINY, "data_dir": str(data_dir), **change}, wd)
     assert message in str(e.value)
     assert not wd.exists()
+
+
+def test_other_experiments_name_its_workdir(tmp_path):
+    """Its config.json is recognised (experiments.common.CONFIG_WRITERS), so filter_prune and imp refuse the workdir
+    naming the experiment that wrote it."""
+    from experiments import common
+    from jaxprune import checkpoint
+
+    checkpoint.check_run_config(tmp_path, head_prune._config({}), head_prune._VOLATILE)
+    with pytest.raises(ValueError, match=r"not a filter_prune workdir \(it was written by experiments.head_prune\)"):
+        common.read_run_config(tmp_path, "experiments.filter_prune")
+    assert common.read_run_config(tmp_path, "experiments.head_prune")["reference_fraction"] == 0.5
