@@ -8,7 +8,8 @@ attention (one unit = one head) and each MLP hidden layer (one unit = one hidden
 of ``--criteria`` and every fraction ``f`` of ``--fractions``, ``ceil(f · width)`` units of EVERY group are
 removed at once (:func:`jaxprune.structured.select_groups` → :func:`jaxprune.structured.remove_many`), all
 chosen on the unpruned network; the test accuracy is measured without fine-tuning and after one fine-tuning round
-of ``--finetune_steps`` steps (the training optimizer at the constant ``--finetune_lr``).
+of ``--finetune_steps`` steps (the training optimizer at the constant ``--finetune_lr``; the same batches for
+every criterion and fraction of a network).
 
 Criteria (:data:`CRITERIA`): ``lrp`` (relevance at each unit's output, :func:`jaxprune.criteria.lrp_scores` with
 ``--lrp_composite``), ``taylor`` (``|mean z·∂L/∂z|``) and ``grad`` (``|mean ∂L/∂z|``), each on
