@@ -960,7 +960,8 @@ def accuracy(model, variables: dict, x, y) -> float:
 # ----------------------------------------------------------------------------------------------- stored settings
 # The experiments that record their settings in <workdir>/config.json (checkpoint.check_run_config), each known by
 # a setting only it records.
-CONFIG_WRITERS = {"experiments.imp": "rewind", "experiments.filter_prune": "max_pruned_fraction"}
+CONFIG_WRITERS = {"experiments.imp": "rewind", "experiments.filter_prune": "max_pruned_fraction",
+                  "experiments.head_prune": "reference_fraction"}
 
 
 def read_run_config(workdir: str | Path, experiment: str, name: str = "workdir") -> dict | None:

@@ -39,7 +39,7 @@ def test_bad_flag_value_is_one_clear_line(tmp_path):
 EXPERIMENT_OF_CONFIG = {"quickstart": "imp", "lenet300": "imp", "lenet5": "imp", "conv4": "imp",
                         "filter_prune": "filter_prune", "lrp_toy": "lrp_toy", "merge": "merge", "oneshot": "oneshot",
                         "similarity": "similarity", "sparse_train": "sparse_train",
-                        "lm_prune": "lm_prune"}
+                        "lm_prune": "lm_prune", "head_prune": "head_prune"}
 
 
 def test_every_shipped_config_names_only_its_experiments_flags_and_choices():
