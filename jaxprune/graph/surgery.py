@@ -298,9 +298,12 @@ def _module_fields(n, model, x) -> dict[tuple, dict]:
 
 # ----------------------------------------------------------------------------------------------- NNX
 def _rebuild_nnx(g: Graph, leaves: Sequence[Array]) -> tuple[Any, PyTree]:
-    """``nnx.split`` of the model merged with the shrunk ``leaves``, every module's integer attributes that held
-    the old size of one of its parameters' shrunk axes set to the new size (``in_features``, ``out_features``,
-    ``num_features``, or any attribute matched by the shapes; see :func:`_fix_widths`)."""
+    """``nnx.split`` of the model merged with the shrunk ``leaves``, with consistent attributes: every module
+    holding shrunk parameters gets the integer (or tuple) attributes that held an old size (or a prefix, suffix or
+    the whole of an old shape) of its parameters set to the new ones (:func:`_fix_widths`: ``in_features``,
+    ``out_features``, ``num_features``, ``LinearGeneral``'s tuples); then every module holding no parameter of its
+    own but shrunk ones below it (``nnx.MultiHeadAttention``: ``num_heads``, ``qkv_features``, ``head_dim``) gets
+    the attribute values its constructor needs to make the shrunk shapes (:func:`_fix_parent`)."""
     from flax import nnx
 
     n = g.net
@@ -309,13 +312,24 @@ def _rebuild_nnx(g: Graph, leaves: Sequence[Array]) -> tuple[Any, PyTree]:
     by_module: dict[str, list[int]] = {}
     for i, p in enumerate(n.paths):
         by_module.setdefault(p.rpartition("/")[0], []).append(i)
-    for path, m in nnx.iter_graph(module):
-        own = by_module.get("/".join(map(str, path)))
-        if own and isinstance(m, nnx.Module):
+    mods = [(tuple(map(str, path)), m) for path, m in nnx.iter_graph(module) if isinstance(m, nnx.Module)]
+    before = {id(m): _width_attrs(m) for _, m in mods}
+    for path, m in mods:
+        own = by_module.get("/".join(path))
+        if own:
             axes = [(ids.get((i, a), ("fixed", int(old))), int(old), int(np.shape(leaves[i])[a]), n.paths[i],
                      len(np.shape(leaves[i]))) for i in own for a, old in enumerate(np.shape(n.leaves[i]))]
             _fix_widths(m, axes)
+    for path, m in sorted(mods, key=lambda t: -len(t[0])):  # innermost first
+        below = [c for p, c in mods if len(p) > len(path) and p[:len(path)] == path]
+        if "/".join(path) not in by_module and any(_width_attrs(c) != before[id(c)] for c in below):
+            _fix_parent(m, [(before[id(c)], _width_attrs(c)) for c in below])
     return nnx.split(module)
+
+
+def _width_attrs(m: Any) -> dict[str, Any]:
+    """A module's public integer and tuple-of-integer attributes."""
+    return {k: v for k, v in vars(m).items() if not k.startswith("_") and _is_width(v)}
 
 
 def _fix_widths(m: Any, axes: Sequence[tuple]) -> None:
@@ -324,19 +338,17 @@ def _fix_widths(m: Any, axes: Sequence[tuple]) -> None:
     one; axes no unit indexes share one per size). Per old size ``o``: the attributes equal to ``o`` (in the order
     the module holds them) take the new sizes of the identities of size ``o`` (ordered by the parameters, most axes
     first, then axis: a kernel's input before its output) one to one; with a different number of each, a single
-    attribute takes a single new size. A tuple attribute equal to a parameter's old shape takes its new shape
-    (``kernel_shape``)."""
+    attribute takes a single new size. A tuple attribute equal to a parameter's old shape, or to a leading or
+    trailing run of it, takes the new sizes of those axes (``kernel_shape``; ``LinearGeneral``'s ``in_features`` /
+    ``out_features``: where one tuple is both, the first attribute takes the leading run, later ones the trailing)."""
     axes = sorted(axes, key=lambda t: (-t[4], t[3]))
     sizes: dict[int, dict] = {}
-    shapes: dict[tuple, list] = {}
+    shapes: dict[str, list] = {}
     for ident, old, new, path, _ in axes:
         sizes.setdefault(old, {}).setdefault(ident, new)
         shapes.setdefault(path, []).append((old, new))
     attrs = [(k, v) for k, v in vars(m).items() if not k.startswith("_")]
-    for k, v in attrs:
-        for dims in shapes.values():
-            if isinstance(v, tuple) and v == tuple(o for o, _ in dims) and v != tuple(w for _, w in dims):
-                setattr(m, k, tuple(w for _, w in dims))
+    _fix_tuples(m, [(k, v) for k, v in attrs if isinstance(v, tuple) and _is_width(v)], list(shapes.values()))
     ints = [(k, v) for k, v in attrs if isinstance(v, int) and not isinstance(v, bool)]
     for old, idents in sizes.items():
         news = list(idents.values())
@@ -348,3 +360,98 @@ def _fix_widths(m: Any, axes: Sequence[tuple]) -> None:
                 setattr(m, k, w)
         elif len(held) == 1 and len({w for w in news if w != old}) == 1:
             setattr(m, held[0], next(w for w in news if w != old))
+
+
+def _fix_tuples(m: Any, attrs: Sequence[tuple], shapes: Sequence[list]) -> None:
+    """:func:`_fix_widths` for tuple attributes: ``shapes`` lists ``[(old, new) per axis]`` per parameter."""
+    leading_taken: set = set()
+    for k, v in attrs:
+        r = len(v)
+        for i, dims in enumerate(shapes):
+            old, new = tuple(o for o, _ in dims), tuple(w for _, w in dims)
+            lead, trail = r <= len(old) and old[:r] == v, r <= len(old) and old[len(old) - r:] == v
+            if not (lead or trail):
+                continue
+            if lead and trail and r < len(old):
+                lead = i not in leading_taken
+                leading_taken.add(i)
+            pick = new[:r] if lead else new[len(new) - r:]
+            if pick != v:
+                setattr(m, k, pick)
+            break
+
+
+def _fix_parent(m: Any, changes: Sequence[tuple]) -> None:
+    """Set the integer attributes of ``m`` (a module holding no parameter of its own) to the values its
+    constructor needs to build the shapes its submodules now hold. ``changes``: ``(old attributes, new
+    attributes)`` of the modules below. Candidates for an attribute holding ``v``: the new values of the changed
+    sizes (or products of a changed tuple) that were ``v``; the fewest changes whose abstract construction
+    (``type(m)(**attributes)``, :func:`flax.nnx.eval_shape`) gives every state shape of ``m`` win. A module whose
+    constructor cannot be called from its attributes is left as it is."""
+    import itertools
+
+    facts: dict[int, set] = {}
+    for old, new in changes:
+        for k, o in old.items():
+            w = new.get(k, o)
+            pairs = [(o, w)] if isinstance(o, int) else list(zip(o, w)) + [(int(np.prod(o)), int(np.prod(w)))]
+            for a, b in pairs:
+                if a != b:
+                    facts.setdefault(a, set()).add(b)
+    ints = {k: v for k, v in _width_attrs(m).items() if isinstance(v, int)}
+    options = [(k, sorted(facts[v])) for k, v in ints.items() if v in facts]
+    target = _state_shapes(m)
+    if target is None:
+        return
+    tries = 0
+    for r in range(1, len(options) + 1):
+        for chosen in itertools.combinations(options, r):
+            for values in itertools.product(*(c for _, c in chosen)):
+                tries += 1
+                if tries > 64:
+                    return
+                built = _built_like(m, dict(zip((k for k, _ in chosen), values)))
+                if built is not None and _state_shapes(built) == target:
+                    for k, v in _width_attrs(m).items():
+                        if getattr(built, k, v) != v:
+                            setattr(m, k, getattr(built, k))
+                    return
+
+
+def _state_shapes(m: Any) -> dict | None:
+    from flax import nnx
+
+    try:
+        flat = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(m)))
+    except Exception:
+        return None
+    return {_path_str(p): tuple(np.shape(a)) if not hasattr(a, "shape") else tuple(a.shape) for p, a in flat}
+
+
+def _built_like(m: Any, changed: Mapping[str, int]) -> Any:
+    """An abstract ``type(m)`` built from ``m``'s attributes (those its constructor names) with ``changed``;
+    ``None`` when the constructor needs an argument ``m`` does not hold or refuses the values."""
+    import inspect
+
+    from flax import nnx
+
+    try:
+        params = inspect.signature(type(m).__init__).parameters
+    except (TypeError, ValueError):
+        return None
+    kw: dict[str, Any] = {}
+    for name, p in list(params.items())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if name in changed:
+            kw[name] = changed[name]
+        elif name == "rngs":
+            kw[name] = None
+        elif name in vars(m) and not isinstance(vars(m)[name], (nnx.Module, nnx.Variable)):
+            kw[name] = vars(m)[name]
+        elif p.default is p.empty:
+            return None
+    try:
+        return nnx.eval_shape(lambda: type(m)(**{k: (nnx.Rngs(0) if k == "rngs" else v) for k, v in kw.items()}))
+    except Exception:
+        return None
