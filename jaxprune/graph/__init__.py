@@ -52,7 +52,8 @@ program), :mod:`~jaxprune.graph.ops` (the op registry: one handler per primitive
 :mod:`~jaxprune.graph.surgery` (:func:`shrink`,
 :func:`silence`, :func:`rebuild`), :mod:`~jaxprune.graph.cost` (:func:`count_macs`, :func:`uncounted`,
 :func:`param_roles`), :mod:`~jaxprune.graph.inputs` (:func:`example_input`), :mod:`~jaxprune.graph.convs`
-(depthwise convolutions follow their input's units; grouped ones are refused by name), :mod:`~jaxprune.graph.norms`
+(depthwise convolutions follow their input's units; grouped ones couple each group's input
+channels, removed in whole groups), :mod:`~jaxprune.graph.norms`
 (LayerNorm, RMSNorm, GroupNorm: a reduction over channels broadcast back onto the same activation is a statistic,
 not a mixer; GroupNorm groups are coupled, LayerNorm/RMSNorm channels removable but not maskable).
 
