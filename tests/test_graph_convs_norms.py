@@ -150,6 +150,16 @@ def test_a_grouped_convolution_loses_whole_groups_and_its_group_count_follows():
         st.remove_many(model, v, {"wide": np.array([0, 1, 2, 3, 4, 6, 7, 8])}, x=x)
 
 
+def test_select_layers_keeps_whole_groups_before_a_grouped_convolution():
+    model, shape = GroupedNet(), (2, 6, 6, 2)
+    v, x = _setup(model, shape)
+    scores = {"wide": jnp.array([9.0, 8, 0, 7, 0, 0, 0, 0, 6])}  # top 4: units 0, 1 (group 0), 3 (1), 8 (2)
+    assert st.select_layers(model, v, {"wide": 4}, scores, x=x)["wide"].tolist() == [0, 1, 2, 3, 4, 5]  # tie: 1
+    assert st.select_layers(model, v, {"wide": 3}, scores, x=x)["wide"].tolist() == [0, 1, 2]
+    keep = st.select_layers(model, v, {"wide": 6}, "l1", x=x)
+    assert len(keep["wide"]) == 6 and st.remove_many(model, v, keep, x=x)[1]["params"]["trio"]["bias"].shape == (4,)
+
+
 def test_an_nnx_grouped_convolution_is_rebuilt_with_its_new_group_count():
     from flax import nnx
 
