@@ -1,34 +1,148 @@
-"""Logits of structured removal and neuron merging (both modes, both BN scales) on library models, for checking
-that a refactor keeps every number: run it once from each source tree and compare the two JSON files.
+"""Every number of the library's models and of the experiments (tiny settings), for checking that a refactor keeps
+them: run it once from each source tree (same venv) and compare the two JSON files.
 
     git worktree add /tmp/oldtree <rev>
-    python benchmarks/same_numbers.py /tmp/oldtree /tmp/old.json
-    python benchmarks/same_numbers.py . /tmp/new.json
+    JAXPRUNE_DATA_DIR=... python benchmarks/same_numbers.py /tmp/oldtree /tmp/old.json
+    JAXPRUNE_DATA_DIR=... python benchmarks/same_numbers.py . /tmp/new.json
     python benchmarks/same_numbers.py --compare /tmp/old.json /tmp/new.json
+
+Entries: logits of structured removal, masking and neuron merging (both modes, both BN scales) and the MACs of
+``count_flops`` on an MLP, a VGG, LeNet5 and a ResNet; the unit scores of the four criteria (weight, grad, taylor,
+lrp); and every number in the results of ``experiments.imp`` (two levels with a random-mask control),
+``oneshot``, ``filter_prune`` and ``merge`` on the embedded digits with a few training steps (timings and paths
+left out). ``--compare`` prints max |old − new| per entry and names entries only one side has.
 """
 import json
 import sys
+import tempfile
+import zlib
 
-import jax, jax.numpy as jnp, numpy as np
-if sys.argv[1] == "--compare":
-    a, b = (json.load(open(p)) for p in sys.argv[2:4])
-    for k in a:
-        print(f"{k:24s} max |old - new| = {float(np.abs(np.array(a[k]) - np.array(b[k])).max()):.3g}")
-    sys.exit(0)
-sys.path.insert(0, sys.argv[1])  # the source tree to import jaxprune from
-from jaxprune import models, merging, structured
-out = {}
-for name, m, shp, widths in [("mlp", models.MLP((30, 20, 10)), (4, 8, 8, 1), {"dense_0": 12, "dense_1": 9}),
-                             ("vgg", models.VGG((8, 'M', 12, 'M', 16), 10), (4, 8, 8, 3), {"conv_0": 5, "conv_1": 7, "conv_2": 9}),
-                             ("lenet5", models.LeNet5(), (4, 28, 28, 1), {"conv_1": 9, "dense_0": 60})]:
-    v = models.init(m, jax.random.PRNGKey(0), shp)
-    v = jax.tree_util.tree_map_with_path(lambda p, a: a + 0.2 * jax.random.uniform(jax.random.PRNGKey(len(str(p))), a.shape) if 'batch_stats' in str(p) or 'scale' in str(p) else a, v)
-    x = jax.random.normal(jax.random.PRNGKey(3), shp)
-    for mode in ("merge", "prune"):
-        for bn_scale in ("exact", "paper"):
-            r = merging.merge(m, v, widths, mode=mode, criterion="l2", bn_scale=bn_scale)
-            out[f"{name}-{mode}-{bn_scale}"] = np.asarray(r.model.apply(r.variables, x)).tolist()
-    keep = structured.select_layers(m, v, widths, "l1")
-    sm, sv = structured.remove_many(m, v, keep)
-    out[f"{name}-remove"] = np.asarray(sm.apply(sv, x)).tolist()
-json.dump(out, open(sys.argv[2], "w"))
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SKIP = ("time", "seconds", "wall", "date", "path", "dir", "git", "host", "version", "started", "finished_at")
+
+
+def compare(old: str, new: str) -> None:
+    """Print max |old − new| per entry of two JSON files written by this script."""
+    a, b = (json.load(open(p)) for p in (old, new))
+    for k in sorted(set(a) | set(b)):
+        if k not in a or k not in b:
+            print(f"{k:40s} only in {'new' if k not in a else 'old'}")
+        elif isinstance(a[k], dict):
+            common = sorted(set(a[k]) & set(b[k]))
+            d = {q: abs(a[k][q] - b[k][q]) for q in common}
+            worst = max(d, key=d.get) if d else None
+            print(f"{k:40s} max |old - new| = {d.get(worst, 0.0):.3g} over {len(common)} numbers"
+                  + (f" (at {worst})" if d.get(worst) else "")
+                  + "".join(f"; only in {side}: {sorted(set(x) - set(y))[:4]}" for side, x, y in
+                            (("old", a[k], b[k]), ("new", b[k], a[k])) if set(x) - set(y)))
+        elif np.shape(a[k]) != np.shape(b[k]):
+            print(f"{k:40s} shapes differ: {np.shape(a[k])} vs {np.shape(b[k])}")
+        else:
+            d = np.abs(np.asarray(a[k], float) - np.asarray(b[k], float))
+            print(f"{k:40s} max |old - new| = {float(d.max()) if d.size else 0.0:.3g}")
+
+
+def _models():
+    from jaxprune import models
+    return [("mlp", models.MLP((30, 20, 10)), (4, 8, 8, 1), {"dense_0": 12, "dense_1": 9}),
+            ("vgg", models.VGG((8, 'M', 12, 'M', 16), 10), (4, 8, 8, 3), {"conv_0": 5, "conv_1": 7, "conv_2": 9}),
+            ("lenet5", models.LeNet5(), (4, 28, 28, 1), {"conv_1": 9, "dense_0": 60}),
+            ("resnet", models.ResNet(depth=8, width=4), (4, 8, 8, 3), {"block0_0/conv_0": 3, "block1_0/conv_0": 5})]
+
+
+def library_numbers() -> dict:
+    """Logits, MACs and criteria scores of the library's models (random variables, BN statistics perturbed)."""
+    from jaxprune import criteria, merging, models, structured
+    out = {}
+    for name, m, shp, widths in _models():
+        v = models.init(m, jax.random.PRNGKey(0), shp)
+        v = jax.tree_util.tree_map_with_path(lambda p, a: a + 0.2 * jax.random.uniform(
+            jax.random.PRNGKey(len(str(p))), a.shape) if 'batch_stats' in str(p) or 'scale' in str(p) else a, v)
+        x = jax.random.normal(jax.random.PRNGKey(3), shp)
+        y = jnp.arange(shp[0]) % 10
+        out[f"{name}-logits"] = np.asarray(m.apply(v, x, **_kw(m))).tolist()
+        out[f"{name}-macs"] = [float(structured.count_flops(m, v, shp)["macs"])]
+        for crit in criteria.CRITERIA:
+            try:
+                s = criteria.scores(crit, m, v, x, y)
+                out[f"{name}-{crit}"] = np.concatenate([np.ravel(s[k]) for k in sorted(s)]).tolist()
+            except Exception as e:  # a refusal is a number too: recorded by its first line
+                out[f"{name}-{crit}-refused"] = [zlib.crc32(str(e).splitlines()[0].encode())]
+        for mode in ("merge", "prune"):
+            for bn_scale in ("exact", "paper"):
+                r = merging.merge(m, v, widths, mode=mode, criterion="l2", bn_scale=bn_scale)
+                out[f"{name}-{mode}-{bn_scale}"] = np.asarray(r.model.apply(r.variables, x)).tolist()
+        keep = structured.select_layers(m, v, widths, "l1")
+        sm, sv = structured.remove_many(m, v, keep)
+        out[f"{name}-remove"] = np.asarray(sm.apply(sv, x)).tolist()
+        out[f"{name}-mask"] = np.asarray(m.apply(structured.mask_many(m, v, keep), x)).tolist()
+    return out
+
+
+def _kw(m) -> dict:
+    import inspect
+    return {"train": False} if "train" in inspect.signature(type(m).__call__).parameters else {}
+
+
+def _numbers(tree, prefix: str = "") -> dict:
+    """``{key path: number}`` of every int/float leaf of a results tree, timings and paths left out."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        return {prefix: float(tree)}
+    else:
+        return {}
+    out = {}
+    for k, v in items:
+        if any(s in str(k).lower() for s in SKIP):
+            continue
+        out.update(_numbers(v, f"{prefix}/{k}"))
+    return out
+
+
+DIGITS = dict(dataset="digits", model="mlp", hidden=["24", "12"], normalize="none", optimizer="momentum", lr=0.05,
+              weight_decay=0.0, schedule="constant", milestones=[], batch_size=32, seeds=["0"])
+
+ONESHOT = ("dataset", "model", "hidden", "normalize", "optimizer", "lr", "batch_size", "seeds")  # its keys
+
+
+def experiment_numbers() -> dict:
+    """Every number of the four experiments' results at tiny settings (one entry per experiment)."""
+    from experiments import filter_prune, imp, merge, oneshot
+    runs = {
+        "imp": lambda w: imp.train_and_evaluate({**DIGITS, "training_steps": "40", "levels": 2, "prune_fraction": 0.5,
+                                                 "rewind": "init", "branch": "random_mask"}, w),
+        "oneshot": lambda w: oneshot.run({**{k: DIGITS[k] for k in ONESHOT}, "training_steps": "60",
+                                          "sparsity": ["0", "0.5", "0.9"], "methods": ["weight", "unit"]}, w),
+        "filter_prune": lambda w: filter_prune.run({**{k: v for k, v in DIGITS.items() if k != "hidden"},
+                                                    "model": "vgg", "vgg_cfg": ["6", "M", "10"],
+                                                    "training_steps": "40", "finetune_steps": "5",
+                                                    "finetune_lr": 0.01, "prune_fraction": 0.25,
+                                                    "max_pruned_fraction": 0.8, "max_rounds": 2}, w),
+        "merge": lambda w: merge.run({**DIGITS, "training_steps": "60", "sparsity": ["0.5"],
+                                      "criteria": ["l1", "l2"]}, w),
+    }
+    out = {}
+    for name, fn in runs.items():
+        with tempfile.TemporaryDirectory() as w:
+            try:
+                out[f"exp-{name}"] = _numbers(fn(w))
+            except Exception as e:  # recorded, so one refusal does not lose the other entries
+                out[f"exp-{name}-refused"] = [zlib.crc32(str(e).splitlines()[0].encode())]
+                print(f"{name}: {str(e).splitlines()[0]}", file=sys.stderr)
+    return out
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--compare":
+        compare(*sys.argv[2:4])
+        sys.exit(0)
+    sys.path.insert(0, sys.argv[1])  # the source tree to import jaxprune and experiments from
+    res = library_numbers()
+    res.update(experiment_numbers())
+    json.dump(res, open(sys.argv[2], "w"))

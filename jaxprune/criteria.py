@@ -22,7 +22,8 @@ layer's kept units to the others.
 ``L`` is the per-sample cross-entropy at the given labels; LRP explains the label's logit. ``z`` is the layer's
 pre-activation as the graph defines it: the output of its chain (bias, BatchNorm), the input to the activation.
 The gradients are taken with zero probes added there while the model's own program runs
-(:func:`jaxprune.graph.run`).
+(:func:`jaxprune.graph.run`), so ``grad``/``taylor`` take integer token ids ``(n, tokens)`` as well as float
+batches (ids outside ``[0, vocabulary)`` of the model's embedding tables are refused); ``lrp`` needs a float batch.
 
 ``weight`` needs no data, but the graph (which layers exist, which is the output) is traced for an input shape:
 pass ``x`` (an array, a ``jax.ShapeDtypeStruct`` or a shape tuple); without it the shape is inferred from the
@@ -85,12 +86,17 @@ def _by_unit(a: Array, axis: int) -> Array:
     return a.reshape(-1, a.shape[-1])
 
 
-def _check_batch(model: Any, variables: Any, x: Any, y: Any) -> tuple[graph.Graph, Array, Array]:
-    """The graph for the reference batch ``x: (n, …)`` float and its labels ``y: (n,)`` int in ``[0, C)``."""
+def _check_batch(model: Any, variables: Any, x: Any, y: Any, ids: bool = False) -> tuple[graph.Graph, Array, Array]:
+    """The graph for the reference batch ``x: (n, …)`` float (or, with ``ids``, integer token ids ``(n, tokens)``:
+    the gradients are taken at pre-activations, never at the input) and its labels ``y: (n,)`` int in ``[0, C)``."""
     x = jnp.asarray(x)
-    if x.ndim < 2 or x.shape[0] < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"x: expected a non-empty float reference batch (n, …), got shape {x.shape} dtype {x.dtype}")
+    token_ids = ids and jnp.issubdtype(x.dtype, jnp.integer)
+    if x.ndim < 2 or x.shape[0] < 1 or not (jnp.issubdtype(x.dtype, jnp.floating) or token_ids):
+        raise ValueError(f"x: expected a non-empty {'float or integer token-id' if ids else 'float'} reference batch "
+                         f"(n, …), got shape {x.shape} dtype {x.dtype}")
     g = build_graph(model, variables, x)
+    if token_ids:
+        _check_ids(g, x)
     classes = num_classes(g)
     y = np.asarray(y)
     if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
@@ -98,6 +104,17 @@ def _check_batch(model: Any, variables: Any, x: Any, y: Any) -> tuple[graph.Grap
     if y.min() < 0 or y.max() >= classes:
         raise ValueError(f"y: labels must lie in [0, {classes})")
     return g, x, jnp.asarray(y, jnp.int32)
+
+
+def _check_ids(g: graph.Graph, x: Array) -> None:
+    """Token ids lie in ``[0, vocabulary)`` (the smallest embedding table's rows): outside, a gather silently wraps
+    (negative ids) or fills NaN."""
+    roles = graph.param_roles(g)
+    rows = [int(np.shape(a)[0]) for p, a in zip(g.net.paths, g.net.leaves) if roles.get(p) == "embedding"]
+    lo, hi = int(jnp.min(x)), int(jnp.max(x))
+    if lo < 0 or (rows and hi >= min(rows)):
+        raise ValueError(f"x: integer token ids must lie in [0, {min(rows) if rows else 'vocabulary'}), got range "
+                         f"[{lo}, {hi}]")
 
 
 # ----------------------------------------------------------------------------------------------- weight
@@ -151,7 +168,7 @@ def _grad_taylor(z: dict, g: dict, axes: tuple) -> tuple[dict, dict]:
 
 
 def _gradient_scores(which: int, model, variables, x, y, norm) -> Scores:
-    g, x, y = _check_batch(model, variables, x, y)
+    g, x, y = _check_batch(model, variables, x, y, ids=True)
     layers = non_output_layers(g)
     z, gr = _pre_activation_grads_jit(static(g), layers, list(g.net.leaves), x, y)
     raw = _grad_taylor(z, gr, tuple((k, g.layers[k].unit_axis) for k in layers))
@@ -163,13 +180,14 @@ def _gradient_scores(which: int, model, variables, x, y, norm) -> Scores:
 
 
 def grad(model: Any, variables: Any, x: Any, y: Any, *, norm: str | None = "l2") -> Scores:
-    """``|mean ∂L/∂z|`` at each non-output layer's pre-activation, over the reference batch ``x: (n, …)``,
-    ``y: (n,)``."""
+    """``|mean ∂L/∂z|`` at each non-output layer's pre-activation, over the reference batch ``x: (n, …)`` (float,
+    or integer token ids ``(n, tokens)`` in ``[0, vocabulary)``), ``y: (n,)``."""
     return _gradient_scores(0, model, variables, x, y, norm)
 
 
 def taylor(model: Any, variables: Any, x: Any, y: Any, *, norm: str | None = "l2") -> Scores:
-    """``|mean z · ∂L/∂z|`` (first-order Taylor estimate of the loss change when the unit is removed)."""
+    """``|mean z · ∂L/∂z|`` (first-order Taylor estimate of the loss change when the unit is removed); ``x`` as in
+    :func:`grad` (token ids accepted)."""
     return _gradient_scores(1, model, variables, x, y, norm)
 
 

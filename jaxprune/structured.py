@@ -380,7 +380,9 @@ def select_layers(model: Any, variables: Variables, n_keep: Mapping[str, int], c
 
     ``criterion``: a weight criterion name (:data:`CRITERIA`), a dict ``layer → (n_units,)`` of data-driven
     scores (higher = kept), or a callable ``(layer, layer_params) -> (n_units,)`` scores.
-    ``key`` (split per layer) is needed for ``random``.
+    ``key`` (split per layer) is needed for ``random``. A layer whose units are removable only in whole groups (it
+    feeds a grouped convolution or a GroupNorm) keeps whole groups: ``n_keep`` rounds up to a multiple of the group
+    size, and the groups holding most of the units the criterion keeps are kept (:func:`_whole_classes`).
     """
     if isinstance(criterion, str) and criterion not in CRITERIA:
         raise ValueError(f"criterion={criterion!r}: expected one of {CRITERIA}, a dict of scores or a callable")
@@ -408,6 +410,7 @@ def select_layers(model: Any, variables: Variables, n_keep: Mapping[str, int], c
             if np.shape(scores) != (n,):
                 raise ValueError(f"criterion[{layer!r}]: expected scores of shape ({n},), got {np.shape(scores)}")
             keep[layer] = select_by_scores(scores, nk)
+        keep[layer] = _whole_classes(g, layer, keep[layer], nk)
     return keep
 
 
@@ -431,9 +434,13 @@ def unit_groups(model: Any, variables: Any = None, *, x: Any = None, kind: str =
 
 def _is_heads(g: graph.Graph, group: Sequence[str]) -> bool:
     """Whether a coupled group is attention heads: layers of kind ``"heads"``, or classes of ≥ 2 channels of each
-    layer (a dense projection reshaped into heads)."""
+    layer (a dense projection reshaped into heads) that no norm's channel groups made (a GroupNorm after a residual
+    add couples whole groups too; a per-head QK-norm is therefore not listed either)."""
     if all(g.layers[n].kind == "heads" for n in group):
         return True
+    ids = np.concatenate([g.unit_ids[n] for n in group])
+    if any(np.isin(ids, gr).any() for gr in g.norms.values() if np.shape(gr)[0] > 1):
+        return False
     return all(np.unique(g.cls[g.unit_ids[n]], return_counts=True)[1].min() >= 2 for n in group)
 
 
@@ -521,6 +528,18 @@ def select_groups(model: Any, variables: Variables, n_keep: Mapping[str, int], c
             idx = np.sort(np.concatenate([units[c][j] for c in kept])) if kept.size else np.zeros(0, np.int64)
             keep[m] = jnp.asarray(idx, jnp.int32)
     return keep
+
+def _whole_classes(g: graph.Graph, layer: str, kept: Array, n_keep: int) -> Array:
+    """``kept`` rounded to whole coupling classes of ``layer`` (a grouped convolution's or a GroupNorm's channel
+    groups, each of ``s`` units): the ``ceil(n_keep / s)`` groups holding most of the units the criterion kept (ties:
+    the group with the lower first unit). Unchanged when each class holds one unit of the layer or sizes differ."""
+    _, inv, counts = np.unique(np.asarray(g.cls[g.unit_ids[layer]]), return_inverse=True, return_counts=True)
+    if counts.max() == 1 or counts.min() != counts.max():
+        return kept
+    votes = np.bincount(inv[np.asarray(kept)], minlength=counts.size)
+    first = np.array([np.flatnonzero(inv == c)[0] for c in range(counts.size)])
+    chosen = np.lexsort((first, -votes))[:-(-n_keep // int(counts[0]))]
+    return jnp.asarray(np.flatnonzero(np.isin(inv, chosen)), jnp.int32)
 
 
 def widths(model: Any, variables: Variables, *, x: Any = None) -> dict[str, int]:

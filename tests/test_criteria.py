@@ -203,3 +203,64 @@ def test_wrong_input_shape_names_x(lenet):
     for crit in ("taylor", "lrp"):
         with pytest.raises(ValueError, match=r"x: shape \(6, 20, 20, 1\) does not match the model's input"):
             criteria.scores(crit, model, v, jnp.ones((6, 20, 20, 1)), y)
+
+
+# ----------------------------------------------------------------------------------------------- token ids
+class _TokenTagger(nn.Module):
+    """ids (n, t) → embedding (11, 6) → 2-head self-attention (heads of 2) + residual → dense 5 'mix' → tanh →
+    mean over tokens → dense 3."""
+
+    @nn.compact
+    def __call__(self, ids):
+        e = nn.Embed(11, 6, name="table")(ids)
+        e = e + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4, name="att")(e, e)
+        return nn.Dense(3, name="read")(jnp.tanh(nn.Dense(5, name="mix")(e)).mean(axis=1))
+
+
+def _tagger_by_hand(p, ids, y):
+    """``(z, ∂L/∂z)`` at 'mix' in float64: the forward written from the layers' formulas, L = Σ CE."""
+    e = p["table"]["embedding"][ids]
+    a = p["att"]
+    q, k, v = (jnp.einsum("ntd,dhc->nthc", e, a[n]["kernel"]) + a[n]["bias"] for n in ("query", "key", "value"))
+    w = jax.nn.softmax(jnp.einsum("nqhc,nkhc->nhqk", q / jnp.sqrt(2.0), k), axis=-1)
+    e = e + jnp.einsum("nqhc,hcf->nqf", jnp.einsum("nhqk,nkhc->nqhc", w, v), a["out"]["kernel"]) + a["out"]["bias"]
+    z = e @ p["mix"]["kernel"] + p["mix"]["bias"]
+
+    def loss(z):
+        logits = jnp.tanh(z).mean(axis=1) @ p["read"]["kernel"] + p["read"]["bias"]
+        return -jnp.sum(jax.nn.log_softmax(logits)[jnp.arange(len(y)), y])
+
+    return z, jax.grad(loss)(z)
+
+
+def test_grad_and_taylor_take_token_ids_and_equal_a_float64_forward_by_hand():
+    model = _TokenTagger()
+    ids = jax.random.randint(jax.random.PRNGKey(1), (4, 5), 0, 11)
+    y = np.array([0, 2, 1, 2], np.int32)
+    v = model.init(jax.random.PRNGKey(2), ids)
+    s = {c: criteria.scores(c, model, v, ids, y, normalized=False) for c in ("grad", "taylor")}
+    assert {k: np.shape(a) for k, a in s["taylor"].items()} == {"att/query": (2,), "att/key": (2,),
+                                                                "att/value": (2,), "att/out": (6,), "mix": (5,)}
+    assert all(np.isfinite(a).all() for c in s.values() for a in c.values())
+    with jax.enable_x64(True):
+        p = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), v["params"])
+        z, dz = _tagger_by_hand(p, ids, y)
+        want_grad, want_taylor = np.abs(dz.mean(axis=(0, 1))), np.abs((z * dz).mean(axis=(0, 1)))
+    np.testing.assert_allclose(s["grad"]["mix"], want_grad, rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(s["taylor"]["mix"], want_taylor, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("x, y, match", [
+    (np.array([[1, -1, 2]] * 2), [0, 1], r"x: integer token ids must lie in \[0, 11\), got range \[-1, 2\]"),
+    (np.array([[1, 11, 2]] * 2), [0, 1], r"x: integer token ids must lie in \[0, 11\), got range \[1, 11\]"),
+    (np.array([1, 2, 3]), [0, 1, 2], r"x: expected a non-empty float or integer token-id reference batch"),
+    (np.array([[1, 2, 3]] * 2), np.array([0.0, np.nan]), r"y: expected int labels of shape \(2,\)"),
+])
+def test_token_id_batches_are_checked(x, y, match):
+    model = _TokenTagger()
+    v = model.init(jax.random.PRNGKey(2), jnp.zeros((1, 3), jnp.int32))
+    with pytest.raises(ValueError, match=match):
+        criteria.scores("taylor", model, v, x, y)
+    if x.ndim == 2 and x.min() >= 0 and x.max() < 11:  # LRP still needs a float input
+        with pytest.raises(ValueError, match="x: expected a non-empty float reference batch"):
+            criteria.scores("lrp", model, v, x, np.array([0, 1]))

@@ -113,27 +113,73 @@ def test_the_stream_through_depthwise_blocks_shrinks_as_one_coupled_group():
 
 
 class GroupedNet(nn.Module):
-    """1×1 conv (8) → ReLU → 3×3 conv in 2 groups (8 → 6) → ReLU → mean → dense."""
+    """1×1 conv (9) → sigmoid → 3×3 conv in 3 groups (9 → 6, stride 3: a stride equal to the group count) → ReLU →
+    mean → dense (2); every width written inline."""
 
     @nn.compact
     def __call__(self, x):
-        x = nn.relu(nn.Conv(8, (1, 1), name="wide")(x))
-        x = nn.relu(nn.Conv(6, (3, 3), feature_group_count=2, name="pairs")(x))
+        x = jax.nn.sigmoid(nn.Conv(9, (1, 1), name="wide")(x))
+        x = nn.relu(nn.Conv(6, (3, 3), strides=3, feature_group_count=3, name="trio")(x))
         return nn.Dense(2, name="out")(x.mean(axis=(1, 2)))
 
 
-def test_a_grouped_convolution_freezes_its_channels_naming_the_layer_and_group_count():
-    model, shape = GroupedNet(), (2, 5, 5, 3)
+def _grouped_counts(cin: int, groups: int, k: int, m: int, pos_in: int, pos_out: int) -> tuple[int, int]:
+    """(parameters, MACs per example) of GroupedNet with ``groups`` groups of ``k`` inputs and ``m`` outputs."""
+    c, o = groups * k, groups * m
+    params = (cin * c + c) + (9 * k * o + o) + (o * 2 + 2)
+    macs = pos_in * cin * c + pos_out * o * 9 * k + o * 2
+    return params, macs
+
+
+def test_a_grouped_convolution_loses_whole_groups_and_its_group_count_follows():
+    model, shape = GroupedNet(), (2, 6, 6, 2)
     v, x = _setup(model, shape)
     g = graph.build(model, v, x)
-    assert g.prunable() == () and list(g.layers) == ["wide", "out"]
-    why = "grouped convolution 'pairs' (feature_group_count=2 of 8 input channels"
-    assert why in g.why_not_prunable("wide")
-    with pytest.raises(ValueError, match=why.replace("(", r"\(")):
-        st.remove_units(model, v, "pairs", np.array([0, 1]), x=x)
-    with pytest.raises(ValueError, match="'wide': cannot remove units .*feature_group_count=2"):
-        st.mask_units(model, v, "wide", np.array([0, 1]), x=x)
-    assert st.count_flops(model, v, shape)["layers"]["pairs"] == 25 * 6 * (9 * 8 // 2)  # SAME padding: 5×5 out
+    assert list(g.layers) == ["wide", "out"] and g.prunable() == ("wide",)
+    with pytest.raises(ValueError, match=r"layer='trio'.*grouped convolution \(feature_group_count=3 of 9 input"):
+        st.remove_units(model, v, "trio", np.array([0, 1]), x=x)
+    assert (_n_params(v), st.count_flops(model, v, shape)["macs"]) == _grouped_counts(2, 3, 3, 2, 36, 4)
+    keep = {"wide": np.array([0, 1, 2, 6, 7, 8])}  # groups 0 and 2
+    small, sv = st.remove_many(model, v, keep, x=x)
+    _close(small.apply(sv, x), model.apply(st.mask_many(model, v, keep, x=x), x))
+    assert sv["params"]["trio"]["kernel"].shape == (3, 3, 3, 4)
+    np.testing.assert_array_equal(sv["params"]["trio"]["kernel"], v["params"]["trio"]["kernel"][..., [0, 1, 4, 5]])
+    assert (_n_params(sv), st.count_flops(small, sv, shape)["macs"]) == _grouped_counts(2, 2, 3, 2, 36, 4)
+    half = r"coupled to units \['wide\[3\]', 'wide\[4\]'\] .*grouped convolution's channel group"
+    with pytest.raises(ValueError, match=half):
+        st.remove_many(model, v, {"wide": np.array([0, 1, 2, 3, 4, 6, 7, 8])}, x=x)
+
+
+def test_select_layers_keeps_whole_groups_before_a_grouped_convolution():
+    model, shape = GroupedNet(), (2, 6, 6, 2)
+    v, x = _setup(model, shape)
+    scores = {"wide": jnp.array([9.0, 8, 0, 7, 0, 0, 0, 0, 6])}  # top 4: units 0, 1 (group 0), 3 (1), 8 (2)
+    assert st.select_layers(model, v, {"wide": 4}, scores, x=x)["wide"].tolist() == [0, 1, 2, 3, 4, 5]  # tie: 1
+    assert st.select_layers(model, v, {"wide": 3}, scores, x=x)["wide"].tolist() == [0, 1, 2]
+    keep = st.select_layers(model, v, {"wide": 6}, "l1", x=x)
+    assert len(keep["wide"]) == 6 and st.remove_many(model, v, keep, x=x)[1]["params"]["trio"]["bias"].shape == (4,)
+
+
+def test_an_nnx_grouped_convolution_is_rebuilt_with_its_new_group_count():
+    from flax import nnx
+
+    class Grouped(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.spread = nnx.Conv(2, 9, (1, 1), rngs=rngs)
+            self.split = nnx.Conv(9, 6, (3, 3), feature_group_count=3, rngs=rngs)
+            self.read = nnx.Linear(6, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.read(jnp.tanh(self.split(jax.nn.sigmoid(self.spread(x)))).mean(axis=(1, 2)))
+
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, 5, 5, 2))
+    gd, state = nnx.split(Grouped(nnx.Rngs(0)))
+    keep = {"spread": np.array([0, 1, 2, 6, 7, 8])}
+    small_gd, small_state = st.remove_many(gd, state, keep, x=x)
+    conv = nnx.merge(small_gd, small_state).split
+    assert (conv.in_features, conv.out_features, conv.feature_group_count, conv.kernel_shape) == (6, 4, 2,
+                                                                                                  (3, 3, 3, 4))
+    _close(nnx.merge(small_gd, small_state)(x), nnx.merge(gd, st.mask_many(gd, state, keep, x=x))(x))
 
 
 # ----------------------------------------------------------------------------------------------- LayerNorm stream

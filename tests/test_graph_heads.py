@@ -438,3 +438,39 @@ def test_lrp_refuses_a_head_layer_by_name_when_no_op_stops_it_first():
         criteria.scores("lrp", model, v, x, jnp.array([0, 1, 1]))
     small, sv = st.remove_units(model, v, "split", np.array([0, 2]), x=x)
     _close(model.apply(st.mask_units(model, v, "split", np.array([0, 2]), x=x), x), small.apply(sv, x))
+
+
+def test_nnx_attention_shrunk_by_heads_has_consistent_attributes():
+    """``nnx.MultiHeadAttention`` with ``qkv_features == in_features`` (6) and no biases: after removing one of
+    three heads, its ``num_heads``/``qkv_features`` and its ``LinearGeneral`` tuples are the new shapes' (while
+    ``in_features`` stays 6), and the merged module runs on a new batch like the masked one."""
+    from flax import nnx
+
+    class Mixer(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.lift = nnx.Linear(4, 6, rngs=rngs)
+            self.mix = nnx.MultiHeadAttention(num_heads=3, in_features=6, out_features=5, use_bias=False,
+                                              decode=False, rngs=rngs)
+            self.cls = nnx.Linear(5, 2, rngs=rngs)
+
+        def __call__(self, x):
+            return self.cls(self.mix(jnp.tanh(self.lift(x))).max(axis=1))
+
+    x = jax.random.normal(jax.random.PRNGKey(7), (3, 5, 4))
+    gd, state = nnx.split(Mixer(nnx.Rngs(3)))
+    keep = st.keep_coupled(gd, state, {"mix/value": np.array([0, 2])}, x=x)
+    small_gd, small_state = st.remove_many(gd, state, keep, x=x)
+    mix = nnx.merge(small_gd, small_state).mix
+    assert (mix.num_heads, mix.qkv_features, mix.head_dim, mix.in_features, mix.out_features) == (2, 4, 2, 6, 5)
+    for proj in (mix.query, mix.key, mix.value):
+        assert (proj.in_features, proj.out_features) == ((6,), (2, 2))
+    assert (mix.out.in_features, mix.out.out_features) == ((2, 2), (5,))
+    fresh = nnx.eval_shape(lambda: nnx.MultiHeadAttention(num_heads=2, in_features=6, qkv_features=4, out_features=5,
+                                                          use_bias=False, decode=False, rngs=nnx.Rngs(0)))
+    shapes = lambda m: jax.tree_util.tree_map(jnp.shape, nnx.to_pure_dict(nnx.state(m)))
+    assert shapes(mix) == shapes(fresh)
+    masked = nnx.merge(gd, st.mask_many(gd, state, keep, x=x))
+    _close(masked(x), nnx.merge(small_gd, small_state)(x))
+    again_gd, again_state = nnx.split(nnx.merge(small_gd, small_state))  # split/merge round trip, a new batch
+    x2 = jax.random.normal(jax.random.PRNGKey(8), (4, 2, 4))
+    _close(masked(x2), nnx.merge(again_gd, again_state)(x2))

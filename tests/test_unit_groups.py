@@ -153,3 +153,24 @@ def test_dense_projections_reshaped_into_heads_are_a_heads_group_and_a_gated_pai
     assert all(keep[c].tolist() == list(range(4 * head, 4 * head + 4)) for c in ("pq", "pk", "pv"))
     keep = st.select_groups(model, v, {"ga": 3}, "l2", x=x)  # the gated pair, asked for by name
     assert keep.keys() == {"ga", "gb"} and np.array_equal(keep["ga"], keep["gb"])
+
+
+class NormedResidual(nn.Module):
+    """(n, 6, 6, 2) → conv (4) → residual conv (4) → GroupNorm (2 groups) → ReLU → mean → dense (3): a coupled group
+    of two layers whose classes hold 2 channels each, made by the norm, not by heads."""
+
+    @nn.compact
+    def __call__(self, x):
+        a = nn.Conv(4, (3, 3), name="c_a")(x)
+        a = a + nn.Conv(4, (3, 3), name="c_b")(a)
+        return nn.Dense(3, name="fc")(nn.relu(nn.GroupNorm(num_groups=2, name="gn")(a)).mean(axis=(1, 2)))
+
+
+def test_a_residual_stream_grouped_by_a_groupnorm_is_not_listed_as_heads():
+    model = NormedResidual()
+    x = jnp.zeros((1, 6, 6, 2))
+    v = model.init(jax.random.PRNGKey(0), x)
+    from jaxprune import graph
+    assert graph.build(model, v, x).coupled_groups() == (("c_a", "c_b"),)
+    assert st.unit_groups(model, v, x=x) == ()
+    assert st.group_widths(model, v, [("c_a", "c_b")], x=x) == {"c_a": 2}

@@ -37,7 +37,8 @@ two activations (SwiGLU) couples the units of its two layers.
 x)``, with ``train=False`` when its ``__call__`` takes ``train``; inference mode must be its default otherwise), or an
 NNX model as ``nnx.split`` gives it: ``(graphdef, state)`` (call ``model.eval()`` first when it has BatchNorm or
 dropout). Smaller models (after removing units) are rebuilt through, in this order: the model's own
-``with_widths(widths: dict[layer, int]) -> Module`` method; for NNX, nothing (the state's shapes are the model's);
+``with_widths(widths: dict[layer, int]) -> Module`` method; for NNX, the shrunk state with the modules' width attributes set to the new shapes (``in_features``,
+``LinearGeneral``'s tuples, ``nnx.MultiHeadAttention``'s ``num_heads``/``qkv_features``);
 for linen, integer (or tuple-of-integer) dataclass fields found to set a layer's width (each is perturbed once and
 the parameter shapes compared), then, for the layers no field sets (widths written inline, ``nn.Dense(48)``),
 interception of the submodules' calls (:mod:`~jaxprune.graph.surgery`): the returned model is a subclass of the
@@ -51,7 +52,8 @@ program), :mod:`~jaxprune.graph.ops` (the op registry: one handler per primitive
 :mod:`~jaxprune.graph.surgery` (:func:`shrink`,
 :func:`silence`, :func:`rebuild`), :mod:`~jaxprune.graph.cost` (:func:`count_macs`, :func:`uncounted`,
 :func:`param_roles`), :mod:`~jaxprune.graph.inputs` (:func:`example_input`), :mod:`~jaxprune.graph.convs`
-(depthwise convolutions follow their input's units; grouped ones are refused by name), :mod:`~jaxprune.graph.norms`
+(depthwise convolutions follow their input's units; grouped ones couple each group's input
+channels, removed in whole groups), :mod:`~jaxprune.graph.norms`
 (LayerNorm, RMSNorm, GroupNorm: a reduction over channels broadcast back onto the same activation is a statistic,
 not a mixer; GroupNorm groups are coupled, LayerNorm/RMSNorm channels removable but not maskable).
 

@@ -19,9 +19,9 @@ PyTree = Any
 # max/min pooling and weight computations keep their VJPs ("plain"); anything else is refused ("unsupported")
 _KIND_ROLES = {"linear": "rule", "weight": "plain", "move": "plain", "activation": "pass", "affine": "prop",
                "affine_spatial": "prop", "chain": "prop"}
-# a depthwise convolution is linear in its activation (z-rule); a norm's statistic (mean, variance) has no rule in
+# a depthwise or grouped convolution is linear in its activation (z-rule); a norm's statistic (mean, variance) has no rule in
 # the classic composites (its VJP is no LRP rule): refused by name, pointing to lrp.interpret's attn_lrp / cp_lrp
-_KIND_ROLES.update(depthwise="prop", statistic="unsupported")
+_KIND_ROLES.update(depthwise="prop", grouped="prop", statistic="unsupported")
 _REDUCE_ROLES = {"reduce_window_sum": "prop", "reduce_sum": "prop", "cumsum": "prop", "reduce_window_max": "plain",
                  "reduce_window_min": "plain", "reduce_max": "plain", "reduce_min": "plain", "cummax": "plain",
                  "cummin": "plain"}

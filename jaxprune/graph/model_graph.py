@@ -59,7 +59,7 @@ class Graph:
     program: Program
     layers: dict  # name -> Layer, forward order
     kinds: tuple  # per eqn: "linear", "chain", "activation", "affine", "merge", "move", "pool", "reduce", "weight",
-    #                "opaque", "depthwise" (jaxprune.graph.convs), "statistic" (jaxprune.graph.norms)
+    #                "opaque", "depthwise", "grouped" (jaxprune.graph.convs), "statistic" (jaxprune.graph.norms)
     notes: tuple  # per eqn: why opaque or unsupported (or "")
     owner: np.ndarray  # unit id -> producer index (-1 input, -2 constant/opaque, k: k-th layer)
     index: np.ndarray  # unit id -> index within its producer
@@ -113,7 +113,7 @@ class Graph:
         others = self.coupled(name)
         if others:
             return (f"its units are coupled to layers {list(others)} (a residual add, a shared channel, attention "
-                    "heads or a gated product): remove units from all of them alike, in one call (remove_many with "
+                    "heads, a grouped convolution's channel group or a gated product): remove units from all of them alike, in one call (remove_many with "
                     "the same kept units; structured.keep_coupled extends one layer's kept units to the others)")
         return None
 
@@ -158,10 +158,11 @@ class Graph:
             if not removed[members].all():
                 missing = [m for m in members if not removed[m]]
                 names = sorted({self._owner_name(int(m)) for m in members})
-                left = sorted({self._owner_name(int(m)) for m in missing})
+                left = [f"{self._owner_name(int(m))}[{int(self.index[m])}]" for m in missing]
                 raise ValueError(f"keep: units of {sorted({self._owner_name(int(m)) for m in members if removed[m]})} "
-                                 f"are coupled to units of {left} (a residual add, a shared channel, a norm's "
-                                 f"channel group, attention heads or a gated product join {names}); remove the "
-                                 "coupled units of every one of these layers alike, in one call (remove_many)")
+                                 f"are coupled to units {left} (a residual add, a shared channel, a norm's channel "
+                                 f"group, a grouped convolution's channel group, attention heads or a gated product "
+                                 f"join {names}); remove the coupled units of every one of these layers alike, in one "
+                                 "call (remove_many)")
         return removed
 

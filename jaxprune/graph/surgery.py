@@ -98,19 +98,12 @@ def rebuild(g: Graph, leaves: Sequence[Array], widths: Mapping[str, int], x: Any
     elif n.kind == "nnx":
         return _rebuild_nnx(g, leaves)
     else:
-        new_model = _rebuild_linen(g, model, widths, x)
-    spec = jax.ShapeDtypeStruct(tuple(np.shape(x)), jnp.result_type(x) if not isinstance(
-        x, jax.ShapeDtypeStruct) else x.dtype)
+        new_model = _rebuild_linen(g, model, widths, x, leaves)
     try:
-        shapes = jax.eval_shape(lambda: new_model.init(jax.random.PRNGKey(0), jnp.zeros(spec.shape, spec.dtype),
-                                                       **dict(n.call_kwargs)))
+        bad = _mismatch(n, new_model, leaves, x)
     except Exception as e:
         raise ValueError(f"model: the rebuilt model ({type(new_model).__name__} with widths {dict(widths)}) does "
                          f"not initialise: {str(e).splitlines()[0]}") from e
-    want = {p: tuple(np.shape(a)) for p, a in zip(n.paths, leaves)}
-    got = {_path_str(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(shapes)
-           if _path_str(p).split("/")[0] in {q.split("/")[0] for q in n.paths}}
-    bad = {p: (got.get(p), s) for p, s in want.items() if got.get(p) != s}
     if bad:
         p, (g_, w_) = next(iter(bad.items()))
         raise ValueError(f"model: the rebuilt model's variable {p!r} has shape {g_}, the shrunk variables {w_}: its "
@@ -118,13 +111,59 @@ def rebuild(g: Graph, leaves: Sequence[Array], widths: Mapping[str, int], x: Any
     return new_model, tree
 
 
-def _rebuild_linen(g: Graph, model, widths: Mapping[str, int], x) -> Any:
-    """Width fields of the model first (:func:`_discover_fields`), interception for the layers they do not set."""
+def _mismatch(n, model, leaves: Sequence[Array], x, under: str = "") -> dict[str, tuple]:
+    """``{leaf path: (rebuilt shape, shrunk shape)}`` where ``model``'s abstract ``init`` differs from ``leaves``
+    (only the leaves under module path ``under`` when given); raises what ``init`` raises."""
+    spec = jax.ShapeDtypeStruct(tuple(np.shape(x)), jnp.result_type(x) if not isinstance(
+        x, jax.ShapeDtypeStruct) else x.dtype)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(spec.shape, spec.dtype),
+                                               **dict(n.call_kwargs)))
+    want = {p: tuple(np.shape(a)) for p, a in zip(n.paths, leaves)}
+    if under:
+        want = {p: s for p, s in want.items() if n.module_path(n.paths.index(p)) == under}
+    got = {_path_str(p): tuple(a.shape) for p, a in jax.tree_util.tree_leaves_with_path(shapes)
+           if _path_str(p).split("/")[0] in {q.split("/")[0] for q in n.paths}}
+    return {p: (got.get(p), s) for p, s in want.items() if got.get(p) != s}
+
+
+def _rebuild_linen(g: Graph, model, widths: Mapping[str, int], x, leaves: Sequence[Array]) -> Any:
+    """Width fields of the model first (:func:`_discover_fields`), interception for the layers they do not set,
+    then for the grouped and depthwise convolutions whose fields still hold old sizes (:func:`_regroup_convs`)."""
     fields = _discover_fields(g, model, x)
     by_field = {layer: w for layer, w in widths.items() if layer in fields}
     rest = {layer: w for layer, w in widths.items() if layer not in fields}
     new_model = _rebuild_by_fields(g, model, by_field, fields) if by_field else model
-    return _intercepted(g, new_model, rest, x) if rest else new_model
+    new_model = _intercepted(g, new_model, rest, x) if rest else new_model
+    return _regroup_convs(g, new_model, x, leaves)
+
+
+def _regroup_convs(g: Graph, model, x, leaves: Sequence[Array]) -> Any:
+    """``model`` with the fields of every grouped or depthwise convolution whose kernel does not have its shrunk
+    shape yet set by interception: of the submodule's integer fields holding an old size (input or output channels,
+    ``feature_group_count``; :func:`jaxprune.graph.convs.conv_sizes`), the fewest whose new values give the
+    kernel its shrunk shape (so a stride equal to an old group count is left alone)."""
+    import itertools
+
+    from jaxprune.graph.convs import conv_sizes
+
+    n = g.net
+
+    def fits(m, path) -> bool:
+        try:
+            return not _mismatch(n, m, leaves, x, under=path)
+        except Exception:  # a candidate the module refuses (a group count that does not divide the channels)
+            return False
+
+    for path, sizes in conv_sizes(g, leaves).items():
+        if all(o == w for o, w in sizes.items()) or fits(model, path):
+            continue
+        key = tuple(path.split("/"))
+        now = _module_fields(n, model, x).get(key, {})
+        held = [f for f, v in now.items() if isinstance(v, int) and sizes.get(v, v) != v]
+        tries = (_with_overrides(model, {key: {f: sizes[now[f]] for f in fs}})
+                for r in range(1, len(held) + 1) for fs in itertools.combinations(held, r))
+        model = next((m for m in tries if fits(m, path)), model)
+    return model
 
 
 def _rebuild_by_fields(g: Graph, model, widths: Mapping[str, int], fields: Mapping[str, tuple]) -> Any:
@@ -211,8 +250,7 @@ def _intercepted(g: Graph, model, widths: Mapping[str, int], x) -> Any:
 
     Overrides accumulate: a model rebuilt this way and shrunk again keeps one subclass of the original class."""
     n = g.net
-    base = getattr(type(model), "_jaxprune_base", type(model))
-    overrides = {p: dict(f) for p, f in getattr(type(model), "_jaxprune_overrides", ())}
+    overrides: dict[tuple, dict] = {}
     seen = _module_fields(n, model, x)
     for layer, w in widths.items():
         l = g.layers[layer]
@@ -234,6 +272,16 @@ def _intercepted(g: Graph, model, widths: Mapping[str, int], x) -> Any:
         f, v = found[0]
         overrides.setdefault(path, {})[f] = int(w) if not isinstance(v, tuple) else tuple(
             int(w) if t == old else t for t in v)
+    return _with_overrides(model, overrides)
+
+
+def _with_overrides(model, extra: Mapping[tuple, dict]) -> Any:
+    """``model`` as an instance of its base class's intercepting subclass whose overrides are the model's own with
+    ``extra: {scope path: {field: value}}`` merged in (:func:`_resized_class`)."""
+    base = getattr(type(model), "_jaxprune_base", type(model))
+    overrides = {p: dict(f) for p, f in getattr(type(model), "_jaxprune_overrides", ())}
+    for p, f in extra.items():
+        overrides.setdefault(p, {}).update(f)
     frozen = tuple(sorted((p, tuple(sorted(f.items()))) for p, f in overrides.items()))
     kwargs = {fl.name: getattr(model, fl.name) for fl in dataclasses.fields(model) if fl.name not in ("parent", "name")}
     return _resized_class(base, frozen)(**kwargs)
@@ -298,9 +346,14 @@ def _module_fields(n, model, x) -> dict[tuple, dict]:
 
 # ----------------------------------------------------------------------------------------------- NNX
 def _rebuild_nnx(g: Graph, leaves: Sequence[Array]) -> tuple[Any, PyTree]:
-    """``nnx.split`` of the model merged with the shrunk ``leaves``, every module's integer attributes that held
-    the old size of one of its parameters' shrunk axes set to the new size (``in_features``, ``out_features``,
-    ``num_features``, or any attribute matched by the shapes; see :func:`_fix_widths`)."""
+    """``nnx.split`` of the model merged with the shrunk ``leaves``, with consistent attributes: every module
+    holding shrunk parameters gets the integer (or tuple) attributes that held an old size (or a prefix, suffix or
+    the whole of an old shape) of its parameters set to the new ones (:func:`_fix_widths`: ``in_features``,
+    ``out_features``, ``num_features``, ``LinearGeneral``'s tuples); then every module holding no parameter of its
+    own but shrunk ones below it (``nnx.MultiHeadAttention``: ``num_heads``, ``qkv_features``, ``head_dim``), and
+    every grouped or depthwise convolution (``in_features``, ``feature_group_count``), gets the attribute values its
+    constructor needs to make the shrunk shapes (:func:`_fix_parent`, :func:`_fit_attrs`)."""
+    from jaxprune.graph.convs import conv_sizes
     from flax import nnx
 
     n = g.net
@@ -309,13 +362,29 @@ def _rebuild_nnx(g: Graph, leaves: Sequence[Array]) -> tuple[Any, PyTree]:
     by_module: dict[str, list[int]] = {}
     for i, p in enumerate(n.paths):
         by_module.setdefault(p.rpartition("/")[0], []).append(i)
-    for path, m in nnx.iter_graph(module):
-        own = by_module.get("/".join(map(str, path)))
-        if own and isinstance(m, nnx.Module):
+    mods = [(tuple(map(str, path)), m) for path, m in nnx.iter_graph(module) if isinstance(m, nnx.Module)]
+    before = {id(m): _width_attrs(m) for _, m in mods}
+    for path, m in mods:
+        own = by_module.get("/".join(path))
+        if own:
             axes = [(ids.get((i, a), ("fixed", int(old))), int(old), int(np.shape(leaves[i])[a]), n.paths[i],
                      len(np.shape(leaves[i]))) for i in own for a, old in enumerate(np.shape(n.leaves[i]))]
             _fix_widths(m, axes)
+    regroup = conv_sizes(g, leaves)
+    for path, m in mods:
+        sizes = regroup.get("/".join(path), {})
+        if any(o != w for o, w in sizes.items()):
+            _fit_attrs(m, {o: {w} for o, w in sizes.items() if o != w})
+    for path, m in sorted(mods, key=lambda t: -len(t[0])):  # innermost first
+        below = [c for p, c in mods if len(p) > len(path) and p[:len(path)] == path]
+        if "/".join(path) not in by_module and any(_width_attrs(c) != before[id(c)] for c in below):
+            _fix_parent(m, [(before[id(c)], _width_attrs(c)) for c in below])
     return nnx.split(module)
+
+
+def _width_attrs(m: Any) -> dict[str, Any]:
+    """A module's public integer and tuple-of-integer attributes."""
+    return {k: v for k, v in vars(m).items() if not k.startswith("_") and _is_width(v)}
 
 
 def _fix_widths(m: Any, axes: Sequence[tuple]) -> None:
@@ -324,19 +393,17 @@ def _fix_widths(m: Any, axes: Sequence[tuple]) -> None:
     one; axes no unit indexes share one per size). Per old size ``o``: the attributes equal to ``o`` (in the order
     the module holds them) take the new sizes of the identities of size ``o`` (ordered by the parameters, most axes
     first, then axis: a kernel's input before its output) one to one; with a different number of each, a single
-    attribute takes a single new size. A tuple attribute equal to a parameter's old shape takes its new shape
-    (``kernel_shape``)."""
+    attribute takes a single new size. A tuple attribute equal to a parameter's old shape, or to a leading or
+    trailing run of it, takes the new sizes of those axes (``kernel_shape``; ``LinearGeneral``'s ``in_features`` /
+    ``out_features``: where one tuple is both, the first attribute takes the leading run, later ones the trailing)."""
     axes = sorted(axes, key=lambda t: (-t[4], t[3]))
     sizes: dict[int, dict] = {}
-    shapes: dict[tuple, list] = {}
+    shapes: dict[str, list] = {}
     for ident, old, new, path, _ in axes:
         sizes.setdefault(old, {}).setdefault(ident, new)
         shapes.setdefault(path, []).append((old, new))
     attrs = [(k, v) for k, v in vars(m).items() if not k.startswith("_")]
-    for k, v in attrs:
-        for dims in shapes.values():
-            if isinstance(v, tuple) and v == tuple(o for o, _ in dims) and v != tuple(w for _, w in dims):
-                setattr(m, k, tuple(w for _, w in dims))
+    _fix_tuples(m, [(k, v) for k, v in attrs if isinstance(v, tuple) and _is_width(v)], list(shapes.values()))
     ints = [(k, v) for k, v in attrs if isinstance(v, int) and not isinstance(v, bool)]
     for old, idents in sizes.items():
         news = list(idents.values())
@@ -348,3 +415,105 @@ def _fix_widths(m: Any, axes: Sequence[tuple]) -> None:
                 setattr(m, k, w)
         elif len(held) == 1 and len({w for w in news if w != old}) == 1:
             setattr(m, held[0], next(w for w in news if w != old))
+
+
+def _fix_tuples(m: Any, attrs: Sequence[tuple], shapes: Sequence[list]) -> None:
+    """:func:`_fix_widths` for tuple attributes: ``shapes`` lists ``[(old, new) per axis]`` per parameter."""
+    leading_taken: set = set()
+    for k, v in attrs:
+        r = len(v)
+        for i, dims in enumerate(shapes):
+            old, new = tuple(o for o, _ in dims), tuple(w for _, w in dims)
+            lead, trail = r <= len(old) and old[:r] == v, r <= len(old) and old[len(old) - r:] == v
+            if not (lead or trail):
+                continue
+            if lead and trail and r < len(old):
+                lead = i not in leading_taken
+                leading_taken.add(i)
+            pick = new[:r] if lead else new[len(new) - r:]
+            if pick != v:
+                setattr(m, k, pick)
+            break
+
+
+def _fix_parent(m: Any, changes: Sequence[tuple]) -> None:
+    """Set the integer attributes of ``m`` (a module holding no parameter of its own) to the values its
+    constructor needs to build the shapes its submodules now hold. ``changes``: ``(old attributes, new
+    attributes)`` of the modules below. Candidates for an attribute holding ``v``: the new values of the changed
+    sizes (or products of a changed tuple) that were ``v``; the fewest changes whose abstract construction
+    (``type(m)(**attributes)``, :func:`flax.nnx.eval_shape`) gives every state shape of ``m`` win. A module whose
+    constructor cannot be called from its attributes is left as it is."""
+    facts: dict[int, set] = {}
+    for old, new in changes:
+        for k, o in old.items():
+            w = new.get(k, o)
+            pairs = [(o, w)] if isinstance(o, int) else list(zip(o, w)) + [(int(np.prod(o)), int(np.prod(w)))]
+            for a, b in pairs:
+                if a != b:
+                    facts.setdefault(a, set()).add(b)
+    _fit_attrs(m, facts)
+
+
+def _fit_attrs(m: Any, facts: Mapping[int, set]) -> None:
+    """Set the fewest integer attributes of ``m`` holding an old size of ``facts: {old: {new sizes}}`` to a new
+    one such that ``type(m)`` built abstractly from its attributes has ``m``'s state shapes (at most 64 tries;
+    left as it is when none fits or the constructor cannot be called from the attributes)."""
+    import itertools
+
+    ints = {k: v for k, v in _width_attrs(m).items() if isinstance(v, int)}
+    options = [(k, sorted(facts[v])) for k, v in ints.items() if v in facts]
+    target = _state_shapes(m) if options else None
+    if target is None:
+        return
+    tries = 0
+    for r in range(1, len(options) + 1):
+        for chosen in itertools.combinations(options, r):
+            for values in itertools.product(*(c for _, c in chosen)):
+                tries += 1
+                if tries > 64:
+                    return
+                built = _built_like(m, dict(zip((k for k, _ in chosen), values)))
+                if built is not None and _state_shapes(built) == target:
+                    for k, v in _width_attrs(m).items():
+                        if getattr(built, k, v) != v:
+                            setattr(m, k, getattr(built, k))
+                    return
+
+
+def _state_shapes(m: Any) -> dict | None:
+    from flax import nnx
+
+    try:
+        flat = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(m)))
+    except Exception:
+        return None
+    return {_path_str(p): tuple(np.shape(a)) if not hasattr(a, "shape") else tuple(a.shape) for p, a in flat}
+
+
+def _built_like(m: Any, changed: Mapping[str, int]) -> Any:
+    """An abstract ``type(m)`` built from ``m``'s attributes (those its constructor names) with ``changed``;
+    ``None`` when the constructor needs an argument ``m`` does not hold or refuses the values."""
+    import inspect
+
+    from flax import nnx
+
+    try:
+        params = inspect.signature(type(m).__init__).parameters
+    except (TypeError, ValueError):
+        return None
+    kw: dict[str, Any] = {}
+    for name, p in list(params.items())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if name in changed:
+            kw[name] = changed[name]
+        elif name == "rngs":
+            kw[name] = None
+        elif name in vars(m) and not isinstance(vars(m)[name], (nnx.Module, nnx.Variable)):
+            kw[name] = vars(m)[name]
+        elif p.default is p.empty:
+            return None
+    try:
+        return nnx.eval_shape(lambda: type(m)(**{k: (nnx.Rngs(0) if k == "rngs" else v) for k, v in kw.items()}))
+    except Exception:
+        return None
