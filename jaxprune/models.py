@@ -10,6 +10,9 @@ structured pruning uses to rebuild it smaller. Layer names:
 * ``VGG``: ``conv_i`` each followed by ``bn_i``, then ``dense_0`` (after global average pooling);
 * ``ResNet``: ``stem_conv, stem_bn``, blocks ``block{stage}_{index}`` holding ``conv_0, bn_0, conv_1, bn_1``
   (and ``shortcut_conv, shortcut_bn`` where the shape changes), then ``dense``;
+* ``ViT`` (pre-LN vision transformer): ``patch_embed, cls_token, pos_embed, block_{i}_attn/{query, key, value,
+  out}, block_{i}_ln_{0,1}, block_{i}_fc, block_{i}_proj, ln_f, head`` (heads and MLP units pruned through the
+  graph; no ``with_widths``);
 * ``GPT`` (character language model, token ids ``(b, t) -> logits (b, t, vocab)``; not built by :func:`build`, no
   representations): ``embed, pos_embed, block_{i}_attn/{q,k,v,out}, block_{i}_ln_{0,1}, block_{i}_fc,
   block_{i}_proj, ln_f, head``.
@@ -407,12 +410,54 @@ class GPT(nn.Module):
         return nn.Dense(self.vocab_size, kernel_init=GPT_INIT, name="head")(x)
 
 
+# ----------------------------------------------------------------------------------------------- ViT
+class ViT(nn.Module):
+    """Pre-LayerNorm vision transformer for small images: ``x: (n, h, w, c) -> logits (n, num_classes)``.
+
+    Non-overlapping ``patch × patch`` patches (``h`` and ``w`` divisible by ``patch``) → dense patch embedding
+    (``width``) → a learned class token prepended → learned position embeddings → ``depth`` blocks
+    ``x + MHA(LN(x))``, ``x + MLP(LN(x))`` (``nn.MultiHeadDotProductAttention`` with ``heads`` heads of
+    ``width // heads`` channels; MLP ``width -> mlp -> width``, GELU) → final LayerNorm → dense readout of the class
+    token. Kernels N(0, 0.02). Names: ``patch_embed, cls_token, pos_embed, block_{i}_ln_{0,1},
+    block_{i}_attn/{query, key, value, out}, block_{i}_fc, block_{i}_proj, ln_f, head``. Sows each block's output (``block_{i}``: ``(n, tokens, width)``),
+    the class token after ``ln_f`` (``cls``) and ``logits``. No ``with_widths``: heads and MLP units are removed
+    through the graph (:func:`jaxprune.structured.remove_many`), which rebuilds the layers by interception."""
+
+    num_classes: int
+    patch: int = 7
+    width: int = 64
+    depth: int = 2
+    heads: int = 4
+    mlp: int = 128
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        n, h, w, c = x.shape
+        p = self.patch
+        if h % p or w % p:
+            raise ValueError(f"patch={p}: expected a divisor of the image height {h} and width {w}")
+        x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, (h // p) * (w // p), -1)
+        x = nn.Dense(self.width, kernel_init=GPT_INIT, name="patch_embed")(x)
+        cls = self.param("cls_token", GPT_INIT, (1, 1, self.width))
+        x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, self.width)).astype(x.dtype), x], axis=1)
+        x = x + self.param("pos_embed", GPT_INIT, (x.shape[1], self.width))
+        for i in range(self.depth):
+            y = nn.LayerNorm(name=f"block_{i}_ln_0")(x)
+            x = x + nn.MultiHeadDotProductAttention(num_heads=self.heads, qkv_features=self.width,
+                                                    kernel_init=GPT_INIT, name=f"block_{i}_attn")(y, y)
+            y = nn.gelu(nn.Dense(self.mlp, kernel_init=GPT_INIT, name=f"block_{i}_fc")(
+                nn.LayerNorm(name=f"block_{i}_ln_1")(x)))
+            x = _sow(self, f"block_{i}", x + nn.Dense(self.width, kernel_init=GPT_INIT, name=f"block_{i}_proj")(y))
+        x = _sow(self, "cls", nn.LayerNorm(name="ln_f")(x)[:, 0])
+        return _sow(self, "logits", nn.Dense(self.num_classes, kernel_init=GPT_INIT, name="head")(x))
+
+
 # ----------------------------------------------------------------------------------------------- helpers
 def build(name: str, num_classes: int, *, hidden: Sequence[int] = (300, 100), use_bias: bool = True,
           dropout: float = 0.0, weight_init: str = "he_normal", pool: str = "max", padding: str = "same"
           ) -> nn.Module:
     """Model by name: ``mlp`` (``hidden`` widths), ``lenet300``, ``lenet5``, ``conv2|4|6``, ``vgg11|16|19``,
-    ``resnet20|32|44|56|110``. ``weight_init`` (a key of :data:`INITS`) applies to the MLPs and ``lenet5`` (the
+    ``resnet20|32|44|56|110``, ``vit`` (:class:`ViT` with its defaults, for 28×28 images). ``weight_init`` (a key of :data:`INITS`) applies to the MLPs and ``lenet5`` (the
     other models use He normal); ``pool`` (``max`` or ``avg``, as the original LeNet-5) and ``padding`` (of
     ``conv_0``: ``same`` or ``valid``) to ``lenet5`` only."""
     if weight_init not in INITS:
@@ -438,8 +483,10 @@ def build(name: str, num_classes: int, *, hidden: Sequence[int] = (300, 100), us
         return VGG(VGG_CFGS[name], num_classes)
     if name.startswith("resnet") and name[6:].isdigit():
         return ResNet(int(name[6:]), num_classes)
+    if name == "vit":
+        return ViT(num_classes)
     raise ValueError(f"model={name!r}: expected one of mlp, lenet300, lenet5, conv2, conv4, conv6, "
-                     f"{', '.join(VGG_CFGS)}, resnet20, resnet56 (any 6n+2)")
+                     f"{', '.join(VGG_CFGS)}, resnet20, resnet56 (any 6n+2), vit")
 
 
 def init(model: nn.Module, key: Array, input_shape: Sequence[int]) -> Variables:

@@ -20,7 +20,11 @@ Attention heads are units too (read from the program, :mod:`jaxprune.graph.atten
 projections of a head are coupled layers, removed together with :func:`remove_many` (every head axis shrinks: the
 projections' kernels and biases, the output projection's rows); :func:`keep_coupled` extends one layer's kept units
 to the layers coupled to it (a key/value head takes its query group under grouped-query attention; a gated MLP's
-two layers keep the same units).
+two layers keep the same units). **Unit groups** prune such coupled layers as one: :func:`unit_groups` lists the
+layers pruned alone and each attention's q/k/v heads, :func:`group_widths` counts a group's units (its coupling
+classes: a head, a key/value group under grouped-query attention) and :func:`select_groups` scores each class once
+over the group's layers (weight criteria on the concatenated incoming weights, data-driven scores summed) and
+returns every layer's kept units.
 
 Which layers can be shrunk (:func:`prunable_layers`): every hidden layer of ``MLP``, ``LeNet5`` and ``ConvNet``,
 every conv of ``VGG`` and, in a ``ResNet``, only the block-internal ``block{s}_{b}/conv_0`` (so residual widths
@@ -119,7 +123,11 @@ def _scores64(kernel: Array, criterion: str, bias: Array | None, key: Array | No
     if criterion not in CRITERIA or criterion == "kmeans":
         raise ValueError(f"criterion={criterion!r}: expected one of {tuple(c for c in CRITERIA if c != 'kmeans')} "
                          "(kmeans selects units directly: use select_units)")
-    v = np.asarray(unit_vectors(kernel, bias), np.float64)
+    return _vector_scores(np.asarray(unit_vectors(kernel, bias), np.float64), criterion, key)
+
+
+def _vector_scores(v: np.ndarray, criterion: str, key: Array | None) -> np.ndarray:
+    """Scores ``(n,)`` float64 of the units laid out as rows of ``v: (n, d)`` under a score criterion."""
     if criterion == "l1":
         s = np.abs(v).sum(axis=1)
     elif criterion == "l2":
@@ -400,6 +408,108 @@ def select_layers(model: Any, variables: Variables, n_keep: Mapping[str, int], c
             if np.shape(scores) != (n,):
                 raise ValueError(f"criterion[{layer!r}]: expected scores of shape ({n},), got {np.shape(scores)}")
             keep[layer] = select_by_scores(scores, nk)
+    return keep
+
+
+# ----------------------------------------------------------------------------------------------- unit groups
+def unit_groups(model: Any, variables: Any = None, *, x: Any = None, kind: str = "all",
+                heads: bool = True) -> tuple[tuple[str, ...], ...]:
+    """Groups of layers pruned as one, in forward order: every :func:`prunable_layers` layer of ``kind`` alone (a
+    1-tuple) and, with ``heads``, every coupled group of attention-head layers (the ``q``/``k``/``v`` projections
+    of one attention, kind ``"heads"``). Residual streams and gated-MLP pairs are coupled groups too but are not
+    listed (pass their layers to :func:`select_groups` yourself). Feed the groups to :func:`group_widths`."""
+    singles = prunable_layers(model, kind, variables=variables, x=x)
+    g = _graph(model, _need(model, variables, x, "unit_groups"), x)
+    groups = [(n,) for n in singles]
+    if heads:
+        groups += [grp for grp in g.coupled_groups() if all(g.layers[n].kind == "heads" for n in grp)]
+    order = list(g.layers)
+    return tuple(sorted(groups, key=lambda grp: order.index(grp[0])))
+
+
+def _group(g: graph.Graph, layer: str) -> tuple[tuple[str, ...], np.ndarray]:
+    """The layers pruned with ``layer`` (``layer`` first) and its coupling classes ``(n,)`` in unit order; a
+    ValueError names the layer when its units are frozen."""
+    members = (layer,) + g.coupled(layer)
+    ids = np.concatenate([g.unit_ids[m] for m in members])
+    frozen = sorted({int(c) for c in g.cls[ids] if int(c) in g.frozen})
+    if frozen:
+        raise ValueError(f"layer={layer!r}: cannot remove units ({g.frozen[frozen[0]]}); groups that can: "
+                         f"{[grp[0] for grp in g.coupled_groups()] + list(g.prunable())}")
+    cls = g.cls[g.unit_ids[layer]]
+    _, first = np.unique(cls, return_index=True)
+    return members, cls[np.sort(first)]
+
+
+def group_widths(model: Any, variables: Variables, groups: Sequence[Sequence[str]], *,
+                 x: Any = None) -> dict[str, int]:
+    """``{group[0]: removable units}``: a group's units are its coupling classes (one attention head across its
+    q/k/v projections, one key/value group under grouped-query attention, one unit of a layer pruned alone)."""
+    g = _graph(model, variables, x)
+    return {grp[0]: int(_group(g, grp[0])[1].size) for grp in groups}
+
+
+def _class_units(g: graph.Graph, members: Sequence[str], classes: np.ndarray) -> list[list[np.ndarray]]:
+    """Per class, per member layer: the indices of the layer's units in that class."""
+    return [[np.flatnonzero(g.cls[g.unit_ids[m]] == c) for m in members] for c in classes]
+
+
+def _class_vectors(g: graph.Graph, members: Sequence[str], units: list[list[np.ndarray]], layer: str) -> np.ndarray:
+    """``(classes, d)`` float64: each class's unit vectors (incoming weights, bias) concatenated over the layers."""
+    vecs = {m: np.asarray(unit_vectors(**unit_params(g, m)), np.float64) for m in members}
+    rows = [np.concatenate([vecs[m][u].ravel() for m, u in zip(members, per)]) for per in units]
+    if len({r.size for r in rows}) > 1:
+        raise ValueError(f"layer={layer!r}: its coupling classes hold different numbers of weights; a weight "
+                         "criterion needs equal ones (pass data-driven scores instead)")
+    return np.stack(rows)
+
+
+def _class_scores(scores: Mapping[str, Array], members: Sequence[str], units: list[list[np.ndarray]],
+                  g: graph.Graph) -> np.ndarray:
+    """``(classes,)``: the sum of each class's unit scores over the group's layers."""
+    missing = [m for m in members if m not in scores]
+    if missing:
+        raise ValueError(f"criterion: no scores for layers {missing} (a group is scored over all its layers); got "
+                         f"scores for {sorted(scores)}")
+    s = {m: _check_scores(scores[m], f"criterion[{m!r}]") for m in members}
+    for m in members:
+        if s[m].shape != (g.layers[m].units,):
+            raise ValueError(f"criterion[{m!r}]: expected scores of shape ({g.layers[m].units},), got {s[m].shape}")
+    return np.array([sum(s[m][u].sum() for m, u in zip(members, per)) for per in units])
+
+
+def select_groups(model: Any, variables: Variables, n_keep: Mapping[str, int], criterion: str | Mapping[str, Array],
+                  *, key: Array | None = None, x: Any = None) -> dict[str, Array]:
+    """Kept unit indices of every layer of each group, for :func:`remove_many` / :func:`mask_many`.
+
+    ``n_keep``: ``{group's first layer: coupling classes kept}`` (:func:`group_widths` counts them);
+    ``criterion``: a weight criterion of :data:`CRITERIA` — a class is the vector of its units' incoming weights
+    and biases concatenated over the group's layers (one score per head across q/k/v) — or data-driven scores
+    ``{layer: (units,)}`` (:func:`jaxprune.criteria.scores`), a class scoring the sum of its units' scores over
+    the group's layers. Ties keep the lower class; ``key`` (folded per group) is needed for ``random``. A group of
+    one layer whose units are their own classes selects exactly as :func:`select_layers`."""
+    if isinstance(criterion, str) and criterion not in CRITERIA:
+        raise ValueError(f"criterion={criterion!r}: expected one of {CRITERIA} or a dict of scores")
+    if criterion == "random" and key is None:
+        raise ValueError("key: criterion='random' needs a jax.random key")
+    _validate.optional_key(key)
+    g = _graph(model, variables, x)
+    keep = {}
+    for i, (layer, nk) in enumerate(n_keep.items()):
+        members, classes = _group(g, g.layer(layer).name)
+        nk = _check_n_keep(nk, classes.size, f"n_keep[{layer!r}]")
+        units = _class_units(g, members, classes)
+        gkey = None if key is None else jax.random.fold_in(key, i)
+        if criterion == "kmeans":
+            kept = _kmeans_select(_class_vectors(g, members, units, layer), nk, _seed(gkey))
+        elif isinstance(criterion, str):
+            kept = np.asarray(select_by_scores(_vector_scores(_class_vectors(g, members, units, layer), criterion,
+                                                              gkey), nk))
+        else:
+            kept = np.asarray(select_by_scores(_class_scores(criterion, members, units, g), nk))
+        for j, m in enumerate(members):
+            idx = np.sort(np.concatenate([units[c][j] for c in kept])) if kept.size else np.zeros(0, np.int64)
+            keep[m] = jnp.asarray(idx, jnp.int32)
     return keep
 
 
