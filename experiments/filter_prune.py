@@ -3,17 +3,24 @@
 Train a network (or reload it from the workdir), then run exactly ``--max_rounds`` rounds (fewer only when the
 ``--max_pruned_fraction`` floor stops them) of
 
-1. score every filter of every prunable conv layer with ``--criterion`` — a weight criterion of
+1. score every filter (unit) of every prunable layer of ``--layer_kind`` with ``--criterion`` — a weight criterion of
    :mod:`jaxprune.structured` (``l1``, ``l2``, ``random``, ``kmeans``, ``l2_gm``) or a data-driven one of
    :mod:`jaxprune.criteria` (``grad``, ``taylor``, ``lrp``, on ``--reference_examples`` training examples);
 2. physically remove ``ceil(prune_fraction · current width)`` filters per layer (never going below
    ``ceil((1 − max_pruned_fraction) · original width)``, nor below one filter) — the pytree shrinks, the following
    BatchNorm and the next layer follow (:func:`jaxprune.structured.remove_many`);
+   With ``--prune_heads`` the attention heads are pruned too (:func:`jaxprune.structured.unit_groups`): per
+   attention ``ceil(prune_fraction · current heads)`` heads go (same floor), each head scored once across its
+   query/key/value projections (weight criteria on the head's weights and biases of the three projections
+   together, data-driven ones summed over them: :func:`jaxprune.structured.select_groups`); the output
+   projection's rows follow. Off by default (the run identity of earlier workdirs is unchanged).
 3. optionally re-estimate the BatchNorm statistics (``--bn_recalibration_batches``; the downstream statistics are
    stale once channels are gone), then fine-tune for ``--finetune_steps`` at the constant ``--finetune_lr`` (a
    fresh optimizer: the shapes changed).
 
-Per round: widths, parameter count, FLOPs, test accuracy before and after fine-tuning. One network per seed of
+Per round: widths (and ``heads``: ``{attention's query projection: heads}``), parameter count, FLOPs
+(:func:`jaxprune.structured.count_flops`, attention's products included), test accuracy before and after
+fine-tuning. :func:`plot_criteria` draws several workdirs' accuracy against FLOPs on one figure. One network per seed of
 ``--seeds``; writes to ``--workdir``: ``config.json`` (the run identity: every flag but the seeds and the round
 count), per seed ``seed_<s>/`` with ``trained/`` (round 0), ``round_<r>/`` (checkpoint + ``round.json``, written
 last: a crash never loses a finished round, and a rerun resumes after the last one), ``results.json``,
@@ -28,7 +35,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -448,6 +455,24 @@ def format_table(results: dict) -> str:
                      f"{acc(r, 'accuracy_after_removal')} | {acc(r, 'accuracy_before_finetune')} | "
                      f"{acc(r, 'accuracy_after_finetune')} |")
     return "\n".join(lines)
+
+
+def plot_criteria(results: Mapping[str, dict], path: str | Path, title: str = "") -> None:
+    """Test accuracy (mean ± std over seeds) before and after fine-tuning against MFLOPs, two curves per entry of
+    ``results: {label (e.g. the criterion): results.json dict}``. The runs must share their rounds' FLOPs (the
+    counts follow from the widths alone: same model and fractions); a ValueError names the labels otherwise."""
+    flops = {label: [r["flops"] for r in res["rounds"]] for label, res in results.items()}
+    if len({tuple(f) for f in flops.values()}) != 1:
+        raise ValueError(f"results: the runs' rounds have different FLOPs ({flops}); expected one model pruned by "
+                         "the same fractions")
+    curves, errors = {}, {}
+    for label, res in results.items():
+        for key, when in (("accuracy_before_finetune", "before"), ("accuracy_after_finetune", "after")):
+            name = f"{label}, {when} fine-tuning"
+            curves[name] = [100 * r[key] for r in res["rounds"]]
+            errors[name] = [100 * r.get(f"{key}_std", 0.0) for r in res["rounds"]]
+    plots.curves([f / 1e6 for f in next(iter(flops.values()))], curves, path, xlabel="MFLOPs per example",
+                 ylabel="test accuracy (%)", title=title, errors=errors)
 
 
 def report(results: dict, config: dict) -> str:

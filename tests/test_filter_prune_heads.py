@@ -15,9 +15,9 @@ from jaxprune import checkpoint, criteria, models, structured, train
 
 
 class Glimpse(nn.Module):
-    """(n, 8, 8, 1) → 4×4 patches (4 tokens of 16) → dense ``dim`` + a summary token + learned positions → one
-    pre-LN block (``heads`` heads of 2 via ``MultiHeadDotProductAttention``; dense ``ffn`` → GELU → dense) → LN →
-    the summary token → dense ``num_classes``."""
+    """(n, 8, 8, 1) → 4×4 patches (4 tokens of 16) → dense ``dim`` + a summary token + learned positions →
+    one pre-LN block (``heads`` heads of 2 via ``MultiHeadDotProductAttention``; dense ``ffn`` → GELU →
+    dense) → LN → the summary token → dense ``num_classes``."""
 
     num_classes: int = 10
     heads: int = 3
@@ -86,7 +86,8 @@ def test_heads_and_units_are_removed_per_round_with_closed_form_counts(tmp_path,
     for r, (h, f) in zip(rounds, [(3, 6), (2, 4), (1, 3)]):
         assert (r["flops"], r["params"]) == (2 * _counts(h, f)[0], _counts(h, f)[1])
     assert rounds[2]["pruned_head_fraction"] == pytest.approx(2 / 3)
-    assert "| heads left | units left |" in filter_prune.format_table(res) and "| 2 | 1 | 3 |" in filter_prune.format_table(res)
+    table = filter_prune.format_table(res)
+    assert "| heads left | units left |" in table and "| 2 | 1 | 3 |" in table
     # Round 1 kept, per head, the largest l1 norm of its query/key/value weights and biases together.
     model, v, x, _ = _trained(tmp_path, BASE)
     p = v["params"]["mix"]
@@ -153,3 +154,14 @@ def test_prune_heads_on_a_model_without_attention_is_refused_naming_the_flag(tmp
     assert not (tmp_path / "w").exists()
     with pytest.raises(ValueError, match="prune_heads='yes': expected true or false"):
         filter_prune.run({**BASE, "prune_heads": "yes"}, tmp_path / "w")
+
+
+def test_plot_criteria_draws_runs_of_equal_flops_and_refuses_others(tmp_path):
+    def res(acc: float, flops=(4e6, 3e6)) -> dict:
+        return {"rounds": [{"flops": f, "accuracy_before_finetune": acc, "accuracy_after_finetune": acc,
+                            "accuracy_after_finetune_std": 0.01} for f in flops]}
+
+    filter_prune.plot_criteria({"l1": res(0.9), "taylor": res(0.95)}, tmp_path / "a.png")
+    assert (tmp_path / "a.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="different FLOPs"):
+        filter_prune.plot_criteria({"l1": res(0.9), "taylor": res(0.9, (4e6, 2e6))}, tmp_path / "b.png")
