@@ -348,6 +348,8 @@ def _prune_round(s: _Seed, r: int, model, variables, base: dict) -> tuple | None
     if target == widths:
         return None
     key = jax.random.fold_in(jax.random.PRNGKey(s.seed), r)
+    if s.pruned.heads:  # select only what shrinks: a weight score of a one-head attention fails in unit_params
+        target = {k: n for k, n in target.items() if n != widths[k]}
     keep = _keep(c, model, variables, target, s.ref, key)
     model, variables = structured.remove_many(model, variables, keep, x=example)
     before = _measure(model, variables, xt, yt, x.shape)

@@ -77,24 +77,26 @@ def _trained(tmp_path, cfg):
 
 def test_heads_and_units_are_removed_per_round_with_closed_form_counts(tmp_path, monkeypatch):
     removed = _spy_removals(monkeypatch)
-    res = filter_prune.run({**BASE, "criterion": "l1"}, tmp_path)
+    cfg = {**BASE, "criterion": "l1", "model_kwargs": '{"heads": 2}'}
+    res = filter_prune.run(cfg, tmp_path)
     rounds = res["rounds"]
-    assert res["head_groups"] == [list(QKV)] and res["layers"] == ["ffn_a"] and res["original_heads"] == {QKV[0]: 3}
-    # 3 heads → 3 − ceil(0.75) = 2 → 2 − ceil(0.5) = 1 (floor ceil(0.2 · 3) = 1); 6 units → 4 → 3
+    assert res["head_groups"] == [list(QKV)] and res["layers"] == ["ffn_a"] and res["original_heads"] == {QKV[0]: 2}
+    # 2 heads → 2 − ceil(0.5) = 1, then at the floor max(1, ceil(0.2 · 2)) = 1 (a one-head attention is not scored
+    # again) while the 6 units go on: → 6 − ceil(1.5) = 4 → 4 − 1 = 3
     assert [(r["heads"], r["widths"]) for r in rounds] == [({QKV[0]: h}, {"ffn_a": f}) for h, f in
-                                                           [(3, 6), (2, 4), (1, 3)]]
-    for r, (h, f) in zip(rounds, [(3, 6), (2, 4), (1, 3)]):
+                                                           [(2, 6), (1, 4), (1, 3)]]
+    for r, (h, f) in zip(rounds, [(2, 6), (1, 4), (1, 3)]):
         assert (r["flops"], r["params"]) == (2 * _counts(h, f)[0], _counts(h, f)[1])
-    assert rounds[2]["pruned_head_fraction"] == pytest.approx(2 / 3)
+    assert rounds[2]["pruned_head_fraction"] == pytest.approx(1 / 2)
     table = filter_prune.format_table(res)
     assert "| heads left | units left |" in table and "| 2 | 1 | 3 |" in table
     # Round 1 kept, per head, the largest l1 norm of its query/key/value weights and biases together.
-    model, v, x, _ = _trained(tmp_path, BASE)
+    model, v, x, _ = _trained(tmp_path, cfg)
     p = v["params"]["mix"]
     l1 = sum(np.abs(np.asarray(p[n]["kernel"], np.float64)).sum((0, 2)) + np.abs(np.asarray(p[n]["bias"])).sum(1)
              for n in ("query", "key", "value"))
-    want = np.sort(np.argsort(-l1, kind="stable")[:2])
-    assert len(removed) == 2
+    want = np.sort(np.argsort(-l1, kind="stable")[:1])
+    assert len(removed) == 2 and set(removed[1]) == {"ffn_a"}
     assert all(removed[0][n].tolist() == want.tolist() for n in QKV)
     f = v["params"]["ffn_a"]
     l1_units = np.abs(np.asarray(f["kernel"], np.float64)).sum(0) + np.abs(np.asarray(f["bias"], np.float64))
@@ -105,7 +107,7 @@ def test_heads_and_units_are_removed_per_round_with_closed_form_counts(tmp_path,
     monkeypatch.undo()
     runs, real_run = [], train.run
     monkeypatch.setattr(train, "run", lambda *a, **k: (runs.append(1), real_run(*a, **k))[1])
-    assert filter_prune.run({**BASE, "criterion": "l1"}, tmp_path)["rounds"] == rounds and not runs
+    assert filter_prune.run(cfg, tmp_path)["rounds"] == rounds and not runs
     d = tmp_path / "seed_0" / "round_2"
     rec = checkpoint.read_json(d / "round.json")
     pruned = filter_prune.Pruned(("ffn_a",), (QKV,))
