@@ -75,6 +75,7 @@ def _trained(tmp_path, cfg):
     return model, checkpoint.restore(tmp_path / "seed_0" / "trained" / "checkpoint", template), x, y
 
 
+@pytest.mark.slow  # ~35 s alone (training + 2 rounds + a rerun; compilation dominates)
 def test_heads_and_units_are_removed_per_round_with_closed_form_counts(tmp_path, monkeypatch):
     removed = _spy_removals(monkeypatch)
     cfg = {**BASE, "criterion": "l1", "model_kwargs": '{"heads": 2}'}
