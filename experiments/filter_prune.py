@@ -3,17 +3,24 @@
 Train a network (or reload it from the workdir), then run exactly ``--max_rounds`` rounds (fewer only when the
 ``--max_pruned_fraction`` floor stops them) of
 
-1. score every filter of every prunable conv layer with ``--criterion`` — a weight criterion of
+1. score every filter (unit) of every prunable layer of ``--layer_kind`` with ``--criterion`` — a weight criterion of
    :mod:`jaxprune.structured` (``l1``, ``l2``, ``random``, ``kmeans``, ``l2_gm``) or a data-driven one of
    :mod:`jaxprune.criteria` (``grad``, ``taylor``, ``lrp``, on ``--reference_examples`` training examples);
 2. physically remove ``ceil(prune_fraction · current width)`` filters per layer (never going below
    ``ceil((1 − max_pruned_fraction) · original width)``, nor below one filter) — the pytree shrinks, the following
    BatchNorm and the next layer follow (:func:`jaxprune.structured.remove_many`);
+   With ``--prune_heads`` the attention heads are pruned too (:func:`jaxprune.structured.unit_groups`): per
+   attention ``ceil(prune_fraction · current heads)`` heads go (same floor), each head scored once across its
+   query/key/value projections (weight criteria on the head's weights and biases of the three projections
+   together, data-driven ones summed over them: :func:`jaxprune.structured.select_groups`); the output
+   projection's rows follow. Off by default (the run identity of earlier workdirs is unchanged).
 3. optionally re-estimate the BatchNorm statistics (``--bn_recalibration_batches``; the downstream statistics are
    stale once channels are gone), then fine-tune for ``--finetune_steps`` at the constant ``--finetune_lr`` (a
    fresh optimizer: the shapes changed).
 
-Per round: widths, parameter count, FLOPs, test accuracy before and after fine-tuning. One network per seed of
+Per round: widths (and ``heads``: ``{attention's query projection: heads}``), parameter count, FLOPs
+(:func:`jaxprune.structured.count_flops`, attention's products included), test accuracy before and after
+fine-tuning. :func:`plot_criteria` draws several workdirs' accuracy against FLOPs on one figure. One network per seed of
 ``--seeds``; writes to ``--workdir``: ``config.json`` (the run identity: every flag but the seeds and the round
 count), per seed ``seed_<s>/`` with ``trained/`` (round 0), ``round_<r>/`` (checkpoint + ``round.json``, written
 last: a crash never loses a finished round, and a rerun resumes after the last one), ``results.json``,
@@ -28,6 +35,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +57,8 @@ SPEC = [
     ("max_pruned_fraction", 0.9, "no layer is pruned below (1 - this) of its original filters"),
     ("max_rounds", 4, "number of prune → fine-tune rounds"),
     ("layer_kind", "conv", "which layers are pruned", ("conv", "dense", "all")),
+    ("prune_heads", False, "also remove attention heads: per attention, ceil(prune_fraction · current heads) a "
+                           "round, each head scored once across its query/key/value projections"),
     ("bn_recalibration_batches", 0, "after each removal, re-estimate BatchNorm statistics on this many training "
                                     "batches before fine-tuning (0: keep the stale ones, as the reference loop)"),
     ("seeds", ["0"], "one network per seed (initialisation, data order, random criterion); several give "
@@ -63,6 +73,8 @@ RENAMED = (common.Renamed((("fraction", 0.2, "fraction of each layer's current f
                           "prune_fraction", lambda v: v["fraction"]),
            common.Renamed((("seed", 0, "initialisation, data order, random criterion"),), "seeds",
                           lambda v: [str(v["seed"])]))
+# config.json of a run made before --prune_heads existed ran without it
+_ADDED_LATER = {**common.ADDED_LATER, "prune_heads": False}
 _ACCURACIES = ("accuracy_after_removal", "accuracy_before_finetune", "accuracy_after_finetune")
 
 
@@ -78,6 +90,8 @@ def _config(config: dict) -> dict:
         raise ValueError(f"max_pruned_fraction={c['max_pruned_fraction']}: expected a value in (0, 1)")
     if not (isinstance(c["max_rounds"], int) and c["max_rounds"] >= 0):
         raise ValueError(f"max_rounds={c['max_rounds']!r}: expected an integer >= 0")
+    if not isinstance(c["prune_heads"], bool):
+        raise ValueError(f"prune_heads={c['prune_heads']!r}: expected true or false")
     if c["criterion"] in DATA_CRITERIA and c["reference_examples"] < 1:
         raise ValueError(f"reference_examples={c['reference_examples']}: expected >= 1 for a data-driven criterion")
     return c
@@ -94,38 +108,75 @@ def round_widths(current: dict[str, int], original: dict[str, int], fraction: fl
     return out
 
 
-def _layer_widths(model, variables, layers, x=None) -> dict[str, int]:
-    all_widths = structured.widths(model, variables, x=x)
-    return {layer: all_widths[layer] for layer in layers}
+class Pruned(NamedTuple):
+    """What a run prunes: ``layers`` shrunk alone (:func:`jaxprune.structured.prunable_layers` of
+    ``--layer_kind``) and, with ``--prune_heads``, ``heads``: the attention-head groups (the query/key/value
+    projections of one attention, :func:`jaxprune.structured.unit_groups`), each named by its first layer."""
+
+    layers: tuple[str, ...]
+    heads: tuple[tuple[str, ...], ...] = ()
+
+    def widths(self, model, variables, x) -> dict[str, int]:
+        """``{layer: units}`` of the layers, then ``{group's first layer: heads}`` of the head groups."""
+        all_widths = structured.widths(model, variables, x=x)
+        out = {layer: all_widths[layer] for layer in self.layers}
+        if self.heads:
+            out.update(structured.group_widths(model, variables, self.heads, x=x))
+        return out
+
+    def head_counts(self, model, variables, x) -> dict[str, int]:
+        """``{group's first layer: heads}`` (empty without ``--prune_heads``)."""
+        return structured.group_widths(model, variables, self.heads, x=x) if self.heads else {}
 
 
-def _keep(c: dict, model, variables, widths: dict[str, int], x_ref, y_ref, key) -> dict[str, jax.Array]:
-    """Kept filter indices per layer under the configured criterion."""
+def _pruned(c: dict, model, example) -> Pruned:
+    """The layers and head groups ``c`` prunes in ``model``; a ValueError naming the flag when there are none."""
+    layers = structured.prunable_layers(model, c["layer_kind"], x=example)
+    heads: tuple = ()
+    if c["prune_heads"]:
+        alone = {(layer,) for layer in layers}
+        heads = tuple(g for g in structured.unit_groups(model, x=example, kind=c["layer_kind"]) if g not in alone)
+        if not heads:
+            raise ValueError(f"prune_heads=True: {type(model).__name__} has no attention heads (no coupled "
+                             "query/key/value projections in its graph); use --prune_heads=false")
+    if not layers and not heads:
+        raise ValueError(f"layer_kind={c['layer_kind']!r}: {type(model).__name__} has no such prunable layer")
+    return Pruned(tuple(layers), heads)
+
+
+def _keep(c: dict, model, variables, target: dict[str, int], ref: tuple, key) -> dict[str, jax.Array]:
+    """Kept unit indices per layer under the configured criterion (``target``: :meth:`Pruned.widths` after the
+    round; with ``--prune_heads`` every layer of a head group gets its kept heads). ``ref``: ``(x, y)`` of the
+    data-driven criteria."""
+    x_ref, y_ref = ref
     example = (1,) + tuple(x_ref.shape[1:])
+    select = structured.select_groups if c["prune_heads"] else structured.select_layers
     if c["criterion"] in structured.CRITERIA:
-        return structured.select_layers(model, variables, widths, c["criterion"], key=key, x=example)
+        return select(model, variables, target, c["criterion"], key=key, x=example)
     scores = criteria.scores(c["criterion"], model, variables, x_ref, y_ref, normalized=False)
-    missing = [layer for layer in widths if layer not in scores]
+    missing = [layer for layer in target if layer not in scores]
     if missing:
         raise ValueError(f"criterion={c['criterion']!r} gives no scores for layers {missing} of "
                          f"{type(model).__name__} (it covers {sorted(scores)})")
-    return structured.select_layers(model, variables, widths, {k: scores[k] for k in widths}, x=example)
+    return select(model, variables, target, scores if c["prune_heads"] else {k: scores[k] for k in target},
+                  x=example)
 
 
-def _preflight(c: dict, model, layers, x_train, y_train) -> None:
+def _preflight(c: dict, model, pruned: Pruned, x_train, y_train) -> None:
     """Refuse, before any training, a criterion that cannot score the pruned layers of the model: the first
     round's selection is made once on the untrained network (data-driven criteria on a few training examples)."""
     example = (1,) + tuple(x_train.shape[1:])
     variables = models.init(model, jax.random.PRNGKey(0), x_train.shape)
-    widths = _layer_widths(model, variables, layers, example)
-    original = dict(widths)
-    target = round_widths(widths, original, float(c["prune_fraction"]), float(c["max_pruned_fraction"]))
+    widths = pruned.widths(model, variables, example)
+    target = round_widths(widths, widths, float(c["prune_fraction"]), float(c["max_pruned_fraction"]))
     n = min(int(c["reference_examples"]), 8, len(y_train))
     try:
-        _keep(c, model, variables, target, jnp.asarray(x_train[:n]), jnp.asarray(y_train[:n]), jax.random.PRNGKey(0))
+        _keep(c, model, variables, target, (jnp.asarray(x_train[:n]), jnp.asarray(y_train[:n])),
+              jax.random.PRNGKey(0))
     except (TypeError, KeyError, NotImplementedError, ValueError) as e:
-        raise ValueError(f"criterion={c['criterion']!r} with model={c['model']!r} (layer_kind={c['layer_kind']!r}) "
-                         f"cannot select filters ({type(e).__name__}: {e})") from None
+        raise ValueError(f"criterion={c['criterion']!r} with model={c['model']!r} (layer_kind={c['layer_kind']!r}"
+                         f"{', prune_heads=True' if c['prune_heads'] else ''}) cannot select filters "
+                         f"({type(e).__name__}: {e})") from None
 
 
 def _measure(model, variables, x_test, y_test, input_shape) -> dict:
@@ -139,15 +190,21 @@ def _redo_hint(d: Path) -> str:
     return f"; delete {d} to redo that round (later rounds are then redone too)"
 
 
-def _restore_shrunk(model, widths: dict[str, int], path: Path, input_shape, sha256: str | None, hint: str = ""):
-    """The model of the given widths and its variables from a round checkpoint, checked against ``sha256`` (the
-    one its ``round.json`` records; None is refused: an unverified checkpoint is never restored)."""
+def _restore_shrunk(model, rec: dict, pruned: Pruned, d: Path, input_shape, sha256: str | None):
+    """The model of a round record's ``widths`` (and ``heads``) and its variables from the round's checkpoint in
+    ``d``, checked against ``sha256`` (the one its ``round.json`` records; None is refused: an unverified
+    checkpoint is never restored). Only the shapes are rebuilt here; the values are the checkpoint's."""
     template = models.init(model, jax.random.PRNGKey(0), input_shape)
     example = (1,) + tuple(input_shape[1:])
     current = structured.widths(model, template, x=example)
-    keep = {layer: jnp.arange(w) for layer, w in widths.items() if w != current[layer]}
+    keep = {layer: jnp.arange(w) for layer, w in rec["widths"].items() if w != current[layer]}
+    now = pruned.head_counts(model, template, example)
+    heads = {g: n for g, n in rec.get("heads", {}).items() if n != now[g]}
+    if heads:  # which heads does not matter (the values are restored): the template's l1 choice has the shapes
+        keep.update(structured.select_groups(model, template, heads, "l1", x=example))
     model, template = structured.remove_many(model, template, keep, x=example)
-    return model, checkpoint.restore_recorded(path, template, {"checkpoint_sha256": sha256}, hint=hint)
+    return model, checkpoint.restore_recorded(d / "checkpoint", template, {"checkpoint_sha256": sha256},
+                                              hint=_redo_hint(d))
 
 
 @common.locked
@@ -158,25 +215,22 @@ def run(config: dict, workdir: str | Path) -> dict:
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                               c["max_test_examples"])
     model = common.build_model(c, tr.num_classes, input_shape=tr.images.shape, defaults=DEFAULTS)
-    example = (1,) + tuple(tr.images.shape[1:])
-    layers = structured.prunable_layers(model, c["layer_kind"], x=example)
-    if not layers:
-        raise ValueError(f"layer_kind={c['layer_kind']!r}: {type(model).__name__} has no such prunable layer")
+    pruned = _pruned(c, model, (1,) + tuple(tr.images.shape[1:]))
     _finetune_steps(c, len(tr.labels))
     common.check_training_unused(c, DEFAULTS, len(tr.labels))
-    _preflight(c, model, layers, tr.images, tr.labels)
+    _preflight(c, model, pruned, tr.images, tr.labels)
     workdir.mkdir(parents=True, exist_ok=True)  # a refused model or flag leaves no workdir
     # Run identity (experiments.common): config.json records the settings of the rounds (all but max_rounds and
     # the seeds), seed_<s>/trained/trained.json those of each trained network; a trained.json of an older version
     # without settings is vouched for by config.json, checked here first.
     stored_seed = _stored_seed(workdir)
-    checkpoint.check_run_config(workdir, c, _VOLATILE, added_later=common.ADDED_LATER,
+    checkpoint.check_run_config(workdir, c, _VOLATILE, added_later=_ADDED_LATER,
                                 migrate=lambda r: common.migrate_record(r, RENAMED))
     _adopt_single_seed_layout(workdir, stored_seed)
     data = train.to_device(tr.images, tr.labels, te.images, te.labels)
     per_seed: dict[int, dict] = {}
     for seed in c["seeds"]:
-        per_seed[seed] = _run_seed(c, seed, model, layers, data, workdir / f"seed_{seed}")
+        per_seed[seed] = _run_seed(c, seed, model, pruned, data, workdir / f"seed_{seed}")
     return _write(workdir, {**c, "workdir": str(workdir)}, per_seed, f"{len(per_seed)} seed(s)")
 
 
@@ -215,20 +269,34 @@ def _last_round(workdir: Path) -> int:
     return max((int(d.name[6:]) for d in workdir.glob("round_*") if d.name[6:].isdigit()), default=0)
 
 
-def _run_seed(c: dict, seed: int, model, layers, data, workdir: Path) -> dict:
+class _Seed(NamedTuple):
+    """One seed's fixed inputs to its rounds."""
+
+    c: dict
+    seed: int
+    pruned: Pruned
+    data: tuple  # (x, y, x_test, y_test) on the device
+    ref: tuple  # (x, y): the reference examples of the data-driven criteria
+    original: dict[str, int]  # Pruned.widths of the trained network
+    ft_steps: int
+
+
+def _run_seed(c: dict, seed: int, model, pruned: Pruned, data, workdir: Path) -> dict:
     """One seed's train → prune → fine-tune rounds in ``workdir`` (``seed_<s>/``); its ``results.json`` dict."""
     x, y, xt, yt = data
     example = (1,) + tuple(x.shape[1:])
     variables, trained = common.train_network(c, model, x, y, seed, workdir / "trained", legacy_ok=True)
-    ft_steps = _finetune_steps(c, len(y))
     ref = np.random.default_rng(seed).permutation(len(y))[:c["reference_examples"]]
-    x_ref, y_ref = x[ref], y[ref]
-    original = _layer_widths(model, variables, layers, example)
-
+    s = _Seed(c, seed, pruned, data, (x[ref], y[ref]), pruned.widths(model, variables, example),
+              _finetune_steps(c, len(y)))
     first = _measure(model, variables, xt, yt, x.shape)
-    rounds = [{"round": 0, **first, "accuracy_before_finetune": first["accuracy"],
-               "accuracy_after_finetune": first["accuracy"], "train": trained}]
-    meta = {"layers": list(layers), "original_widths": original, "finetune_steps": ft_steps}
+    heads = pruned.head_counts(model, variables, example)
+    rounds = [{"round": 0, **first, **({"heads": heads} if heads else {}), "accuracy_before_finetune":
+               first["accuracy"], "accuracy_after_finetune": first["accuracy"], "train": trained}]
+    meta = {"layers": list(pruned.layers), "original_widths": {k: s.original[k] for k in pruned.layers},
+            "finetune_steps": s.ft_steps}
+    if pruned.heads:
+        meta.update(head_groups=[list(g) for g in pruned.heads], original_heads=heads)
 
     def write(finished: bool) -> dict:
         return _write(workdir, {**c, "seed": seed, "workdir": str(workdir)}, {seed: {**meta, "rounds": rounds}},
@@ -236,58 +304,78 @@ def _run_seed(c: dict, seed: int, model, layers, data, workdir: Path) -> dict:
 
     for r in range(1, c["max_rounds"] + 1):
         d = workdir / f"round_{r}"
-        widths = _layer_widths(model, variables, layers, example)
         if (d / "round.json").exists():
             rec = checkpoint.read_record(d / "round.json", expect={"round": r, "seed": seed}, hint=_redo_hint(d))
             rec.pop("seed", None)  # identity of the file; the round records in memory hold no seed
-            model, variables = _restore_shrunk(model, rec["widths"], d / "checkpoint", x.shape,
-                                               rec.pop("checkpoint_sha256", None), _redo_hint(d))
+            sha = rec.pop("checkpoint_sha256", None)
+            model, variables = _restore_shrunk(model, rec, pruned, d, x.shape, sha)
             logging.info("seed %d round %d: finished earlier, resumed", seed, r)
             rounds.append(rec)
             continue
         for later in [d, *(workdir / f"round_{j}" for j in range(r + 1, _last_round(workdir) + 1))]:
             if later.exists():  # an interrupted round (no marker), or rounds made from the one redone now
                 shutil.rmtree(later)
-        target = round_widths(widths, original, float(c["prune_fraction"]), float(c["max_pruned_fraction"]))
-        if target == widths:
+        done = _prune_round(s, r, model, variables, rounds[0])
+        if done is None:
             logging.info("seed %d round %d: every layer is at its floor (max_pruned_fraction=%g); stopping", seed, r,
                          c["max_pruned_fraction"])
             return write(True)
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), r)
-        keep = _keep(c, model, variables, target, x_ref, y_ref, key)
-        model, variables = structured.remove_many(model, variables, keep, x=example)
-        before = _measure(model, variables, xt, yt, x.shape)
-        removed_acc = before["accuracy"]
-        if c["bn_recalibration_batches"] > 0:
-            variables = train.recalibrate_batchnorm(model, variables, x, batch_size=c["batch_size"],
-                                                    num_batches=c["bn_recalibration_batches"],
-                                                    key=jax.random.fold_in(key, 2))
-            before["accuracy"] = common.accuracy(model, variables, xt, yt)
-        optim = train.OptimConfig(optimizer=c["optimizer"], lr=float(c["finetune_lr"]), momentum=c["momentum"],
-                                  weight_decay=c["weight_decay"])
-        tx = train.make_optimizer(optim, float(c["finetune_lr"]))
-        res = train.run(train.make_trainer(model, tx, augment=augment.by_name(c["augment"])),
-                        train.create_state(variables, tx), x, y,
-                        batch_size=c["batch_size"], num_steps=ft_steps, data_key=jax.random.fold_in(key, 1),
-                        loop=c["loop"], log_prefix=f"[seed {seed} round {r}] ")
-        variables = train.variables_of(res.state)
-        after = common.accuracy(model, variables, xt, yt)
-        pruned = 1.0 - sum(before["widths"][k] for k in layers) / sum(original.values())
-        base = rounds[0]
-        rec = {"round": r, "widths": before["widths"], "params": before["params"], "flops": before["flops"],
-               "params_fraction": before["params"] / base["params"], "flops_fraction": before["flops"] / base["flops"],
-               "pruned_filter_fraction": pruned, "accuracy_after_removal": removed_acc,
-               "accuracy_before_finetune": before["accuracy"],
-               "accuracy_after_finetune": after, "finetune_seconds": res.seconds}
+        model, variables, rec = done
         with checkpoint.interrupts_deferred():
             d.mkdir(parents=True)
             sha = checkpoint.save(d / "checkpoint", variables)
             checkpoint.write_record(d / "round.json", {**rec, "checkpoint_sha256": sha}, {"round": r, "seed": seed})
         logging.info("seed %d round %d: params %d (%.1f %%), accuracy %.4f -> %.4f", seed, r, rec["params"],
-                     100 * rec["params_fraction"], rec["accuracy_before_finetune"], after)
+                     100 * rec["params_fraction"], rec["accuracy_before_finetune"], rec["accuracy_after_finetune"])
         rounds.append(rec)
         write(False)
     return write(True)
+
+
+def _removed_fraction(now: dict[str, int], original: dict[str, int], keys) -> float:
+    """``1 − Σ now / Σ original`` over ``keys`` (0 when there are none)."""
+    keys = list(keys)
+    return 1.0 - sum(now[k] for k in keys) / sum(original[k] for k in keys) if keys else 0.0
+
+
+def _prune_round(s: _Seed, r: int, model, variables, base: dict) -> tuple | None:
+    """Round ``r``: score, remove, (recalibrate BatchNorm,) fine-tune; ``(model, variables, round record)``, or
+    None when every layer and head group is at its floor. ``base``: round 0's record."""
+    c, (x, y, xt, yt) = s.c, s.data
+    example = (1,) + tuple(x.shape[1:])
+    widths = s.pruned.widths(model, variables, example)
+    target = round_widths(widths, s.original, float(c["prune_fraction"]), float(c["max_pruned_fraction"]))
+    if target == widths:
+        return None
+    key = jax.random.fold_in(jax.random.PRNGKey(s.seed), r)
+    if s.pruned.heads:  # select only what shrinks: a weight score of a one-head attention fails in unit_params
+        target = {k: n for k, n in target.items() if n != widths[k]}
+    keep = _keep(c, model, variables, target, s.ref, key)
+    model, variables = structured.remove_many(model, variables, keep, x=example)
+    before = _measure(model, variables, xt, yt, x.shape)
+    removed_acc = before["accuracy"]
+    if c["bn_recalibration_batches"] > 0:
+        variables = train.recalibrate_batchnorm(model, variables, x, batch_size=c["batch_size"],
+                                                num_batches=c["bn_recalibration_batches"],
+                                                key=jax.random.fold_in(key, 2))
+        before["accuracy"] = common.accuracy(model, variables, xt, yt)
+    optim = train.OptimConfig(optimizer=c["optimizer"], lr=float(c["finetune_lr"]), momentum=c["momentum"],
+                              weight_decay=c["weight_decay"])
+    tx = train.make_optimizer(optim, float(c["finetune_lr"]))
+    res = train.run(train.make_trainer(model, tx, augment=augment.by_name(c["augment"])),
+                    train.create_state(variables, tx), x, y,
+                    batch_size=c["batch_size"], num_steps=s.ft_steps, data_key=jax.random.fold_in(key, 1),
+                    loop=c["loop"], log_prefix=f"[seed {s.seed} round {r}] ")
+    variables = train.variables_of(res.state)
+    rec = {"round": r, "widths": before["widths"], "params": before["params"], "flops": before["flops"],
+           "params_fraction": before["params"] / base["params"], "flops_fraction": before["flops"] / base["flops"],
+           "pruned_filter_fraction": _removed_fraction(before["widths"], s.original, s.pruned.layers),
+           "accuracy_after_removal": removed_acc, "accuracy_before_finetune": before["accuracy"],
+           "accuracy_after_finetune": common.accuracy(model, variables, xt, yt), "finetune_seconds": res.seconds}
+    if s.pruned.heads:
+        rec["heads"] = s.pruned.head_counts(model, variables, example)
+        rec["pruned_head_fraction"] = _removed_fraction(rec["heads"], s.original, rec["heads"])
+    return model, variables, rec
 
 
 def summarize_rounds(per_seed: dict[int, list[dict]]) -> list[dict]:
@@ -315,13 +403,20 @@ def _write(workdir: Path, config: dict, per_seed: dict[int, dict], label: str, f
     results = {"config": config, "environment": common.environment(), "layers": first["layers"],
                "original_widths": first["original_widths"], "finetune_steps": first["finetune_steps"],
                "rounds": rounds, "finished": finished and all(r.get("finished", True) for r in per_seed.values())}
+    if "head_groups" in first:
+        results.update(head_groups=first["head_groups"], original_heads=first["original_heads"])
     if len(per_seed) > 1 or "seed" not in config:
         results["per_seed"] = {str(s): r for s, r in per_seed.items()}
     checkpoint.write_record(workdir / "results.json", results)
     base = rounds[0]
     columns = ["round", "params", "flops", "pruned_filter_fraction", "accuracy_before_finetune",
                "accuracy_before_finetune_std", "accuracy_after_finetune", "accuracy_after_finetune_std"]
-    common.write_csv(workdir / "rounds.csv", [{"pruned_filter_fraction": 0.0, **r} for r in rounds], columns)
+    if "head_groups" in first:  # heads and the pruned layers' units left, as totals
+        columns[1:1] = ["heads_left", "units_left"]
+        rounds_csv = [{**r, **_left(r, first["layers"])} for r in rounds]
+    else:
+        rounds_csv = rounds
+    common.write_csv(workdir / "rounds.csv", [{"pruned_filter_fraction": 0.0, **r} for r in rounds_csv], columns)
     frac = [r["params"] / base["params"] for r in rounds]
     pct = lambda key: [100 * r[key] for r in rounds]
     plots.curves([100 * f for f in frac],
@@ -334,11 +429,19 @@ def _write(workdir: Path, config: dict, per_seed: dict[int, dict], label: str, f
     return results
 
 
+def _left(r: dict, layers) -> dict[str, int]:
+    """``{'heads_left': Σ heads, 'units_left': Σ units of the pruned layers}`` of a round record."""
+    return {"heads_left": sum(r["heads"].values()), "units_left": sum(r["widths"][k] for k in layers)}
+
+
 def format_table(results: dict) -> str:
-    """Markdown table, one row per round; accuracies as ``mean ± std`` (ddof = 1) when several seeds ran."""
+    """Markdown table, one row per round; accuracies as ``mean ± std`` (ddof = 1) when several seeds ran. With
+    ``--prune_heads``: the heads and the pruned layers' units left instead of the pruned filter fraction."""
     base = results["rounds"][0]
-    lines = ["| round | filters pruned % | params | params % | MFLOPs | acc. after removal % | acc. before FT % "
-             "| acc. after FT % |", "|---|---|---|---|---|---|---|---|"]
+    heads = "head_groups" in results
+    first = "heads left | units left" if heads else "filters pruned %"
+    lines = [f"| round | {first} | params | params % | MFLOPs | acc. after removal % | acc. before FT % "
+             "| acc. after FT % |", "|---|---|" + "---|" * (7 if heads else 6)]
 
     def acc(r: dict, key: str) -> str:
         if key not in r:  # records from before accuracy_after_removal was kept
@@ -347,11 +450,31 @@ def format_table(results: dict) -> str:
         return f"{100 * r[key]:.2f}{spread}"
 
     for r in results["rounds"]:
-        lines.append(f"| {r['round']} | {100 * r.get('pruned_filter_fraction', 0.0):.1f} | {r['params']} | "
+        pruned = ("{heads_left} | {units_left}".format(**_left(r, results["layers"])) if heads
+                  else f"{100 * r.get('pruned_filter_fraction', 0.0):.1f}")
+        lines.append(f"| {r['round']} | {pruned} | {r['params']} | "
                      f"{100 * r['params'] / base['params']:.1f} | {r['flops'] / 1e6:.2f} | "
                      f"{acc(r, 'accuracy_after_removal')} | {acc(r, 'accuracy_before_finetune')} | "
                      f"{acc(r, 'accuracy_after_finetune')} |")
     return "\n".join(lines)
+
+
+def plot_criteria(results: Mapping[str, dict], path: str | Path, title: str = "") -> None:
+    """Test accuracy (mean ± std over seeds) before and after fine-tuning against MFLOPs, two curves per entry of
+    ``results: {label (e.g. the criterion): results.json dict}``. The runs must share their rounds' FLOPs (the
+    counts follow from the widths alone: same model and fractions); a ValueError names the labels otherwise."""
+    flops = {label: [r["flops"] for r in res["rounds"]] for label, res in results.items()}
+    if len({tuple(f) for f in flops.values()}) != 1:
+        raise ValueError(f"results: the runs' rounds have different FLOPs ({flops}); expected one model pruned by "
+                         "the same fractions")
+    curves, errors = {}, {}
+    for label, res in results.items():
+        for key, when in (("accuracy_before_finetune", "before"), ("accuracy_after_finetune", "after")):
+            name = f"{label}, {when} fine-tuning"
+            curves[name] = [100 * r[key] for r in res["rounds"]]
+            errors[name] = [100 * r.get(f"{key}_std", 0.0) for r in res["rounds"]]
+    plots.curves([f / 1e6 for f in next(iter(flops.values()))], curves, path, xlabel="MFLOPs per example",
+                 ylabel="test accuracy (%)", title=title, errors=errors)
 
 
 def report(results: dict, config: dict) -> str:

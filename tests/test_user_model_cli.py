@@ -246,8 +246,9 @@ def test_filter_prune_physically_shrinks_a_user_model_through_its_width_field(my
     _, te = _digits("unit")
     model = common.build_model(filter_prune._config(FILTER), 10)
     r2 = tmp_path / "seed_0" / "round_2"
-    small, v = filter_prune._restore_shrunk(model, widths[2], r2 / "checkpoint", (1, 8, 8, 1),
-                                            checkpoint.read_record(r2 / "round.json")["checkpoint_sha256"])
+    rec2 = checkpoint.read_record(r2 / "round.json")
+    small, v = filter_prune._restore_shrunk(model, rec2, filter_prune.Pruned(("fc1", "fc2")), r2, (1, 8, 8, 1),
+                                            rec2["checkpoint_sha256"])
     assert type(small).__name__ == "MyMLP" and small.hidden == (6, 4) and small.num_classes == 10
     assert _shapes(v) == {"fc1": (64, 6), "fc2": (6, 4), "head": (4, 10)}
     assert structured.widths(small, v) == {"fc1": 6, "fc2": 4}
