@@ -267,12 +267,26 @@ def unit_params(g: graph.Graph, layer: str) -> dict:
     out = {"kernel": jnp.moveaxis(leaves[l.kernel], l.out_axis, -1)}
     bias = l.bias if l.bias is not None else (l.bn or {}).get("layer_bias")
     if bias is not None and np.ndim(leaves[bias]) > 1:  # a head bias (heads, head_dim): joins the kernel's rows
-        axis = next(a for leaf, a, ids in g.slices if leaf == bias and np.array_equal(ids, g.unit_ids[layer]))
+        axis = _unit_axis(g, bias, layer)
         rows = [out["kernel"].reshape(-1, l.units), jnp.moveaxis(leaves[bias], axis, -1).reshape(-1, l.units)]
         out["kernel"] = jnp.concatenate(rows, axis=0)
     elif bias is not None:
         out["bias"] = leaves[bias]
     return out
+
+
+def _unit_axis(g: graph.Graph, leaf: int, layer: str) -> int:
+    """The axis of parameter ``leaf`` indexed by ``layer``'s units: the slice the graph recorded, else (a single head,
+    whose size-1 axis is not followed as a slice) the one axis of that size the graph did not record as channels."""
+    axes = [a for lf, a, ids in g.slices if lf == leaf and np.array_equal(ids, g.unit_ids[layer])]
+    if not axes:
+        seen = {a for lf, a, _ in g.slices if lf == leaf}
+        shape = np.shape(g.net.leaves[leaf])
+        axes = [a for a in range(len(shape)) if a not in seen and shape[a] == g.layers[layer].units]
+    if len(axes) != 1:
+        raise ValueError(f"layer={layer!r}: cannot tell which axis of {g.net.paths[leaf]!r} "
+                         f"{np.shape(g.net.leaves[leaf])} holds its {g.layers[layer].units} units")
+    return axes[0]
 
 
 def keep_coupled(model: Any, variables: Variables, keep: Mapping[str, Array], *, x: Any = None) -> dict[str, Array]:

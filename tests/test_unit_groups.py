@@ -174,3 +174,26 @@ def test_a_residual_stream_grouped_by_a_groupnorm_is_not_listed_as_heads():
     assert graph.build(model, v, x).coupled_groups() == (("c_a", "c_b"),)
     assert st.unit_groups(model, v, x=x) == ()
     assert st.group_widths(model, v, [("c_a", "c_b")], x=x) == {"c_a": 2}
+
+
+class OneHead(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = x + nn.MultiHeadDotProductAttention(num_heads=1, qkv_features=4, name="att")(x, x)
+        return nn.Dense(2, name="o")(x.mean(1))
+
+
+def test_a_single_head_is_scored_with_its_bias_rows():
+    """A one-head attention's bias (1, head_dim) has a size-1 head axis the graph does not follow as a slice; the
+    head's vector still holds its kernel and bias (it raised StopIteration before)."""
+    from jaxprune import graph
+    model = OneHead()
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 4))
+    v = model.init(jax.random.PRNGKey(1), x)
+    p = {**v["params"]["att"]["key"], "bias": jnp.arange(1.0, 5.0)[None]}  # (1, head_dim), nonzero
+    v = {"params": {**v["params"], "att": {**v["params"]["att"], "key": p}}}
+    g = graph.build(model, v, x)
+    want = np.concatenate([np.asarray(p["kernel"]).reshape(-1), np.asarray(p["bias"]).reshape(-1)])
+    np.testing.assert_allclose(np.sort(np.asarray(st.unit_params(g, "att/key")["kernel"]).ravel()), np.sort(want))
+    keep = st.select_groups(model, v, {"att/query": 1}, "l1", x=x)
+    assert {k: a.tolist() for k, a in keep.items()} == {"att/query": [0], "att/key": [0], "att/value": [0]}
