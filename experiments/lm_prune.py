@@ -12,7 +12,8 @@ validation loss (nats per character) on ``--val_windows`` fixed windows. Usage::
 Writes to ``--workdir``: ``dense/`` (the trained params and ``trained.json``), ``results.json``
 (``{"dense": {"val_loss"}, "methods": {method: {pattern: {"val_loss", "val_loss_std", "density"}}}, "details",
 "training", "config", "environment", "seeds"}``: losses in nats/char, means and sample stds over the calibration
-seeds; magnitude reads no calibration data, so it is pruned once, std 0; density over the pruned kernels),
+seeds; magnitude reads no calibration data, so it is pruned once, std 0; density over the pruned kernels; Wanda
+with ``--wanda_group=layer`` is keyed ``wanda_layer``),
 ``val_loss.png`` and ``samples.txt`` (generated text per method and pattern).
 """
 from __future__ import annotations
@@ -50,6 +51,8 @@ SPEC = [
     ("calib_windows", 64, "calibration windows (random training windows of --context characters)"),
     ("damp", 0.01, "SparseGPT damping: lambda times the mean of diag(H) is added to H's diagonal"),
     ("blocksize", 128, "SparseGPT lazy-update and mask-selection block width (columns of inputs)"),
+    ("wanda_group", "output", "Wanda's comparison group at unstructured patterns: output (each output row, the "
+     "paper's) or layer (the whole layer, as magnitude; results key wanda_layer)", calibrated.WANDA_GROUPS),
     ("seeds", ["0", "1", "2"], "calibration draws; results are their means (and stds)"),
     ("sample_chars", 200, "characters generated per method and pattern for samples.txt (0: none)"),
     ("workdir", "runs/lm_prune", "output directory (the trained GPT in dense/ is reused by run identity)"),
@@ -75,6 +78,7 @@ def build(c: dict) -> tuple[data.TextData, models.GPT, lm.LMConfig]:
         raise ValueError(f"methods={','.join(c['methods'])}: expected a non-empty subset of {tuple(calibrated.METHODS)}")
     for p in c["patterns"]:
         calibrated.parse_pattern(p)
+    calibrated.Options(damp=c["damp"], blocksize=c["blocksize"], wanda_group=c["wanda_group"])  # checked now
     text = data.load_text(c["dataset"], c["data_dir"] or None)
     model = models.GPT(len(text.vocab), context=c["context"], width=c["width"], depth=c["depth"], heads=c["heads"],
                        tie_embeddings=c["tie_embeddings"])
@@ -138,7 +142,7 @@ def prune_one(c: dict, t: Trained, method: str, pattern: str, seed: int) -> dict
     """Prune the trained params once (calibration draw ``seed``) and evaluate: ``{val_loss, density, seconds,
     layers, params}`` (density over the pruned kernels)."""
     apply, params, text, val = lm.flax_apply(t.model), t.params, t.text, t.val
-    options = calibrated.Options(damp=c["damp"], blocksize=c["blocksize"])
+    options = calibrated.Options(damp=c["damp"], blocksize=c["blocksize"], wanda_group=c["wanda_group"])
     t0 = time.perf_counter()
     pruned, keep, layers = calibrated.prune(apply, params, _calibration(text, c, seed), method, pattern, options)
     jax.block_until_ready(pruned)
@@ -163,16 +167,17 @@ def run(config: dict, workdir: str | Path) -> dict:
     t = Trained(model, params, text, val)
     methods, details, samples = {}, {}, [f"dense: {_sample(c, t, params)!r}"]
     for method in c["methods"]:
-        methods[method] = {}
+        label = _label(method, c)
+        methods[label] = {}
         for pattern in c["patterns"]:
             key = calibrated.parse_pattern(pattern).name
             # magnitude reads no calibration data: one prune serves every seed
             runs = [prune_one(c, t, method, pattern, s)
                     for s in (seeds[:1] if not calibrated.METHODS[method].calibrated else seeds)]
-            methods[method][key], details.setdefault(method, {})[key] = _summarize(runs)
-            samples.append(f"{method} {key}: {_sample(c, t, runs[0]['params'])!r}")
-            logging.info("%s %s: %s (prune seconds %s)", method, key, methods[method][key],
-                         details[method][key]["prune_seconds"])
+            methods[label][key], details.setdefault(label, {})[key] = _summarize(runs)
+            samples.append(f"{label} {key}: {_sample(c, t, runs[0]['params'])!r}")
+            logging.info("%s %s: %s (prune seconds %s)", label, key, methods[label][key],
+                         details[label][key]["prune_seconds"])
     results = {"dense": {"val_loss": dense}, "methods": methods, "details": details,
                "training": {k: rec[k] for k in ("steps", "seconds", "num_params", "curve")},
                "config": {**c, "workdir": str(workdir)}, "environment": common.environment(), "seeds": list(seeds)}
@@ -180,6 +185,11 @@ def run(config: dict, workdir: str | Path) -> dict:
     (workdir / "samples.txt").write_text("\n".join(samples) + "\n")
     _plot(results, workdir / "val_loss.png")
     return results
+
+
+def _label(method: str, c: dict) -> str:
+    """The results key of ``method``: ``wanda_layer`` for Wanda compared over whole layers (never shown as ``wanda``)."""
+    return "wanda_layer" if method == "wanda" and c["wanda_group"] == "layer" else method
 
 
 def _summarize(runs: list[dict]) -> tuple[dict, dict]:

@@ -17,6 +17,7 @@ Methods (:data:`METHODS`, :func:`register_method`) map ``(w: (in, out) kernel, H
 * ``magnitude``: ``|w|``, the lowest of the whole layer (unstructured) or of each N:M group.
 * ``wanda`` (Sun et al. 2023): ``|w_ij| · ‖X_i‖₂`` with ``‖X_i‖₂² = H_ii``, compared within each output (a column
   of the Flax kernel; the paper's "per output" row of a PyTorch weight), or within each N:M group along the inputs.
+  ``Options(wanda_group="layer")`` compares over the whole layer instead (the paper's ablation; not the default).
 * ``sparsegpt`` (Frantar & Alistarh 2023, Algorithm 1): ``H ← H + λ·mean(diag H)·I`` (``damp`` = λ), inputs with
   ``H_ii = 0`` zeroed (``H_ii ← 1``), ``U`` the upper Cholesky factor of ``H⁻¹``; columns (inputs) are processed in
   order, each pruned weight's error spread over the later inputs (the OBS update ``δ = −(w_j/U_jj) · U_j,j:``), with
@@ -45,6 +46,7 @@ from jaxprune import conventions, masks, patterns
 Array = jax.Array
 PyTree = Any
 METHODS: dict[str, Callable] = {}
+WANDA_GROUPS = ("output", "layer")  # Wanda's unstructured comparison: each output (the paper's) or the whole layer
 
 __all__ = ["METHODS", "register_method", "Pattern", "parse_pattern", "Options", "DenseUse", "dense_layers",
            "gram_fn", "prune", "sparsegpt", "wanda_scores"]
@@ -94,10 +96,13 @@ class Options:
     blocksize: int = 128
     batch_size: int = 16  # calibration windows per forward pass (memory)
     prune_readout: bool = False  # also prune the layers whose output is the model's output
+    wanda_group: str = "output"  # Wanda's unstructured comparison group: "output" (the paper's) or "layer"
 
     def __post_init__(self):
         if not (math.isfinite(self.damp) and self.damp >= 0):
             raise ValueError(f"damp={self.damp!r}: expected a finite number >= 0")
+        if self.wanda_group not in WANDA_GROUPS:
+            raise ValueError(f"wanda_group={self.wanda_group!r}: expected one of {WANDA_GROUPS}")
         for name in ("blocksize", "batch_size"):
             if isinstance(getattr(self, name), bool) or int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected an integer >= 1")
@@ -147,8 +152,9 @@ def wanda_scores(w: Array, gram: Array) -> Array:
 
 @register_method("wanda")
 def wanda(w: Array, gram: Array, pattern: Pattern, options: Options) -> tuple[Array, Array]:
-    """Wanda: :func:`wanda_scores` compared within each output (unstructured) or each N:M group; no update."""
-    keep = _select(wanda_scores(w, gram), pattern, per_output=True)
+    """Wanda: :func:`wanda_scores` compared within each output (unstructured; ``options.wanda_group="layer"``: the
+    whole layer, as magnitude) or each N:M group; no weight update."""
+    keep = _select(wanda_scores(w, gram), pattern, per_output=options.wanda_group == "output")
     return w * keep, keep
 
 
@@ -249,7 +255,8 @@ class _Capture:
     """Evaluates a jaxpr, accumulating ``Xᵀ X`` of the left operand of every ``dot_general`` whose right operand is
     a parameter leaf (``grams[leaf]``) and tracking which such dots each value has last passed (for the readout)."""
 
-    def __init__(self):
+    def __init__(self, wanted: frozenset | None = None):
+        self.wanted = wanted  # the leaves whose Grams are accumulated (None: all)
         self.grams: dict[int, Array] = {}
         self.contract: dict[int, tuple] = {}
         self.source: dict[int, Any] = {}  # the input value a leaf's dot reads (a unique object if several)
@@ -297,8 +304,9 @@ class _Capture:
                              "layers (no batch dimensions)")
         x = jnp.moveaxis(ins[0], tuple(lc), tuple(range(-len(lc), 0))).reshape(-1, math.prod(
             ins[0].shape[d] for d in lc)).astype(jnp.float32)
-        g = jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
-        self.grams[leaf] = self.grams[leaf] + g if leaf in self.grams else g
+        if self.wanted is None or leaf in self.wanted:
+            g = jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
+            self.grams[leaf] = self.grams[leaf] + g if leaf in self.grams else g
         self.contract[leaf] = tuple(int(d) for d in rc)
         self.source[leaf] = object() if leaf in self.source else eqn.invars[0]
         return outs, [frozenset({leaf})]
@@ -310,21 +318,23 @@ def _flat(params: PyTree) -> tuple[list, Any, list[str]]:
             [masks.path_str(path) for path, _ in leaves_with_path])
 
 
-def _capture(apply: Callable, treedef, leaves: list, x: Array) -> tuple[dict, _Capture, frozenset]:
-    """Grams, the capture (contracted dims, input sources) and readout leaves of ``apply(params, x)`` (traceable:
-    jit it)."""
+def _capture(apply: Callable, treedef, leaves: list, x: Array, wanted: frozenset | None = None
+             ) -> tuple[dict, _Capture, frozenset]:
+    """Grams (of the ``wanted`` leaves; None: all), the capture (contracted dims, input sources) and readout leaves
+    of ``apply(params, x)`` (traceable: jit it)."""
     closed = jax.make_jaxpr(lambda ls, xx: apply(jax.tree_util.tree_unflatten(treedef, ls), xx))(leaves, x)
     jaxpr, consts = getattr(closed, "jaxpr", closed), getattr(closed, "consts", ())
-    cap = _Capture()
+    cap = _Capture(wanted)
     leaf_of = {v: i for i, v in enumerate(jaxpr.invars[:len(leaves)])}
     _, outs_after = cap.run(jaxpr, consts, list(leaves) + [x], leaf_of, [frozenset()] * len(jaxpr.invars))
     return cap.grams, cap, frozenset().union(*outs_after)
 
 
-def gram_fn(apply: Callable, params: PyTree) -> Callable[[list, Array], dict]:
+def gram_fn(apply: Callable, params: PyTree, wanted: Sequence[int] | None = None) -> Callable[[list, Array], dict]:
     """Jitted ``f(leaves, x) -> {leaf index: XᵀX (in, in) float32}`` of every dense layer of ``apply`` (leaves: the
-    flattened params)."""
-    return _gram_fn_cached(apply, _flat(params)[1])
+    flattened params), or only of the ``wanted`` leaf indices: the program after their last use is then never run
+    (XLA drops what no output needs)."""
+    return _gram_fn_cached(apply, _flat(params)[1], None if wanted is None else frozenset(int(i) for i in wanted))
 
 
 def dense_layers(apply: Callable, params: PyTree, x: Array) -> list[DenseUse]:
@@ -371,13 +381,13 @@ def prune(apply: Callable, params: PyTree, calib: Array, method: str, pattern: s
         raise ValueError(f"calib: expected a batch of calibration inputs (n >= 1, ...), got shape {calib.shape}")
     leaves, treedef, _ = _flat(params)
     layers = [d for d in dense_layers(apply, params, calib[:1]) if options.prune_readout or not d.readout]
-    grams_of = _gram_fn_cached(apply, treedef)
     keep = [jnp.ones(np.shape(x), bool) for x in leaves]
     report, grams, group = [], None, None
     for d in layers:
         t0 = time.perf_counter()
-        if fn.calibrated and (grams is None or d.group != group):
-            grams, group = _grams(grams_of, leaves, calib, options.batch_size), d.group
+        if fn.calibrated and (grams is None or d.group != group):  # the Grams of this group only, on the pruned net
+            wanted = frozenset(e.leaf for e in layers if e.group == d.group)
+            grams, group = _grams(_gram_fn_cached(apply, treedef, wanted), leaves, calib, options.batch_size), d.group
         gram = grams[d.leaf] if fn.calibrated else None
         w, back = _as_matrix(leaves[d.leaf], d.contract)
         new, k = _jitted(method)(w, gram, pattern, options)
@@ -403,9 +413,9 @@ def _jitted(method: str) -> Callable:
     return _JITTED[method][1]
 
 
-def _gram_fn_cached(apply: Callable, treedef) -> Callable:
-    """One jitted Gram function per (apply, params structure): repeated prunes of a model compile once."""
-    key = (apply, treedef)
+def _gram_fn_cached(apply: Callable, treedef, wanted: frozenset | None = None) -> Callable:
+    """One jitted Gram function per (apply, params structure, wanted leaves): repeated prunes compile once."""
+    key = (apply, treedef, wanted)
     if key not in _GRAM_FNS:
-        _GRAM_FNS[key] = jax.jit(lambda leaves, x: _capture(apply, treedef, leaves, x)[0])
+        _GRAM_FNS[key] = jax.jit(lambda leaves, x: _capture(apply, treedef, leaves, x, wanted)[0])
     return _GRAM_FNS[key]

@@ -109,6 +109,23 @@ def test_nm_masks_exact(method, pattern):
         np.testing.assert_array_equal(k, want.reshape(16, 6))
 
 
+def test_wanda_layer_group_compares_the_whole_layer():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(50, 10)) * np.arange(1, 11)
+    w = rng.normal(size=(10, 4))
+    s = np.abs(w) * np.sqrt((x ** 2).sum(0))[:, None]
+    args = (jnp.asarray(w, jnp.float32), jnp.asarray(x.T @ x, jnp.float32), C.parse_pattern("0.3"))
+    _, keep = C.METHODS["wanda"](*args, C.Options(wanda_group="layer"))
+    want = np.ones(40, bool)
+    want[np.argsort(s.ravel())[:12]] = False  # ceil(0.3 · 40) = 12 lowest of the layer
+    np.testing.assert_array_equal(np.asarray(keep), want.reshape(10, 4))
+    assert np.asarray(keep).sum(0).tolist() != [7, 7, 7, 7]  # not the per-output answer
+    _, keep_default = C.METHODS["wanda"](*args, C.Options())
+    assert np.asarray(keep_default).sum(0).tolist() == [7, 7, 7, 7]  # the paper's per output stays the default
+    with pytest.raises(ValueError, match="wanda_group='row'"):
+        C.Options(wanda_group="row")
+
+
 # ----------------------------------------------------------------------------------------------- whole models
 class Two(nn.Module):
     """Two dense layers with a ReLU between; the second is the output (readout)."""
@@ -201,3 +218,34 @@ def test_bad_input_errors():
         C.prune(lambda p, xx: model.apply({"params": p}, xx), params, jnp.ones((2, 6)), "obs", "50%")
     with pytest.raises(ValueError, match="m=4"):
         C.sparsegpt(jnp.ones((6, 2)), jnp.eye(6), C.parse_pattern("2:4"))
+
+
+def test_group_grams_batched_equal_all_at_once_and_by_hand():
+    """The Grams of one group, summed over batches of any size, equal the all-layer Grams of the whole set at once
+    and XᵀX by hand (float64); the first group's program stops early: fewer flops than the all-layer one."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(37, 7)), jnp.float32)
+    model = Heads()
+    params = model.init(jax.random.PRNGKey(2), x[:1])["params"]
+    apply = lambda p, xx: model.apply({"params": p}, xx)  # noqa: E731
+    leaves = jax.tree_util.tree_leaves(params)
+    layers = C.dense_layers(apply, params, x)
+    every = C.gram_fn(apply, params)(leaves, x)
+    first = [d.leaf for d in layers if d.group == 0]
+    merge = [d.leaf for d in layers if d.group == 2]
+    xd = np.asarray(x, np.float64)
+    np.testing.assert_allclose(every[first[0]], xd.T @ xd, rtol=1e-5)
+    for wanted in (first, merge):
+        fn = C.gram_fn(apply, params, wanted)
+        for bs in (1, 5, 37):
+            got = C._grams(fn, leaves, x, bs)
+            assert set(got) == set(wanted)
+            for leaf in wanted:
+                np.testing.assert_allclose(got[leaf], every[leaf], rtol=1e-5, atol=1e-4)
+
+    def flops(fn):
+        cost = fn.lower(leaves, x).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+    assert flops(C.gram_fn(apply, params, first)) < flops(C.gram_fn(apply, params, merge)) <= flops(
+        C.gram_fn(apply, params))

@@ -99,3 +99,16 @@ def test_lm_prune_end_to_end_tiny(tmp_path, monkeypatch):
     assert res["training"]["seconds"] == rec["seconds"]
     with pytest.raises(ValueError, match="steps: 3 -> 4"):
         lm_prune.run({**cfg, "steps": 4}, tmp_path / "wd")
+
+
+def test_lm_prune_wanda_group_flag(tmp_path):
+    """A bad comparison group is refused before any work; the layer-wise Wanda is never reported as ``wanda``."""
+    from experiments import lm_prune
+
+    with pytest.raises(ValueError, match="wanda_group='row'"):
+        lm_prune.run({"wanda_group": "row"}, tmp_path / "wd")
+    assert not (tmp_path / "wd").exists()
+    base = lm_prune.DEFAULTS
+    assert lm_prune._label("wanda", base) == "wanda" and lm_prune._label("magnitude", base) == "magnitude"
+    assert lm_prune._label("wanda", {**base, "wanda_group": "layer"}) == "wanda_layer"
+    assert lm_prune._label("sparsegpt", {**base, "wanda_group": "layer"}) == "sparsegpt"
