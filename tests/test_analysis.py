@@ -227,6 +227,7 @@ def test_random_overlap_like_matches_random_masks_with_the_same_layer_counts():
 
 
 # ----------------------------------------------------------------------------------------------- similarity
+@pytest.mark.slow
 def test_similarity_of_the_dense_network_with_itself_is_one_for_every_metric(two_nets):
     model, _, (a, _), xt, _ = two_nets
     reps = models.representations(model, a, xt[:200])
@@ -341,6 +342,7 @@ def test_overlap_with_the_previous_level_is_nested(analysed):
                                           ("finetune", {"schedule": "constant", "milestones": []}),
                                           ("lr", {"seeds": ["3", "4"]}), ("step", {"rewind_step": "10",
                                                                                  "seeds": ["3", "4"]})])
+@pytest.mark.slow
 def test_the_copy_trained_with_the_levels_own_data_order_is_the_level(tmp_path, rewind, extra):
     """The instability copy starts where the level started: with the level's data key it retrains it exactly."""
     cfg = {**SMALL, "rewind": rewind, **extra}

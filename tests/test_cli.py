@@ -16,6 +16,7 @@ def _cli(*args, cwd=REPO):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_quickstart_flagfile_runs_and_resumes(tmp_path):
     wd = tmp_path / "qs"
     args = ["--flagfile=experiments/configs/quickstart.cfg", f"--workdir={wd}", "--levels=1", "--training_steps=20"]
@@ -61,6 +62,7 @@ def test_every_shipped_config_names_only_its_experiments_flags_and_choices():
                 assert value in spec[name][3], f"{cfg.name}: --{name}={value} not in {spec[name][3]}"
 
 
+@pytest.mark.slow
 def test_flag_errors_name_the_flag_and_leave_no_workdir(tmp_path):
     wd = tmp_path / "refused"
     small = ["--model=mlp", "--hidden=8", "--training_steps=5", "--levels=1", f"--workdir={wd}"]
@@ -76,6 +78,7 @@ def test_flag_errors_name_the_flag_and_leave_no_workdir(tmp_path):
     assert json.loads((wd / "config.json").read_text())["finetune_lr"] == 0.05
 
 
+@pytest.mark.slow
 def test_merge_rerun_with_other_training_settings_is_refused_in_one_line(tmp_path):
     """Issue #17's reproduction: a rerun with --lr=0.5 --training_steps=50 in a workdir trained at lr 0.05 for 5
     steps is refused (exit 2, naming both settings), not answered with the old network under the new settings."""

@@ -164,6 +164,7 @@ def _cli(args, tmp_path):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_old_seed_flags_warn_and_record_the_new_name(tmp_path):
     wd = tmp_path / "wd"
     r = _cli(["--seed=2", "--num_replicas=1", f"--workdir={wd}"], tmp_path)
@@ -178,6 +179,7 @@ def test_cli_old_seed_flags_warn_and_record_the_new_name(tmp_path):
         "error: --seed and --seeds: --seed is the old name of --seeds (deprecated); give only --seeds")
 
 
+@pytest.mark.slow
 def test_filter_prune_old_single_seed_workdir_is_adopted(tmp_path):
     """A filter_prune workdir of the earlier release (config.json with seed/fraction, trained/ at the top) is moved
     into seed_<s>/ and resumed, not retrained."""

@@ -22,6 +22,7 @@ def test_round_widths_closed_form():
     assert filter_prune.round_widths({"a": 5, "b": 4}, orig, 0.5, 0.5) == {"a": 5, "b": 4}  # already at the floor
 
 
+@pytest.mark.slow
 def test_runs_exactly_max_rounds_and_records_counts(tmp_path):
     res = filter_prune.run(BASE, tmp_path)
     rounds = res["rounds"]

@@ -132,6 +132,7 @@ def test_taylor_keeps_the_heads_of_largest_summed_query_key_value_scores():
     assert keep["ffn_a"].tolist() == np.sort(np.argsort(-np.asarray(s["ffn_a"]))[:3]).tolist()
 
 
+@pytest.mark.slow
 def test_prune_heads_off_keeps_the_heads_and_an_earlier_workdir_is_reused(tmp_path, monkeypatch):
     cfg = {**BASE, "prune_heads": False, "max_rounds": 1}
     res = filter_prune.run(cfg, tmp_path)

@@ -53,6 +53,7 @@ def test_reference_samples_are_balanced_and_seeded():
     assert not np.array_equal(a.images, lrp_toy.reference_samples("spiral", 5, 4, seed=1).images)
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_complete_results(tmp_path, monkeypatch):
     calls = []  # every prune: (kept indices, pruned variables), in the order dataset, n, seed, criterion
     real_prune = lrp_toy.prune

@@ -23,6 +23,7 @@ def _acc(results, seed, setting, crit, mode):
                 if (r["setting"], r["criterion"], r["mode"]) == (setting, crit, mode))
 
 
+@pytest.mark.slow
 def test_run_writes_results_and_reuses_trained_networks(tmp_path):
     cfg = {**BASE, "seeds": ["0", "1"], "criteria": ["l2"]}
     res = merge_experiment.run(cfg, tmp_path)
@@ -73,6 +74,7 @@ def test_loads_level_0_of_an_imp_workdir(tmp_path):
     assert res["seeds"][0]["original"]["test_accuracy"] == pytest.approx(imp_res["levels"][0]["test_accuracy"])
 
 
+@pytest.mark.slow
 def test_each_seed_reads_its_own_network_of_a_several_seed_imp_workdir(tmp_path):
     imp_cfg = dict(dataset="digits", model="mlp", hidden=["32", "16"], training_steps="2ep", batch_size=32,
                    levels=0, seeds=["1:3"])
@@ -90,6 +92,7 @@ def test_each_seed_reads_its_own_network_of_a_several_seed_imp_workdir(tmp_path)
     assert not (tmp_path / "refused").exists()  # refused before any work
 
 
+@pytest.mark.slow
 def test_vgg_with_batchnorm_to_a_pruned_cfg(tmp_path):
     cfg = {**BASE, "model": "vgg", "hidden": merge_experiment.DEFAULTS["hidden"], "vgg_cfg": ["4", "M", "6"],
            "pruned_cfg": ["2", "M", "3"], "sparsity": [],

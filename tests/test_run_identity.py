@@ -75,6 +75,7 @@ def test_training_settings_leave_out_the_data_location_and_evaluation_flags():
 
 
 # ------------------------------------------------------------------------------------------------ merge
+@pytest.mark.slow
 def test_merge_refuses_a_changed_training_setting_before_any_work(tmp_path, runs):
     merge.run(MERGE, tmp_path)
     assert len(runs) == 1
@@ -144,6 +145,7 @@ def test_lrp_toy_legacy_record_is_refused(tmp_path, runs):
 
 
 # ------------------------------------------------------------------------------------------------ filter_prune
+@pytest.mark.slow
 def test_filter_prune_refuses_a_changed_training_setting_and_resumes_an_unchanged_run(tmp_path, runs):
     filter_prune.run(FILTER, tmp_path)
     n = len(runs)  # training + one fine-tuning round
@@ -158,6 +160,7 @@ def test_filter_prune_refuses_a_changed_training_setting_and_resumes_an_unchange
     assert len(runs) == n + 1
 
 
+@pytest.mark.slow
 def test_filter_prune_rounds_are_checked_and_a_redone_round_redoes_the_later_ones(tmp_path, runs):
     cfg = {**FILTER, "max_rounds": 3}
     first = filter_prune.run(cfg, tmp_path)["rounds"]
@@ -192,6 +195,7 @@ def test_filter_prune_old_workdir_without_recorded_training_settings_still_loads
     assert len(runs) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("criterion", ["taylor", "lrp"])
 def test_filter_prune_data_driven_criteria_run_on_resnet(tmp_path, criterion):
     cfg = {**FILTER, "model": "resnet20", "vgg_cfg": [], "criterion": criterion, "reference_examples": 8,

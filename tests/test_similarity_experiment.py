@@ -21,6 +21,7 @@ def imp_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_run_writes_similarities_consistent_with_the_library(imp_dir, tmp_path):
     metrics = ["svcca", "linear_cka", "nbs", "pwcca_svcca"]
     r = exp.run({"imp_workdir": str(imp_dir), "num_inputs": 64, "metrics": metrics}, tmp_path)
@@ -48,6 +49,7 @@ def test_run_writes_similarities_consistent_with_the_library(imp_dir, tmp_path):
         np.testing.assert_allclose(r["vs_dense"][m]["dense_1"][1], library[m](a, d), atol=1e-5, err_msg=m)
 
 
+@pytest.mark.slow
 def test_a_run_of_several_seeds_is_compared_seed_by_seed(tmp_path, monkeypatch):
     """Each seed's levels against its own dense network; the summary is the mean and sample std over seeds."""
     d = tmp_path / "imp"

@@ -16,6 +16,7 @@ BASE = dict(dataset="digits", model="mlp", hidden=["24", "16"], normalize="unit"
             seeds=["0", "1"])
 
 
+@pytest.mark.slow
 def test_end_to_end_schema_densities_and_rerun(tmp_path):
     res = sparse_train.train_and_evaluate({**BASE, "methods": ["gradual", "rigl"]}, tmp_path)
     assert set(res["dense"]) >= {"test_accuracy", "test_accuracy_std", "num_seeds"} and res["dense"]["num_seeds"] == 2
@@ -59,6 +60,7 @@ def test_refusals(tmp_path):
     assert not (tmp_path / "config.json").exists()  # refused before any work
 
 
+@pytest.mark.slow
 def test_longer_sparse_runs_and_held_out_validation(tmp_path):
     """--sparse_steps_multiplier=2: the sparse run trains 2 × 40 steps with its schedule stretched (update_end 30 →
     60), keyed rigl_2x; the dense network trains 40. --validation_examples=337: every network trains on the first

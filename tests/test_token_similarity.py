@@ -81,6 +81,7 @@ def rowformer(tmp_path, monkeypatch):
     sys.modules.pop("tokmodels", None)
 
 
+@pytest.mark.slow
 def test_imp_analyses_and_the_similarity_experiment_take_a_transformers_token_representations(rowformer, tmp_path):
     from experiments import common
     from experiments import imp as imp_experiment

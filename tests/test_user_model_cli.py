@@ -232,6 +232,7 @@ FILTER = {"dataset": "digits", **USER, "layer_kind": "dense", "normalize": "unit
           "max_pruned_fraction": 0.8, "max_rounds": 2}
 
 
+@pytest.mark.slow
 def test_filter_prune_physically_shrinks_a_user_model_through_its_width_field(mymodels, tmp_path):
     res = filter_prune.run(FILTER, tmp_path)
     assert res["layers"] == ["fc1", "fc2"] and res["original_widths"] == {"fc1": 12, "fc2": 8}
@@ -301,6 +302,7 @@ def test_lrp_toy_on_a_user_model(mymodels, tmp_path):
     assert (tmp_path / "moons_boundaries.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_imp_and_similarity_on_a_user_model(mymodels, tmp_path):
     from experiments import similarity as similarity_experiment
 
@@ -324,6 +326,7 @@ def test_imp_and_similarity_on_a_user_model(mymodels, tmp_path):
     np.testing.assert_allclose(np.diag(np.asarray(sim["matrix"]["linear_cka"][0])), 1.0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_imp_and_filter_prune_train_an_nnx_model(mymodels, tmp_path):
     from flax import nnx
 
@@ -353,6 +356,7 @@ def test_imp_and_filter_prune_train_an_nnx_model(mymodels, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- the command line
+@pytest.mark.slow
 def test_command_line_imports_the_model_from_the_working_directory(tmp_path):
     (tmp_path / "mymodels.py").write_text(MODULE)
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
