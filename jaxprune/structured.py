@@ -388,6 +388,16 @@ def mask_many(model: Any, variables: Variables, keep: Mapping[str, Array], *, x:
 ScoreSource = str | Mapping[str, Array] | Callable[[str, dict], Array]
 
 
+def _check_criterion(criterion: Any, key: Array | None, other: str) -> None:
+    """A weight criterion name of :data:`CRITERIA` (``other``: the rest of the message, what else is accepted)
+    and, for ``random``, a key; ValueErrors name the argument."""
+    if isinstance(criterion, str) and criterion not in CRITERIA:
+        raise ValueError(f"criterion={criterion!r}: expected one of {CRITERIA}{other}")
+    if criterion == "random" and key is None:
+        raise ValueError("key: criterion='random' needs a jax.random key")
+    _validate.optional_key(key)
+
+
 def select_layers(model: Any, variables: Variables, n_keep: Mapping[str, int], criterion: ScoreSource,
                   *, key: Array | None = None, x: Any = None) -> dict[str, Array]:
     """Kept indices for several layers at once, all scored on the *unpruned* ``variables``.
@@ -398,11 +408,7 @@ def select_layers(model: Any, variables: Variables, n_keep: Mapping[str, int], c
     feeds a grouped convolution or a GroupNorm) keeps whole groups: ``n_keep`` rounds up to a multiple of the group
     size, and the groups holding most of the units the criterion keeps are kept (:func:`_whole_classes`).
     """
-    if isinstance(criterion, str) and criterion not in CRITERIA:
-        raise ValueError(f"criterion={criterion!r}: expected one of {CRITERIA}, a dict of scores or a callable")
-    if criterion == "random" and key is None:
-        raise ValueError("key: criterion='random' needs a jax.random key")
-    _validate.optional_key(key)
+    _check_criterion(criterion, key, ", a dict of scores or a callable")
     g = _graph(model, variables, x)
     keep = {}
     for i, (layer, nk) in enumerate(n_keep.items()):
@@ -519,11 +525,7 @@ def select_groups(model: Any, variables: Variables, n_keep: Mapping[str, int], c
     ``{layer: (units,)}`` (:func:`jaxprune.criteria.scores`), a class scoring the sum of its units' scores over
     the group's layers. Ties keep the lower class; ``key`` (folded per group) is needed for ``random``. A group of
     one layer whose units are their own classes selects exactly as :func:`select_layers`."""
-    if isinstance(criterion, str) and criterion not in CRITERIA:
-        raise ValueError(f"criterion={criterion!r}: expected one of {CRITERIA} or a dict of scores")
-    if criterion == "random" and key is None:
-        raise ValueError("key: criterion='random' needs a jax.random key")
-    _validate.optional_key(key)
+    _check_criterion(criterion, key, " or a dict of scores")
     g = _graph(model, variables, x)
     keep = {}
     for i, (layer, nk) in enumerate(n_keep.items()):
