@@ -11,6 +11,17 @@ import pytest
 jax.config.update("jax_platforms", "cpu")
 REPO = Path(__file__).resolve().parents[1]
 
+# JAX's persistent compilation cache, shared by the xdist workers and by the experiments' subprocesses (they inherit
+# the environment): the suite compiles the same small programs in many tests and processes, and a cache hit costs
+# about half the CPU time of a compile (BUILD-notes, "Session of 2026-12-06 (fourth)"). Entries are keyed by the
+# program, the compile options and the jax/jaxlib version, so a stale entry is never served. A caller's own
+# JAX_COMPILATION_CACHE_DIR wins; JAXPRUNE_TEST_COMPILATION_CACHE=0 turns it off.
+if os.environ.get("JAXPRUNE_TEST_COMPILATION_CACHE", "1") != "0":
+    for _name, _default, _kind in (("jax_compilation_cache_dir", REPO / ".pytest_cache" / "jax-compilation-cache", str),
+                                   ("jax_persistent_cache_min_compile_time_secs", 0, float),
+                                   ("jax_persistent_cache_min_entry_size_bytes", 0, int)):
+        jax.config.update(_name, _kind(os.environ.setdefault(_name.upper(), str(_default))))
+
 
 def _real_data_dir() -> Path | None:
     env = os.environ.get("JAXPRUNE_DATA_DIR")

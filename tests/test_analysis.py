@@ -275,6 +275,7 @@ def analysed(tmp_path_factory):
     return res, wd, _read(wd)
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_analysis_json_holds_one_record_per_level_with_stable_keys(analysed):
     res, wd, doc = analysed
     assert doc["format"] == 1 and [lv["level"] for lv in doc["levels"]] == [0, 1, 2]
@@ -408,6 +409,7 @@ def test_changed_settings_recompute_only_that_analysis(tmp_path, analysed):
     assert _read(wd) == doc
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_analyses_can_be_added_to_a_run_made_without_them(tmp_path):
     wd = tmp_path / "plain"
     _run(wd, levels=1)

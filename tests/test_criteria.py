@@ -95,6 +95,7 @@ def test_grad_and_taylor_match_parameter_gradient_identities(lenet):
         np.testing.assert_allclose(raw, want_grad, rtol=2e-3, atol=1e-9)
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_grad_taylor_use_batchnorm_output_as_preactivation():
     model = models.VGG((4, "M", 4, "M"), num_classes=3)
     v = models.init(model, jax.random.PRNGKey(3), (1, 4, 4, 2))
@@ -233,6 +234,7 @@ def _tagger_by_hand(p, ids, y):
     return z, jax.grad(loss)(z)
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_grad_and_taylor_take_token_ids_and_equal_a_float64_forward_by_hand():
     model = _TokenTagger()
     ids = jax.random.randint(jax.random.PRNGKey(1), (4, 5), 0, 11)

@@ -118,6 +118,7 @@ def test_heads_and_units_are_removed_per_round_with_closed_form_counts(tmp_path,
     assert common.accuracy(small, sv, jnp.asarray(te.images), jnp.asarray(te.labels)) == rec["accuracy_after_finetune"]
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_taylor_keeps_the_heads_of_largest_summed_query_key_value_scores():
     model = Glimpse()
     x = jax.random.uniform(jax.random.PRNGKey(3), (12, 8, 8, 1))

@@ -41,6 +41,7 @@ def test_graph_reads_layers_wiring_and_batchnorm_from_the_models():
     np.testing.assert_array_equal(out, model.apply(v, x))
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_residual_widths_are_coupled_and_nested_paths_are_module_paths():
     model, v, x = _setup("residual")
     g = graph.build(model, v, x)

@@ -74,6 +74,7 @@ def _inverted_counts(c, hw, s, hidden, mult, classes):
     return params, macs
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_depthwise_channels_follow_their_input_and_removal_equals_masking():
     model, shape = InvertedNet(), (2, 7, 7, 3)
     v, x = _setup(model, shape)
@@ -216,6 +217,7 @@ def _slice_stream(p: dict, keep: np.ndarray) -> dict:
     return out
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_layernorm_stream_channels_are_removed_as_a_smaller_model_and_masking_them_is_refused():
     model, shape = NextBlocks(), (2, 8, 8, 3)
     v, x = _setup(model, shape, seed=3)
@@ -262,6 +264,7 @@ class GroupedNormNet(nn.Module):
         return nn.Dense(2, name="o")(nn.Conv(5, (3, 3), name="mix")(x).mean(axis=(1, 2)))
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_groupnorm_groups_are_coupled_and_removing_whole_groups_is_exact():
     model, shape = GroupedNormNet(), (2, 6, 6, 3)
     v, x = _setup(model, shape, seed=4)
@@ -329,6 +332,7 @@ class ActStream(nn.Module):
         return nn.Dense(2, name="head")(nn.RMSNorm(name="rms_f")(x))
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_any_elementwise_activation_is_followed_and_rmsnorm_streams_shrink_exactly():
     model, shape = ActStream(), (3, 4)
     v, x = _setup(model, shape, seed=6)

@@ -153,6 +153,7 @@ def _close(a, b):
 
 
 # ----------------------------------------------------------------------------------------------- heads
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_heads_of_linen_attention_are_units_coupled_across_query_key_value_and_output():
     model, v, x = _vit()
     g = graph.build(model, v, x)

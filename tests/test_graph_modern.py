@@ -138,6 +138,7 @@ def test_embeddings_are_weights_only_when_asked_even_when_tied_to_the_readout():
     assert _chosen(model, v, ids, embeddings=True) == ["mix/kernel", "pre/kernel", "tok/embedding"]
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_prunable_by_role_equals_the_ndim_rule_on_the_library_models():
     from jaxprune import masks, models
 

@@ -82,6 +82,7 @@ def _removed_equals_masked(model, v, x, keep):
     (InlineResidual(), (2, 5, 5, 3), {"u0/inner": [0, 3, 6], "stem": [0, 1, 3], "u0/outer": [0, 1, 3],
                                       "u1/outer": [0, 1, 3]}, {"u1/inner": [2, 4]}),
 ], ids=["mlp", "cnn_bn", "residual"])
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_a_model_with_inline_widths_shrinks_by_interception_and_shrinks_again(model, shape, first, second):
     v, x = _init(model, shape)
     keep = {k: np.asarray(i) for k, i in first.items()}

@@ -41,6 +41,7 @@ def cli_run(tmp_path_factory, data_dir):
     return wd, p.stdout, str(data_dir)
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_command_line_writes_the_documented_keys(cli_run):
     wd, stdout, _ = cli_run
     res = json.loads((wd / "results.json").read_text())

@@ -158,6 +158,7 @@ def test_reinit_branch_under_step_rewinding_keeps_the_schedule_position(step_rew
     np.testing.assert_array_equal(rein.opt_state.mask["dense_0"]["kernel"], m)
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_finetune_continues_at_the_final_learning_rate(tmp_path):
     res, b, setup, l0, l1, start = _start_of_level1(tmp_path, "finetune")
     m = np.asarray(l1["mask"]["dense_0"]["kernel"])

@@ -274,6 +274,7 @@ def test_readme_example_runs_as_printed():
     assert np.asarray(ns["mask"]["dense_1"]["kernel"]).all()
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_replicas_take_a_custom_loss_and_a_model_without_train():
     """Replica r of a K=2 in-memory run with a custom loss equals the single run with seed + r."""
     arrays = dict(x_train=jnp.asarray(TR.images), y_train=jnp.asarray(TR.labels), batch_size=BATCH,

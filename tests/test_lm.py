@@ -54,6 +54,7 @@ def test_windows_targets_are_the_next_characters():
     np.testing.assert_array_equal(yv, xv + 1)
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_gpt_is_causal_and_generate_is_reproducible():
     model = models.GPT(11, context=8, width=16, depth=2, heads=4)
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]

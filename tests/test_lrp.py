@@ -285,6 +285,7 @@ def _random_bn(v, seed):
     return jax.tree_util.tree_map_with_path(perturb, v)
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_batchnorm_folding_preserves_the_network_function():
     model = models.VGG((4, "M", 6, 6, "M"), num_classes=3)
     v = _random_bn(_init(model, (1, 4, 4, 2)), 0)
@@ -318,6 +319,7 @@ def test_batchnorm_folding_needs_batch_stats():
 
 
 # ----------------------------------------------------------------------------------------------- batching
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 @pytest.mark.parametrize("model,shape", [(models.MLP((12, 8, 3)), (4, 5)),
                                          (models.ConvNet(2, 3), (3, 4, 4, 2))], ids=["mlp", "conv2"])
 def test_batch_jit_and_vmap_agree(model, shape):

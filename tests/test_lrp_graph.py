@@ -164,6 +164,7 @@ def _close(got, want, rtol=1e-4):
 
 
 # ----------------------------------------------------------------------------------------------- LRP-0 = grad × input
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 @pytest.mark.parametrize("bn", ["identity", "scaled"])
 @pytest.mark.parametrize("name", NAMES)
 def test_lrp0_equals_gradient_times_input_at_every_layer(name, bn):
@@ -184,6 +185,7 @@ def test_lrp0_equals_gradient_times_input_at_every_layer(name, bn):
         _close(rel.layers[k], z[k] * g[k])
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_lrp0_on_the_library_resnet():
     """jaxprune.models.ResNet (strided 1×1 shortcut convs with BatchNorm, residual adds) was refused before the
     graph; with zero offsets LRP-0 is gradient × input."""

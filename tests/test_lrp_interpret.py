@@ -57,6 +57,7 @@ def _out(rel) -> np.ndarray:
     return np.asarray(jnp.take_along_axis(rel.logits, rel.target[:, None], -1)[:, 0])
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 @pytest.mark.parametrize("softmax", ["cp_lrp", "attn_lrp"])
 def test_conservation_modern_convnet(softmax):
     v, x = _init(DepthNet(), (3, 6, 6, 2))
@@ -291,6 +292,7 @@ class HeadsBlock(nn.Module):
         return nn.Dense(4, name="readout")(x.mean(1))
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_lrp_criterion_with_attn_lrp_scores_heads_per_head_and_skips_the_output_layer():
     """criteria.lrp_scores on a transformer: a head projection's score is its heads' relevance summed over samples,
     tokens and each head's channels — shape (heads,), like the gradient criteria — never per head channel."""

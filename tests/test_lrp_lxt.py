@@ -73,6 +73,7 @@ def _lxt_relevance(p: dict, x: np.ndarray, target: np.ndarray, softmax: str) -> 
     return xt.grad.numpy()
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 @pytest.mark.parametrize("softmax", ["attn_lrp", "cp_lrp"])
 def test_same_input_relevance_as_lxt(softmax):
     with jax.enable_x64(True):

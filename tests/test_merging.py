@@ -140,6 +140,7 @@ def test_conv_bn_copies_merge_exactly_in_exact_mode(seed):
     assert np.abs(k_paper - k_exact).max() > 1e-3 * np.abs(k_exact).max()
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_resnet_block_conv_merges_exactly():
     rng = np.random.default_rng(0)
     model = models.ResNet(depth=8, num_classes=3, width=4)
@@ -157,6 +158,7 @@ def test_resnet_block_conv_merges_exactly():
     _close(_logits(out.model, out.variables, x), _logits(model, variables, x))
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_lenet5_conv_into_flattened_dense_merges_exactly():
     rng = np.random.default_rng(1)
     model = models.LeNet5(num_classes=4)

@@ -71,6 +71,7 @@ def test_dropout_only_in_training():
     ("resnet20", (32, 32, 3), None, 272474),  # the published count of CIFAR ResNet-20 (0.27M)
     ("vgg11", (32, 32, 3), None, None),
 ])
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_model_zoo(name, shape, reps, nparams):
     m = models.build(name, 10)
     v = models.init(m, KEY, (1,) + shape)

@@ -55,6 +55,7 @@ def _nm_case(draw):
     return np.asarray(flat, np.float32).reshape(shape), n, m, axis
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 @settings(max_examples=20, deadline=None)
 @given(_nm_case())
 def test_nm_mask_exact_with_ties_and_neg_inf(case):
@@ -96,6 +97,7 @@ def _block_case(draw):
     return np.asarray(flat, np.float32).reshape(shape), block, draw(st.floats(0.0, 1.0))
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 @settings(max_examples=20, deadline=None)
 @given(_block_case())
 def test_block_mask_exact_with_ties(case):
@@ -127,6 +129,7 @@ def _tree(seed):
             "conv": {"w": jax.random.normal(k2, (3, 3, 4, 2))}}
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 @settings(max_examples=8, deadline=None)
 @given(st.integers(0, 1000), st.sampled_from([(1, 2), (2, 4), (1, 4)]))
 def test_nm_prune_tree_keeps_pruned_pruned(seed, nm):

@@ -32,6 +32,7 @@ def test_stack_unstack_roundtrip():
         replicas.stack([])
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 @pytest.mark.parametrize("layout,loop", [("vmap", "scan"), ("unrolled", "python")])
 def test_replica_trainer_equals_separate_runs(layout, loop):
     d = data.load("digits", "train")
@@ -76,6 +77,7 @@ def imp_runs(tmp_path_factory):
     return root, stacked, singles
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_imp_replicas_equal_separate_seeds(imp_runs):
     root, stacked, singles = imp_runs
     b, variables, _ = imp_exp.load_levels(root / "k2")

@@ -121,6 +121,7 @@ def test_merge_refuses_a_flag_the_model_cannot_take_before_training(tmp_path, ru
 
 
 # ------------------------------------------------------------------------------------------------ lrp_toy
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_lrp_toy_refuses_a_changed_training_setting_and_reuses_an_unchanged_one(tmp_path, runs):
     lrp_toy.run(LRP, tmp_path)
     assert len(runs) == 1

@@ -134,6 +134,7 @@ def ref_truncated_mean(rho, t):
 
 
 # ------------------------------------------------------------------------------------------ references (x64)
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_float64_references(x64):
     x, y = related(0)
     assert S.linear_cka(x, y).dtype == jnp.float64
@@ -218,6 +219,7 @@ def signed_permutation(rng, p: int) -> np.ndarray:
 
 # Hypothesis varies shapes, so every example would recompile every metric: run them eagerly (still exact).
 # Eager dispatch of 6 metrics × 3 calls costs ~10 s per example on this CPU, hence fewer examples.
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 @settings(max_examples=5, deadline=None)
 @given(seed=st.integers(0, 10_000), n=st.integers(20, 50), p1=st.integers(1, 8), p2=st.integers(1, 8),
        scale=st.floats(0.01, 100.0))
@@ -244,6 +246,7 @@ def test_pwcca_not_invariant_to_rotating_the_weighting_layer(x64):
     np.testing.assert_allclose(S.pwcca(x, y @ q), S.pwcca(x, y), atol=1e-10)  # y only contributes ρ
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 @SETTINGS
 @given(seed=st.integers(0, 10_000), p1=st.integers(2, 8))
 def test_cca_invariant_to_invertible_maps_cka_is_not(seed, p1):
@@ -362,6 +365,7 @@ def test_bad_options_and_grams():
 
 
 # ------------------------------------------------------------------------------------------ jit and vmap
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_public_functions_work_under_jit_and_vmap():
     rng = np.random.default_rng(15)
     xb = rng.normal(size=(4, 50, 6)).astype(np.float32)

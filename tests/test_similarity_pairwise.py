@@ -15,6 +15,7 @@ def layers(seed: int, n: int, widths):
     return [np.maximum(z @ rng.normal(size=(5, w)) + 0.5 * rng.normal(size=(n, w)), 0) for w in widths]
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 @pytest.mark.parametrize("name", ALL)
 def test_pairwise_equals_per_pair_loop(name):
     xs, ys = layers(0, 60, (7, 4, 7, 9)), layers(1, 60, (4, 9, 9))
@@ -110,6 +111,7 @@ def test_minibatch_cka_matches_nguyen_formula_over_batches():
             np.testing.assert_allclose(got[i, 0], num / den, atol=1e-10)
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 @pytest.mark.parametrize("name", ALL)
 def test_pairwise_inside_jit_gives_nan_exactly_for_pairs_with_a_non_finite_layer(name):
     """Under jit the values are not checked: pairs involving a NaN/Inf layer (or stack member) are NaN, every

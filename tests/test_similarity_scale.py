@@ -54,6 +54,7 @@ def _scaled(cx: float, cy: float):
     return (x * cx).astype(np.float32), (y * cy).astype(np.float32)
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 @SCALES
 @given(st.floats(-6, 6), st.floats(-6, 6))
 def test_every_metric_is_scale_invariant_in_float32(ex, ey):
@@ -121,6 +122,7 @@ def test_pairwise_is_scale_invariant(name, exponents, under_jit):
     np.testing.assert_allclose(got, want, atol=TOL, err_msg=name)
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 @pytest.mark.parametrize("c", EXTREME)
 def test_pairwise_at_extreme_scales(c):
     x, y = _data()
@@ -152,6 +154,7 @@ def test_probe_relu_layers_times_1000():
 
 
 # --------------------------------------------------------------------------------- no variance: NaN, one rule
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 @pytest.mark.parametrize("constant", [0.0, 0.1, 2.5e30])
 def test_a_representation_without_variance_gives_nan(constant):
     """0/0 is not a similarity: every metric gives NaN on the host and under jit, never a plausible 0 (and 0.1,

@@ -61,6 +61,7 @@ def _zg(t, s_i, s_f, t0, n, dt):
     return s_f + (s_i - s_f) * (1 - k / n) ** 3
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 @pytest.mark.parametrize("s_i", [0.0, 0.25])
 def test_gradual_densities_equal_closed_form_at_every_step(s_i):
     p = _params()
@@ -153,6 +154,7 @@ def test_erk_equals_closed_form():
     np.testing.assert_allclose(sp["a/kernel"], 1 - eps * raw["a"], rtol=1e-12)
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 @pytest.mark.parametrize("method", ["set", "rigl"])
 def test_dst_keeps_counts_zeroes_grown_and_resets_moments(method):
     p = _params()
@@ -227,6 +229,7 @@ def test_static_mask_is_random_exact_and_fixed():
     assert not bool(jnp.all(other.masked.mask["enc"]["w"] == s0.masked.mask["enc"]["w"]))
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 @pytest.mark.parametrize("which", ["rigl", "gradual"])
 def test_resume_mid_training_is_bit_identical(tmp_path, which):
     p = _params()

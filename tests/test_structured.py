@@ -200,6 +200,7 @@ LAYERS = {"lenet5": ("conv_1", "dense_0"), "conv2": ("conv_0", "conv_1"),
           "resnet8": ("block0_0/conv_0", "block1_0/conv_0")}
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 @pytest.mark.parametrize("name", list(CASES))
 def test_masked_and_shrunk_networks_give_the_same_logits(name):
     build, shape = CASES[name]
@@ -231,6 +232,7 @@ def test_masking_matters_and_manual_mask_agrees_for_mlp():
     assert not np.allclose(model.apply(v, x), model.apply(manual, x), atol=1e-3)
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_shrinking_every_layer_of_a_vgg_and_resnet_in_sequence():
     for name in ("vgg_small", "resnet8"):
         build, shape = CASES[name]

@@ -89,6 +89,7 @@ def test_evaluate_in_padded_chunks_equals_one_batch(digits_setup):
     assert abs(b["accuracy"] - float(jnp.mean(jnp.argmax(logits, -1) == yt))) < 1e-9
 
 
+@pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_batchnorm_model_trains_with_python_loop():
     model = models.VGG((8, "M", 16, "M"), 10)
     d = data.load("digits", "train")
