@@ -65,7 +65,7 @@ def library_numbers() -> dict:
         y = jnp.arange(shp[0]) % 10
         out[f"{name}-logits"] = np.asarray(m.apply(v, x, **_kw(m))).tolist()
         out[f"{name}-macs"] = [float(structured.count_flops(m, v, shp)["macs"])]
-        for crit in criteria.CRITERIA:
+        for crit in ("weight", "grad", "taylor", "lrp"):  # Yeom et al.'s four (criteria.YEOM)
             try:
                 s = criteria.scores(crit, m, v, x, y)
                 out[f"{name}-{crit}"] = np.concatenate([np.ravel(s[k]) for k in sorted(s)]).tolist()
@@ -79,6 +79,30 @@ def library_numbers() -> dict:
         sm, sv = structured.remove_many(m, v, keep)
         out[f"{name}-remove"] = np.asarray(sm.apply(sv, x)).tolist()
         out[f"{name}-mask"] = np.asarray(m.apply(structured.mask_many(m, v, keep), x)).tolist()
+    return out
+
+
+def selection_numbers() -> dict:
+    """Kept units of ``structured.select_layers`` under every weight criterion and under data-driven scores
+    (normalized=False, as filter_prune), on the MLP, VGG and ResNet; of ``select_groups`` (heads across q/k/v and
+    the MLP units) on a tiny ViT under the same criteria."""
+    from jaxprune import criteria, models, structured
+    weight_names, key = ("l1", "l2", "random", "kmeans", "l2_gm"), jax.random.PRNGKey(5)
+    vit = models.ViT(num_classes=10, patch=4, width=16, depth=1, heads=4, mlp=16)
+    cases = [(n, m, shp, w, None) for n, m, shp, w in _models() if n != "lenet5"] + [("vit", vit, (4, 8, 8, 1), None, 0)]
+    out = {}
+    for name, m, shp, widths, _ in cases:
+        v = models.init(m, jax.random.PRNGKey(0), shp)
+        x, y = jax.random.normal(jax.random.PRNGKey(3), shp), jnp.arange(shp[0]) % 10
+        groups = structured.unit_groups(m, v, x=shp) if widths is None else None
+        n_keep = ({g[0]: w - w // 2 for g, w in zip(groups, structured.group_widths(m, v, groups, x=shp).values())}
+                  if widths is None else widths)
+        select = structured.select_layers if widths is not None else structured.select_groups
+        sources = [(c, c) for c in weight_names] + [
+            (c, criteria.scores(c, m, v, x, y, normalized=False)) for c in ("grad", "taylor")]
+        for label, src in sources:
+            keep = select(m, v, n_keep, src if isinstance(src, str) else dict(src), key=key, x=shp)
+            out[f"select-{name}-{label}"] = np.concatenate([np.asarray(keep[k], float) for k in sorted(keep)]).tolist()
     return out
 
 
@@ -144,5 +168,6 @@ if __name__ == "__main__":
         sys.exit(0)
     sys.path.insert(0, sys.argv[1])  # the source tree to import jaxprune and experiments from
     res = library_numbers()
+    res.update(selection_numbers())
     res.update(experiment_numbers())
     json.dump(res, open(sys.argv[2], "w"))

@@ -578,13 +578,7 @@ def _with_train(cls: type) -> type:
     """``cls`` itself when its ``__call__`` takes ``train``; else a subclass of the same name whose ``__call__``
     takes (and ignores) ``train``, so the training loop's ``model.apply(v, x, train=...)`` runs it unchanged (same
     fields, same variables, ``clone``/``with_widths`` keep the subclass). One subclass per class."""
-    import inspect
-
-    try:
-        params = inspect.signature(cls.__call__).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        params = {}
-    if "train" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    if graph.takes_train(cls):
         return cls
 
     def __call__(self, x, train: bool = False):

@@ -3,9 +3,10 @@
 Train a network (or reload it from the workdir), then run exactly ``--max_rounds`` rounds (fewer only when the
 ``--max_pruned_fraction`` floor stops them) of
 
-1. score every filter (unit) of every prunable layer of ``--layer_kind`` with ``--criterion`` — a weight criterion of
-   :mod:`jaxprune.structured` (``l1``, ``l2``, ``random``, ``kmeans``, ``l2_gm``) or a data-driven one of
-   :mod:`jaxprune.criteria` (``grad``, ``taylor``, ``lrp``, on ``--reference_examples`` training examples);
+1. score every filter (unit) of every prunable layer of ``--layer_kind`` with ``--criterion``, any name of the one
+   criterion table :data:`jaxprune.criteria.CRITERIA`: a weight criterion (``l1``, ``l2``, ``random``, ``kmeans``,
+   ``l2_gm``, ``weight``) or a data-driven one (``grad``, ``taylor``, ``lrp``, on ``--reference_examples`` training
+   examples);
 2. physically remove ``ceil(prune_fraction · current width)`` filters per layer (never going below
    ``ceil((1 − max_pruned_fraction) · original width)``, nor below one filter) — the pytree shrinks, the following
    BatchNorm and the next layer follow (:func:`jaxprune.structured.remove_many`);
@@ -43,15 +44,13 @@ import numpy as np
 from absl import logging
 
 from experiments import common
-from jaxprune import augment, checkpoint, conventions, criteria, models, plots, structured, train
+from jaxprune import augment, checkpoint, conventions, criteria, models, plots, structured, train, unit_criteria
 
-DATA_CRITERIA = ("grad", "taylor", "lrp")
-ALL_CRITERIA = structured.CRITERIA + DATA_CRITERIA
 SPEC = [
     *common.TRAIN_SPEC,
     ("finetune_steps", "1ep", "fine-tuning per round, steps ('200') or epochs ('1ep')"),
     ("finetune_lr", 0.01, "constant learning rate of the fine-tuning optimizer"),
-    ("criterion", "l1", "filter score", ALL_CRITERIA),
+    ("criterion", "l1", "filter score (a name of jaxprune.criteria.CRITERIA)", criteria.CRITERIA),
     ("reference_examples", 256, "training examples the data-driven criteria (grad, taylor, lrp) are computed on"),
     ("prune_fraction", 0.2, "fraction of each layer's current filters removed per round"),
     ("max_pruned_fraction", 0.9, "no layer is pruned below (1 - this) of its original filters"),
@@ -81,8 +80,7 @@ _ACCURACIES = ("accuracy_after_removal", "accuracy_before_finetune", "accuracy_a
 def _config(config: dict) -> dict:
     c = common.canonical_model_kwargs(common.with_defaults(config, DEFAULTS, RENAMED))
     c["seeds"] = list(common.seed_list(c["seeds"]))
-    if c["criterion"] not in ALL_CRITERIA:
-        raise ValueError(f"criterion={c['criterion']!r}: expected one of {ALL_CRITERIA}")
+    entry = unit_criteria.get(c["criterion"])  # the one criterion table (a ValueError naming the flag)
     if not 0.0 < float(c["prune_fraction"]) < 1.0:
         raise ValueError(f"prune_fraction={c['prune_fraction']}: expected a fraction of filters per round in (0, 1)")
     common.check_range("finetune_lr", c["finetune_lr"], 0, low_open=True)
@@ -92,7 +90,7 @@ def _config(config: dict) -> dict:
         raise ValueError(f"max_rounds={c['max_rounds']!r}: expected an integer >= 0")
     if not isinstance(c["prune_heads"], bool):
         raise ValueError(f"prune_heads={c['prune_heads']!r}: expected true or false")
-    if c["criterion"] in DATA_CRITERIA and c["reference_examples"] < 1:
+    if entry.needs_data and c["reference_examples"] < 1:
         raise ValueError(f"reference_examples={c['reference_examples']}: expected >= 1 for a data-driven criterion")
     return c
 
@@ -151,9 +149,9 @@ def _keep(c: dict, model, variables, target: dict[str, int], ref: tuple, key) ->
     x_ref, y_ref = ref
     example = (1,) + tuple(x_ref.shape[1:])
     select = structured.select_groups if c["prune_heads"] else structured.select_layers
-    if c["criterion"] in structured.CRITERIA:
+    if not criteria.CRITERIA[c["criterion"]].needs_data:  # weights only: select_layers/select_groups dispatch it
         return select(model, variables, target, c["criterion"], key=key, x=example)
-    scores = criteria.scores(c["criterion"], model, variables, x_ref, y_ref, normalized=False)
+    scores = criteria.scores(c["criterion"], model, variables, x_ref, y_ref, normalized=False, key=key)
     missing = [layer for layer in target if layer not in scores]
     if missing:
         raise ValueError(f"criterion={c['criterion']!r} gives no scores for layers {missing} of "

@@ -43,10 +43,11 @@ import numpy as np
 from absl import logging
 
 from experiments import common
-from jaxprune import checkpoint, conventions, criteria, graph, models, plots, structured, train
+from jaxprune import checkpoint, conventions, criteria, graph, models, plots, structured, train, unit_criteria
 
+# the default --criteria; any name of the one table jaxprune.criteria.CRITERIA is accepted (``weight`` here is the
+# --weight_norm of a head's weights, the entry l1 or l2; data-driven ones are those whose entry needs_data)
 CRITERIA = ("lrp", "taylor", "grad", "weight", "random")
-DATA_CRITERIA = ("lrp", "taylor", "grad")
 COMPOSITES = ("attn_lrp", "cp_lrp")
 _TRAINING = {"dataset": "mnist", "model": "vit", "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0,
              "schedule": "cosine", "milestones": [], "training_steps": "1000", "batch_size": 128}
@@ -80,9 +81,10 @@ def _config(config: dict) -> dict:
     c = common.canonical_model_kwargs(common.with_defaults(config, DEFAULTS))
     c["seeds"] = list(common.seed_list(c["seeds"]))
     crits = [str(k) for k in c["criteria"]]
-    bad = [k for k in crits if k not in CRITERIA]
+    accepted = tuple(dict.fromkeys(CRITERIA + unit_criteria.names()))
+    bad = [k for k in crits if k not in accepted]
     if bad or not crits or len(set(crits)) != len(crits):
-        raise ValueError(f"criteria={','.join(crits)}: expected distinct criteria among {', '.join(CRITERIA)}")
+        raise ValueError(f"criteria={','.join(crits)}: expected distinct criteria among {', '.join(accepted)}")
     c["criteria"] = crits
     c["fractions"] = common.fraction_list(c["fractions"], "fractions", upper_open=True)
     if min(c["fractions"]) <= 0.0:
@@ -142,9 +144,15 @@ def _source(c: dict, crit: str, t: Task, x_ref, y_ref):
     """What :func:`jaxprune.structured.select_groups` ranks by: a weight criterion's name or the data scores."""
     if crit == "weight":
         return c["weight_norm"]
-    if crit == "random":
-        return "random"
+    if not _data_driven(crit):  # by name: select_groups dispatches it through the criterion table
+        return crit
     return criteria.scores(crit, t.model, t.variables, x_ref, y_ref, normalized=False, composite=c["lrp_composite"])
+
+
+def _data_driven(crit: str) -> bool:
+    """Whether ``crit`` scores on reference examples (its entry of :data:`jaxprune.criteria.CRITERIA` needs data)."""
+    entry = criteria.CRITERIA.get(crit)
+    return entry is not None and entry.needs_data
 
 
 def _remove(t: Task, source, fraction: float) -> tuple:
@@ -228,7 +236,7 @@ def _cell_list(c: dict, crit: str) -> list[tuple[str, str, float, int]]:
     """``(table, cell name, fraction, reference examples)`` of one criterion's cells in a seed's ``cells.json``."""
     cells = [("oneshot", f"{crit}@{f:g}", f, c["reference_examples"]) for f in c["fractions"]]
     return cells + [("reference", f"{crit}@{n}", float(c["reference_fraction"]), n)
-                    for n in c["reference_sizes"] if crit in DATA_CRITERIA]
+                    for n in c["reference_sizes"] if _data_driven(crit)]
 
 
 def _pending(c: dict, workdir: Path) -> list[str]:
@@ -304,7 +312,7 @@ def summarize(c: dict, per_seed: dict) -> dict:
             entry = {k: _summary([x[k] for x in cells]) for k in ("accuracy", "accuracy_finetuned") if k in cells[0]}
             out["oneshot"].setdefault(crit, {})[f"{f:g}"] = {**entry, "widths": cells[0]["widths"],
                                                                "params": cells[0]["params"]}
-        for n in c["reference_sizes"] if crit in DATA_CRITERIA else ():
+        for n in c["reference_sizes"] if _data_driven(crit) else ():
             out["reference"].setdefault(crit, {})[str(n)] = {
                 "accuracy": _summary([r["reference"][f"{crit}@{n}"]["accuracy"] for r in runs])}
     return out
@@ -335,7 +343,7 @@ def csv_rows(results: dict) -> list[dict]:
         for f, e in by_f.items():
             ft = e.get("accuracy_finetuned", {})
             rows.append({"sweep": "fraction", "criterion": crit, "fraction": f, "reference_examples":
-                         c["reference_examples"] if crit in DATA_CRITERIA else "", "accuracy_mean":
+                         c["reference_examples"] if _data_driven(crit) else "", "accuracy_mean":
                          e["accuracy"]["mean"], "accuracy_std": e["accuracy"]["std"], "finetuned_mean":
                          ft.get("mean", ""), "finetuned_std": ft.get("std", ""), "num_seeds": e["accuracy"]["n"]})
     for crit, by_n in results["reference"].items():
@@ -366,7 +374,7 @@ def plot(results: dict, workdir: Path) -> None:
         err = {k: [100 * e["accuracy"]["std"] for e in v.values()] for k, v in results["reference"].items()}
         rf = f"{results['reference_fraction']:g}"  # the data-free criteria at that fraction, when they ran at it
         flat = {f"{k} (no data)": [100 * e[rf]["accuracy"]["mean"]] * len(sizes)
-                for k, e in results["oneshot"].items() if k not in DATA_CRITERIA and rf in e}
+                for k, e in results["oneshot"].items() if not _data_driven(k) and rf in e}
         plots.curves(sizes, {**ref, **flat}, workdir / "accuracy_vs_reference.png", xlabel="reference examples",
                      ylabel="test accuracy (%)", errors=err, logx=True,
                      title=f"{what}: {rf} removed, one shot, unpruned {100 * dense['mean']:.1f} %")

@@ -28,7 +28,8 @@ import numpy as np
 from absl import logging
 
 from experiments import common
-from jaxprune import checkpoint, conventions, criteria, data, graph, lrp, models, plots, structured, train
+from jaxprune import (checkpoint, conventions, criteria, data, graph, lrp, models, plots, structured, train,
+                      unit_criteria)
 
 SPEC = [
     ("datasets", ["moons", "circles", "spiral"], "toy datasets (moons, circles, spiral)"),
@@ -46,7 +47,7 @@ SPEC = [
     ("training_steps", "30ep", "training length, steps ('2000') or epochs ('30ep')"),
     ("batch_size", 64, "training batch size"),
     ("model_seed", 0, "seed for the training data, initialisation, data order and dropout"),
-    ("criteria", list(criteria.CRITERIA), "pruning criteria"),
+    ("criteria", list(criteria.YEOM), "pruning criteria (names of jaxprune.criteria.CRITERIA with scores)"),
     ("composite", "zplus", "LRP composite for the lrp criterion", tuple(lrp.composites.PRESETS)),
     ("samples_per_class", ["1", "2", "5", "10", "20", "50", "100", "200"], "reference samples per class"),
     ("seeds", ["0:10"], "reference-sample seeds, one repetition each (e.g. 0,1,2 or 0:10; a single integer N is "
@@ -65,9 +66,8 @@ def _check(c: dict) -> None:
     for d in c["datasets"]:
         if d not in data.TOY_SIZES:
             raise ValueError(f"datasets: {d!r} is not a toy dataset; expected some of {tuple(data.TOY_SIZES)}")
-    for k in c["criteria"]:
-        if k not in criteria.CRITERIA:
-            raise ValueError(f"criteria: {k!r} unknown; expected some of {criteria.CRITERIA}")
+    for k in c["criteria"]:  # criteria.scores scores them; a global ranking needs scores (no 'selection' kind)
+        unit_criteria.get(k, ("model", "vectors"), "criteria")
     if not c["samples_per_class"]:
         raise ValueError("samples_per_class: expected at least one n")
     ns = common.int_list(c["samples_per_class"], "samples_per_class")

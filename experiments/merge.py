@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from experiments import common
-from jaxprune import checkpoint, conventions, merging, models, plots, structured, train
+from jaxprune import checkpoint, conventions, merging, models, plots, train, unit_criteria
 
 SPEC = [
     *common.TRAIN_SPEC,
@@ -38,7 +38,7 @@ SPEC = [
     ("pruned_cfg", [], "instead of --sparsity, a VGG's target conv widths (e.g. the paper's pruned VGG-16 cfg); "
                        "'M' entries are ignored"),
     ("layers", [], "layers to merge (default: every mergeable layer)"),
-    ("criteria", ["l1", "l2", "l2_gm"], "unit selection criteria (jaxprune.structured)"),
+    ("criteria", ["l1", "l2", "l2_gm"], "unit selection criteria (jaxprune.unit_criteria.CRITERIA, weights only)"),
     ("threshold", None, "cosine threshold for merging (0: always merge, > 1: never); unset: the paper's "
                         "settings, 0.45 without BatchNorm and 0.1 with it"),
     ("lam", merging.LAMBDA, "conv+BN: weight of the cosine distance against the BN offset mismatch"),
@@ -68,9 +68,8 @@ def _config(config: dict) -> dict:
     common.check_range("lam", c["lam"], 0, 1)
     if not c["criteria"]:
         raise ValueError("criteria: expected at least one criterion")
-    for crit in c["criteria"]:
-        if crit not in structured.CRITERIA:
-            raise ValueError(f"criteria: {crit!r} is not one of {structured.CRITERIA}")
+    for crit in c["criteria"]:  # merging selects units from a layer's kernel (structured.select_units)
+        unit_criteria.get(crit, ("vectors", "selection"), "criteria")
     if not c["pruned_cfg"]:
         common.fraction_list(c["sparsity"], "sparsity", upper_open=True)
     else:

@@ -9,7 +9,8 @@ Adam 1e-3, 3 epochs, batch 100), then evaluate the test accuracy at each sparsit
   (layerwise), or ranked across layers (``--scope=global``), with :func:`jaxprune.structured.mask_units`: their
   kernel columns / conv filters, bias and following BatchNorm scale/offset are zeroed, and so are the input rows of
   the layers reading them (a unit whose activation does not map 0 to 0 sends nothing on), so the accuracy is that
-  of the network with those units removed; ``--unit_criterion`` picks another :mod:`jaxprune.structured` criterion.
+  of the network with those units removed; ``--unit_criterion`` picks another weight criterion (kind ``vectors``
+  or ``selection`` of :data:`jaxprune.unit_criteria.CRITERIA`).
 
 The output layer is never pruned and nothing is retrained. Usage::
 
@@ -30,9 +31,10 @@ import numpy as np
 from absl import logging
 
 from experiments import common
-from jaxprune import checkpoint, conventions, criteria, masks, models, plots, structured, train
+from jaxprune import checkpoint, conventions, criteria, masks, models, plots, structured, train, unit_criteria
 
 METHODS = ("weight", "unit")
+_ON_KERNELS = ("vectors", "selection")  # criteria kinds scored from a layer's kernel (unit_criteria)
 SPEC = [
     ("dataset", "digits", "digits (embedded), mnist, fashion_mnist, or a TFDS name"),
     ("data_dir", "", "data directory (default: $JAXPRUNE_DATA_DIR, else ~/tensorflow_datasets)"),
@@ -54,7 +56,7 @@ SPEC = [
      "sparsities swept: fractions of each pruned layer's weights (or units) removed, in [0, 1]"),
     ("methods", ["weight", "unit"], "pruning methods to evaluate: weight, unit"),
     ("scope", "layerwise", "rank within each layer or across all pruned layers", masks.SCOPES),
-    ("unit_criterion", "l2", "unit score for unit pruning", structured.CRITERIA),
+    ("unit_criterion", "l2", "unit score for unit pruning", unit_criteria.Choices(_ON_KERNELS)),
     ("seeds", ["0"], "seeds (initialisation and data order); several give mean ± std"),
     ("workdir", "runs/oneshot", "output directory (finished seeds are skipped on rerun)"),
     ("loop", "auto", "epoch as lax.scan or a Python loop of jitted steps", ("auto", "scan", "python")),
@@ -97,8 +99,7 @@ def _unit_prune(model, variables: dict, sparsity: float, scope: str, criterion: 
             n_keep = structured.n_keep_for(int(p["kernel"].shape[-1]), sparsity)
             keep[layer] = np.asarray(structured.select_units(p["kernel"], n_keep, criterion, key=keys[layer]))
     else:
-        if criterion == "kmeans":
-            raise ValueError("unit_criterion='kmeans' has no per-unit score to rank globally; use --scope=layerwise")
+        _check_global(criterion)
         scores = [np.asarray(structured.unit_scores(structured.layer_params(variables, layer)["kernel"], criterion,
                                                     key=keys[layer]), np.float64) for layer in layers]
         n_remove = conventions.n_to_prune(sparsity, sum(s.size for s in scores))
@@ -107,6 +108,13 @@ def _unit_prune(model, variables: dict, sparsity: float, scope: str, criterion: 
     for layer, k in keep.items():
         variables = structured.mask_units(model, variables, layer, k, x=x)
     return variables
+
+
+def _check_global(criterion: str) -> None:
+    """A criterion that selects units directly (``kmeans``) has no score to rank units of all layers together."""
+    if unit_criteria.get(criterion, _ON_KERNELS, "unit_criterion").kind == "selection":
+        raise ValueError(f"unit_criterion={criterion!r} has no per-unit score to rank globally; use "
+                         "--scope=layerwise")
 
 
 def _build(c: dict):
@@ -121,8 +129,10 @@ def _build(c: dict):
                                use_bias=c["use_bias"])
     if not 1 <= c["batch_size"] <= len(tr.labels):
         raise ValueError(f"batch_size={c['batch_size']}: expected 1..{len(tr.labels)} (the training set size)")
-    if "unit" in c["methods"] and c["scope"] == "global" and c["unit_criterion"] == "kmeans":
-        raise ValueError("unit_criterion='kmeans' has no per-unit score to rank globally; use --scope=layerwise")
+    if "unit" in c["methods"]:
+        unit_criteria.get(c["unit_criterion"], _ON_KERNELS, "unit_criterion")
+        if c["scope"] == "global":
+            _check_global(c["unit_criterion"])
     _preflight(c, model, tr.images.shape, max(sparsities))
     num_steps = train.parse_duration(c["training_steps"], train.steps_per_epoch(len(tr.labels), c["batch_size"]),
                                      "training_steps")

@@ -28,6 +28,12 @@ batches (ids outside ``[0, vocabulary)`` of the model's embedding tables are ref
 ``weight`` needs no data, but the graph (which layers exist, which is the output) is traced for an input shape:
 pass ``x`` (an array, a ``jax.ShapeDtypeStruct`` or a shape tuple); without it the shape is inferred from the
 kernels (:func:`jaxprune.graph.example_input`).
+
+The four are entries of kind ``"model"`` of the one criterion table (:data:`CRITERIA`, the same dict as
+:data:`jaxprune.unit_criteria.CRITERIA` and :data:`jaxprune.structured.CRITERIA`), with their normalisation as the
+entry's ``norm``; :func:`scores` dispatches every criterion of the table through it (a ``"vectors"`` criterion such as
+``l1`` scores each layer's unit vectors; ``"selection"`` ones like ``kmeans`` have no scores). :data:`YEOM` names
+the four compared by Yeom et al. (the default of ``experiments.lrp_toy``).
 """
 from __future__ import annotations
 
@@ -40,16 +46,17 @@ import numpy as np
 import optax
 
 from jaxprune import graph, lrp, structured
+from jaxprune.unit_criteria import CRITERIA, get as _criterion, register_criterion
 from jaxprune.lrp import composites as C
 from jaxprune.lrp.relevance import build_graph, non_output_layers, num_classes, static
 
 Array = jax.Array
 Scores = dict[str, Array]
 
-__all__ = ["CRITERIA", "NORMS", "scores", "weight", "grad", "taylor", "lrp_scores", "normalize", "global_keep"]
+__all__ = ["CRITERIA", "YEOM", "scores", "weight", "grad", "taylor", "lrp_scores", "normalize", "global_keep",
+           "register_criterion"]
 
-CRITERIA = ("weight", "grad", "taylor", "lrp")
-NORMS = {"weight": "l1", "grad": "l2", "taylor": "l2", "lrp": "l1"}  # Yeom et al.'s per-layer normalisations
+YEOM = ("weight", "grad", "taylor", "lrp")  # Yeom et al.'s four, normalised per layer by l1, l2, l2, l1
 
 
 def normalize(values: Array, norm: str, *, name: str = "values") -> Array:
@@ -210,21 +217,67 @@ def _unit_sum(a: Array, axis: int) -> Array:
     return jnp.sum(_by_unit(a, axis), axis=0)
 
 
-def scores(criterion: str, model: Any, variables: Any, x: Any = None, y: Any = None, *,
-           normalized: bool = True, composite: C.Composite | lrp.Rule | str = "zplus") -> Scores:
-    """Scores of ``criterion`` (one of :data:`CRITERIA`), with Yeom et al.'s normalisation unless
-    ``normalized=False``. ``x, y``: the reference batch (``weight`` uses only ``x``'s shape, and infers one when
-    ``x`` is None)."""
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion={criterion!r}: expected one of {CRITERIA}")
-    norm = NORMS[criterion] if normalized else "none"
-    if criterion == "weight":
-        return weight(model, variables, x, norm=norm)
-    if x is None or (y is None and criterion != "lrp"):
+def scores(criterion: str, model: Any, variables: Any, x: Any = None, y: Any = None, *, normalized: bool = True,
+           **options: Any) -> Scores:
+    """Scores ``{layer: (n_units,)}`` of ``criterion`` (a name of :data:`CRITERIA` that scores: kind ``"model"`` or
+    ``"vectors"``) for the model's non-output layers, each divided by the entry's ``norm`` (Yeom et al.'s
+    normalisation for the four of :data:`YEOM`) unless ``normalized=False``. ``x, y``: the reference batch
+    (``weight`` and the vector criteria use only ``x``'s shape, and infer one when ``x`` is None). ``options``:
+    ``composite`` (``lrp``: the LRP composite, default ``"zplus"``), ``key`` (a criterion that needs one, e.g.
+    ``random``, folded per layer), or an option a registered criterion names; each criterion gets only its own."""
+    entry = _criterion(criterion, ("model", "vectors"), note=" (kmeans and the other 'selection' criteria choose "
+                                                            "units directly: use jaxprune.structured.select_layers)")
+    _check_options(options)
+    if entry.needs_key and options.get("key") is None:
+        raise ValueError(f"key: criterion={criterion!r} needs a jax.random key")
+    if x is None and entry.needs_data or y is None and entry.needs_labels:
         raise ValueError(f"criterion={criterion!r} needs a reference batch: pass x (n, …) and labels y (n,)")
-    if criterion == "lrp":
-        return lrp_scores(model, variables, x, y, composite=composite, norm=norm)
-    return (grad if criterion == "grad" else taylor)(model, variables, x, y, norm=norm)
+    if entry.kind == "vectors":
+        raw = _vector_layer_scores(criterion, model, variables, x, options.get("key"))
+    else:
+        mine = {k: v for k, v in options.items() if k in entry.options or (k == "key" and entry.needs_key)}
+        raw = entry.fn(model, variables, x, y, **mine)
+    return _normalize_layers(criterion, raw, list(raw), entry.norm if normalized else "none")
+
+
+def _check_options(options: dict) -> None:
+    """Every option is read by some registered criterion (a misspelt one is refused, naming the known ones)."""
+    known = {"key"}.union(*(c.options for c in CRITERIA.values()))
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"scores: unknown options {unknown}; the registered criteria read {sorted(known)}")
+
+
+def _vector_layer_scores(criterion: str, model: Any, variables: Any, x: Any, key: Array | None) -> Scores:
+    """A ``"vectors"`` criterion on each non-output layer's unit vectors (incoming weights and bias,
+    :func:`jaxprune.structured.unit_params`); ``key`` folded in per layer (its index in forward order)."""
+    g = build_graph(model, variables, graph.example_input(model, variables, x))
+    out = {}
+    for i, k in enumerate(non_output_layers(g)):
+        v = np.asarray(structured.unit_vectors(**structured.unit_params(g, k)), np.float64)
+        lkey = None if key is None else jax.random.fold_in(key, i)
+        out[k] = jnp.asarray(structured._vector_scores(v, criterion, lkey))
+    return out
+
+
+@register_criterion("weight", kind="model", norm="l1")
+def _weight(model: Any, variables: Any, x: Any, y: Any) -> Scores:
+    return weight(model, variables, x, norm=None)
+
+
+@register_criterion("grad", kind="model", needs_data=True, norm="l2")
+def _grad(model: Any, variables: Any, x: Any, y: Any) -> Scores:
+    return grad(model, variables, x, y, norm=None)
+
+
+@register_criterion("taylor", kind="model", needs_data=True, norm="l2")
+def _taylor(model: Any, variables: Any, x: Any, y: Any) -> Scores:
+    return taylor(model, variables, x, y, norm=None)
+
+
+@register_criterion("lrp", kind="model", needs_data=True, needs_labels=False, norm="l1", options=("composite",))
+def _lrp(model: Any, variables: Any, x: Any, y: Any, composite: C.Composite | lrp.Rule | str = "zplus") -> Scores:
+    return lrp_scores(model, variables, x, y, composite=composite, norm=None)
 
 
 def global_keep(scores: Scores, n_remove: int, *, min_keep: int = 1) -> dict[str, Array]:

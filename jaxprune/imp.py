@@ -41,7 +41,6 @@ as in-memory arrays; ``workdir=None`` runs in memory without checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import os
 import shutil
@@ -186,21 +185,12 @@ def _check_labels(task: Task, variables: dict) -> None:
     if task.loss is not None or task.x_train is None:
         return
     x1 = jax.ShapeDtypeStruct((1,) + tuple(np.shape(task.x_train)[1:]), jnp.float32)
-    kw = {"train": False} if _takes_train(task.model) else {}
+    kw = {"train": False} if graph.takes_train(task.model) else {}
     logits = jax.eval_shape(lambda v, x: task.model.apply(v, x, **kw), variables, x1)
     num_classes = int(logits.shape[-1])
     _validate.labels(task.y_train, num_classes, int(np.shape(task.x_train)[0]), "y_train", "x_train")
     if task.y_test is not None:
         _validate.labels(task.y_test, num_classes, int(np.shape(task.x_test)[0]), "y_test", "x_test")
-
-
-def _takes_train(model: nn.Module) -> bool:
-    """Whether ``model.__call__`` accepts ``train=`` (a parameter of that name, or ``**kwargs``)."""
-    try:
-        params = inspect.signature(type(model).__call__).parameters
-    except (TypeError, ValueError):
-        return True
-    return "train" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _input_shape(task: Task) -> tuple:
@@ -218,7 +208,7 @@ def init_variables(task: Task, key: jax.Array) -> dict:
     models with a ``train`` argument)."""
     _validate.key(key)
     shape = _input_shape(task)
-    if _takes_train(task.model):
+    if graph.takes_train(task.model):
         return models.init(task.model, key, shape)
     x = jnp.zeros((1,) + shape[1:], jnp.float32)
     variables = task.model.init({"params": key, "dropout": key}, x)
@@ -373,10 +363,11 @@ def _fresh_moments_at(tx: optax.GradientTransformation, fresh: masks.MaskedState
 # ------------------------------------------------------------------------------------------- orchestration
 def _make_trainer(task: Task, tx: optax.GradientTransformation) -> train.Trainer:
     aug = augmentation.by_name(task.augment)
+    takes_train = graph.takes_train(task.model)
     if task.num_replicas == 1:
-        return train.make_trainer(task.model, tx, task.mesh, aug, loss=task.loss, train_arg=_takes_train(task.model))
+        return train.make_trainer(task.model, tx, task.mesh, aug, loss=task.loss, train_arg=takes_train)
     return replicas.make_trainer(task.model, tx, task.num_replicas, task.mesh, task.replica_layout, aug,
-                                 loss=task.loss, train_arg=_takes_train(task.model))
+                                 loss=task.loss, train_arg=takes_train)
 
 
 def _base_tx(task: Task) -> tuple[optax.GradientTransformation, optax.Schedule | None]:

@@ -4,7 +4,8 @@ A **unit** is one output of a layer: a column of a dense kernel ``(in, out)`` or
 ``(kh, kw, cin, out)``. :func:`unit_vectors` lays a layer out as one row per unit. Selection returns the *kept*
 indices, sorted ascending, with exact counts; ties are broken deterministically (lower index kept).
 
-Weight criteria (:data:`CRITERIA`): ``l1``/``l2`` (norm of the unit's weights), ``random`` (uniform scores from a
+Weight criteria (registered in :data:`jaxprune.unit_criteria.CRITERIA`, the one table of criteria, also
+:data:`CRITERIA` here): ``l1``/``l2`` (norm of the unit's weights), ``random`` (uniform scores from a
 key), ``l2_gm`` (Kim et al. 2020 / FPGM: keep the units farthest from the others, i.e. with the largest sum of
 Euclidean distances to all other units of the layer) and ``kmeans`` (cluster the units into ``n_keep`` clusters
 with scikit-learn and keep the unit nearest each centre). Data-driven criteria (gradient, Taylor, LRP) hand in
@@ -39,10 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxprune import _validate, conventions, graph
+from jaxprune.unit_criteria import CRITERIA, get as _criterion, register_criterion
 
 Array = jax.Array
 Variables = dict[str, Any]
-CRITERIA = ("l1", "l2", "random", "kmeans", "l2_gm")
+_ON_KERNELS = ("vectors", "selection")  # the kinds scored from a layer's (or a class's) weight vectors
 
 
 # ----------------------------------------------------------------------------------------------- selection
@@ -120,26 +122,74 @@ def unit_scores(kernel: Array, criterion: str, *, bias: Array | None = None,
 
 
 def _scores64(kernel: Array, criterion: str, bias: Array | None, key: Array | None) -> np.ndarray:
-    if criterion not in CRITERIA or criterion == "kmeans":
-        raise ValueError(f"criterion={criterion!r}: expected one of {tuple(c for c in CRITERIA if c != 'kmeans')} "
-                         "(kmeans selects units directly: use select_units)")
+    _criterion(criterion, ("vectors",), note=f" ({', '.join(_criteria_of('selection'))} select units directly: "
+                                            "use select_units)")
     return _vector_scores(np.asarray(unit_vectors(kernel, bias), np.float64), criterion, key)
 
 
+def _criteria_of(kind: str) -> tuple[str, ...]:
+    return tuple(n for n, c in CRITERIA.items() if c.kind == kind)
+
+
 def _vector_scores(v: np.ndarray, criterion: str, key: Array | None) -> np.ndarray:
-    """Scores ``(n,)`` float64 of the units laid out as rows of ``v: (n, d)`` under a score criterion."""
-    if criterion == "l1":
-        s = np.abs(v).sum(axis=1)
-    elif criterion == "l2":
-        s = np.sqrt((v * v).sum(axis=1))
-    elif criterion == "random":
-        if key is None:
-            raise ValueError("key: criterion='random' needs a jax.random key")
-        _validate.key(key)
-        s = np.asarray(jax.random.uniform(key, (v.shape[0],)), np.float64)
-    else:  # l2_gm: distance to the others; units near the geometric median are redundant
-        s = _pairwise_distances(v).sum(axis=1)
+    """Scores ``(n,)`` float64 of the units laid out as rows of ``v: (n, d)`` under a ``"vectors"`` criterion of
+    :data:`CRITERIA` (``key``: checked and passed to one that ``needs_key``)."""
+    entry = _criterion(criterion, ("vectors",))
+    _need_key(entry, key)
+    s = np.asarray(entry.fn(v, key), np.float64)
+    if s.shape != (v.shape[0],):
+        raise ValueError(f"criterion={criterion!r}: its scores have shape {s.shape}, expected ({v.shape[0]},)")
     return s
+
+
+def _need_key(entry, key: Array | None) -> None:
+    if entry.needs_key and key is None:
+        raise ValueError(f"key: criterion={entry.name!r} needs a jax.random key")
+    _validate.optional_key(key)
+
+
+@register_criterion("l1", kind="vectors")
+def _l1(v: np.ndarray, key: Array | None) -> np.ndarray:
+    """``Σ |v|`` per row."""
+    return np.abs(v).sum(axis=1)
+
+
+@register_criterion("l2", kind="vectors")
+def _l2(v: np.ndarray, key: Array | None) -> np.ndarray:
+    """``‖v‖₂`` per row."""
+    return np.sqrt((v * v).sum(axis=1))
+
+
+@register_criterion("random", kind="vectors", needs_key=True)
+def _random(v: np.ndarray, key: Array) -> np.ndarray:
+    """Uniform scores in [0, 1) from ``key``."""
+    return np.asarray(jax.random.uniform(key, (v.shape[0],)), np.float64)
+
+
+@register_criterion("kmeans", kind="selection")
+def _kmeans(v: np.ndarray, n_keep: int, key: Array | None) -> np.ndarray:
+    """:func:`_kmeans_select` seeded from ``key`` (seed 0 without one)."""
+    return _kmeans_select(v, n_keep, _seed(key))
+
+
+@register_criterion("l2_gm", kind="vectors")
+def _l2_gm(v: np.ndarray, key: Array | None) -> np.ndarray:
+    """Sum of distances to the other rows: units near the geometric median are redundant (Kim et al. 2020)."""
+    return _pairwise_distances(v).sum(axis=1)
+
+
+def _select_rows(v: np.ndarray, n_keep: int, criterion: str, key: Array | None) -> np.ndarray:
+    """Kept row indices ``(n_keep,)`` ascending of ``v: (n, d)`` float64 under a criterion of kind ``"vectors"``
+    or ``"selection"``."""
+    entry = _criterion(criterion, _ON_KERNELS)
+    if entry.kind == "vectors":
+        return np.asarray(select_by_scores(_vector_scores(v, criterion, key), n_keep))
+    _need_key(entry, key)
+    kept = np.sort(np.asarray(entry.fn(v, n_keep, key), np.int64))
+    if kept.shape != (n_keep,) or np.unique(kept).size != n_keep or np.any((kept < 0) | (kept >= len(v))):
+        raise ValueError(f"criterion={criterion!r}: expected {n_keep} distinct row indices in [0, {len(v)}), got "
+                         f"{kept.tolist()}")
+    return kept
 
 
 def _kmeans_select(v: np.ndarray, n_keep: int, seed: int) -> np.ndarray:
@@ -183,17 +233,14 @@ def select_units(kernel: Array, n_keep: int, criterion: str, *, bias: Array | No
     """Indices ``(n_keep,)`` int32, sorted ascending, of the units of ``kernel`` kept under ``criterion``.
 
     ``kernel``: dense ``(in, out)`` or conv ``(kh, kw, cin, out)``; ``bias: (out,)`` joins the unit vectors.
-    ``key`` is required for ``random`` and seeds ``kmeans`` (seed 0 without one).
+    ``key`` is required for ``random`` and seeds ``kmeans`` (seed 0 without one). ``criterion``: a name of
+    :data:`CRITERIA` of kind ``"vectors"`` or ``"selection"``.
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion={criterion!r}: expected one of {CRITERIA}")
+    _criterion(criterion, _ON_KERNELS)
     n = int(np.shape(kernel)[-1]) if np.ndim(kernel) >= 2 else 0
     v = unit_vectors(kernel, bias)
     n_keep = _check_n_keep(n_keep, n)
-    if criterion == "kmeans":
-        kept = _kmeans_select(np.asarray(v, np.float64), n_keep, _seed(key))
-        return jnp.asarray(kept, jnp.int32)
-    return select_by_scores(_scores64(kernel, criterion, bias, key), n_keep)
+    return jnp.asarray(_select_rows(np.asarray(v, np.float64), n_keep, criterion, key), jnp.int32)
 
 
 def n_keep_for(n_units: int, fraction: float) -> int:
@@ -389,26 +436,39 @@ ScoreSource = str | Mapping[str, Array] | Callable[[str, dict], Array]
 
 
 def _check_criterion(criterion: Any, key: Array | None, other: str) -> None:
-    """A weight criterion name of :data:`CRITERIA` (``other``: the rest of the message, what else is accepted)
-    and, for ``random``, a key; ValueErrors name the argument."""
-    if isinstance(criterion, str) and criterion not in CRITERIA:
-        raise ValueError(f"criterion={criterion!r}: expected one of {CRITERIA}{other}")
-    if criterion == "random" and key is None:
-        raise ValueError("key: criterion='random' needs a jax.random key")
+    """A criterion name of :data:`CRITERIA` (``other``: the rest of the message, what else is accepted) and, for
+    one that needs it (``random``), a key; ValueErrors name the argument."""
+    if isinstance(criterion, str):
+        _need_key(_criterion(criterion, note=other), key)
     _validate.optional_key(key)
+
+
+def _resolve(criterion: Any, model: Any, variables: Any, x: Any) -> Any:
+    """``criterion`` as :func:`select_layers` / :func:`select_groups` rank by: a name of kind ``"vectors"`` or
+    ``"selection"`` stays a name; a ``"model"`` criterion that needs no data becomes its scores ``{layer: (n,)}``
+    (computed on ``variables``, ``x`` the example input); one that needs data is refused (pass its scores)."""
+    if not isinstance(criterion, str) or CRITERIA[criterion].kind in _ON_KERNELS:
+        return criterion
+    entry = CRITERIA[criterion]
+    if entry.needs_data:
+        raise ValueError(f"criterion={criterion!r} scores units on a reference batch: pass its scores, "
+                         f"jaxprune.criteria.scores({criterion!r}, model, variables, x, y), as criterion")
+    return entry.fn(model, variables, x, None)
 
 
 def select_layers(model: Any, variables: Variables, n_keep: Mapping[str, int], criterion: ScoreSource,
                   *, key: Array | None = None, x: Any = None) -> dict[str, Array]:
     """Kept indices for several layers at once, all scored on the *unpruned* ``variables``.
 
-    ``criterion``: a weight criterion name (:data:`CRITERIA`), a dict ``layer → (n_units,)`` of data-driven
-    scores (higher = kept), or a callable ``(layer, layer_params) -> (n_units,)`` scores.
+    ``criterion``: a criterion name of :data:`CRITERIA` (one of kind ``"model"`` only if it needs no data), a dict
+    ``layer → (n_units,)`` of data-driven scores (higher = kept), or a callable ``(layer, layer_params) ->
+    (n_units,)`` scores.
     ``key`` (split per layer) is needed for ``random``. A layer whose units are removable only in whole groups (it
     feeds a grouped convolution or a GroupNorm) keeps whole groups: ``n_keep`` rounds up to a multiple of the group
     size, and the groups holding most of the units the criterion keeps are kept (:func:`_whole_classes`).
     """
     _check_criterion(criterion, key, ", a dict of scores or a callable")
+    criterion = _resolve(criterion, model, variables, x)
     g = _graph(model, variables, x)
     keep = {}
     for i, (layer, nk) in enumerate(n_keep.items()):
@@ -520,12 +580,13 @@ def select_groups(model: Any, variables: Variables, n_keep: Mapping[str, int], c
     """Kept unit indices of every layer of each group, for :func:`remove_many` / :func:`mask_many`.
 
     ``n_keep``: ``{group's first layer: coupling classes kept}`` (:func:`group_widths` counts them);
-    ``criterion``: a weight criterion of :data:`CRITERIA` — a class is the vector of its units' incoming weights
-    and biases concatenated over the group's layers (one score per head across q/k/v) — or data-driven scores
-    ``{layer: (units,)}`` (:func:`jaxprune.criteria.scores`), a class scoring the sum of its units' scores over
-    the group's layers. Ties keep the lower class; ``key`` (folded per group) is needed for ``random``. A group of
+    ``criterion``: a criterion of :data:`CRITERIA` of kind ``"vectors"``/``"selection"`` — a class is the vector of
+    its units' incoming weights and biases concatenated over the group's layers (one score per head across q/k/v) —
+    or data-driven scores ``{layer: (units,)}`` (:func:`jaxprune.criteria.scores`; a ``"model"`` criterion that
+    needs no data is computed here), a class scoring the sum of its units' scores over the group's layers. Ties keep the lower class; ``key`` (folded per group) is needed for ``random``. A group of
     one layer whose units are their own classes selects exactly as :func:`select_layers`."""
     _check_criterion(criterion, key, " or a dict of scores")
+    criterion = _resolve(criterion, model, variables, x)
     g = _graph(model, variables, x)
     keep = {}
     for i, (layer, nk) in enumerate(n_keep.items()):
@@ -533,11 +594,8 @@ def select_groups(model: Any, variables: Variables, n_keep: Mapping[str, int], c
         nk = _check_n_keep(nk, classes.size, f"n_keep[{layer!r}]")
         units = _class_units(g, members, classes)
         gkey = None if key is None else jax.random.fold_in(key, i)
-        if criterion == "kmeans":
-            kept = _kmeans_select(_class_vectors(g, members, units, layer), nk, _seed(gkey))
-        elif isinstance(criterion, str):
-            kept = np.asarray(select_by_scores(_vector_scores(_class_vectors(g, members, units, layer), criterion,
-                                                              gkey), nk))
+        if isinstance(criterion, str):
+            kept = _select_rows(_class_vectors(g, members, units, layer), nk, criterion, gkey)
         else:
             kept = np.asarray(select_by_scores(_class_scores(criterion, members, units, g), nk))
         for j, m in enumerate(members):

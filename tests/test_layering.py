@@ -20,12 +20,12 @@ LAYERS: dict[str, int] = {
     "_validate": 0, "conventions": 1,
     "data": 2, "models": 2, "augment": 2, "distributed": 2, "checkpoint": 2, "plots": 2, "masks": 2,
     "similarity": 2,
-    "train": 3, "patterns": 3, "graph": 3,
+    "train": 3, "patterns": 3, "graph": 3, "unit_criteria": 3,
     "replicas": 4, "structured": 4, "lrp": 4, "sparse_training": 4, "lm": 4, "calibrated": 4,
     "imp": 5, "merging": 5, "criteria": 5, "analysis": 5,
 }
 PRUNING = {"masks", "patterns", "imp", "structured", "merging", "graph", "lrp", "criteria", "sparse_training",
-           "calibrated", "analysis"}
+           "calibrated", "analysis", "unit_criteria"}
 
 
 def _top(name: str) -> str | None:

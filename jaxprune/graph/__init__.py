@@ -74,7 +74,7 @@ from jaxprune.graph.inputs import example_input
 from jaxprune.graph.model_graph import OUTPUT, Graph, Layer
 from jaxprune.graph.ops import OPS, register_op
 from jaxprune.graph.program import (Eqn, Net, Program, UnsupportedError, _is_nnx_graphdef, _is_nnx_module,
-                                    _path_str, call_kwargs, net)
+                                    _path_str, call_kwargs, net, takes_train)
 from jaxprune.graph.surgery import rebuild, shrink, silence
 
 __all__ = ["Net", "Layer", "Graph", "net", "build", "run", "shrink", "silence", "rebuild", "count_macs", "uncounted",

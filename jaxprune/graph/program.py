@@ -105,13 +105,22 @@ def net(model: Any, variables: Any = None) -> Net:
     return Net(model, "linen", variables, treedef, paths, 1, call_kwargs(model))
 
 
-def call_kwargs(model: Any) -> tuple:
-    """``(("train", False),)`` when a linen model's ``__call__`` takes ``train`` (inference mode), else ``()``."""
+def takes_train(model: Any) -> bool:
+    """Whether a linen model's (or model class's) ``__call__`` accepts ``train=``: a parameter of that name, or
+    ``**kwargs``. The one answer the library and the experiments use (graph tracing, IMP's trainer, the user-model
+    adapter of ``experiments.common``); an unreadable signature answers False (``train`` is then never passed)."""
+    cls = model if isinstance(model, type) else type(model)
     try:
-        sig = inspect.signature(type(model).__call__)
+        params = inspect.signature(cls.__call__).parameters
     except (TypeError, ValueError):  # pragma: no cover
-        return ()
-    return (("train", False),) if "train" in sig.parameters else ()
+        return False
+    return "train" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def call_kwargs(model: Any) -> tuple:
+    """``(("train", False),)`` when a linen model's ``__call__`` takes ``train`` (:func:`takes_train`: inference
+    mode), else ``()``."""
+    return (("train", False),) if takes_train(model) else ()
 
 
 # ----------------------------------------------------------------------------------------------- flat program
