@@ -289,18 +289,8 @@ def run(trainer: Trainer, state: TrainState, x: Array, y: Array, *, batch_size: 
     raises :class:`Diverged` naming the step (checked once per epoch on the epoch's losses, no per-step host sync;
     ``None``: no check).
     """
-    n = int(x.shape[0])
-    if np.shape(y)[:1] != (n,):
-        raise ValueError(f"y: {np.shape(y)[0] if np.ndim(y) else 'a scalar'} labels for {n} examples of x; expected "
-                         f"one label per example (y: ({n},))")
-    if batch_size < 1 or batch_size > n:
-        raise ValueError(f"batch_size={batch_size}: expected 1 <= batch_size <= number of examples ({n})")
-    if loop not in ("auto", "scan", "python"):
-        raise ValueError(f"loop={loop!r}: expected 'auto', 'scan' or 'python'")
+    n = _check_run_args(trainer, x, y, batch_size, loop, data_key)
     lead = 0 if trainer.replicas is None else 1
-    if lead and np.shape(data_key)[:1] != (trainer.replicas,):
-        raise ValueError(f"data_key: expected ({trainer.replicas}, 2) keys, one per replica; got {np.shape(data_key)}")
-    _validate.key(data_key, "data_key", batch=trainer.replicas)
     if trainer.mesh is not None:
         distributed.check_divisible(batch_size, trainer.mesh)
         x, y, state = distributed.replicate((x, y, state), trainer.mesh)
@@ -315,46 +305,90 @@ def run(trainer: Trainer, state: TrainState, x: Array, y: Array, *, batch_size: 
     s = start
     while s < num_steps:
         epoch, offset = divmod(s, spe)
-        if lead:
-            order = jax.vmap(lambda k: epoch_order(k, epoch, n, batch_size))(data_key)
-        else:
-            order = epoch_order(data_key, epoch, n, batch_size)
-        if trainer.mesh is not None:
-            order = distributed.put(order, distributed.batch_sharding(trainer.mesh, order.ndim - 1))
         stop = min(spe, offset + (num_steps - s))
-        cuts = [offset, stop]
-        if snapshot_step is not None and s < snapshot_step < epoch * spe + stop:
-            cuts.insert(1, snapshot_step - epoch * spe)
-        losses, corrects = [], []
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            if use_scan:
-                state, (l, c) = trainer.scan(state, x, y, order[..., a:b, :], data_key)
-                losses.append(l)
-                corrects.append(c)
-            else:
-                for i in range(a, b):
-                    state, (l, c) = trainer.step(state, x, y, order[..., i, :], data_key)
-                    losses.append(l[..., None])
-                    corrects.append(c[..., None])
-            if snapshot_step is not None and epoch * spe + b == snapshot_step:
-                snapshot = state
+        order = _epoch_order(trainer, data_key, epoch, n, batch_size)
+        state, losses, corrects, snap = _run_epoch(trainer, state, (x, y, order, data_key), (offset, stop),
+                                                   snapshot_step - epoch * spe if snapshot_step is not None else None,
+                                                   use_scan)
+        snapshot = snap if snap is not None else snapshot
         s = epoch * spe + stop
-        epoch_losses = jnp.concatenate(losses, -1)
-        limit = loss_limit(epoch_losses[..., 0], max_loss_factor) if limit is None else limit
-        check_divergence(epoch_losses, limit, epoch * spe + offset, log_prefix)
-        loss = _metric(jnp.mean(epoch_losses, -1))
-        acc = _metric(jnp.sum(jnp.concatenate(corrects, -1), -1) / ((stop - offset) * batch_size))
+        limit = loss_limit(losses[..., 0], max_loss_factor) if limit is None else limit
+        check_divergence(losses, limit, epoch * spe + offset, log_prefix)
+        loss = _metric(jnp.mean(losses, -1))
+        acc = _metric(jnp.sum(corrects, -1) / ((stop - offset) * batch_size))
         elapsed = time.perf_counter() - t0
         rec = {"epoch": epoch + 1 if stop == spe else epoch + stop / spe, "step": s, "train_loss": loss,
                "train_accuracy": acc, "examples_per_s": (s - start) * batch_size / max(elapsed, 1e-9)}
         if eval_fn is not None:
             rec.update(eval_fn(state))
         history.append(rec)
-        eta = elapsed / (s - start) * (num_steps - s)
-        extra = "".join(f" {k}={np.mean(v):.4f}" for k, v in rec.items() if k.startswith("test_"))
-        logging.info("%sepoch %.2f step %d/%d loss=%.4f acc=%.4f%s %.0f ex/s eta %.0fs", log_prefix, rec["epoch"],
-                     s, num_steps, np.mean(loss), np.mean(acc), extra, rec["examples_per_s"], eta)
+        _log_epoch(rec, log_prefix, num_steps, elapsed / (s - start) * (num_steps - s))
     return RunResult(state, loss, acc, snapshot, time.perf_counter() - t0, history)
+
+
+def _check_run_args(trainer: Trainer, x: Array, y: Array, batch_size: int, loop: str, data_key: Array) -> int:
+    """Refuse what :func:`run` cannot train on (lengths, batch size, loop, replica keys); returns ``n``."""
+    n = int(x.shape[0])
+    if np.shape(y)[:1] != (n,):
+        raise ValueError(f"y: {np.shape(y)[0] if np.ndim(y) else 'a scalar'} labels for {n} examples of x; expected "
+                         f"one label per example (y: ({n},))")
+    if batch_size < 1 or batch_size > n:
+        raise ValueError(f"batch_size={batch_size}: expected 1 <= batch_size <= number of examples ({n})")
+    if loop not in ("auto", "scan", "python"):
+        raise ValueError(f"loop={loop!r}: expected 'auto', 'scan' or 'python'")
+    _check_data_key(trainer, data_key)
+    return n
+
+
+def _check_data_key(trainer: Trainer, data_key: Array) -> None:
+    """``data_key``: one key, or ``(K, 2)`` keys (one per replica) for a trainer of K replicas."""
+    if trainer.replicas is not None and np.shape(data_key)[:1] != (trainer.replicas,):
+        raise ValueError(f"data_key: expected ({trainer.replicas}, 2) keys, one per replica; got {np.shape(data_key)}")
+    _validate.key(data_key, "data_key", batch=trainer.replicas)
+
+
+def _epoch_order(trainer: Trainer, data_key: Array, epoch: int, n: int, batch_size: int) -> Array:
+    """Epoch ``epoch``'s batch indices ``(steps, b)`` (``(K, steps, b)`` for K replicas), placed on the mesh."""
+    if trainer.replicas is not None:
+        order = jax.vmap(lambda k: epoch_order(k, epoch, n, batch_size))(data_key)
+    else:
+        order = epoch_order(data_key, epoch, n, batch_size)
+    if trainer.mesh is not None:
+        order = distributed.put(order, distributed.batch_sharding(trainer.mesh, order.ndim - 1))
+    return order
+
+
+def _run_epoch(trainer: Trainer, state: TrainState, data: tuple, span: tuple[int, int], snap_at: int | None,
+               use_scan: bool) -> tuple[TrainState, Array, Array, TrainState | None]:
+    """Steps ``span = (offset, stop)`` of one epoch (``data = (x, y, order, data_key)``); returns the state, the
+    steps' losses and correct counts ``(…, stop - offset)`` and the state after step ``snap_at`` of the epoch (its
+    index within the epoch) when that falls inside the span."""
+    x, y, order, data_key = data
+    offset, stop = span
+    cuts = [offset, stop]
+    if snap_at is not None and offset < snap_at < stop:
+        cuts.insert(1, snap_at)
+    losses, corrects, snapshot = [], [], None
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        if use_scan:
+            state, (l, c) = trainer.scan(state, x, y, order[..., a:b, :], data_key)
+            losses.append(l)
+            corrects.append(c)
+        else:
+            for i in range(a, b):
+                state, (l, c) = trainer.step(state, x, y, order[..., i, :], data_key)
+                losses.append(l[..., None])
+                corrects.append(c[..., None])
+        if snap_at is not None and b == snap_at:
+            snapshot = state
+    return state, jnp.concatenate(losses, -1), jnp.concatenate(corrects, -1), snapshot
+
+
+def _log_epoch(rec: dict, log_prefix: str, num_steps: int, eta: float) -> None:
+    extra = "".join(f" {k}={np.mean(v):.4f}" for k, v in rec.items() if k.startswith("test_"))
+    logging.info("%sepoch %.2f step %d/%d loss=%.4f acc=%.4f%s %.0f ex/s eta %.0fs", log_prefix, rec["epoch"],
+                 rec["step"], num_steps, np.mean(rec["train_loss"]), np.mean(rec["train_accuracy"]), extra,
+                 rec["examples_per_s"], eta)
 
 
 def run_batches(trainer: Trainer, state: TrainState, batches: Iterable, *, num_steps: int, data_key: Array,
@@ -368,19 +402,20 @@ def run_batches(trainer: Trainer, state: TrainState, batches: Iterable, *, num_s
     pipeline as numpy); running out before ``num_steps`` is a ValueError. Batches of one shape compile once.
     Dropout and augmentation keys are drawn from ``data_key`` by step, as in :func:`run`. Metrics and
     ``eval_fn`` are taken every ``log_every`` steps and at the end (the train metrics: means over those steps).
-    Single-replica trainers without a mesh only. Divergence (``max_loss_factor``) as in :func:`run`, checked every
-    ``log_every`` steps."""
-    if trainer.replicas is not None or trainer.mesh is not None:
-        raise ValueError("run_batches: expected a single-replica trainer without a mesh (train.make_trainer(model, "
-                         "tx)); replicas and data parallelism need in-memory arrays (train.run)")
+    Trainers without a mesh only; a trainer of K replicas (``data_key: (K, 2)``) trains every replica on the same
+    batches and reports lists of K values, as :func:`run`. Divergence (``max_loss_factor``) as in :func:`run`,
+    checked every ``log_every`` steps."""
+    if trainer.mesh is not None:
+        raise ValueError("run_batches: expected a trainer without a mesh (train.make_trainer(model, tx)); data "
+                         "parallelism needs in-memory arrays (train.run)")
     if log_every < 1:
         raise ValueError(f"log_every={log_every}: expected >= 1")
-    start = s = int(state.step)
+    _check_data_key(trainer, data_key)
+    start = s = int(np.asarray(state.step).reshape(-1)[0])  # replicas advance in lockstep
     snapshot = state if snapshot_step is not None and start == snapshot_step else None
     t0 = time.perf_counter()
     history: list[dict] = []
     loss = acc = float("nan")
-    _validate.key(data_key, "data_key")
     losses, corrects, seen = [], [], 0
     limit = None
     it = iter(batches)
@@ -399,37 +434,38 @@ def run_batches(trainer: Trainer, state: TrainState, batches: Iterable, *, num_s
         if snapshot_step is not None and s == snapshot_step:
             snapshot = state
         if s % log_every == 0 or s == num_steps:
-            window = jnp.stack(losses)
-            limit = loss_limit(window[0], max_loss_factor) if limit is None else limit
+            window = jnp.stack(losses, -1)  # (…, steps)
+            limit = loss_limit(window[..., 0], max_loss_factor) if limit is None else limit
             check_divergence(window, limit, s - len(losses), log_prefix)
-            loss = float(np.mean(np.asarray(window, np.float64)))
-            acc = float(np.sum(np.asarray(jnp.stack(corrects), np.float64)) / seen)
-            elapsed = time.perf_counter() - t0
+            loss = _metric(np.mean(np.asarray(window, np.float64), -1))
+            acc = _metric(np.sum(np.asarray(jnp.stack(corrects, -1), np.float64), -1) / seen)
             rec = {"step": s, "train_loss": loss, "train_accuracy": acc,
-                   "steps_per_s": (s - start) / max(elapsed, 1e-9)}
+                   "steps_per_s": (s - start) / max(time.perf_counter() - t0, 1e-9)}
             if eval_fn is not None:
                 rec.update(eval_fn(state))
             history.append(rec)
-            extra = "".join(f" {k}={v:.4f}" for k, v in rec.items() if k.startswith("test_"))
-            logging.info("%sstep %d/%d loss=%.4f acc=%.4f%s", log_prefix, s, num_steps, loss, acc, extra)
+            extra = "".join(f" {k}={np.mean(v):.4f}" for k, v in rec.items() if k.startswith("test_"))
+            logging.info("%sstep %d/%d loss=%.4f acc=%.4f%s", log_prefix, s, num_steps, np.mean(loss), np.mean(acc),
+                         extra)
             losses, corrects, seen = [], [], 0
     return RunResult(state, loss, acc, snapshot, time.perf_counter() - t0, history)
 
 
-def evaluate_batches(trainer: Trainer, variables: dict, batches: Iterable) -> dict[str, float]:
-    """:func:`evaluate` over ``(x, y)`` batches from an iterator (each batch shape compiles once)."""
-    if trainer.replicas is not None or trainer.mesh is not None:
-        raise ValueError("evaluate_batches: expected a single-replica trainer without a mesh")
+def evaluate_batches(trainer: Trainer, variables: dict, batches: Iterable) -> dict[str, float | list[float]]:
+    """:func:`evaluate` over ``(x, y)`` batches from an iterator (each batch shape compiles once); a trainer of K
+    replicas (stacked ``variables``) gives lists of K values."""
+    if trainer.mesh is not None:
+        raise ValueError("evaluate_batches: expected a trainer without a mesh")
     tot_loss = tot_correct = np.float64(0.0)
     n = 0
     for xb, yb in batches:
         xb, yb = jnp.asarray(xb), jnp.asarray(yb)
         l, c = trainer.evaluate(variables, xb, yb, jnp.ones((yb.shape[0],), jnp.float32))
-        tot_loss, tot_correct = tot_loss + np.float64(l), tot_correct + np.float64(c)
+        tot_loss, tot_correct = tot_loss + np.asarray(l, np.float64), tot_correct + np.asarray(c, np.float64)
         n += int(yb.shape[0])
     if n == 0:
         raise ValueError("evaluate_batches: no batches (empty evaluation set)")
-    return {"loss": float(tot_loss / n), "accuracy": float(tot_correct / n)}
+    return {"loss": _metric(tot_loss / n), "accuracy": _metric(tot_correct / n)}
 
 
 def _metric(x: Array) -> float | list[float]:
