@@ -25,9 +25,11 @@ be raised to extend a run, never lowered below the levels already finished.
 
 Replicas (``Task.num_replicas = K > 1``): seeds ``seed, seed+1, …, seed+K-1`` run as one compiled program
 (:mod:`jaxprune.replicas`), each with its own initialisation, data order, masks and branch keys — replica ``r`` is
-the run with seed ``seed + r``. Checkpoints hold the stacked trees (a leading K axis on every leaf); a level record
-holds the mean over replicas under the usual keys, ``<key>_std`` (sample standard deviation) and the per-replica
-records under ``replicas``. ``Task.mesh``: train data-parallel over that mesh (:mod:`jaxprune.distributed`).
+the run with seed ``seed + r``. Inside :func:`run` every tree is stacked (a leading K axis on every leaf, K = 1
+included; a single replica trains as the single run itself, :func:`_train_level`). Checkpoints of K > 1 hold the
+stacked trees, those of K = 1 a single run's trees (:func:`checkpoint_form`, the one conversion); a level record of
+K > 1 holds the mean over replicas under the usual keys, ``<key>_std`` (sample standard deviation) and the
+per-replica records under ``replicas``, one of K = 1 a single run's record. ``Task.mesh``: train data-parallel over that mesh (:mod:`jaxprune.distributed`).
 
 IMP in your own loop: the pieces :func:`capture` (a rewind point, or a level's trained state),
 :func:`prune_and_rewind` / :func:`start_level` (each ``rewind`` mode), :func:`random_mask_branch` and
@@ -374,10 +376,13 @@ def _fresh_moments_at(tx: optax.GradientTransformation, fresh: masks.MaskedState
 
 # ------------------------------------------------------------------------------------------- orchestration
 def _make_trainer(task: Task, tx: optax.GradientTransformation) -> train.Trainer:
-    """The trainer of stacked states (K = 1 included, :func:`jaxprune.replicas.make_trainer`)."""
-    return replicas.make_trainer(task.model, tx, task.num_replicas, task.mesh, task.replica_layout,
-                                 augmentation.by_name(task.augment), loss=task.loss,
-                                 train_arg=_takes_train(task.model))
+    """The trainer of the task's replicas (:func:`jaxprune.replicas.make_trainer`); one replica trains with the
+    single-run trainer (see :func:`_train_level`)."""
+    aug, train_arg = augmentation.by_name(task.augment), _takes_train(task.model)
+    if task.num_replicas == 1:
+        return train.make_trainer(task.model, tx, task.mesh, aug, loss=task.loss, train_arg=train_arg)
+    return replicas.make_trainer(task.model, tx, task.num_replicas, task.mesh, task.replica_layout, aug,
+                                 loss=task.loss, train_arg=train_arg)
 
 
 def _base_tx(task: Task) -> tuple[optax.GradientTransformation, optax.Schedule | None]:
@@ -431,21 +436,33 @@ def _evaluate(task: Task, trainer: train.Trainer, state: train.TrainState) -> di
 
 def _train_level(setup: _Setup, start: train.TrainState, rewind: str, label: str,
                  snapshot_step: int | None = None) -> tuple[train.RunResult, dict]:
-    """Train the stacked ``start`` to the level's end; the run's result and its evaluation (lists of K)."""
+    """Train the stacked ``start`` to the level's end; the run's result (stacked state and snapshot) and its
+    evaluation.
+
+    The module's one K = 1 path: a single replica trains as the single run itself, unstacked here and stacked
+    back (with :func:`_make_trainer`'s single-run trainer). One replica inside ``vmap`` or an unrolled loop is the
+    same arithmetic, but XLA fuses it differently and the last bits of e.g. adam's updates move (BUILD-notes,
+    "Replicas always stacked"), so the records of K = 1 runs would change."""
     task = setup.task
     trainer, _ = setup.trainer_for(rewind)
+    one = task.num_replicas == 1
     eval_fn = None
     if task.eval_every_epoch:
         eval_fn = lambda s: {f"test_{k}": v for k, v in _evaluate(task, trainer, s).items()}
     data_key = setup.rep.seeded(lambda s: Keys(s).data)
+    start, data_key = (replicas.index(start, 0), data_key[0]) if one else (start, data_key)
     if task.train_batches is not None:
-        res = train.run_batches(trainer, start, task.train_batches(int(start.step[0])), num_steps=task.num_steps,
+        res = train.run_batches(trainer, start, task.train_batches(int(start.step)), num_steps=task.num_steps,
                                 data_key=data_key, snapshot_step=snapshot_step, log_prefix=label, eval_fn=eval_fn)
     else:
         res = train.run(trainer, start, task.x_train, task.y_train, batch_size=task.batch_size,
                         num_steps=task.num_steps, data_key=data_key, loop=task.loop,
                         snapshot_step=snapshot_step, log_prefix=label, eval_fn=eval_fn)
-    return res, _evaluate(task, trainer, res.state)
+    ev = _evaluate(task, trainer, res.state)
+    if one:  # back to the stacked form; metrics stay floats (a single replica's, read by _pick)
+        restack = lambda t: None if t is None else replicas.stack([t])
+        res = dataclasses.replace(res, state=restack(res.state), snapshot=restack(res.snapshot))
+    return res, ev
 
 
 def _start_state(setup: _Setup, cfg: ImpConfig, mask: PyTree, prev: train.TrainState,
@@ -461,7 +478,7 @@ def _level_record(level: int, mask: PyTree, prunable: PyTree, res: train.RunResu
     """A level's record from its stacked run: one replica's record as it is (K = 1: the record of a single
     run), K > 1 summarised (:func:`_summary`)."""
     reps = [_replica_record(level, replicas.index(mask, r), prunable, _pick_result(res, r),
-                            {m: v[r] for m, v in ev.items()}) for r in range(replicas.num_replicas(mask))]
+                            {m: _pick(v, r) for m, v in ev.items()}) for r in range(replicas.num_replicas(mask))]
     return reps[0] if len(reps) == 1 else _summary(level, reps)
 
 
@@ -473,13 +490,17 @@ def _replica_record(level: int, mask: PyTree, prunable: PyTree, res: train.RunRe
             "layer_densities": rep["layers"], "history": res.history}
 
 
+def _pick(value: Any, r: int) -> Any:
+    """Replica ``r``'s value of a metric: per-replica metrics of K > 1 are lists (:func:`jaxprune.train.run`);
+    shared ones (a history entry's epoch and step) and a single replica's are scalars."""
+    return value[r] if isinstance(value, list) else value
+
+
 def _pick_result(res: train.RunResult, r: int) -> train.RunResult:
-    """Replica ``r`` of a stacked run's result (per-replica metrics are lists; shared ones, such as the epoch and
-    the step of a history entry, are scalars)."""
-    pick = lambda v: v[r] if isinstance(v, list) else v
-    return dataclasses.replace(res, state=replicas.index(res.state, r), train_loss=pick(res.train_loss),
-                               train_accuracy=pick(res.train_accuracy), snapshot=None,
-                               history=[{k: pick(v) for k, v in h.items()} for h in res.history])
+    """Replica ``r`` of a run's result (stacked state)."""
+    return dataclasses.replace(res, state=replicas.index(res.state, r), train_loss=_pick(res.train_loss, r),
+                               train_accuracy=_pick(res.train_accuracy, r), snapshot=None,
+                               history=[{k: _pick(v, r) for k, v in h.items()} for h in res.history])
 
 
 SUMMARY_KEYS = ("density", "test_accuracy", "test_loss", "train_loss", "train_accuracy")

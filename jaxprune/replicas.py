@@ -82,9 +82,7 @@ def make_trainer(model: nn.Module, tx: optax.GradientTransformation, num_replica
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
     step, _, evaluate = train.step_functions(model, tx, mesh, augment, loss=loss, train_arg=train_arg)
-    # One replica runs the single-run step itself, whatever the layout: vmap over a size-1 axis is the same
-    # computation, but XLA fuses and rounds it differently (not bit-identical to a single run).
-    batched = jax.vmap if layout == "vmap" and num_replicas > 1 else _unrolled
+    batched = jax.vmap if layout == "vmap" else _unrolled
     rstep = batched(step, in_axes=(0, None, None, 0, 0))
 
     def scan(state, x_all, y_all, idx, key):  # idx: (K, s, b) -> scan over s of the K-replica step

@@ -402,20 +402,19 @@ def run_batches(trainer: Trainer, state: TrainState, batches: Iterable, *, num_s
     pipeline as numpy); running out before ``num_steps`` is a ValueError. Batches of one shape compile once.
     Dropout and augmentation keys are drawn from ``data_key`` by step, as in :func:`run`. Metrics and
     ``eval_fn`` are taken every ``log_every`` steps and at the end (the train metrics: means over those steps).
-    Trainers without a mesh only; a trainer of K replicas (``data_key: (K, 2)``) trains every replica on the same
-    batches and reports lists of K values, as :func:`run`. Divergence (``max_loss_factor``) as in :func:`run`,
-    checked every ``log_every`` steps."""
-    if trainer.mesh is not None:
-        raise ValueError("run_batches: expected a trainer without a mesh (train.make_trainer(model, tx)); data "
-                         "parallelism needs in-memory arrays (train.run)")
+    Single-replica trainers without a mesh only. Divergence (``max_loss_factor``) as in :func:`run`, checked every
+    ``log_every`` steps."""
+    if trainer.replicas is not None or trainer.mesh is not None:
+        raise ValueError("run_batches: expected a single-replica trainer without a mesh (train.make_trainer(model, "
+                         "tx)); replicas and data parallelism need in-memory arrays (train.run)")
     if log_every < 1:
         raise ValueError(f"log_every={log_every}: expected >= 1")
-    _check_data_key(trainer, data_key)
-    start = s = int(np.asarray(state.step).reshape(-1)[0])  # replicas advance in lockstep
+    start = s = int(state.step)
     snapshot = state if snapshot_step is not None and start == snapshot_step else None
     t0 = time.perf_counter()
     history: list[dict] = []
     loss = acc = float("nan")
+    _validate.key(data_key, "data_key")
     losses, corrects, seen = [], [], 0
     limit = None
     it = iter(batches)
@@ -434,38 +433,37 @@ def run_batches(trainer: Trainer, state: TrainState, batches: Iterable, *, num_s
         if snapshot_step is not None and s == snapshot_step:
             snapshot = state
         if s % log_every == 0 or s == num_steps:
-            window = jnp.stack(losses, -1)  # (…, steps)
-            limit = loss_limit(window[..., 0], max_loss_factor) if limit is None else limit
+            window = jnp.stack(losses)
+            limit = loss_limit(window[0], max_loss_factor) if limit is None else limit
             check_divergence(window, limit, s - len(losses), log_prefix)
-            loss = _metric(np.mean(np.asarray(window, np.float64), -1))
-            acc = _metric(np.sum(np.asarray(jnp.stack(corrects, -1), np.float64), -1) / seen)
+            loss = float(np.mean(np.asarray(window, np.float64)))
+            acc = float(np.sum(np.asarray(jnp.stack(corrects), np.float64)) / seen)
+            elapsed = time.perf_counter() - t0
             rec = {"step": s, "train_loss": loss, "train_accuracy": acc,
-                   "steps_per_s": (s - start) / max(time.perf_counter() - t0, 1e-9)}
+                   "steps_per_s": (s - start) / max(elapsed, 1e-9)}
             if eval_fn is not None:
                 rec.update(eval_fn(state))
             history.append(rec)
-            extra = "".join(f" {k}={np.mean(v):.4f}" for k, v in rec.items() if k.startswith("test_"))
-            logging.info("%sstep %d/%d loss=%.4f acc=%.4f%s", log_prefix, s, num_steps, np.mean(loss), np.mean(acc),
-                         extra)
+            extra = "".join(f" {k}={v:.4f}" for k, v in rec.items() if k.startswith("test_"))
+            logging.info("%sstep %d/%d loss=%.4f acc=%.4f%s", log_prefix, s, num_steps, loss, acc, extra)
             losses, corrects, seen = [], [], 0
     return RunResult(state, loss, acc, snapshot, time.perf_counter() - t0, history)
 
 
-def evaluate_batches(trainer: Trainer, variables: dict, batches: Iterable) -> dict[str, float | list[float]]:
-    """:func:`evaluate` over ``(x, y)`` batches from an iterator (each batch shape compiles once); a trainer of K
-    replicas (stacked ``variables``) gives lists of K values."""
-    if trainer.mesh is not None:
-        raise ValueError("evaluate_batches: expected a trainer without a mesh")
+def evaluate_batches(trainer: Trainer, variables: dict, batches: Iterable) -> dict[str, float]:
+    """:func:`evaluate` over ``(x, y)`` batches from an iterator (each batch shape compiles once)."""
+    if trainer.replicas is not None or trainer.mesh is not None:
+        raise ValueError("evaluate_batches: expected a single-replica trainer without a mesh")
     tot_loss = tot_correct = np.float64(0.0)
     n = 0
     for xb, yb in batches:
         xb, yb = jnp.asarray(xb), jnp.asarray(yb)
         l, c = trainer.evaluate(variables, xb, yb, jnp.ones((yb.shape[0],), jnp.float32))
-        tot_loss, tot_correct = tot_loss + np.asarray(l, np.float64), tot_correct + np.asarray(c, np.float64)
+        tot_loss, tot_correct = tot_loss + np.float64(l), tot_correct + np.float64(c)
         n += int(yb.shape[0])
     if n == 0:
         raise ValueError("evaluate_batches: no batches (empty evaluation set)")
-    return {"loss": _metric(tot_loss / n), "accuracy": _metric(tot_correct / n)}
+    return {"loss": float(tot_loss / n), "accuracy": float(tot_correct / n)}
 
 
 def _metric(x: Array) -> float | list[float]:
