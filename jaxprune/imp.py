@@ -29,7 +29,8 @@ the run with seed ``seed + r``. Inside :func:`run` every tree is stacked (a lead
 included; a single replica trains as the single run itself, :func:`_train_level`). Checkpoints of K > 1 hold the
 stacked trees, those of K = 1 a single run's trees (:func:`checkpoint_form`, the one conversion); a level record of
 K > 1 holds the mean over replicas under the usual keys, ``<key>_std`` (sample standard deviation) and the
-per-replica records under ``replicas``, one of K = 1 a single run's record. ``Task.mesh``: train data-parallel over that mesh (:mod:`jaxprune.distributed`).
+per-replica records under ``replicas``, one of K = 1 a single run's record. ``Task.mesh``: train data-parallel
+over that mesh (:mod:`jaxprune.distributed`).
 
 IMP in your own loop: the pieces :func:`capture` (a rewind point, or a level's trained state),
 :func:`prune_and_rewind` / :func:`start_level` (each ``rewind`` mode), :func:`random_mask_branch` and
