@@ -41,7 +41,7 @@ import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import conventions, masks, patterns
+from jaxprune import _compat, conventions, masks, patterns
 
 Array = jax.Array
 PyTree = Any
@@ -287,8 +287,7 @@ class _Capture:
                                                    for v in jaxpr.outvars]
 
     def _apply(self, eqn, ins, ins_after, leaf_of) -> tuple[list, list]:
-        bound = eqn.primitive.get_bind_params(eqn.params)  # jax < 0.11: (subfuns, params); later: params
-        subfuns, params = bound if isinstance(bound, tuple) else ((), bound)
+        subfuns, params = _compat.bind_params(eqn.primitive, eqn.params)
         outs = eqn.primitive.bind(*subfuns, *ins, **params)
         outs = list(outs) if eqn.primitive.multiple_results else [outs]
         if eqn.primitive.name != "dot_general":

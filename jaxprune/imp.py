@@ -25,9 +25,12 @@ be raised to extend a run, never lowered below the levels already finished.
 
 Replicas (``Task.num_replicas = K > 1``): seeds ``seed, seed+1, …, seed+K-1`` run as one compiled program
 (:mod:`jaxprune.replicas`), each with its own initialisation, data order, masks and branch keys — replica ``r`` is
-the run with seed ``seed + r``. Checkpoints hold the stacked trees (a leading K axis on every leaf); a level record
-holds the mean over replicas under the usual keys, ``<key>_std`` (sample standard deviation) and the per-replica
-records under ``replicas``. ``Task.mesh``: train data-parallel over that mesh (:mod:`jaxprune.distributed`).
+the run with seed ``seed + r``. Inside :func:`run` every tree is stacked (a leading K axis on every leaf, K = 1
+included; a single replica trains as the single run itself, :func:`_train_level`). Checkpoints of K > 1 hold the
+stacked trees, those of K = 1 a single run's trees (:func:`checkpoint_form`, the one conversion); a level record of
+K > 1 holds the mean over replicas under the usual keys, ``<key>_std`` (sample standard deviation) and the
+per-replica records under ``replicas``, one of K = 1 a single run's record. ``Task.mesh``: train data-parallel
+over that mesh (:mod:`jaxprune.distributed`).
 
 IMP in your own loop: the pieces :func:`capture` (a rewind point, or a level's trained state),
 :func:`prune_and_rewind` / :func:`start_level` (each ``rewind`` mode), :func:`random_mask_branch` and
@@ -46,7 +49,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -247,26 +250,28 @@ _Keys = Keys  # the former private name
 
 
 class _Rep:
-    """Per-replica operations: plain calls for one replica (unstacked trees), vmap / host loops for K stacked."""
+    """Per-replica operations on stacked trees: a leading replica axis ``(K, …)`` on every leaf, K = 1 included
+    (the one in-memory form of :func:`run`; :func:`checkpoint_form` converts at the checkpoint boundary)."""
 
     def __init__(self, seed: int, num_replicas: int = 1):
         self.k = num_replicas
         self.seeds = [seed + r for r in range(num_replicas)]
 
     def seeded(self, fn: Callable[[int], PyTree]) -> PyTree:
-        """``fn(seed)`` for each replica's seed, stacked when K > 1."""
-        return fn(self.seeds[0]) if self.k == 1 else replicas.stack([fn(s) for s in self.seeds])
+        """``fn(seed)`` for each replica's seed, stacked: leaves ``(K, …)``."""
+        return replicas.stack([fn(s) for s in self.seeds])
 
     def device(self, fn: Callable, *trees: PyTree) -> PyTree:
         """A jnp function of single-replica trees, applied per replica (``jax.vmap``)."""
-        return fn(*trees) if self.k == 1 else jax.vmap(fn)(*trees)
+        return jax.vmap(fn)(*trees)
 
     def host(self, fn: Callable, *trees: PyTree) -> PyTree:
         """A host-side (numpy) function of single-replica trees, looped over replicas and stacked."""
-        return fn(*trees) if self.k == 1 else replicas.map_host(fn, *trees)
+        return replicas.map_host(fn, *trees)
 
     def first(self, tree: PyTree) -> PyTree:
-        return tree if self.k == 1 else replicas.index(tree, 0)
+        """Replica 0 of a stacked tree (for shapes and structure)."""
+        return replicas.index(tree, 0)
 
 
 # ------------------------------------------------------------------------------------------- pure pieces
@@ -362,12 +367,13 @@ def _fresh_moments_at(tx: optax.GradientTransformation, fresh: masks.MaskedState
 
 # ------------------------------------------------------------------------------------------- orchestration
 def _make_trainer(task: Task, tx: optax.GradientTransformation) -> train.Trainer:
-    aug = augmentation.by_name(task.augment)
-    takes_train = graph.takes_train(task.model)
+    """The trainer of the task's replicas (:func:`jaxprune.replicas.make_trainer`); one replica trains with the
+    single-run trainer (see :func:`_train_level`)."""
+    aug, train_arg = augmentation.by_name(task.augment), graph.takes_train(task.model)
     if task.num_replicas == 1:
-        return train.make_trainer(task.model, tx, task.mesh, aug, loss=task.loss, train_arg=takes_train)
+        return train.make_trainer(task.model, tx, task.mesh, aug, loss=task.loss, train_arg=train_arg)
     return replicas.make_trainer(task.model, tx, task.num_replicas, task.mesh, task.replica_layout, aug,
-                                 loss=task.loss, train_arg=takes_train)
+                                 loss=task.loss, train_arg=train_arg)
 
 
 def _base_tx(task: Task) -> tuple[optax.GradientTransformation, optax.Schedule | None]:
@@ -421,12 +427,21 @@ def _evaluate(task: Task, trainer: train.Trainer, state: train.TrainState) -> di
 
 def _train_level(setup: _Setup, start: train.TrainState, rewind: str, label: str,
                  snapshot_step: int | None = None) -> tuple[train.RunResult, dict]:
+    """Train the stacked ``start`` to the level's end; the run's result (stacked state and snapshot) and its
+    evaluation.
+
+    The module's one K = 1 path: a single replica trains as the single run itself, unstacked here and stacked
+    back (with :func:`_make_trainer`'s single-run trainer). One replica inside ``vmap`` or an unrolled loop is the
+    same arithmetic, but XLA fuses it differently and the last bits of e.g. adam's updates move (BUILD-notes,
+    "Replicas always stacked"), so the records of K = 1 runs would change."""
     task = setup.task
     trainer, _ = setup.trainer_for(rewind)
+    one = task.num_replicas == 1
     eval_fn = None
     if task.eval_every_epoch:
         eval_fn = lambda s: {f"test_{k}": v for k, v in _evaluate(task, trainer, s).items()}
     data_key = setup.rep.seeded(lambda s: Keys(s).data)
+    start, data_key = (replicas.index(start, 0), data_key[0]) if one else (start, data_key)
     if task.train_batches is not None:
         res = train.run_batches(trainer, start, task.train_batches(int(start.step)), num_steps=task.num_steps,
                                 data_key=data_key, snapshot_step=snapshot_step, log_prefix=label, eval_fn=eval_fn)
@@ -434,7 +449,11 @@ def _train_level(setup: _Setup, start: train.TrainState, rewind: str, label: str
         res = train.run(trainer, start, task.x_train, task.y_train, batch_size=task.batch_size,
                         num_steps=task.num_steps, data_key=data_key, loop=task.loop,
                         snapshot_step=snapshot_step, log_prefix=label, eval_fn=eval_fn)
-    return res, _evaluate(task, trainer, res.state)
+    ev = _evaluate(task, trainer, res.state)
+    if one:  # back to the stacked form; metrics stay floats (a single replica's, read by _pick)
+        restack = lambda t: None if t is None else replicas.stack([t])
+        res = dataclasses.replace(res, state=restack(res.state), snapshot=restack(res.snapshot))
+    return res, ev
 
 
 def _start_state(setup: _Setup, cfg: ImpConfig, mask: PyTree, prev: train.TrainState,
@@ -447,10 +466,14 @@ def _start_state(setup: _Setup, cfg: ImpConfig, mask: PyTree, prev: train.TrainS
 
 
 def _level_record(level: int, mask: PyTree, prunable: PyTree, res: train.RunResult, ev: dict) -> dict:
-    if isinstance(ev["accuracy"], list):  # K stacked replicas
-        k = len(ev["accuracy"])
-        return _summary(level, [_level_record(level, replicas.index(mask, r), prunable, _pick_result(res, r),
-                                              {m: v[r] for m, v in ev.items()}) for r in range(k)])
+    """A level's record from its stacked run: one replica's record as it is (K = 1: the record of a single
+    run), K > 1 summarised (:func:`_summary`)."""
+    reps = [_replica_record(level, replicas.index(mask, r), prunable, _pick_result(res, r),
+                            {m: _pick(v, r) for m, v in ev.items()}) for r in range(replicas.num_replicas(mask))]
+    return reps[0] if len(reps) == 1 else _summary(level, reps)
+
+
+def _replica_record(level: int, mask: PyTree, prunable: PyTree, res: train.RunResult, ev: dict) -> dict:
     rep = masks.density_report(mask, prunable)
     return {"level": level, "density": rep["density"], "kept_weights": rep["kept"], "prunable_weights": rep["total"],
             "test_accuracy": ev["accuracy"], "test_loss": ev["loss"], "train_loss": res.train_loss,
@@ -458,12 +481,17 @@ def _level_record(level: int, mask: PyTree, prunable: PyTree, res: train.RunResu
             "layer_densities": rep["layers"], "history": res.history}
 
 
+def _pick(value: Any, r: int) -> Any:
+    """Replica ``r``'s value of a metric: per-replica metrics of K > 1 are lists (:func:`jaxprune.train.run`);
+    shared ones (a history entry's epoch and step) and a single replica's are scalars."""
+    return value[r] if isinstance(value, list) else value
+
+
 def _pick_result(res: train.RunResult, r: int) -> train.RunResult:
-    """Replica ``r`` of a stacked run's result."""
-    pick = lambda v: v[r] if isinstance(v, list) else v
-    return dataclasses.replace(res, state=replicas.index(res.state, r), train_loss=pick(res.train_loss),
-                               train_accuracy=pick(res.train_accuracy), snapshot=None,
-                               history=[{k: pick(v) for k, v in h.items()} for h in res.history])
+    """Replica ``r`` of a run's result (stacked state)."""
+    return dataclasses.replace(res, state=replicas.index(res.state, r), train_loss=_pick(res.train_loss, r),
+                               train_accuracy=_pick(res.train_accuracy, r), snapshot=None,
+                               history=[{k: _pick(v, r) for k, v in h.items()} for h in res.history])
 
 
 SUMMARY_KEYS = ("density", "test_accuracy", "test_loss", "train_loss", "train_accuracy")
@@ -488,9 +516,24 @@ def _summary(level: int, reps: list[dict]) -> dict:
 
 def _ckpt_tree(state: train.TrainState, mask: PyTree, rewind_point: train.TrainState, level: int, seed: int,
                num_replicas: int = 1):
+    """A level's checkpoint tree in memory (stacked: leaves ``(K, …)``, K = 1 included)."""
     rep = _Rep(seed, num_replicas)
     return {"state": state, "mask": mask, "rewind_point": rewind_point,
             "level": rep.seeded(lambda s: jnp.asarray(level, jnp.int32)), "rng": rep.seeded(jax.random.PRNGKey)}
+
+
+def checkpoint_form(tree: PyTree, num_replicas: int, *, to_disk: bool) -> PyTree:
+    """The one conversion between a level's tree in memory and in its checkpoint (``to_disk=False``: back).
+
+    In memory (inside :func:`run`) every leaf is stacked, ``(K, …)``, K = 1 included. On disk — and as
+    :func:`load_level` and ``run``'s ``on_checkpoint`` hand it out — K > 1 is stacked the same way and K = 1 is
+    stored unstacked, ``(…)``: the format of every workdir written so far, kept so that old workdirs resume and
+    old readers work. K > 1: ``tree`` itself."""
+    if num_replicas > 1:
+        return tree
+    if to_disk:
+        return replicas.index(tree, 0)
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], tree)
 
 
 def finished_levels(workdir: Path) -> list[int]:
@@ -504,9 +547,11 @@ def finished_levels(workdir: Path) -> list[int]:
 
 
 def _template(task: Task, seed: int) -> PyTree:
+    """The restore template of a level's checkpoint, in the disk form (:func:`checkpoint_form`)."""
     tx, _ = _base_tx(task)
     st = _Rep(seed, task.num_replicas).seeded(lambda s: train.create_state(init_variables(task, Keys(s).init), tx))
-    return _ckpt_tree(st, masks.ones_like(st.params), st, 0, seed, task.num_replicas)
+    tree = _ckpt_tree(st, masks.ones_like(st.params), st, 0, seed, task.num_replicas)
+    return checkpoint_form(tree, task.num_replicas, to_disk=True)
 
 
 def _redo_hint(d: Path) -> str:
@@ -522,14 +567,22 @@ def read_level(workdir: str | Path, level: int, seed: int | None = None) -> dict
 
 
 def load_level(workdir: str | Path, level: int, task: Task) -> dict:
-    """The checkpoint of a finished level: ``{"state", "mask", "rewind_point", "level", "rng"}`` (stacked trees,
-    a leading replica axis on every leaf, when ``task.num_replicas > 1``). Checked against the sha256 in
-    ``level.json`` where one is recorded."""
+    """The checkpoint of a finished level: ``{"state", "mask", "rewind_point", "level", "rng"}`` as stored
+    (:func:`checkpoint_form`: stacked trees, a leading replica axis on every leaf, when ``task.num_replicas > 1``;
+    a single run's trees otherwise). Checked against the sha256 in ``level.json``."""
     path = Path(workdir) / f"level_{level}"
     if not (path / "level.json").exists():
         raise FileNotFoundError(f"level {level} of {workdir} is not finished (no {path / 'level.json'})")
     rec = read_level(workdir, level, task.seed)
     return checkpoint.restore_recorded(path / "checkpoint", _template(task, task.seed), rec, hint=_redo_hint(path))
+
+
+class _Carry(NamedTuple):
+    """What one level hands the next (stacked trees): its trained state, its mask and the rewind point."""
+
+    prev: train.TrainState | None  # None before level 0
+    mask: PyTree
+    rewind_point: train.TrainState
 
 
 def run(task: Task, cfg: ImpConfig, workdir: str | Path | None, *,
@@ -544,8 +597,36 @@ def run(task: Task, cfg: ImpConfig, workdir: str | Path | None, *,
     corrected run leaves nothing behind. ``on_level(records)`` is called after each finished level (results files, plots);
     ``on_checkpoint(level, tree)`` with the level's checkpoint tree (as :func:`load_level` returns it), also when
     ``workdir`` is None.
+
+    Steps: :func:`_validated_setup` (every refusal before anything is written), :func:`_resume` (finished levels'
+    records and where to go on), then per level :func:`_one_level` (prune, train, branch) and :func:`_keep_level`
+    (checkpoint and record).
     """
     workdir = None if workdir is None else Path(workdir)
+    setup = _validated_setup(task, cfg)
+    prunable = prunable_tree(task, cfg, setup.rep.first(setup.init_variables)["params"])
+    # Settings are recorded only once they are known to be valid, so a corrected rerun is not refused; the
+    # workdir is created only then, so a refused run leaves nothing behind.
+    if workdir is not None:
+        if before_start is not None:
+            before_start(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+    records, carry = _resume(setup, cfg, workdir)
+    for level in range(len(records), cfg.levels + 1):
+        t0 = time.perf_counter()
+        rec, carry = _one_level(setup, cfg, prunable, level, carry)
+        rec["wall_seconds"] = time.perf_counter() - t0
+        rec = _keep_level(setup, workdir, level, rec, carry, on_checkpoint)
+        logging.info("[level %d] density %.4f test accuracy %.4f", level, rec["density"], rec["test_accuracy"])
+        records.append(rec)
+        if on_level is not None:
+            on_level(records)
+    return records
+
+
+def _validated_setup(task: Task, cfg: ImpConfig) -> _Setup:
+    """The run's :class:`_Setup`, after refusing settings of ``cfg`` that do not fit ``task`` (all before any
+    training or writing)."""
     if cfg.rewind == "step" and cfg.rewind_step >= task.num_steps:
         raise ValueError(f"rewind_step={cfg.rewind_step}: expected a step before the end of training "
                          f"(0 <= rewind_step < {task.num_steps}, the training length in steps)")
@@ -556,32 +637,27 @@ def run(task: Task, cfg: ImpConfig, workdir: str | Path | None, *,
     if optax_optim and cfg.rewind == "finetune" and task.finetune_optim is None:
         raise ValueError("rewind='finetune' with an optax optimizer: set Task.finetune_optim (the fine-tuning "
                          "optimizer, e.g. the same optimizer at a constant learning rate)")
-    keys = Keys(task.seed)
-    setup = _Setup(task, keys, cfg.finetune_lr)
+    setup = _Setup(task, Keys(task.seed), cfg.finetune_lr)
     if cfg.rewind == "finetune" and not optax_optim and setup.finetune_lr <= 0:
         raise ValueError(f"--rewind=finetune trains at the final learning rate of --schedule={task.optim.schedule}, "
                          f"which is {setup.finetune_lr}: no weight would change. Set --finetune_lr (ImpConfig."
                          "finetune_lr) to a positive learning rate")
-    rep = setup.rep
+    first = setup.rep.first(setup.init_variables)
     if cfg.rewind == "finetune" and optax_optim:  # fine-tuning continues the trained optimizer state
-        shapes = jax.eval_shape(lambda v: (setup.tx.init(v["params"]), setup.tx_finetune.init(v["params"])),
-                                rep.first(setup.init_variables))
+        shapes = jax.eval_shape(lambda v: (setup.tx.init(v["params"]), setup.tx_finetune.init(v["params"])), first)
         if jax.tree_util.tree_structure(shapes[0]) != jax.tree_util.tree_structure(shapes[1]):
             raise ValueError("Task.finetune_optim: its state has another structure than optim's, so fine-tuning "
                              "cannot continue the trained optimizer state; expected the same optimizer with another "
                              "learning rate (e.g. optax.adamw(optax.constant_schedule(1e-4)) beside "
                              "optax.adamw(schedule))")
-    _check_labels(task, rep.first(setup.init_variables))
-    prunable = prunable_tree(task, cfg, rep.first(setup.init_variables)["params"])
-    # Settings are recorded only once they are known to be valid, so a corrected rerun is not refused; the
-    # workdir is created only then, so a refused run leaves nothing behind.
-    if before_start is not None and workdir is not None:
-        before_start(workdir)
-    if workdir is not None:
-        workdir.mkdir(parents=True, exist_ok=True)
-    dense_mask = masks.ones_like(setup.init_variables["params"])
-    init_state = rep.device(lambda v, m: setup.fresh(v, m, setup.tx), setup.init_variables, dense_mask)
+    _check_labels(task, first)
+    return setup
 
+
+def _resume(setup: _Setup, cfg: ImpConfig, workdir: Path | None) -> tuple[list[dict], _Carry | None]:
+    """The records of the levels already finished in ``workdir`` and where the next level starts: the last
+    finished level's checkpoint, or the initial state (``carry`` None: the run is complete)."""
+    task = setup.task
     done = [] if workdir is None else finished_levels(workdir)
     if len(done) > cfg.levels + 1:  # lowering would drop finished levels from the results
         raise ValueError(f"levels={cfg.levels}: {workdir} already holds {len(done)} finished levels (0..{done[-1]}, "
@@ -592,56 +668,63 @@ def run(task: Task, cfg: ImpConfig, workdir: str | Path | None, *,
         logging.info("resuming %s: levels %s already finished", workdir, done)
     if len(done) == cfg.levels + 1:
         logging.info("run in %s is complete (%d levels); nothing to do", workdir, len(done))
-        return records
-
+        return records, None
     if done:
-        ck = load_level(workdir, done[-1], task)
-        prev, mask, rewind_point = ck["state"], ck["mask"], ck["rewind_point"]
+        ck = checkpoint_form(load_level(workdir, done[-1], task), task.num_replicas, to_disk=False)
+        return records, _Carry(ck["state"], ck["mask"], ck["rewind_point"])
+    dense_mask = masks.ones_like(setup.init_variables["params"])
+    init_state = setup.rep.device(lambda v, m: setup.fresh(v, m, setup.tx), setup.init_variables, dense_mask)
+    return records, _Carry(None, dense_mask, init_state)
+
+
+def _one_level(setup: _Setup, cfg: ImpConfig, prunable: PyTree, level: int, carry: _Carry) -> tuple[dict, _Carry]:
+    """Level ``level``: prune ``carry``'s trained state (level > 0), train from the rewind point (and the control
+    branch beside it); its record and what it hands the next level."""
+    rep, label = setup.rep, f"[level {level}] "
+    if level == 0:  # the dense run from the initial state, which is the rewind point unless rewind="step"
+        snap = cfg.rewind_step if cfg.rewind == "step" else None
+        res, ev = _train_level(setup, carry.rewind_point, "init", label, snapshot_step=snap)
+        mask, point = carry.mask, res.snapshot if cfg.rewind == "step" else carry.rewind_point
     else:
-        prev, mask, rewind_point = None, dense_mask, init_state
-
-    for level in range(len(done), cfg.levels + 1):
-        t0 = time.perf_counter()
-        label = f"[level {level}] "
-        if level == 0:
-            snap = cfg.rewind_step if cfg.rewind == "step" else None
-            res, ev = _train_level(setup, init_state, "init", label, snapshot_step=snap)
-            if cfg.rewind == "step":
-                rewind_point = res.snapshot
-        else:
-            mask = rep.host(lambda p, m: masks.magnitude_prune(p, m, prunable, cfg.fraction, cfg.scope),
-                            prev.params, mask)
-            start = rep.device(lambda m, p, rp: _start_state(setup, cfg, m, p, rp), mask, prev, rewind_point)
-            res, ev = _train_level(setup, start, cfg.rewind, label)
-        rec = _level_record(level, mask, prunable, res, ev)
-        if level > 0 and cfg.branch != "none":
-            rec["branch"] = _run_branch(setup, cfg, keys, level, mask, prunable, prev, rewind_point)
-        rec["wall_seconds"] = time.perf_counter() - t0
-        tree = _ckpt_tree(res.state, mask, rewind_point, level, task.seed, task.num_replicas)
-        if workdir is not None:
-            rec = _save_level(workdir / f"level_{level}", tree, rec, task.seed)
-        if on_checkpoint is not None:
-            on_checkpoint(level, tree)
-        logging.info("%sdensity %.4f test accuracy %.4f", label, rec["density"], rec["test_accuracy"])
-        records.append(rec)
-        prev = res.state
-        if on_level is not None:
-            on_level(records)
-    return records
+        mask = rep.host(lambda p, m: masks.magnitude_prune(p, m, prunable, cfg.fraction, cfg.scope),
+                        carry.prev.params, carry.mask)
+        point = carry.rewind_point
+        start = rep.device(lambda m, p, rp: _start_state(setup, cfg, m, p, rp), mask, carry.prev, point)
+        res, ev = _train_level(setup, start, cfg.rewind, label)
+    rec = _level_record(level, mask, prunable, res, ev)
+    if level > 0 and cfg.branch != "none":
+        rec["branch"] = _run_branch(setup, cfg, level, prunable, _Carry(carry.prev, mask, point))
+    return rec, _Carry(res.state, mask, point)
 
 
-def _run_branch(setup: _Setup, cfg: ImpConfig, keys: Keys, level: int, mask, prunable, prev, rewind_point) -> dict:
+def _keep_level(setup: _Setup, workdir: Path | None, level: int, rec: dict, carry: _Carry,
+                on_checkpoint: Callable[[int, dict], None] | None) -> dict:
+    """Level ``level``'s checkpoint (:func:`checkpoint_form`) and record, written to ``workdir`` (when given) and
+    handed to ``on_checkpoint``; returns the record as stored."""
+    task = setup.task
+    tree = _ckpt_tree(carry.prev, carry.mask, carry.rewind_point, level, task.seed, task.num_replicas)
+    tree = checkpoint_form(tree, task.num_replicas, to_disk=True)
+    if workdir is not None:
+        rec = _save_level(workdir / f"level_{level}", tree, rec, task.seed)
+    if on_checkpoint is not None:
+        on_checkpoint(level, tree)
+    return rec
+
+
+def _run_branch(setup: _Setup, cfg: ImpConfig, level: int, prunable: PyTree, at: _Carry) -> dict:
+    """The control branch of level ``level`` (``at``: the previous level's trained state, the level's mask and
+    the rewind point): its record, without history."""
     label = f"[level {level} {cfg.branch}] "
     rep = setup.rep
     if cfg.branch == "random_mask":
         bkeys = rep.seeded(lambda s: Keys(s).random_mask(level))
-        bmask = rep.host(lambda k, m: masks.random_like(k, m, prunable), bkeys, mask)
-        start = rep.device(lambda m, p, rp: _start_state(setup, cfg, m, p, rp), bmask, prev, rewind_point)
+        bmask = rep.host(lambda k, m: masks.random_like(k, m, prunable), bkeys, at.mask)
+        start = rep.device(lambda m, p, rp: _start_state(setup, cfg, m, p, rp), bmask, at.prev, at.rewind_point)
     else:
-        bmask = mask
+        bmask = at.mask
         fresh = rep.seeded(lambda s: init_variables(setup.task, Keys(s).reinit(level)))
         start = rep.device(lambda m, p, rp, iv: _start_state(setup, cfg, m, p, rp, init_vars=iv),
-                           bmask, prev, rewind_point, fresh)
+                           bmask, at.prev, at.rewind_point, fresh)
     res, ev = _train_level(setup, start, cfg.rewind, label)
     rec = _level_record(level, bmask, prunable, res, ev)
     for r in [rec, *rec.get("replicas", ())]:

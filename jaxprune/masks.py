@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxprune import _validate, conventions
+from jaxprune import _compat, _validate, conventions
 
 PyTree = Any
 Array = jax.Array
@@ -49,8 +49,7 @@ def _unwrap(x: Any) -> Any:
     """An NNX ``Variable``'s value; anything else unchanged."""
     types = _variable_types()
     if types and isinstance(x, types):
-        get = getattr(x, "get_value", None)
-        return get() if get is not None else x.value
+        return _compat.variable_value(x)
     return x
 
 

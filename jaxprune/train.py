@@ -289,18 +289,8 @@ def run(trainer: Trainer, state: TrainState, x: Array, y: Array, *, batch_size: 
     raises :class:`Diverged` naming the step (checked once per epoch on the epoch's losses, no per-step host sync;
     ``None``: no check).
     """
-    n = int(x.shape[0])
-    if np.shape(y)[:1] != (n,):
-        raise ValueError(f"y: {np.shape(y)[0] if np.ndim(y) else 'a scalar'} labels for {n} examples of x; expected "
-                         f"one label per example (y: ({n},))")
-    if batch_size < 1 or batch_size > n:
-        raise ValueError(f"batch_size={batch_size}: expected 1 <= batch_size <= number of examples ({n})")
-    if loop not in ("auto", "scan", "python"):
-        raise ValueError(f"loop={loop!r}: expected 'auto', 'scan' or 'python'")
+    n = _check_run_args(trainer, x, y, batch_size, loop, data_key)
     lead = 0 if trainer.replicas is None else 1
-    if lead and np.shape(data_key)[:1] != (trainer.replicas,):
-        raise ValueError(f"data_key: expected ({trainer.replicas}, 2) keys, one per replica; got {np.shape(data_key)}")
-    _validate.key(data_key, "data_key", batch=trainer.replicas)
     if trainer.mesh is not None:
         distributed.check_divisible(batch_size, trainer.mesh)
         x, y, state = distributed.replicate((x, y, state), trainer.mesh)
@@ -315,46 +305,90 @@ def run(trainer: Trainer, state: TrainState, x: Array, y: Array, *, batch_size: 
     s = start
     while s < num_steps:
         epoch, offset = divmod(s, spe)
-        if lead:
-            order = jax.vmap(lambda k: epoch_order(k, epoch, n, batch_size))(data_key)
-        else:
-            order = epoch_order(data_key, epoch, n, batch_size)
-        if trainer.mesh is not None:
-            order = distributed.put(order, distributed.batch_sharding(trainer.mesh, order.ndim - 1))
         stop = min(spe, offset + (num_steps - s))
-        cuts = [offset, stop]
-        if snapshot_step is not None and s < snapshot_step < epoch * spe + stop:
-            cuts.insert(1, snapshot_step - epoch * spe)
-        losses, corrects = [], []
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            if use_scan:
-                state, (l, c) = trainer.scan(state, x, y, order[..., a:b, :], data_key)
-                losses.append(l)
-                corrects.append(c)
-            else:
-                for i in range(a, b):
-                    state, (l, c) = trainer.step(state, x, y, order[..., i, :], data_key)
-                    losses.append(l[..., None])
-                    corrects.append(c[..., None])
-            if snapshot_step is not None and epoch * spe + b == snapshot_step:
-                snapshot = state
+        order = _epoch_order(trainer, data_key, epoch, n, batch_size)
+        state, losses, corrects, snap = _run_epoch(trainer, state, (x, y, order, data_key), (offset, stop),
+                                                   snapshot_step - epoch * spe if snapshot_step is not None else None,
+                                                   use_scan)
+        snapshot = snap if snap is not None else snapshot
         s = epoch * spe + stop
-        epoch_losses = jnp.concatenate(losses, -1)
-        limit = loss_limit(epoch_losses[..., 0], max_loss_factor) if limit is None else limit
-        check_divergence(epoch_losses, limit, epoch * spe + offset, log_prefix)
-        loss = _metric(jnp.mean(epoch_losses, -1))
-        acc = _metric(jnp.sum(jnp.concatenate(corrects, -1), -1) / ((stop - offset) * batch_size))
+        limit = loss_limit(losses[..., 0], max_loss_factor) if limit is None else limit
+        check_divergence(losses, limit, epoch * spe + offset, log_prefix)
+        loss = _metric(jnp.mean(losses, -1))
+        acc = _metric(jnp.sum(corrects, -1) / ((stop - offset) * batch_size))
         elapsed = time.perf_counter() - t0
         rec = {"epoch": epoch + 1 if stop == spe else epoch + stop / spe, "step": s, "train_loss": loss,
                "train_accuracy": acc, "examples_per_s": (s - start) * batch_size / max(elapsed, 1e-9)}
         if eval_fn is not None:
             rec.update(eval_fn(state))
         history.append(rec)
-        eta = elapsed / (s - start) * (num_steps - s)
-        extra = "".join(f" {k}={np.mean(v):.4f}" for k, v in rec.items() if k.startswith("test_"))
-        logging.info("%sepoch %.2f step %d/%d loss=%.4f acc=%.4f%s %.0f ex/s eta %.0fs", log_prefix, rec["epoch"],
-                     s, num_steps, np.mean(loss), np.mean(acc), extra, rec["examples_per_s"], eta)
+        _log_epoch(rec, log_prefix, num_steps, elapsed / (s - start) * (num_steps - s))
     return RunResult(state, loss, acc, snapshot, time.perf_counter() - t0, history)
+
+
+def _check_run_args(trainer: Trainer, x: Array, y: Array, batch_size: int, loop: str, data_key: Array) -> int:
+    """Refuse what :func:`run` cannot train on (lengths, batch size, loop, replica keys); returns ``n``."""
+    n = int(x.shape[0])
+    if np.shape(y)[:1] != (n,):
+        raise ValueError(f"y: {np.shape(y)[0] if np.ndim(y) else 'a scalar'} labels for {n} examples of x; expected "
+                         f"one label per example (y: ({n},))")
+    if batch_size < 1 or batch_size > n:
+        raise ValueError(f"batch_size={batch_size}: expected 1 <= batch_size <= number of examples ({n})")
+    if loop not in ("auto", "scan", "python"):
+        raise ValueError(f"loop={loop!r}: expected 'auto', 'scan' or 'python'")
+    _check_data_key(trainer, data_key)
+    return n
+
+
+def _check_data_key(trainer: Trainer, data_key: Array) -> None:
+    """``data_key``: one key, or ``(K, 2)`` keys (one per replica) for a trainer of K replicas."""
+    if trainer.replicas is not None and np.shape(data_key)[:1] != (trainer.replicas,):
+        raise ValueError(f"data_key: expected ({trainer.replicas}, 2) keys, one per replica; got {np.shape(data_key)}")
+    _validate.key(data_key, "data_key", batch=trainer.replicas)
+
+
+def _epoch_order(trainer: Trainer, data_key: Array, epoch: int, n: int, batch_size: int) -> Array:
+    """Epoch ``epoch``'s batch indices ``(steps, b)`` (``(K, steps, b)`` for K replicas), placed on the mesh."""
+    if trainer.replicas is not None:
+        order = jax.vmap(lambda k: epoch_order(k, epoch, n, batch_size))(data_key)
+    else:
+        order = epoch_order(data_key, epoch, n, batch_size)
+    if trainer.mesh is not None:
+        order = distributed.put(order, distributed.batch_sharding(trainer.mesh, order.ndim - 1))
+    return order
+
+
+def _run_epoch(trainer: Trainer, state: TrainState, data: tuple, span: tuple[int, int], snap_at: int | None,
+               use_scan: bool) -> tuple[TrainState, Array, Array, TrainState | None]:
+    """Steps ``span = (offset, stop)`` of one epoch (``data = (x, y, order, data_key)``); returns the state, the
+    steps' losses and correct counts ``(…, stop - offset)`` and the state after step ``snap_at`` of the epoch (its
+    index within the epoch) when that falls inside the span."""
+    x, y, order, data_key = data
+    offset, stop = span
+    cuts = [offset, stop]
+    if snap_at is not None and offset < snap_at < stop:
+        cuts.insert(1, snap_at)
+    losses, corrects, snapshot = [], [], None
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        if use_scan:
+            state, (l, c) = trainer.scan(state, x, y, order[..., a:b, :], data_key)
+            losses.append(l)
+            corrects.append(c)
+        else:
+            for i in range(a, b):
+                state, (l, c) = trainer.step(state, x, y, order[..., i, :], data_key)
+                losses.append(l[..., None])
+                corrects.append(c[..., None])
+        if snap_at is not None and b == snap_at:
+            snapshot = state
+    return state, jnp.concatenate(losses, -1), jnp.concatenate(corrects, -1), snapshot
+
+
+def _log_epoch(rec: dict, log_prefix: str, num_steps: int, eta: float) -> None:
+    extra = "".join(f" {k}={np.mean(v):.4f}" for k, v in rec.items() if k.startswith("test_"))
+    logging.info("%sepoch %.2f step %d/%d loss=%.4f acc=%.4f%s %.0f ex/s eta %.0fs", log_prefix, rec["epoch"],
+                 rec["step"], num_steps, np.mean(rec["train_loss"]), np.mean(rec["train_accuracy"]), extra,
+                 rec["examples_per_s"], eta)
 
 
 def run_batches(trainer: Trainer, state: TrainState, batches: Iterable, *, num_steps: int, data_key: Array,

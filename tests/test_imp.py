@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from experiments import imp as imp_exp
-from jaxprune import checkpoint, imp, masks, models, train
+from jaxprune import checkpoint, imp, masks, models, replicas, train
 
 SMALL = dict(dataset="digits", model="mlp", hidden=["24"], optimizer="momentum", lr=0.05, schedule="step",
              milestones=["30"], training_steps="40", batch_size=64, prune_fraction=0.5, seeds=["3"])
@@ -124,8 +124,8 @@ def test_step_rewinding_restarts_from_step_k(step_rewound):
     # library's train loop) and compare it with the stored rewind point and the masked start of level 1
     seed = b.task.seed
     init = models.init(b.model, imp._Keys(seed).init, b.task.x_train.shape)
-    dense = train.run(setup.trainer, train.create_state(init, setup.tx), b.task.x_train, b.task.y_train,
-                      batch_size=b.task.batch_size, num_steps=10, data_key=imp._Keys(seed).data,
+    dense = train.run(train.make_trainer(b.model, setup.tx), train.create_state(init, setup.tx), b.task.x_train,
+                      b.task.y_train, batch_size=b.task.batch_size, num_steps=10, data_key=imp._Keys(seed).data,
                       loop=b.task.loop).state
     assert int(dense.step) == 10
     m = _leaves(l1["mask"])
@@ -202,7 +202,7 @@ def test_reinit_branch_uses_fresh_weights(tmp_path, monkeypatch):  # with crop/f
     real = imp._train_level
 
     def spy(setup, start, rewind, label, snapshot_step=None):
-        starts[label] = start
+        starts[label] = replicas.index(start, 0)  # run's states are stacked (one replica here)
         return real(setup, start, rewind, label, snapshot_step)
 
     monkeypatch.setattr(imp, "_train_level", spy)

@@ -1,9 +1,11 @@
 """jaxprune.replicas and --seeds=s:s+K (replicas): each replica of one vmapped program equals a separate run with its seed."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -127,3 +129,68 @@ def test_replica_run_resumes(imp_runs, tmp_path):
             [r["test_accuracy"] for r in c["replicas"]], abs=1e-6)
     with pytest.raises(ValueError, match=r"seeds: \[3, 4\] -> \[3, 4, 5\]"):
         imp_exp.train_and_evaluate({**cfg, "seeds": ["3:6"]}, wd)
+
+
+# ------------------------------------------------------------------ the library's stacked form (K = 1 included)
+def _tiny_task(k: int, seed: int = 5, layout: str = "unrolled") -> imp.Task:
+    d = data.load("digits", "train")
+    x, y, xt, yt = train.to_device(d.images[:192], d.labels[:192], d.images[192:320], d.labels[192:320])
+    return imp.Task(models.MLP((12, 10)), x, y, xt, yt, optim=train.OptimConfig("momentum", 0.05), num_steps=12,
+                    batch_size=32, seed=seed, num_replicas=k, replica_layout=layout)
+
+
+TINY = imp.ImpConfig(levels=1, fraction=0.5, branch="random_mask")
+
+
+def _run_tiny(task: imp.Task, cfg: imp.ImpConfig = TINY, workdir=None) -> tuple[list[dict], dict]:
+    trees: dict = {}
+    return imp.run(task, cfg, workdir, on_checkpoint=lambda k, t: trees.__setitem__(k, t)), trees
+
+
+def _equal(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_one_replica_is_replica_0_of_two_and_records_as_a_single_run():
+    """K = 1 and replica 0 of K = 2 (unrolled: the same step program) agree: masks and counts exactly, weights and
+    metrics to float32 rounding (a per-replica metric is reduced over another shape; jax 0.10.2 rounds its last bit
+    differently); the K = 1 record has a single run's keys, and its checkpoint a single run's shapes."""
+    one, t1 = _run_tiny(_tiny_task(1))
+    two, t2 = _run_tiny(_tiny_task(2))
+    for level in range(TINY.levels + 1):
+        a, r0 = one[level], two[level]["replicas"][0]
+        assert not {"replicas", "num_replicas", "test_accuracy_std"} & set(a)
+        assert (a["kept_weights"], a["layer_densities"]) == (r0["kept_weights"], r0["layer_densities"])
+        for key in ("test_accuracy", "test_loss", "train_loss", "train_accuracy"):
+            assert a[key] == pytest.approx(r0[key], rel=1e-6, abs=1e-7), key
+        assert [h["train_loss"] for h in a["history"]] == pytest.approx([h["train_loss"] for h in r0["history"]],
+                                                                        rel=1e-6)
+        _close(t1[level]["state"], replicas.index(t2[level]["state"], 0), rtol=1e-6, atol=1e-7)
+        _equal(t1[level]["mask"], replicas.index(t2[level]["mask"], 0))
+        assert t1[level]["state"].params["dense_0"]["kernel"].shape == (64, 12)  # the single-run format on disk
+        assert t2[level]["state"].params["dense_0"]["kernel"].shape == (2, 64, 12)
+        assert np.shape(t1[level]["level"]) == () and np.shape(t1[level]["rng"]) == (2,)
+    assert one[1]["branch"]["test_accuracy"] == pytest.approx(two[1]["branch"]["replicas"][0]["test_accuracy"],
+                                                              abs=1e-7)
+    assert two[1]["replicas"][0]["test_accuracy"] != two[1]["replicas"][1]["test_accuracy"]  # replicas differ
+
+
+def test_a_workdir_in_the_single_run_checkpoint_format_resumes(tmp_path):
+    """Level 0 written as a single run's checkpoint (unstacked leaves, ``level: ()``, ``rng: (2,)``, what every
+    workdir before stacked replicas holds) resumes into the same later levels as an uninterrupted run."""
+    task, cfg = _tiny_task(1), dataclasses.replace(TINY, levels=2)
+    full, trees = _run_tiny(task, cfg)
+    old = {"state": trees[0]["state"], "mask": trees[0]["mask"], "rewind_point": trees[0]["rewind_point"],
+           "level": jnp.asarray(0, jnp.int32), "rng": jax.random.PRNGKey(task.seed)}
+    assert old["state"].params["dense_0"]["kernel"].shape == (64, 12)
+    imp._save_level(tmp_path / "level_0", old, full[0], task.seed)
+    resumed, rtrees = _run_tiny(task, cfg, tmp_path)
+    assert set(rtrees) == {1, 2}  # level 0 was read back, not retrained
+    for a, b in zip(resumed, full):
+        assert (a["test_accuracy"], a["train_loss"], a["kept_weights"]) == (b["test_accuracy"], b["train_loss"],
+                                                                             b["kept_weights"])
+    _equal(rtrees[2], trees[2])
+    _equal(imp.load_level(tmp_path, 2, task), trees[2])

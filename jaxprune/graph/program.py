@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprune import _compat
+
 Array = jax.Array
 PyTree = Any
 
@@ -140,9 +142,7 @@ class Eqn:
         return self.prim.name
 
     def bind(self, *args):
-        got = self.prim.get_bind_params(self.params)
-        # jax < 0.7 returned (subfuns, params); newer versions return the params alone
-        subfuns, params = got if isinstance(got, tuple) else ((), got)
+        subfuns, params = _compat.bind_params(self.prim, self.params)
         out = self.prim.bind(*subfuns, *args, **params)
         return out if self.prim.multiple_results else [out]
 

@@ -2,21 +2,19 @@
 triangular solves, and the serialisation of LAPACK-backed calls inside a traced program (jaxlib <= 0.11.0 only)."""
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
-import jaxlib
 from jax.lax import linalg as lax_linalg
+
+from jaxprune import _compat
 
 Array = jax.Array
 _LEAF = 256  # blocks of at most 2·_LEAF columns are multiplied whole
 
 
-# The only switch of the workaround below: jaxlib <= 0.11.0 deadlocks on concurrent LAPACK calls (see after;
-# 0.10.2 and 0.11.0 hang, 0.11.1, 0.11.2 and 0.12.0.1 do not); on later releases after and Serial pass values
-# through untouched. "0.10.2" → (0, 10, 2); "0.12.0.dev20250101" → (0, 12, 0).
-_SERIALISE = tuple(int(re.match(r"\d*", v).group() or 0) for v in jaxlib.__version__.split(".")[:3]) < (0, 11, 1)
+# The only switch of the workaround below: jaxlib <= 0.11.0 deadlocks on concurrent LAPACK calls (see after); the
+# version gate and the release that removes it are in jaxprune._compat.
+_SERIALISE = _compat.SERIALISE_LAPACK
 
 
 def after(x, token, *, smallest_only: bool = False):
