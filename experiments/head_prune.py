@@ -1,5 +1,5 @@
-"""Attention heads and MLP units of a ViT pruned by LRP, Taylor, gradient, weight and random:
-``python -m experiments.head_prune --flagfile=experiments/configs/head_prune_vit_mnist.cfg``.
+"""Attention heads and MLP units of a ViT (or of a character-level GPT) pruned by LRP, Taylor, gradient, weight
+and random: ``python -m experiments.head_prune --flagfile=experiments/configs/head_prune_vit_mnist.cfg``.
 
 Per seed of ``--seeds``: train the ``--model`` (default :class:`jaxprune.models.ViT`) once (or reuse the network
 trained earlier in ``--workdir`` with the same settings: the run-identity rule of :mod:`experiments.common`). Its
@@ -25,6 +25,17 @@ finished cells, written after each: a rerun resumes after the last one); ``resul
 ``results.csv``, ``accuracy_vs_fraction.png``, ``accuracy_vs_fraction_finetuned.png`` and
 ``accuracy_vs_reference.png``.
 
+``--task=lm`` (``python -m experiments.head_prune --flagfile=experiments/configs/head_prune_gpt_shakespeare.cfg``):
+the network is the character-level GPT that :mod:`experiments.lm_prune` trained in ``--lm_workdir`` (restored by
+its run identity, ``dense/trained.json``; never trained here, refused when absent), the same for every seed; a
+seed draws the ``max(--reference_examples, --reference_sizes)`` random training windows the data-driven criteria
+read (nested), the random criterion and the fine-tuning batches. The criteria score at the true next characters
+(:mod:`jaxprune.lm_criteria`: the summed next-token NLL for taylor/grad, LRP started at every position's true
+next-character logit); a fine-tuning round is ``--finetune_steps`` AdamW steps at the constant ``--finetune_lr``
+on random windows of the GPT's batch size (its weight decay, clipping 1); each cell measures the validation loss
+(nats/char) on the GPT's fixed validation windows. Every accuracy key below is then ``val_loss`` (plots
+``val_loss_vs_*.png``); the config gains ``lm_settings`` (the GPT's), and ``--dataset``/``--model`` name it.
+
 ``results.json``: ``config``, ``environment``, ``groups`` (the pruning groups, each a list of layers),
 ``original_widths`` (``{group's first layer: units}``), ``dense`` (test accuracy summary), ``oneshot``
 (``{criterion: {fraction: {"accuracy", "accuracy_finetuned", "widths", "params"}}}``), ``reference``
@@ -39,15 +50,19 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from experiments import common
-from jaxprune import checkpoint, conventions, criteria, graph, models, plots, structured, train, unit_criteria
+from jaxprune import (checkpoint, conventions, criteria, graph, lm, lm_criteria, models, plots, structured, train,
+                      unit_criteria)
 
 # the default --criteria; any name of the one table jaxprune.criteria.CRITERIA is accepted (``weight`` here is the
 # --weight_norm of a head's weights, the entry l1 or l2; data-driven ones are those whose entry needs_data)
 CRITERIA = ("lrp", "taylor", "grad", "weight", "random")
+TASKS = ("classify", "lm")
+LM_FLAGS = ("task", "lm_workdir")  # part of the config only with --task=lm (image runs keep their run identity)
 COMPOSITES = ("attn_lrp", "cp_lrp")
 _TRAINING = {"dataset": "mnist", "model": "vit", "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0,
              "schedule": "cosine", "milestones": [], "training_steps": "1000", "batch_size": 128}
@@ -67,6 +82,10 @@ SPEC = [(row[0], _TRAINING.get(row[0], row[1]), *row[2:]) for row in common.TRAI
     ("seeds", ["0", "1", "2"], "one trained network per seed (initialisation, data order, reference draw, random "
                                "criterion)"),
     ("workdir", "runs/head_prune", "output directory (resumable)"),
+    ("task", "classify", "classify: train --model on --dataset (test accuracy); lm: the character GPT trained by "
+                         "experiments.lm_prune in --lm_workdir (validation loss, nats/char)", TASKS),
+    ("lm_workdir", "runs/lm_prune_shakespeare", "--task=lm: the experiments.lm_prune workdir whose dense/ holds the "
+                                                "trained GPT (reused by its run identity, never retrained here)"),
 ]
 DEFAULTS = common.defaults(SPEC)
 # may change between a run and its resumption: what is swept (cells are stored per criterion and fraction/size)
@@ -99,7 +118,44 @@ def _config(config: dict) -> dict:
     if c["weight_norm"] not in ("l1", "l2"):
         raise ValueError(f"weight_norm={c['weight_norm']!r}: expected l1 or l2")
     common.check_range("finetune_lr", c["finetune_lr"], 0, low_open=True)
+    if c["task"] not in TASKS:
+        raise ValueError(f"task={c['task']!r}: expected one of {', '.join(TASKS)}")
+    if c["task"] == "classify":
+        return {k: v for k, v in c.items() if k not in LM_FLAGS}
+    if not str(c["finetune_steps"]).isdigit():
+        raise ValueError(f"finetune_steps={c['finetune_steps']!r}: expected a number of steps with --task=lm (the "
+                         "text has no epochs)")
     return c
+
+
+class Metric(NamedTuple):
+    """What a cell measures: its results key, the factor and format it is shown with, its axis label."""
+
+    key: str
+    scale: float
+    fmt: str
+    label: str
+
+
+ACCURACY = Metric("accuracy", 100.0, ".2f", "test accuracy (%)")
+VAL_LOSS = Metric("val_loss", 1.0, ".4f", "validation loss (nats/char)")
+
+
+def metric_of(c: dict) -> Metric:
+    return VAL_LOSS if c.get("task") == "lm" else ACCURACY
+
+
+class LMData(NamedTuple):
+    """The language-model task: the training text ``(chars,) int32`` (device), the fixed validation windows
+    ``(x, y): (n, context)``, the trained GPT's context, batch size and weight decay, and a per-run cache of
+    compiled fine-tuning rounds (one per pruned shape)."""
+
+    train_ids: object
+    val: tuple
+    context: int
+    batch_size: int
+    weight_decay: float
+    chunks: dict
 
 
 class Task(NamedTuple):
@@ -111,10 +167,20 @@ class Task(NamedTuple):
     groups: tuple  # structured.unit_groups
     widths: dict  # structured.group_widths
     seed: int
+    lm: LMData | None = None  # the language-model task; None: image classification
 
     @property
-    def example(self) -> tuple:
-        return (1,) + tuple(self.data[0].shape[1:])
+    def example(self):
+        """One example's shape (float images) or its ``jax.ShapeDtypeStruct`` (integer token ids)."""
+        shape = (1,) + tuple(self.data[0].shape[1:])
+        return shape if self.lm is None else jax.ShapeDtypeStruct(shape, self.data[0].dtype)
+
+
+def _evaluate(t: Task, model, variables: dict) -> float:
+    """Test accuracy (classification) or validation loss in nats/char (language model)."""
+    if t.lm is None:
+        return common.accuracy(model, variables, *t.data[2:])
+    return lm.evaluate(lm.flax_apply(model), variables["params"], *t.lm.val)
 
 
 def _groups(model, variables, example) -> tuple[tuple, dict]:
@@ -146,7 +212,8 @@ def _source(c: dict, crit: str, t: Task, x_ref, y_ref):
         return c["weight_norm"]
     if not _data_driven(crit):  # by name: select_groups dispatches it through the criterion table
         return crit
-    return criteria.scores(crit, t.model, t.variables, x_ref, y_ref, normalized=False, composite=c["lrp_composite"])
+    scores = criteria.scores if t.lm is None else lm_criteria.scores
+    return scores(crit, t.model, t.variables, x_ref, y_ref, normalized=False, composite=c["lrp_composite"])
 
 
 def _data_driven(crit: str) -> bool:
@@ -172,6 +239,8 @@ def _finetuner(model, optim: train.OptimConfig) -> tuple:
 
 def _finetune(c: dict, model, variables: dict, t: Task, key) -> dict:
     """``variables`` after one fine-tuning round of ``--finetune_steps`` on the training set."""
+    if t.lm is not None:
+        return _finetune_lm(c, model, variables, t, key)
     x, y = t.data[:2]
     steps = _finetune_steps(c, len(y))
     optim = train.OptimConfig(optimizer=c["optimizer"], lr=float(c["finetune_lr"]), momentum=c["momentum"],
@@ -182,6 +251,25 @@ def _finetune(c: dict, model, variables: dict, t: Task, key) -> dict:
     return train.variables_of(res.state)
 
 
+def _finetune_lm(c: dict, model, variables: dict, t: Task, key) -> dict:
+    """The language model's round: ``--finetune_steps`` AdamW steps at the constant ``--finetune_lr`` (the GPT's
+    weight decay, gradient clipping at 1) on random training windows of its batch size (``key``: their starts)."""
+    steps, d = int(c["finetune_steps"]), t.lm
+    optim = train.OptimConfig(optimizer="adamw", lr=float(c["finetune_lr"]), weight_decay=d.weight_decay,
+                              clip_grad_norm=1.0)
+    tx = train.make_optimizer(optim, optim.lr)
+    cfg = lm.LMConfig(steps=steps, batch_size=d.batch_size, context=d.context)
+    if (model, steps) not in d.chunks:
+        d.chunks[(model, steps)] = lm.make_chunk(lm.flax_apply(model), tx, d.train_ids, cfg)
+    params = variables["params"]
+    params, _, _ = d.chunks[(model, steps)](params, tx.init(params), key, jnp.int32(0), steps)
+    return {"params": params}
+
+
+def _cell_finetune_steps(c: dict, t: Task) -> int:
+    return int(c["finetune_steps"]) if t.lm is not None else _finetune_steps(c, len(t.data[1]))
+
+
 def _finetune_steps(c: dict, num_train: int) -> int:
     return train.parse_duration(c["finetune_steps"], train.steps_per_epoch(num_train, c["batch_size"]),
                                 "finetune_steps")
@@ -189,21 +277,25 @@ def _finetune_steps(c: dict, num_train: int) -> int:
 
 def oneshot_cell(c: dict, t: Task, crit: str, fraction: float, ref: tuple) -> dict:
     """One criterion at one fraction on one network: accuracy after removal and after fine-tuning, the widths."""
-    x_test, y_test = t.data[2:]
+    m = metric_of(c).key
     small, small_vars = _remove(t, _source(c, crit, t, *ref), fraction)
-    cell = {"accuracy": common.accuracy(small, small_vars, x_test, y_test),
-            "widths": structured.group_widths(small, small_vars, t.groups, x=t.example),
+    cell = {m: _evaluate(t, small, small_vars),
+            "widths": _n_keep(t.widths, fraction),  # = group_widths of the pruned network (a GPT with one head
+            # left is not read as heads by the graph: dense + reshape to one head)
             "params": models.count_params(small_vars["params"])}
-    if _finetune_steps(c, len(t.data[1])) > 0:
+    if _cell_finetune_steps(c, t) > 0:
         key = jax.random.fold_in(jax.random.PRNGKey(t.seed), FINETUNE_STREAM)  # one data order for every cell
-        cell["accuracy_finetuned"] = common.accuracy(small, _finetune(c, small, small_vars, t, key), x_test, y_test)
+        t0 = time.perf_counter()
+        cell[f"{m}_finetuned"] = _evaluate(t, small, _finetune(c, small, small_vars, t, key))
+        if t.lm is not None:
+            cell["finetune_seconds"] = time.perf_counter() - t0
     return cell
 
 
 def reference_cell(c: dict, t: Task, crit: str, ref: tuple) -> dict:
     """One data-driven criterion on one reference set at ``--reference_fraction``: accuracy without fine-tuning."""
     small, small_vars = _remove(t, _source(c, crit, t, *ref), float(c["reference_fraction"]))
-    return {"accuracy": common.accuracy(small, small_vars, *t.data[2:])}
+    return {metric_of(c).key: _evaluate(t, small, small_vars)}
 
 
 def _reference_draw(seed: int, num_train: int, n: int) -> np.ndarray:
@@ -228,7 +320,7 @@ def _cells(c: dict, t: Task, path: Path) -> dict:
             done[table][name] = {**cell, "seconds": time.perf_counter() - t0}
             with checkpoint.interrupts_deferred():
                 checkpoint.write_record(path, done, {"seed": t.seed})
-            logging.info("seed %d %s %s: %s", t.seed, table, name, {k: v for k, v in cell.items() if "acc" in k})
+            logging.info("seed %d %s %s: %s", t.seed, table, name, {k: v for k, v in cell.items() if metric_of(c).key in k})
     return done
 
 
@@ -273,6 +365,8 @@ def run(config: dict, workdir: str | Path) -> dict:
     """Train (or reuse) one network per seed, prune it by every criterion and fraction; the ``results.json`` dict."""
     c = _config(config)
     workdir = Path(workdir)
+    if c.get("task") == "lm":
+        return _run_lm(c, workdir)
     tr, te = common.load_data(c["dataset"], c["data_dir"], c["normalize"], c["max_train_examples"],
                               c["max_test_examples"])
     largest = max([c["reference_examples"], *c["reference_sizes"]])
@@ -298,104 +392,162 @@ def run(config: dict, workdir: str | Path) -> dict:
     return write_results(c, workdir, t, per_seed)
 
 
+LM_REFERENCE_STREAM = 0x4C4D5246  # fold_in tag of a seed's reference windows (language model)
+
+
+def _trained_gpt(c: dict) -> tuple:
+    """``(model, params, text, record)`` of the GPT trained by :mod:`experiments.lm_prune` in ``--lm_workdir``,
+    restored by its run identity (its ``dense/trained.json`` settings); a missing one is refused, not trained."""
+    from experiments import lm_prune
+
+    dense = Path(c["lm_workdir"]) / "dense" / "trained.json"
+    if not dense.exists():
+        raise ValueError(f"lm_workdir={c['lm_workdir']!r}: no trained GPT (expected {dense}); train one with "
+                         f"python -m experiments.lm_prune --workdir={c['lm_workdir']}")
+    lc = common.with_defaults({**checkpoint.read_json(dense)["settings"], "data_dir": c["data_dir"]},
+                              lm_prune.DEFAULTS)
+    text, model, _ = lm_prune.build(lc)
+    params, rec = lm_prune.dense_model(lc, c["lm_workdir"])
+    return model, params, text, rec
+
+
+def _run_lm(c: dict, workdir: Path) -> dict:
+    """:func:`run` for ``--task=lm``: one trained GPT; per seed its reference windows, random criterion and
+    fine-tuning batches (seed-derived keys); validation loss instead of accuracy."""
+    model, params, text, rec = _trained_gpt(c)
+    s = rec["settings"]
+    c = {**c, "lm_settings": s, "dataset": s["dataset"], "model": "gpt"}  # the run identity names the GPT
+    variables, ctx = {"params": params}, int(s["context"])
+    example = jax.ShapeDtypeStruct((1, ctx), jnp.int32)
+    groups, widths = _groups(model, variables, example)
+    _check_fractions(c, widths)
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint.check_run_config(workdir, c, _VOLATILE)
+    ids = jnp.asarray(text.train, jnp.int32)
+    d = LMData(ids, lm.fixed_windows(text.val, int(rec["val_windows"]), ctx), ctx, int(s["batch_size"]),
+               float(s["weight_decay"]), {})
+    largest = max([c["reference_examples"], *c["reference_sizes"]])
+    dense = _evaluate(Task(model, variables, (np.zeros((1, ctx), np.int32),), groups, widths, 0, d), model, variables)
+    logging.info("GPT of %s: validation loss %.4f nats/char (trained: %.4f)", c["lm_workdir"], dense, rec["val_loss"])
+    per_seed = {}
+    for seed in c["seeds"]:
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), LM_REFERENCE_STREAM)
+        xr, yr = (np.asarray(a) for a in lm.random_windows(ids, key, largest, ctx))
+        t = Task(model, variables, (xr, yr), groups, widths, seed, d)
+        per_seed[seed] = {"dense_val_loss": dense, "training": {k: rec[k] for k in ("seconds", "val_loss")},
+                          **_cells(c, t, workdir / f"seed_{seed}" / "cells.json")}
+    return write_results(c, workdir, t, per_seed)
+
+
 def _summary(values) -> dict:
     return {**conventions.summary(values), "values": [float(v) for v in values]}
 
 
 def summarize(c: dict, per_seed: dict) -> dict:
     """``{"oneshot": {crit: {fraction: …}}, "reference": {crit: {size: …}}}`` over seeds (mean, std ddof = 1)."""
-    runs = list(per_seed.values())
+    runs, m = list(per_seed.values()), metric_of(c).key
     out: dict = {"oneshot": {}, "reference": {}}
     for crit in c["criteria"]:
         for f in c["fractions"]:
             cells = [r["oneshot"][f"{crit}@{f:g}"] for r in runs]
-            entry = {k: _summary([x[k] for x in cells]) for k in ("accuracy", "accuracy_finetuned") if k in cells[0]}
+            entry = {k: _summary([x[k] for x in cells]) for k in (m, f"{m}_finetuned") if k in cells[0]}
             out["oneshot"].setdefault(crit, {})[f"{f:g}"] = {**entry, "widths": cells[0]["widths"],
                                                                "params": cells[0]["params"]}
         for n in c["reference_sizes"] if _data_driven(crit) else ():
             out["reference"].setdefault(crit, {})[str(n)] = {
-                "accuracy": _summary([r["reference"][f"{crit}@{n}"]["accuracy"] for r in runs])}
+                m: _summary([r["reference"][f"{crit}@{n}"][m] for r in runs])}
     return out
 
 
 def write_results(c: dict, workdir: Path, t: Task, per_seed: dict) -> dict:
     """``results.json``, ``results.csv`` and the three plots of the finished seeds."""
-    dense = _summary([r["dense_accuracy"] for r in per_seed.values()])
+    m = metric_of(c).key
+    dense = _summary([r[f"dense_{m}"] for r in per_seed.values()])
     results = {"config": {**c, "workdir": str(workdir)}, "environment": common.environment(),
-               "groups": [list(g) for g in t.groups], "original_widths": t.widths, "dense": {"accuracy": dense},
+               "groups": [list(g) for g in t.groups], "original_widths": t.widths, "dense": {m: dense},
                **summarize(c, per_seed), "reference_fraction": float(c["reference_fraction"]),
                "per_seed": {str(s): r for s, r in per_seed.items()}, "finished": True}
     checkpoint.write_record(workdir / "results.json", results)
-    common.write_csv(workdir / "results.csv", csv_rows(results), CSV_COLUMNS)
+    common.write_csv(workdir / "results.csv", csv_rows(results), csv_columns(metric_of(c)))
     plot(results, workdir)
     return results
 
 
-CSV_COLUMNS = ("sweep", "criterion", "fraction", "reference_examples", "accuracy_mean", "accuracy_std",
-               "finetuned_mean", "finetuned_std", "num_seeds")
+def csv_columns(metric: Metric = ACCURACY) -> tuple[str, ...]:
+    return ("sweep", "criterion", "fraction", "reference_examples", f"{metric.key}_mean", f"{metric.key}_std",
+            "finetuned_mean", "finetuned_std", "num_seeds")
+
+
+CSV_COLUMNS = csv_columns()
 
 
 def csv_rows(results: dict) -> list[dict]:
     """One row per criterion × fraction (``sweep=fraction``) and per criterion × reference size (``reference``)."""
     c = results["config"]
+    m = metric_of(c).key
     rows = []
     for crit, by_f in results["oneshot"].items():
         for f, e in by_f.items():
-            ft = e.get("accuracy_finetuned", {})
+            ft = e.get(f"{m}_finetuned", {})
             rows.append({"sweep": "fraction", "criterion": crit, "fraction": f, "reference_examples":
-                         c["reference_examples"] if _data_driven(crit) else "", "accuracy_mean":
-                         e["accuracy"]["mean"], "accuracy_std": e["accuracy"]["std"], "finetuned_mean":
-                         ft.get("mean", ""), "finetuned_std": ft.get("std", ""), "num_seeds": e["accuracy"]["n"]})
+                         c["reference_examples"] if _data_driven(crit) else "", f"{m}_mean":
+                         e[m]["mean"], f"{m}_std": e[m]["std"], "finetuned_mean":
+                         ft.get("mean", ""), "finetuned_std": ft.get("std", ""), "num_seeds": e[m]["n"]})
     for crit, by_n in results["reference"].items():
         for n, e in by_n.items():
             rows.append({"sweep": "reference", "criterion": crit, "fraction": results["reference_fraction"],
-                         "reference_examples": n, "accuracy_mean": e["accuracy"]["mean"],
-                         "accuracy_std": e["accuracy"]["std"], "num_seeds": e["accuracy"]["n"]})
+                         "reference_examples": n, f"{m}_mean": e[m]["mean"],
+                         f"{m}_std": e[m]["std"], "num_seeds": e[m]["n"]})
     return rows
 
 
 def plot(results: dict, workdir: Path) -> None:
-    """Accuracy vs fraction pruned (one curve per criterion, ± std; fraction 0 = the unpruned network), without and
-    with fine-tuning, and accuracy vs reference-set size (log x; the data-free criteria as flat lines)."""
-    c, dense = results["config"], results["dense"]["accuracy"]
+    """Accuracy (validation loss) vs fraction pruned (one curve per criterion, ± std; fraction 0 = the unpruned
+    network), without and with fine-tuning, and vs reference-set size (log x; the data-free criteria as flat
+    lines)."""
+    c, m = results["config"], metric_of(results["config"])
+    dense, k = results["dense"][m.key], m.scale
     what = f"{c['model']}/{c['dataset']}, {dense['n']} seed(s)"
     fracs = [0.0] + [float(f) for f in next(iter(results["oneshot"].values()))]
-    for key, name, tail in (("accuracy", "accuracy_vs_fraction.png", "no fine-tuning"),
-                            ("accuracy_finetuned", "accuracy_vs_fraction_finetuned.png", "after fine-tuning")):
+    for key, tail in ((m.key, "no fine-tuning"), (f"{m.key}_finetuned", "after fine-tuning")):
         by = {crit: list(e.values()) for crit, e in results["oneshot"].items() if key in next(iter(e.values()))}
         if by:
-            plots.curves(fracs, {k: [100 * dense["mean"]] + [100 * e[key]["mean"] for e in v] for k, v in by.items()},
-                         workdir / name, xlabel="fraction of heads and MLP units removed per layer",
-                         ylabel="test accuracy (%)", title=f"{what}: {tail}",
-                         errors={k: [100 * dense["std"]] + [100 * e[key]["std"] for e in v] for k, v in by.items()})
+            plots.curves(fracs, {n: [k * dense["mean"]] + [k * e[key]["mean"] for e in v] for n, v in by.items()},
+                         workdir / f"{m.key}_vs_fraction{key[len(m.key):]}.png",
+                         xlabel="fraction of heads and MLP units removed per layer", ylabel=m.label,
+                         title=f"{what}: {tail}",
+                         errors={n: [k * dense["std"]] + [k * e[key]["std"] for e in v] for n, v in by.items()})
     if results["reference"]:
         sizes = [int(n) for n in next(iter(results["reference"].values()))]
-        ref = {k: [100 * e["accuracy"]["mean"] for e in v.values()] for k, v in results["reference"].items()}
-        err = {k: [100 * e["accuracy"]["std"] for e in v.values()] for k, v in results["reference"].items()}
+        ref = {n: [k * e[m.key]["mean"] for e in v.values()] for n, v in results["reference"].items()}
+        err = {n: [k * e[m.key]["std"] for e in v.values()] for n, v in results["reference"].items()}
         rf = f"{results['reference_fraction']:g}"  # the data-free criteria at that fraction, when they ran at it
-        flat = {f"{k} (no data)": [100 * e[rf]["accuracy"]["mean"]] * len(sizes)
-                for k, e in results["oneshot"].items() if not _data_driven(k) and rf in e}
-        plots.curves(sizes, {**ref, **flat}, workdir / "accuracy_vs_reference.png", xlabel="reference examples",
-                     ylabel="test accuracy (%)", errors=err, logx=True,
-                     title=f"{what}: {rf} removed, one shot, unpruned {100 * dense['mean']:.1f} %")
+        flat = {f"{n} (no data)": [k * e[rf][m.key]["mean"]] * len(sizes)
+                for n, e in results["oneshot"].items() if not _data_driven(n) and rf in e}
+        unpruned = f"{100 * dense['mean']:.1f} %" if m == ACCURACY else f"{dense['mean']:.3f} nats/char"
+        plots.curves(sizes, {**ref, **flat}, workdir / f"{m.key}_vs_reference.png", xlabel="reference examples",
+                     ylabel=m.label, errors=err, logx=True,
+                     title=f"{what}: {rf} removed, one shot, unpruned {unpruned}")
 
 
 def format_table(results: dict) -> str:
-    """Markdown: accuracy (%) per criterion × fraction, ``mean ± std`` without / with fine-tuning."""
+    """Markdown: accuracy (%) or validation loss (nats/char) per criterion × fraction, ``mean ± std`` without /
+    with fine-tuning."""
+    m = metric_of(results["config"])
     fr = list(next(iter(results["oneshot"].values())))
-    d = results["dense"]["accuracy"]
-    pm = lambda e: f"{100 * e['mean']:.2f} ± {100 * e['std']:.2f}"
+    d = results["dense"][m.key]
+    pm = lambda e: f"{m.scale * e['mean']:{m.fmt}} ± {m.scale * e['std']:{m.fmt}}"
     lines = [f"unpruned: {pm(d)} ({d['n']} seeds); cells: one shot / after fine-tuning",
              "| criterion | " + " | ".join(f"{f} removed" for f in fr) + " |", "|---" * (len(fr) + 1) + "|"]
     for crit, by_f in results["oneshot"].items():
         lines.append(f"| {crit} | " + " | ".join(
-            pm(e["accuracy"]) + (f" / {pm(e['accuracy_finetuned'])}" if "accuracy_finetuned" in e else "")
+            pm(e[m.key]) + (f" / {pm(e[m.key + '_finetuned'])}" if m.key + "_finetuned" in e else "")
             for e in by_f.values()) + " |")
     if results["reference"]:
         sizes = list(next(iter(results["reference"].values())))
         lines += ["", f"one shot at {results['reference_fraction']:g} removed, by reference examples",
                   "| criterion | " + " | ".join(sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
-        lines += [f"| {crit} | " + " | ".join(pm(e["accuracy"]) for e in by_n.values()) + " |"
+        lines += [f"| {crit} | " + " | ".join(pm(e[m.key]) for e in by_n.values()) + " |"
                   for crit, by_n in results["reference"].items()]
     return "\n".join(lines)
 

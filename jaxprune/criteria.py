@@ -176,6 +176,13 @@ def _grad_taylor(z: dict, g: dict, axes: tuple) -> tuple[dict, dict]:
 
 def _gradient_scores(which: int, model, variables, x, y, norm) -> Scores:
     g, x, y = _check_batch(model, variables, x, y, ids=True)
+    return graph_gradient_scores(which, g, x, y, norm)
+
+
+def graph_gradient_scores(which: int, g: graph.Graph, x: Array, y: Array, norm: str | None) -> Scores:
+    """``grad`` (``which=0``) or ``taylor`` (1) scores of graph ``g`` at a checked batch ``x`` with labels ``y``
+    of any shape ``optax.softmax_cross_entropy_with_integer_labels`` pairs with the logits (``(n,)`` for logits
+    ``(n, C)``; ``(n, t)`` next tokens for ``(n, t, vocab)``); ``L = Σ CE`` over every label."""
     layers = non_output_layers(g)
     z, gr = _pre_activation_grads_jit(static(g), layers, list(g.net.leaves), x, y)
     raw = _grad_taylor(z, gr, tuple((k, g.layers[k].unit_axis) for k in layers))

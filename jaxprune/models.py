@@ -353,22 +353,27 @@ GPT_INIT = nn.initializers.normal(0.02)  # GPT-2's initialiser for every kernel 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with separate ``q``, ``k``, ``v`` and ``out`` dense layers.
 
-    ``x: (b, t, d) -> (b, t, d)``; ``d`` must be divisible by ``heads``."""
+    ``x: (b, t, d) -> (b, t, d)``; ``q``/``k``/``v``: ``d -> heads·head_dim``, ``out``: ``heads·head_dim -> d``.
+    ``head_dim`` defaults to ``d // heads`` (``d`` must then be divisible by ``heads``). The projections are split
+    into heads of ``head_dim`` channels (the number of heads is read from their width), so a model whose q/k/v
+    lost whole heads (:func:`jaxprune.structured.remove_many`) runs with fewer heads."""
 
     heads: int
     out_init: Callable = GPT_INIT
+    head_dim: int | None = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         b, t, d = x.shape
-        if d % self.heads:
+        if self.head_dim is None and d % self.heads:
             raise ValueError(f"heads={self.heads}: expected a divisor of the width {d}")
-        hd = d // self.heads
-        q, k, v = (nn.Dense(d, kernel_init=GPT_INIT, name=n)(x).reshape(b, t, self.heads, hd) for n in "qkv")
+        hd = self.head_dim or d // self.heads
+        q, k, v = (nn.Dense(self.heads * hd, kernel_init=GPT_INIT, name=n)(x).reshape(b, t, -1, hd)
+                   for n in "qkv")
         logits = jnp.einsum("bqhc,bkhc->bhqk", q, k) / jnp.sqrt(float(hd)).astype(x.dtype)
         causal = jnp.tril(jnp.ones((t, t), bool))
         logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
-        y = jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(logits, axis=-1), v).reshape(b, t, d)
+        y = jnp.einsum("bhqk,bkhc->bqhc", jax.nn.softmax(logits, axis=-1), v).reshape(b, t, -1)
         return nn.Dense(d, kernel_init=self.out_init, name="out")(y)
 
 

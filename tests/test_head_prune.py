@@ -169,3 +169,36 @@ def test_other_experiments_name_its_workdir(tmp_path):
     with pytest.raises(ValueError, match=r"not a filter_prune workdir \(it was written by experiments.head_prune\)"):
         common.read_run_config(tmp_path, "experiments.filter_prune")
     assert common.read_run_config(tmp_path, "experiments.head_prune")["reference_fraction"] == 0.5
+
+
+@pytest.mark.slow
+def test_language_model_task_prunes_the_lm_prune_gpt(tmp_path, monkeypatch):
+    """--task=lm on a tiny GPT trained by experiments.lm_prune: validation loss per cell, the dense loss is the
+    trained one, a head is a group of the GPT's q/k/v, seeds draw the reference windows (weight reads none: equal
+    over seeds), image runs keep their config keys, and a missing trained GPT is refused by flag name."""
+    from test_lm import _tiny_corpus
+
+    from experiments import lm_prune
+
+    _tiny_corpus(tmp_path, monkeypatch)
+    lm_cfg = {"dataset": "tiny", "data_dir": str(tmp_path), "width": 8, "depth": 1, "heads": 2, "context": 8,
+              "steps": 2, "batch_size": 4, "val_windows": 4}
+    _, rec = lm_prune.dense_model(lm_cfg, tmp_path / "lm")
+    c = {"task": "lm", "lm_workdir": str(tmp_path / "lm"), "data_dir": str(tmp_path), "criteria": ["lrp", "weight"],
+         "fractions": ["0.5"], "reference_examples": 2, "reference_sizes": [], "finetune_steps": "1",
+         "seeds": ["0", "1"]}
+    res = head_prune.run(c, tmp_path / "w")
+    assert res["groups"] == [["block_0_attn/q", "block_0_attn/k", "block_0_attn/v"], ["block_0_fc"]]
+    assert res["dense"]["val_loss"]["mean"] == pytest.approx(rec["val_loss"], rel=1e-6)
+    for crit in ("lrp", "weight"):
+        e = res["oneshot"][crit]["0.5"]
+        assert e["widths"] == {"block_0_attn/q": 1, "block_0_fc": 16} and set(e) >= {"val_loss", "val_loss_finetuned"}
+    w = res["oneshot"]["weight"]["0.5"]["val_loss"]["values"]
+    assert w[0] == w[1] and res["oneshot"]["lrp"]["0.5"]["val_loss"]["n"] == 2
+    assert (tmp_path / "w" / "val_loss_vs_fraction_finetuned.png").exists()
+    assert "task" not in head_prune._config({}) and "lm_workdir" not in head_prune._config({})
+    for change, message in (({"lm_workdir": str(tmp_path / "none")}, "lm_workdir="),
+                            ({"finetune_steps": "1ep"}, "finetune_steps='1ep': expected a number of steps")):
+        with pytest.raises(ValueError, match=f"^{message}"):
+            head_prune.run({**c, **change}, tmp_path / "refused")
+        assert not (tmp_path / "refused").exists()

@@ -46,7 +46,7 @@ from jaxprune.lrp import rules as R
 Array = jax.Array
 
 __all__ = ["PrimitiveComposite", "PRESETS", "register_composite", "get", "attn_lrp", "cp_lrp", "Plan", "plan",
-           "relevance", "unit_relevance"]
+           "relevance", "graph_relevance", "unit_relevance"]
 
 SOFTMAX_RULES = ("attn_lrp", "cp_lrp")
 _SUMS = frozenset({"add", "sub", "add_any"})
@@ -617,14 +617,22 @@ def relevance(model: Any, variables: Any, x: Any, *, composite: Any = "attn_lrp"
     x = _check_input(x)
     g = build_graph(model, variables, jax.ShapeDtypeStruct(x.shape, x.dtype))
     num_classes(g)
+    return graph_relevance(g, comp, x, lambda: _check_target(g, x.shape[0], target), layers)
+
+
+def graph_relevance(g: graph.Graph, comp: PrimitiveComposite, x: Array, target: Callable[[], Array],
+                    layers: tuple[str, ...] | None = None):
+    """:func:`relevance` of graph ``g`` at a checked ``x``; ``target()`` gives the checked target indices, called
+    after the layers and rules are checked: ``(n,)`` classes for logits ``(n, C)``, or any shape the logits
+    without their last axis have (``(n, t)`` next tokens of a language model: relevance starts at every
+    position's target logit). -1 explains the predicted index."""
     p = _plan_for(g, bool(jnp.issubdtype(x.dtype, jnp.floating)), comp.softmax == "cp_lrp")
     names = tuple(p.layers) if layers is None else tuple(layers)
     unknown = [n for n in names if n not in p.layers]
     if unknown:
         raise ValueError(f"layers: {unknown} are not linear layers of the model; its layers are {list(p.layers)}")
     _check_rules(p, comp)
-    t = _check_target(g, x.shape[0], target)
-    return _core_jit(p, comp, names, list(g.net.leaves), x, t)
+    return _core_jit(p, comp, names, list(g.net.leaves), x, target())
 
 
 def _check_rules(p: Plan, comp: PrimitiveComposite) -> None:
