@@ -12,29 +12,27 @@
   ids; ids carry none) under the AttnLRP or CP-LRP rules (:mod:`jaxprune.lrp.interpret`). A unit scores the
   relevance at its output summed over examples and positions (a head: over its channels, by
   :func:`jaxprune.structured.select_groups`).
-* ``weight``: as :func:`jaxprune.criteria.weight` (no data).
+* ``weight`` and every other data-free entry of the one table :data:`jaxprune.criteria.CRITERIA`: as
+  :func:`jaxprune.criteria.scores` (no data).
 
 Scores are ``{layer: (units,) float32}`` for every non-output linear layer, as :func:`jaxprune.criteria.scores`
 gives them, normalised per layer by Yeom et al.'s norms unless ``normalized=False``.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxprune import criteria
+from jaxprune import criteria, unit_criteria
 from jaxprune.lrp import interpret
 from jaxprune.lrp.relevance import build_graph, non_output_layers
 
 Array = jax.Array
 
-__all__ = ["CRITERIA", "scores", "grad", "taylor", "lrp_scores", "check_batch"]
-
-CRITERIA = ("weight", "grad", "taylor", "lrp")
-
+__all__ = ["LM_SCORES", "scores", "grad", "taylor", "lrp_scores", "check_batch"]
 
 def check_batch(model: Any, variables: Any, x: Any, y: Any):
     """``(graph, x, y)`` for token ids ``x: (n, t) int`` in ``[0, vocabulary)`` and next tokens ``y: (n, t) int``
@@ -82,16 +80,22 @@ def lrp_scores(model: Any, variables: Any, x: Any, y: Any, *, composite: Any = "
 
 def scores(criterion: str, model: Any, variables: Any, x: Any, y: Any = None, *, normalized: bool = True,
            composite: Any = "attn_lrp") -> criteria.Scores:
-    """Scores of ``criterion`` (one of :data:`CRITERIA`) on token ids ``x: (n, t)`` and next tokens
-    ``y: (n, t)`` (``weight`` reads only ``x``'s shape); Yeom et al.'s per-layer norms unless
-    ``normalized=False``."""
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion={criterion!r}: expected one of {CRITERIA}")
-    norm = criteria.NORMS[criterion] if normalized else "none"
-    if criterion == "weight":
-        return criteria.weight(model, variables, x, norm=norm)
+    """Scores of ``criterion`` (a name of the one table :data:`jaxprune.criteria.CRITERIA` that scores) on token
+    ids ``x: (n, t)`` and next tokens ``y: (n, t)``: ``grad``, ``taylor`` and ``lrp`` (:data:`LM_SCORES`) on the
+    language model's objective; a data-free entry (``weight``, ``l1``, …) as :func:`jaxprune.criteria.scores`
+    (it reads only ``x``'s shape); the entry's per-layer norm unless ``normalized=False``."""
+    entry = unit_criteria.get(criterion, ("model", "vectors"))
+    if criterion not in LM_SCORES:
+        if entry.needs_data:
+            raise ValueError(f"criterion={criterion!r}: a data-driven criterion on a language model must be one of "
+                             f"{tuple(LM_SCORES)} (its objective is the next-token likelihood)")
+        return criteria.scores(criterion, model, variables, x, normalized=normalized)
     if y is None:
         raise ValueError(f"criterion={criterion!r} needs the next tokens y (n, t) of the token ids x (n, t)")
+    norm = entry.norm if normalized else "none"
     if criterion == "lrp":
         return lrp_scores(model, variables, x, y, composite=composite, norm=norm)
-    return (grad if criterion == "grad" else taylor)(model, variables, x, y, norm=norm)
+    return LM_SCORES[criterion](model, variables, x, y, norm=norm)
+
+
+LM_SCORES: dict[str, Callable[..., criteria.Scores]] = {"grad": grad, "taylor": taylor, "lrp": lrp_scores}
