@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax.core import FrozenDict
 
-from jaxprune import augment, checkpoint, data, graph, models, train
+from jaxprune import augment, checkpoint, data, graph, models, runs, train
 
 NORMALIZATIONS = ("none", "standardize", "unit")
 
@@ -808,20 +808,7 @@ def output_layers(model, input_shape: Sequence[int], variables: dict | None = No
     return graph.build(model, variables, spec).output_layers()
 
 
-def representations(model, variables: dict, x) -> dict:
-    """Named representations in forward order, ``{name: (n, …)}``: what the model records in its
-    ``representations`` collection (the library's models: every layer's activation, then ``logits``;
-    :func:`jaxprune.models.representations`), or for a model that records none (a user model) the output of
-    every linear layer (after its bias / BatchNorm, before its activation; output layers give the logits), named
-    by the layer's module path, read from the model's graph."""
-    kwargs = dict(graph.call_kwargs(model))  # train=False where __call__ takes it, as models.representations
-    _, state = model.apply(variables, x, mutable=["representations"], **kwargs)
-    named = state.get("representations", {}).get("named")
-    if named:
-        return dict(named)
-    g = graph.build(model, variables, x)
-    _, z = graph.run(g, g.net.leaves, x)
-    return {name: z[name] for name in g.layers if name in z}
+representations = runs.representations  # its home is the library; this name stays for the experiments
 
 
 # ----------------------------------------------------------------------------------------------- run identity

@@ -38,7 +38,7 @@ from absl import app, logging
 
 from experiments import common
 from experiments import imp as imp_exp
-from jaxprune import analysis, checkpoint, conventions, plots, replicas, similarity
+from jaxprune import analysis, checkpoint, conventions, plots, replicas, runs, similarity
 
 def _linear_gram(x):
     """``x xᵀ`` of ``x`` divided by its largest magnitude: the variants below are cosines of Grams, invariant to
@@ -266,7 +266,7 @@ def _run(c: dict, workdir: Path) -> dict:
     for s in seeds:
         r = run_seeds.index(s)  # stacked replicas (several seeds): this seed's networks and level records
         v = variables if len(run_seeds) == 1 else [replicas.index(vv, r) for vv in variables]
-        recs = [imp_exp.replica_record(rec, r) for rec in records]
+        recs = [runs.replica_record(rec, r) for rec in records]
         try:
             per_seed.append({"seed": s, **_compare(built.model, v, recs, x, c)})
         except ValueError as e:
