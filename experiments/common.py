@@ -880,12 +880,15 @@ def check_stored(path: str | Path, settings: dict, what: str, *, added_later: Ma
     return True
 
 
-def optim_config(c: dict, spe: int) -> train.OptimConfig:
-    """The optimizer of a :data:`TRAIN_SPEC` config (``spe``: steps per epoch, for milestones in epochs)."""
+def optim_config(c: Mapping[str, Any], spe: int) -> train.OptimConfig:
+    """The optimizer of a config, built here for every experiment that trains with a schedule (``spe``: steps per
+    epoch, for milestones and warm-up in epochs): :data:`TRAIN_SPEC`'s optimizer flags, and ``--warmup`` and
+    ``--clip_grad_norm`` where the experiment has them (experiments.imp; absent: off)."""
     return train.OptimConfig(optimizer=c["optimizer"], lr=c["lr"], momentum=c["momentum"],
                              weight_decay=c["weight_decay"], schedule=c["schedule"],
                              milestones=tuple(train.parse_duration(m, spe, "milestones") for m in c["milestones"]),
-                             gamma=c["gamma"])
+                             gamma=c["gamma"], warmup_steps=train.parse_duration(c.get("warmup", "0"), spe, "warmup"),
+                             clip_grad_norm=c.get("clip_grad_norm", 0.0))
 
 
 def train_network(c: dict, model, x_train, y_train, seed: int, out: Path, *,
