@@ -199,8 +199,8 @@ def train_and_evaluate(config: ImpSettings | dict, workdir: str | Path) -> dict:
     config, workdir = settings.as_config(config), Path(workdir)
     b = build(config)
     record = {**canonical(config), "workdir": str(workdir)}
-    settings = analysis_settings(record, b)  # refused before anything is written
-    analyzer = runs.Analyzer(b.task, b.imp, workdir, settings) if settings else None
+    chosen = analysis_settings(record, b)  # refused before anything is written
+    analyzer = runs.Analyzer(b.task, b.imp, workdir, chosen) if chosen else None
 
     def write(levels: list[dict]) -> dict:
         results = {"config": record, "derived": b.meta, "environment": common.environment(),
@@ -269,5 +269,5 @@ def run_analyses(workdir: str | Path, analyses: list[str] | tuple[str, ...], **o
     describes its records."""
     config = stored_config(Path(workdir))
     b = build(config, strict=False)
-    settings = analysis_settings({**DEFAULTS, **options, "analyses": list(analyses)}, b)
-    return runs.analyse(workdir, b.task, b.imp, settings, _title(config))
+    chosen = analysis_settings({**DEFAULTS, **options, "analyses": list(analyses)}, b)
+    return runs.analyse(workdir, b.task, b.imp, chosen, _title(config))
