@@ -10,7 +10,8 @@ Entries: logits of structured removal, masking and neuron merging (both modes, b
 ``count_flops`` on an MLP, a VGG, LeNet5 and a ResNet; the unit scores of the four criteria (weight, grad, taylor,
 lrp); and every number in the results of ``experiments.imp`` (two levels with a random-mask control),
 ``oneshot``, ``filter_prune`` and ``merge`` on the embedded digits with a few training steps (timings and paths
-left out). ``--compare`` prints max |old − new| per entry and names entries only one side has.
+left out), and of an IMP run of two replicas with every per-level analysis followed by ``experiments.similarity``
+(``imp-analyses``). ``--compare`` prints max |old − new| per entry and names entries only one side has.
 """
 import json
 import sys
@@ -151,6 +152,7 @@ def experiment_numbers() -> dict:
         "merge": lambda w: merge.run({**DIGITS, "training_steps": "60", "sparsity": ["0.5"],
                                       "criteria": ["l1", "l2"]}, w),
     }
+    runs["imp-analyses"] = _imp_analyses
     out = {}
     for name, fn in runs.items():
         with tempfile.TemporaryDirectory() as w:
@@ -160,6 +162,18 @@ def experiment_numbers() -> dict:
                 out[f"exp-{name}-refused"] = [zlib.crc32(str(e).splitlines()[0].encode())]
                 print(f"{name}: {str(e).splitlines()[0]}", file=sys.stderr)
     return out
+
+
+def _imp_analyses(w: str) -> dict:
+    """IMP of two replicas with every per-level analysis, then ``experiments.similarity`` on its workdir."""
+    from experiments import imp, similarity
+    c = {**DIGITS, "seeds": ["0", "1"], "training_steps": "30", "levels": 1, "prune_fraction": 0.5,
+         "rewind": "finetune", "analyses": ["similarity", "overlap", "instability"], "analysis_examples": 64,
+         "instability_points": 3}
+    res = imp.train_and_evaluate(c, w)
+    analyses = json.load(open(f"{w}/analysis.json"))
+    sims = similarity.run({"imp_workdir": w, "num_inputs": 64, "metrics": ["linear_cka", "mean_cca"]})
+    return {"results": res, "analysis": analyses, "similarity": sims}
 
 
 if __name__ == "__main__":

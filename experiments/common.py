@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from flax.core import FrozenDict
 
-from jaxprune import augment, checkpoint, data, graph, models, train
+from jaxprune import augment, checkpoint, data, graph, models, runs, train
 
 NORMALIZATIONS = ("none", "standardize", "unit")
 
@@ -802,20 +802,7 @@ def output_layers(model, input_shape: Sequence[int], variables: dict | None = No
     return graph.build(model, variables, spec).output_layers()
 
 
-def representations(model, variables: dict, x) -> dict:
-    """Named representations in forward order, ``{name: (n, …)}``: what the model records in its
-    ``representations`` collection (the library's models: every layer's activation, then ``logits``;
-    :func:`jaxprune.models.representations`), or for a model that records none (a user model) the output of
-    every linear layer (after its bias / BatchNorm, before its activation; output layers give the logits), named
-    by the layer's module path, read from the model's graph."""
-    kwargs = dict(graph.call_kwargs(model))  # train=False where __call__ takes it, as models.representations
-    _, state = model.apply(variables, x, mutable=["representations"], **kwargs)
-    named = state.get("representations", {}).get("named")
-    if named:
-        return dict(named)
-    g = graph.build(model, variables, x)
-    _, z = graph.run(g, g.net.leaves, x)
-    return {name: z[name] for name in g.layers if name in z}
+representations = runs.representations  # its home is the library; this name stays for the experiments
 
 
 # ----------------------------------------------------------------------------------------------- run identity
@@ -887,12 +874,15 @@ def check_stored(path: str | Path, settings: dict, what: str, *, added_later: Ma
     return True
 
 
-def optim_config(c: dict, spe: int) -> train.OptimConfig:
-    """The optimizer of a :data:`TRAIN_SPEC` config (``spe``: steps per epoch, for milestones in epochs)."""
+def optim_config(c: Mapping[str, Any], spe: int) -> train.OptimConfig:
+    """The optimizer of a config, built here for every experiment that trains with a schedule (``spe``: steps per
+    epoch, for milestones and warm-up in epochs): :data:`TRAIN_SPEC`'s optimizer flags, and ``--warmup`` and
+    ``--clip_grad_norm`` where the experiment has them (experiments.imp; absent: off)."""
     return train.OptimConfig(optimizer=c["optimizer"], lr=c["lr"], momentum=c["momentum"],
                              weight_decay=c["weight_decay"], schedule=c["schedule"],
                              milestones=tuple(train.parse_duration(m, spe, "milestones") for m in c["milestones"]),
-                             gamma=c["gamma"])
+                             gamma=c["gamma"], warmup_steps=train.parse_duration(c.get("warmup", "0"), spe, "warmup"),
+                             clip_grad_norm=c.get("clip_grad_norm", 0.0))
 
 
 def train_network(c: dict, model, x_train, y_train, seed: int, out: Path, *,

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO
 from experiments import imp as imp_exp
-from jaxprune import analysis, checkpoint, data, imp, masks, models, train
+from jaxprune import analysis, checkpoint, data, imp, masks, models, runs, train
 
 SMALL = dict(dataset="digits", model="mlp", hidden=["24"], optimizer="momentum", lr=0.05, schedule="step",
              milestones=["30"], training_steps="40", batch_size=64, prune_fraction=0.5, seeds=["3"])
@@ -321,7 +321,7 @@ def test_instability_end_points_are_the_level_and_its_copy(analysed):
         assert ins["barrier"] == pytest.approx(max(e) - (e[0] + e[-1]) / 2, abs=1e-7) and ins["barrier"] >= 0
     # the copy really is another network (another data order)
     b = imp_exp.build(SMALL)
-    copy = imp_exp._Analyzer(b, wd, {}).train_copy(1)
+    copy = runs.Analyzer(b.task, b.imp, wd, {}).train_copy(1)
     level = imp.load_level(wd, 1, b.task)["state"]
     assert not np.array_equal(copy.state.params["dense_0"]["kernel"], level.params["dense_0"]["kernel"])
 
@@ -350,7 +350,7 @@ def test_the_copy_trained_with_the_levels_own_data_order_is_the_level(tmp_path, 
     wd = tmp_path / rewind
     _run(wd, levels=1, **extra, rewind=rewind)
     b = imp_exp.build(cfg)
-    an = imp_exp._Analyzer(b, wd, {})
+    an = runs.Analyzer(b.task, b.imp, wd, {})
     k = b.task.num_replicas
     keys = [imp._Keys(b.task.seed + r).data for r in range(k)]
     for level in (0, 1):

@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
     "train": 3, "patterns": 3, "graph": 3, "unit_criteria": 3,
     "replicas": 4, "structured": 4, "lrp": 4, "sparse_training": 4, "lm": 4, "calibrated": 4,
     "imp": 5, "merging": 5, "criteria": 5, "analysis": 5,
-    "lm_criteria": 6,
+    "lm_criteria": 6, "runs": 6,
 }
 PRUNING = {"masks", "patterns", "imp", "structured", "merging", "graph", "lrp", "criteria", "sparse_training",
            "calibrated", "analysis", "unit_criteria", "lm_criteria"}
