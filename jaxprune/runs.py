@@ -192,7 +192,7 @@ def _over_replicas(per: list[dict]) -> dict:
 def _apply_fn(model):
     """One eval-mode apply function per model (``train=False`` where ``__call__`` takes it, as imp's trainers
     decide), so the interpolation program is compiled once."""
-    kwargs = {"train": False} if imp._takes_train(model) else {}
+    kwargs = {"train": False} if graph.takes_train(model) else {}
     return lambda variables, x: model.apply(variables, x, **kwargs)
 
 
@@ -243,21 +243,27 @@ class Analyzer:
         return self._setup
 
     def start(self, level: int) -> tuple[train.TrainState, train.Trainer]:
-        """Level ``level``'s start point (stacked for replicas) and the trainer it trained with. Level 0 starts
-        from its rewind point: the initial state, or for ``rewind=step`` the dense run's state at step k."""
+        """Level ``level``'s start point, stacked (one replica: a stack of one, as :func:`jaxprune.imp.run` holds
+        it), and the trainer it trained with. Level 0 starts from its rewind point: the initial state, or for
+        ``rewind=step`` the dense run's state at step k."""
         ck, setup = self.level(level), self.setup()
         if level == 0:
-            return ck["rewind_point"], setup.trainer_for("init")[0]
+            return _stacked(ck["rewind_point"], self.k), setup.trainer_for("init")[0]
         trainer, tx = setup.trainer_for(self.cfg.rewind)
         fn = lambda m, p, rp: imp.start_level(tx, self.cfg.rewind, m, p, rp)
-        return setup.rep.device(fn, ck["mask"], self.level(level - 1)["state"], ck["rewind_point"]), trainer
+        trees = [_stacked(t, self.k) for t in (ck["mask"], self.level(level - 1)["state"], ck["rewind_point"])]
+        return setup.rep.device(fn, *trees), trainer
 
     def train_copy(self, level: int, data_key: jax.Array | None = None) -> train.RunResult:
-        """Train a copy of level ``level`` from its start point (data order: ``data_key``, default
-        :func:`instability_data_key` of each replica's seed)."""
+        """Train a copy of level ``level`` from its start point (data order: ``data_key``, one key for one
+        replica and ``(K, …)`` stacked for several; default :func:`instability_data_key` of each replica's seed).
+        One replica trains as the single run, like :func:`jaxprune.imp.run` trains it (its result unstacked)."""
         start, trainer = self.start(level)
         if data_key is None:
-            data_key = self.setup().rep.seeded(lambda s: instability_data_key(s, level))
+            data_key = replicas.stack([instability_data_key(s, level) for s in self.seeds])
+            data_key = data_key[0] if self.k == 1 else data_key
+        if self.k == 1:
+            start = replicas.index(start, 0)
         task = self.task
         return train.run(trainer, start, task.x_train, task.y_train, batch_size=task.batch_size,
                          num_steps=task.num_steps, data_key=data_key, loop=task.loop,
