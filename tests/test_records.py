@@ -289,7 +289,9 @@ def test_cli_second_run_refused_and_sigint_mid_checkpoint_is_one_line(tmp_path):
 @pytest.mark.slow
 def test_cli_sigint_between_levels_keeps_finished_levels(tmp_path):
     wd = tmp_path / "wd"
-    a = _start(wd, "--levels=30")
+    # every save sleeps 0.5 s (test hook), so the 30 levels outlast the signal even when every program comes from
+    # the persistent compilation cache (without it the run once finished first: exit 0)
+    a = _start(wd, "--levels=30", delay=0.5)
     _wait_for(lambda: (wd / "level_1" / "level.json").exists(), a)
     a.send_signal(signal.SIGINT)
     _, err = a.communicate(timeout=300)

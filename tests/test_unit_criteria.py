@@ -209,3 +209,22 @@ def test_takes_train_is_one_answer_for_kwargs_models():
     model = Forwarding()
     v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 3)), train=False)
     assert structured.prunable_layers(model, variables=v, x=(1, 3)) == ("body",)
+
+
+class TrainGate(nn.Module):
+    """A layer whose ``__call__`` takes ``train`` (a Sequential forwards keywords to its first layer only)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(4, name="gate")(x)
+
+
+def test_a_sequential_takes_train_as_its_first_layer_does():
+    """``nn.Sequential.__call__(*args, **kwargs)`` passes keywords to its first layer only: a Dense first layer
+    would fail on ``train=`` (graph.build raised that TypeError), a first layer with ``train`` takes it."""
+    plain = nn.Sequential([nn.Dense(4), jax.nn.relu, nn.Dense(2)])
+    gated = nn.Sequential([TrainGate(), jax.nn.relu, nn.Dense(2)])
+    assert not graph.takes_train(plain) and graph.call_kwargs(plain) == ()
+    assert graph.takes_train(gated) and not graph.takes_train(nn.Sequential([jax.nn.relu, nn.Dense(2)]))
+    x = jnp.ones((2, 3))
+    assert graph.build(plain, plain.init(jax.random.PRNGKey(0), x), x).prunable() == ("layers_0",)

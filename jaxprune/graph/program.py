@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 from typing import Any, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,7 +92,6 @@ def net(model: Any, variables: Any = None) -> Net:
         leaves, treedef = jax.tree_util.tree_flatten(variables)
         paths = tuple(_path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(variables))
         return Net(model, "nnx", variables, treedef, paths, 0)
-    import flax.linen as nn
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a flax.linen.Module or an NNX model (graphdef from nnx.split), got "
@@ -109,8 +109,12 @@ def net(model: Any, variables: Any = None) -> Net:
 
 def takes_train(model: Any) -> bool:
     """Whether a linen model's (or model class's) ``__call__`` accepts ``train=``: a parameter of that name, or
-    ``**kwargs``. The one answer the library and the experiments use (graph tracing, IMP's trainer, the user-model
-    adapter of ``experiments.common``); an unreadable signature answers False (``train`` is then never passed)."""
+    ``**kwargs`` (an ``nn.Sequential`` instance: its first layer's answer, the one layer it forwards keywords to).
+    The one answer the library and the experiments use (graph tracing, IMP's trainer, the user-model adapter of
+    ``experiments.common``); an unreadable signature answers False (``train`` is then never passed)."""
+    if isinstance(model, nn.Sequential):  # it forwards its keyword arguments to its first layer only
+        first = model.layers[0] if model.layers else None
+        return isinstance(first, nn.Module) and takes_train(first)
     cls = model if isinstance(model, type) else type(model)
     try:
         params = inspect.signature(cls.__call__).parameters
