@@ -5,9 +5,9 @@ import dataclasses
 
 import pytest
 
-from experiments import common, imp, oneshot, settings, similarity
+from experiments import common, imp, lm_prune, oneshot, settings, similarity
 from experiments.settings import setting
-from jaxprune import unit_criteria
+from jaxprune import data, unit_criteria
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,7 @@ def test_unknown_settings_are_named():
 
 
 @pytest.mark.parametrize("exp,cls", [(imp, imp.ImpSettings), (similarity, similarity.SimilaritySettings),
-                                     (oneshot, oneshot.OneshotSettings)])
+                                     (oneshot, oneshot.OneshotSettings), (lm_prune, lm_prune.LmPruneSettings)])
 def test_the_experiments_defaults_are_their_typed_configs(exp, cls):
     assert settings.to_dict(cls()) == exp.DEFAULTS == common.defaults(exp.SPEC)
     assert [row[0] for row in exp.SPEC] == [f.name for f in dataclasses.fields(cls)]
@@ -85,3 +85,15 @@ def test_oneshot_flags_are_the_rows_of_the_tuple_spec_they_replace():
                        "unit_criterion": list(oneshot.SPEC[18][3]), "loop": ["auto", "scan", "python"]}
     assert isinstance(oneshot.SPEC[18][3], unit_criteria.Choices)
     assert [r[:3] + tuple(tuple(x) for x in r[3:]) for r in oneshot.SPEC] == settings.spec(oneshot.OneshotSettings)
+
+
+def test_lm_prune_flags_are_the_rows_of_the_tuple_spec_they_replace():
+    assert [r[:2] for r in lm_prune.SPEC] == [
+        ("dataset", "shakespeare"), ("data_dir", ""), ("width", 128), ("depth", 4), ("heads", 4), ("context", 128),
+        ("tie_embeddings", False), ("steps", 1500), ("batch_size", 32), ("lr", 0.002), ("warmup_steps", 100),
+        ("weight_decay", 0.1), ("train_seed", 0), ("val_windows", 256),
+        ("methods", ["magnitude", "wanda", "sparsegpt"]), ("patterns", ["50%", "2:4", "4:8"]), ("calib_windows", 64),
+        ("damp", 0.01), ("blocksize", 128),
+        ("wanda_group", "output"), ("seeds", ["0", "1", "2"]), ("sample_chars", 200), ("workdir", "runs/lm_prune")]
+    assert {r[0]: r[3] for r in lm_prune.SPEC if len(r) > 3} == {"dataset": tuple(data.TEXTS),
+                                                                 "wanda_group": ("output", "layer")}
