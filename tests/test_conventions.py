@@ -61,7 +61,7 @@ def test_oneshot_global_unit_ranking_is_criteria_global_keep():
     keep = criteria.global_keep(scores, 2, min_keep=0)
     np.testing.assert_array_equal(keep["a"], [0, 2])  # of the three 1.0s, a[0] (first) is kept
     np.testing.assert_array_equal(keep["b"], [1])
-    src = (ROOT / "experiments" / "oneshot.py").read_text()
+    src = (ROOT / "experiments" / "oneshot_run.py").read_text()
     assert "criteria.global_keep(" in src and "argsort" not in src
 
 

@@ -5,8 +5,9 @@ import dataclasses
 
 import pytest
 
-from experiments import common, imp, settings, similarity
+from experiments import common, imp, lm_prune, oneshot, settings, similarity
 from experiments.settings import setting
+from jaxprune import data, unit_criteria
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +42,8 @@ def test_unknown_settings_are_named():
         settings.from_dict(_Probe, {"stepz": "1"})
 
 
-@pytest.mark.parametrize("exp,cls", [(imp, imp.ImpSettings), (similarity, similarity.SimilaritySettings)])
+@pytest.mark.parametrize("exp,cls", [(imp, imp.ImpSettings), (similarity, similarity.SimilaritySettings),
+                                     (oneshot, oneshot.OneshotSettings), (lm_prune, lm_prune.LmPruneSettings)])
 def test_the_experiments_defaults_are_their_typed_configs(exp, cls):
     assert settings.to_dict(cls()) == exp.DEFAULTS == common.defaults(exp.SPEC)
     assert [row[0] for row in exp.SPEC] == [f.name for f in dataclasses.fields(cls)]
@@ -63,3 +65,35 @@ def test_one_optimizer_builder_reads_warmup_and_clipping_where_an_experiment_has
     assert common.optim_config(train_only, 10) == dataclasses.replace(optim, warmup_steps=0, clip_grad_norm=0.0)
     with pytest.raises(ValueError, match="warmup"):
         common.optim_config({**c, "warmup": "soon"}, 10)
+
+
+def test_oneshot_flags_are_the_rows_of_the_tuple_spec_they_replace():
+    """The flag table of experiments.oneshot as its tuple SPEC wrote it (names, defaults, help, choices, order); the
+    unit criterion's choices stay the live registry names (a criterion registered later is a valid choice)."""
+    rows = [(r[0], r[1], r[2]) + ((list(r[3]),) if len(r) > 3 else ()) for r in oneshot.SPEC]
+    assert [r[:2] for r in rows] == [
+        ("dataset", "digits"), ("data_dir", ""), ("normalize", "unit"), ("max_train_examples", 0),
+        ("max_test_examples", 0), ("model", "mlp"), common.MODEL_KWARGS[:2], ("hidden", ["1000", "1000", "500", "200"]),
+        ("use_bias", False), common.WEIGHT_INIT[:2], ("optimizer", "adam"), ("lr", 0.001), ("momentum", 0.9),
+        ("training_steps", "3ep"), ("batch_size", 100),
+        ("sparsity", ["0", "0.25", "0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "0.97", "0.99"]),
+        ("methods", ["weight", "unit"]), ("scope", "layerwise"), ("unit_criterion", "l2"), ("seeds", ["0"]),
+        ("workdir", "runs/oneshot"), ("loop", "auto")]
+    choices = {r[0]: r[3] for r in rows if len(r) > 3}
+    assert choices == {"normalize": list(common.NORMALIZATIONS), "weight_init": list(common.WEIGHT_INIT[3]),
+                       "optimizer": ["sgd", "momentum", "nesterov", "adam", "adamw"], "scope": ["global", "layerwise"],
+                       "unit_criterion": list(oneshot.SPEC[18][3]), "loop": ["auto", "scan", "python"]}
+    assert isinstance(oneshot.SPEC[18][3], unit_criteria.Choices)
+    assert [r[:3] + tuple(tuple(x) for x in r[3:]) for r in oneshot.SPEC] == settings.spec(oneshot.OneshotSettings)
+
+
+def test_lm_prune_flags_are_the_rows_of_the_tuple_spec_they_replace():
+    assert [r[:2] for r in lm_prune.SPEC] == [
+        ("dataset", "shakespeare"), ("data_dir", ""), ("width", 128), ("depth", 4), ("heads", 4), ("context", 128),
+        ("tie_embeddings", False), ("steps", 1500), ("batch_size", 32), ("lr", 0.002), ("warmup_steps", 100),
+        ("weight_decay", 0.1), ("train_seed", 0), ("val_windows", 256),
+        ("methods", ["magnitude", "wanda", "sparsegpt"]), ("patterns", ["50%", "2:4", "4:8"]), ("calib_windows", 64),
+        ("damp", 0.01), ("blocksize", 128),
+        ("wanda_group", "output"), ("seeds", ["0", "1", "2"]), ("sample_chars", 200), ("workdir", "runs/lm_prune")]
+    assert {r[0]: r[3] for r in lm_prune.SPEC if len(r) > 3} == {"dataset": tuple(data.TEXTS),
+                                                                 "wanda_group": ("output", "layer")}

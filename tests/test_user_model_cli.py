@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from experiments import common, filter_prune, lrp_toy, oneshot
+from experiments import common, filter_prune, lrp_toy, oneshot, oneshot_run
 from experiments import imp as imp_experiment
 from experiments import merge as merge_experiment
 from jaxprune import checkpoint, structured, train
@@ -196,7 +196,7 @@ def test_oneshot_prunes_units_and_weights_of_a_user_model(mymodels, tmp_path, mo
         seen.append((model, out))
         return out
 
-    monkeypatch.setattr(oneshot, "unit_pruned", spy)
+    monkeypatch.setattr(oneshot_run, "unit_pruned", spy)  # its home: run_seed calls it there
     cfg = {"dataset": "digits", **USER, "normalize": "unit", "training_steps": "8ep", "batch_size": 50,
            "sparsity": ["0", "0.5"], "seeds": ["0"]}
     res = oneshot.run(cfg, tmp_path)
