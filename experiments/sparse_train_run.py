@@ -6,13 +6,11 @@ describes the outputs): the typed config :class:`SparseTrainSettings` (the flags
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 from absl import logging
 
 from experiments import common, settings
