@@ -127,3 +127,22 @@ def test_vgg_with_batchnorm_to_a_pruned_cfg(tmp_path):
 def test_bad_config(tmp_path, config, match):
     with pytest.raises(ValueError, match=match):
         merge_experiment.run({**BASE, **config}, tmp_path)
+
+
+def test_the_typed_config_is_the_flag_table():
+    """MergeSettings gives the flags of the tuple SPEC it replaced: the shared training rows unchanged, then
+    merging's own in their order; a typed config and its dict give the same checked config."""
+    from experiments import settings
+
+    cls = merge_experiment.MergeSettings
+    assert settings.to_dict(cls()) == merge_experiment.DEFAULTS == common.defaults(merge_experiment.SPEC)
+    n = len(common.TRAIN_SPEC)
+    assert merge_experiment.SPEC[:n] == [r[:3] + tuple(tuple(c) for c in r[3:]) for r in common.TRAIN_SPEC]
+    assert [r[:2] for r in merge_experiment.SPEC[n:]] == [
+        ("seeds", ["0", "1", "2"]), ("source_workdir", ""), ("sparsity", ["0.5", "0.6", "0.7", "0.8"]),
+        ("pruned_cfg", []), ("layers", []), ("criteria", ["l1", "l2", "l2_gm"]), ("threshold", None),
+        ("lam", merging.LAMBDA), ("bn_scale", "exact"), ("scale", "norm"), ("bn_recalibration_batches", 0),
+        ("workdir", "runs/merge")]
+    typed = merge_experiment._config(settings.as_config(cls(seeds=("2", "1"), sparsity=("0.5",), threshold=0.3)))
+    assert typed == merge_experiment._config({"seeds": ["2", "1"], "sparsity": ["0.5"], "threshold": 0.3})
+    assert typed["seeds"] == [2, 1] and typed["sparsity"] == ["0.5"]

@@ -108,3 +108,29 @@ def test_workdir_from_before_the_multiplier_and_validation_flags_is_reused(tmp_p
     stamp = (tmp_path / "static/0.9/seed_0/run.json").stat().st_mtime_ns
     sparse_train.train_and_evaluate(cfg, tmp_path)
     assert (tmp_path / "static/0.9/seed_0/run.json").stat().st_mtime_ns == stamp
+
+
+def test_the_typed_config_is_the_flag_table():
+    """SparseTrainSettings gives the flags of the tuple SPEC it replaced: the shared training rows unchanged, then
+    sparse training's own in their order; a typed config and its dict parse to the same Config."""
+    import dataclasses
+
+    from experiments import common, settings
+
+    cls = sparse_train.SparseTrainSettings
+    assert settings.to_dict(cls()) == sparse_train.DEFAULTS == common.defaults(sparse_train.SPEC)
+    n = len(common.TRAIN_SPEC)
+    assert sparse_train.SPEC[:n] == [r[:3] + tuple(tuple(c) for c in r[3:]) for r in common.TRAIN_SPEC]
+    assert [r[:2] for r in sparse_train.SPEC[n:]] == [
+        ("prune_output", False), ("exclude", []), ("methods", ["gradual", "rigl", "set", "static"]),
+        ("sparsity", ["0.9", "0.95", "0.98"]), ("pattern", "unstructured"), ("nm", "2:4"), ("block", []),
+        ("gradual_distribution", "uniform"), ("dst_distribution", "erk"), ("prune_begin", "1ep"),
+        ("prune_end", "10ep"), ("prune_frequency", "100"), ("update_interval", "100"), ("update_end", "12ep"),
+        ("drop_fraction", 0.3), ("sparse_steps_multiplier", 1.0), ("validation_examples", 0), ("seeds", ["0"]),
+        ("imp_results", ""), ("workdir", "runs/sparse_train")]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cls().workdir = "elsewhere"
+    typed = settings.as_config(cls(methods=("rigl",), sparsity=("0.8",), seeds=("2", "1")))
+    assert typed == {**sparse_train.DEFAULTS, "methods": ["rigl"], "sparsity": ["0.8"], "seeds": ["2", "1"]}
+    cfg = sparse_train.Config.parse(typed)
+    assert (cfg.methods, cfg.sparsities, cfg.seeds) == (("rigl",), (0.8,), (2, 1))
