@@ -5,8 +5,8 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import lrp_toy
-from jaxprune import checkpoint, criteria, data, models
+from experiments import common, lrp_toy, lrp_toy_run, settings
+from jaxprune import checkpoint, criteria, data, lrp, models, train
 
 TINY = {"datasets": ["moons", "spiral"], "num_train": 256, "hidden": ["24", "24", "24"], "training_steps": "4ep",
         "batch_size": 32, "samples_per_class": ["1", "3"], "seeds": ["0:3"], "n_prune": 30, "plot_n": 3}
@@ -63,7 +63,7 @@ def test_tiny_run_writes_complete_results(tmp_path, monkeypatch):
         calls.append((out[2], out[1]))
         return out
 
-    monkeypatch.setattr(lrp_toy, "prune", spy)
+    monkeypatch.setattr(lrp_toy_run, "prune", spy)  # run_dataset looks it up there
     res = lrp_toy.run(TINY, tmp_path)
     on_disk = checkpoint.read_json(tmp_path / "results.json")
     assert on_disk["config"]["n_prune"] == 30 and "environment" in on_disk
@@ -127,3 +127,22 @@ def test_config_is_validated(tmp_path):
         with pytest.raises(ValueError, match=match):  # refused before any training
             lrp_toy.run({**TINY, "samples_per_class": bad}, tmp_path / "bad")
         assert not (tmp_path / "bad").exists()
+
+
+def test_the_flags_are_the_typed_config_with_the_old_names_defaults_and_choices(tmp_path):
+    """``LrpToySettings`` is the flag table: the names, order and defaults of the tuple SPEC it replaced (frozen
+    here), the shared rows' choices, and a typed config is refused or run exactly as its dict."""
+    old = {"datasets": ["moons", "circles", "spiral"], "num_train": 0, "model": "mlp", "model_kwargs": "",
+           "hidden": ["1000", "1000", "1000"], "dropout": 0.5, "weight_init": "he_normal", "reference_bug": False,
+           "optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "training_steps": "30ep", "batch_size": 64,
+           "model_seed": 0, "criteria": ["weight", "grad", "taylor", "lrp"], "composite": "zplus",
+           "samples_per_class": ["1", "2", "5", "10", "20", "50", "100", "200"], "seeds": ["0:10"], "n_prune": 1000,
+           "noise": 0.3, "plot_n": 5, "workdir": "runs/lrp_toy"}
+    typed = settings.to_dict(lrp_toy.LrpToySettings())
+    assert list(lrp_toy.DEFAULTS.items()) == list(old.items()) == list(typed.items())
+    choices = {row[0]: row[3] for row in lrp_toy.SPEC if len(row) > 3}
+    assert choices == {"weight_init": common.WEIGHT_INIT[3], "optimizer": train.OPTIMIZERS,
+                       "composite": tuple(lrp.composites.PRESETS)}
+    with pytest.raises(ValueError, match=r"^noise=-1.0: expected a finite number in \[0, inf\)"):
+        lrp_toy.run(lrp_toy.LrpToySettings(datasets=("moons",), noise=-1.0), tmp_path / "typed")
+    assert not (tmp_path / "typed" / "moons").exists()
