@@ -22,26 +22,11 @@ live in :mod:`experiments.lm_prune_run`, and this module is the command line.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from absl import app
-
 from experiments import common
 from experiments.lm_prune_run import (  # noqa: F401 (the experiment's API, importable from here as before)
     DEFAULTS, MODEL_KEYS, SPEC, TRAIN_KEYS, VAL_EVERY_CHUNKS, LmPruneSettings, Trained, build, dense_model, prune_one,
     report, run, _calibration, _label, _plot, _sample, _summarize)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    common.quiet_orbax()
-    config = common.config_from_flags(SPEC)
-    results = common.run_tolerating_flagfile(run, config, SPEC, common.flagfile_only(SPEC))
-    print(f"results: {Path(config['workdir']) / 'results.json'}")
-    print(report(results, config))
-
-
 if __name__ == "__main__":
-    common.define_flags(SPEC)
-    common.run_main(main)
+    common.launch(SPEC, run, report)

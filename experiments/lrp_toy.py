@@ -18,10 +18,6 @@ defaults in ``DEFAULTS``). It lives in :mod:`experiments.lrp_toy_run`; this modu
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from absl import app
-
 from experiments import common
 from experiments.lrp_toy_run import (  # noqa: F401 (the experiment's API, importable from here as before)
     DEFAULTS, REFERENCE_SEED_OFFSET, SPEC, TRAINING_SETTINGS, LrpToySettings, _check, _grid, _mean_std, _overlap,
@@ -29,16 +25,5 @@ from experiments.lrp_toy_run import (  # noqa: F401 (the experiment's API, impor
     reference_samples, report, run, run_dataset, sample_seeds, summary, train_model, training_settings)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    common.quiet_orbax()
-    config = common.config_from_flags(SPEC)
-    results = common.run_tolerating_flagfile(run, config, SPEC, common.flagfile_only(SPEC))
-    print(f"results: {Path(config['workdir']) / 'results.json'}")
-    print(report(results, config))
-
-
 if __name__ == "__main__":
-    common.define_flags(SPEC)
-    common.run_main(main)
+    common.launch(SPEC, run, report)

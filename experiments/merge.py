@@ -17,26 +17,11 @@ defaults in ``DEFAULTS``). It lives in :mod:`experiments.merge_run`; this module
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from absl import app
-
 from experiments import common
 from experiments.merge_run import (  # noqa: F401 (the experiment's API, importable from here as before)
     DEFAULTS, RENAMED, SOURCE_SETTINGS, SPEC, MergeSettings, _check_source, _config, _load_source, evaluate_seed,
     report, run, summarize)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    common.quiet_orbax()
-    config = common.config_from_flags(SPEC, RENAMED)
-    results = common.run_tolerating_flagfile(run, config, SPEC, common.flagfile_only(SPEC))
-    print(f"results: {Path(config['workdir']) / 'results.json'}")
-    print(report(results, config))
-
-
 if __name__ == "__main__":
-    common.define_flags(SPEC, RENAMED)
-    common.run_main(main)
+    common.launch(SPEC, run, report, RENAMED)

@@ -25,26 +25,11 @@ defaults in ``DEFAULTS``); it lives in :mod:`experiments.oneshot_run`, and this 
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from absl import app
-
 from experiments import common
 from experiments.oneshot_run import (  # noqa: F401 (the experiment's API, importable from here as before)
     DEFAULTS, METHODS, RENAMED, SPEC, OneshotSettings, format_table, live_spec, report, run, run_seed, summarize,
     unit_pruned, weight_pruned, _check_global, _key)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    common.quiet_orbax()
-    config = common.config_from_flags(SPEC, RENAMED)
-    results = common.run_tolerating_flagfile(run, config, SPEC, common.flagfile_only(SPEC))
-    print(f"results: {Path(config['workdir']) / 'results.json'}")
-    print(report(results, config))
-
-
 if __name__ == "__main__":
-    common.define_flags(SPEC, RENAMED)
-    common.run_main(main)
+    common.launch(SPEC, run, report, RENAMED)

@@ -28,26 +28,11 @@ module is the command line.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from absl import app
-
 from experiments import common
 from experiments.sparse_train_run import (  # noqa: F401 (the experiment's API, importable from here as before)
     ADDED_LATER, DEFAULTS, METHODS, SPEC, STRETCHED, Config, SparseTrainSettings, format_table, method_config, report,
     run_settings, stretched, train_and_evaluate, train_sparse)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    common.quiet_orbax()
-    config = common.config_from_flags(SPEC)
-    results = common.run_tolerating_flagfile(train_and_evaluate, config, SPEC, common.flagfile_only(SPEC))
-    print(f"results: {Path(config['workdir']) / 'results.json'}")
-    print(format_table(results))
-
-
 if __name__ == "__main__":
-    common.define_flags(SPEC)
-    common.run_main(main)
+    common.launch(SPEC, train_and_evaluate, report)
