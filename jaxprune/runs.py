@@ -196,9 +196,9 @@ def _apply_fn(model):
     return lambda variables, x: model.apply(variables, x, **kwargs)
 
 
-def _stacked(tree: Any, k: int) -> Any:
-    """``tree`` with a leading replica axis (one replica: a stack of one; several are stacked already)."""
-    return replicas.stack([tree]) if k == 1 else tree
+def _stacked_form(tree: Any, k: int) -> Any:
+    """``tree`` as :func:`jaxprune.imp.load_level` hands it out (one replica unstacked) with a leading replica axis."""
+    return imp.checkpoint_form(tree, k, to_disk=False)
 
 
 # ----------------------------------------------------------------------------------------------- analyses
@@ -228,11 +228,11 @@ class Analyzer:
     def stacked(self, k: int, name: str) -> Any:
         """Level ``k``'s ``name`` (``"mask"``, or ``"variables"`` of its trained state) with a replica axis."""
         tree = self.level(k)["mask"] if name == "mask" else train.variables_of(self.level(k)["state"])
-        return _stacked(tree, self.k)
+        return _stacked_form(tree, self.k)
 
     def prunable(self):
         if self._prunable is None:
-            params = replicas.index(_stacked(self.level(0)["state"].params, self.k), 0)
+            params = replicas.index(_stacked_form(self.level(0)["state"].params, self.k), 0)
             self._prunable = imp.prunable_tree(self.task, self.cfg, params)
         return self._prunable
 
@@ -248,10 +248,10 @@ class Analyzer:
         ``rewind=step`` the dense run's state at step k."""
         ck, setup = self.level(level), self.setup()
         if level == 0:
-            return _stacked(ck["rewind_point"], self.k), setup.trainer_for("init")[0]
+            return _stacked_form(ck["rewind_point"], self.k), setup.trainer_for("init")[0]
         trainer, tx = setup.trainer_for(self.cfg.rewind)
         fn = lambda m, p, rp: imp.start_level(tx, self.cfg.rewind, m, p, rp)
-        trees = [_stacked(t, self.k) for t in (ck["mask"], self.level(level - 1)["state"], ck["rewind_point"])]
+        trees = [_stacked_form(t, self.k) for t in (ck["mask"], self.level(level - 1)["state"], ck["rewind_point"])]
         return setup.rep.device(fn, *trees), trainer
 
     def train_copy(self, level: int, data_key: jax.Array | None = None) -> train.RunResult:
@@ -317,7 +317,8 @@ class Analyzer:
         s, task = self.settings["instability"], self.task
         if self._batches is None:
             self._batches = analysis.make_batches(task.x_test, task.y_test, 1000)
-        va, vb = self.stacked(level, "variables"), _stacked(train.variables_of(self.train_copy(level).state), self.k)
+        copy = train.variables_of(self.train_copy(level).state)
+        va, vb = self.stacked(level, "variables"), _stacked_form(copy, self.k)
         recal = None
         if va.get("batch_stats"):
             recal = lambda v: train.recalibrate_batchnorm(task.model, v, task.x_train, **BN_RECALIBRATION)
