@@ -12,11 +12,15 @@ lrp); and every number in the results of ``experiments.imp`` (two levels with a 
 ``oneshot``, ``filter_prune`` and ``merge`` on the embedded digits with a few training steps (timings and paths
 left out), and of an IMP run of two replicas with every per-level analysis followed by ``experiments.similarity``
 (``imp-analyses``). ``--compare`` prints max |old − new| per entry and names entries only one side has.
+
+Each experiment's config starts from its defaults as they were at a30cbbb (``same_numbers_defaults.json``), so an
+entry moves when a computation changes, not when a flag's default does (the defaults were unified later).
 """
 import json
 import sys
 import tempfile
 import zlib
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +137,8 @@ def _numbers(tree, prefix: str = "") -> dict:
 DIGITS = dict(dataset="digits", model="mlp", hidden=["24", "12"], normalize="none", optimizer="momentum", lr=0.05,
               weight_decay=0.0, schedule="constant", milestones=[], batch_size=32, seeds=["0"])
 
+PINNED = json.loads((Path(__file__).parent / "same_numbers_defaults.json").read_text())  # experiment -> defaults
+
 ONESHOT = ("dataset", "model", "hidden", "normalize", "optimizer", "lr", "batch_size", "seeds")  # its keys
 
 
@@ -140,16 +146,18 @@ def experiment_numbers() -> dict:
     """Every number of the four experiments' results at tiny settings (one entry per experiment)."""
     from experiments import filter_prune, imp, merge, oneshot
     runs = {
-        "imp": lambda w: imp.train_and_evaluate({**DIGITS, "training_steps": "40", "levels": 2, "prune_fraction": 0.5,
-                                                 "rewind": "init", "branch": "random_mask"}, w),
-        "oneshot": lambda w: oneshot.run({**{k: DIGITS[k] for k in ONESHOT}, "training_steps": "60",
+        "imp": lambda w: imp.train_and_evaluate({**PINNED["imp"], **DIGITS, "training_steps": "40", "levels": 2,
+                                                 "prune_fraction": 0.5, "rewind": "init", "branch": "random_mask"}, w),
+        "oneshot": lambda w: oneshot.run({**PINNED["oneshot"], **{k: DIGITS[k] for k in ONESHOT},
+                                          "training_steps": "60",
                                           "sparsity": ["0", "0.5", "0.9"], "methods": ["weight", "unit"]}, w),
-        "filter_prune": lambda w: filter_prune.run({**{k: v for k, v in DIGITS.items() if k != "hidden"},
+        "filter_prune": lambda w: filter_prune.run({**PINNED["filter_prune"],
+                                                    **{k: v for k, v in DIGITS.items() if k != "hidden"},
                                                     "model": "vgg", "vgg_cfg": ["6", "M", "10"],
                                                     "training_steps": "40", "finetune_steps": "5",
                                                     "finetune_lr": 0.01, "prune_fraction": 0.25,
                                                     "max_pruned_fraction": 0.8, "max_rounds": 2}, w),
-        "merge": lambda w: merge.run({**DIGITS, "training_steps": "60", "sparsity": ["0.5"],
+        "merge": lambda w: merge.run({**PINNED["merge"], **DIGITS, "training_steps": "60", "sparsity": ["0.5"],
                                       "criteria": ["l1", "l2"]}, w),
     }
     runs["imp-analyses"] = _imp_analyses
@@ -167,7 +175,7 @@ def experiment_numbers() -> dict:
 def _imp_analyses(w: str) -> dict:
     """IMP of two replicas with every per-level analysis, then ``experiments.similarity`` on its workdir."""
     from experiments import imp, similarity
-    c = {**DIGITS, "seeds": ["0", "1"], "training_steps": "30", "levels": 1, "prune_fraction": 0.5,
+    c = {**PINNED["imp"], **DIGITS, "seeds": ["0", "1"], "training_steps": "30", "levels": 1, "prune_fraction": 0.5,
          "rewind": "finetune", "analyses": ["similarity", "overlap", "instability"], "analysis_examples": 64,
          "instability_points": 3}
     res = imp.train_and_evaluate(c, w)

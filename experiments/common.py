@@ -19,6 +19,8 @@ import numpy as np
 import optax
 from flax.core import FrozenDict
 
+from experiments import settings
+from experiments.settings import setting
 from jaxprune import augment, checkpoint, data, graph, models, runs, train
 
 NORMALIZATIONS = ("none", "standardize", "unit")
@@ -439,31 +441,39 @@ MODEL_KWARGS = ("model_kwargs", "", "for --model=module.path:ClassName: a JSON o
                                     "arguments, e.g. '{\"hidden\": [300, 100]}' (JSON arrays become tuples)")
 # Flags added after workdirs were first written: an older config.json ran with their defaults.
 ADDED_LATER = {row[0]: row[1] for row in (WEIGHT_INIT, AUGMENT, POOL, PADDING, MODEL_KWARGS)}
-# Flags shared by the experiments that train a single network per seed (merge, filter_prune).
-TRAIN_SPEC = [
-    ("dataset", "fashion_mnist", "fashion_mnist, mnist, digits, or a TFDS name (e.g. cifar10)"),
-    ("data_dir", "", "data directory (default: $JAXPRUNE_DATA_DIR, else ~/tensorflow_datasets)"),
-    ("normalize", "unit", "input scaling: [0,1] as loaded, train mean/std, or [-1,1]", NORMALIZATIONS),
-    ("max_train_examples", 0, "keep only the first N training examples (0: all)"),
-    ("max_test_examples", 0, "keep only the first N test examples (0: all)"),
-    ("model", "lenet300", "lenet300, mlp, lenet5, conv2/4/6, vgg11/16/19, resnet20/56, vgg (with --vgg_cfg), or "
-                          "module.path:ClassName (a model of your own; see --model_kwargs)"),
-    MODEL_KWARGS,
-    ("hidden", ["300", "100"], "hidden widths for --model=mlp"),
-    ("vgg_cfg", [], "conv widths and M pools for --model=vgg, e.g. 16,16,M,32,32,M,64,64"),
-    WEIGHT_INIT,
-    ("optimizer", "momentum", "optimizer", train.OPTIMIZERS),
-    ("lr", 0.1, "base learning rate"),
-    ("momentum", 0.9, "momentum for momentum/nesterov"),
-    ("weight_decay", 1e-4, "L2 weight decay"),
-    ("schedule", "step", "learning-rate schedule", train.SCHEDULES),
-    ("milestones", ["15ep", "30ep", "45ep"], "step-schedule milestones, in steps ('500') or epochs ('15ep')"),
-    ("gamma", 0.1, "step-schedule factor"),
-    ("training_steps", "60ep", "training length, steps ('2000') or epochs ('60ep')"),
-    ("batch_size", 128, "training batch size"),
-    AUGMENT,
-    ("loop", "auto", "epoch as lax.scan or a Python loop of jitted steps", ("auto", "scan", "python")),
-]
+# The classifier-training flags, declared once with one default each: every experiment that trains an image
+# classifier (imp, oneshot, merge, sparse_train, filter_prune, head_prune; lrp_toy reuses the rows it has) takes
+# them from here and never redeclares them. The defaults are the front door's (experiments.imp: the embedded
+# digits, LeNet-300-100, plain SGD 0.1 for 16 epochs); an experiment's own recipe lives in its configs.
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """The shared training flags, in flag order: the first fields of the classifier experiments' settings."""
+
+    dataset: str = setting("digits", "digits (embedded), mnist, fashion_mnist, or a TFDS name (e.g. cifar10)")
+    data_dir: str = setting("", "data directory (default: $JAXPRUNE_DATA_DIR, else ~/tensorflow_datasets)")
+    normalize: str = setting("none", "input scaling: [0,1] as loaded, train mean/std, or [-1,1]", NORMALIZATIONS)
+    max_train_examples: int = setting(0, "keep only the first N training examples (0: all)")
+    max_test_examples: int = setting(0, "keep only the first N test examples (0: all)")
+    model: str = setting("lenet300", "lenet300, mlp, lenet5, conv2/4/6, vgg11/16/19, resnet20/56, vgg (with "
+                                     "--vgg_cfg), or module.path:ClassName (a model of your own; see --model_kwargs)")
+    model_kwargs: str = settings.row(MODEL_KWARGS)
+    hidden: tuple[str, ...] = setting(["300", "100"], "hidden widths for --model=mlp")
+    vgg_cfg: tuple[str, ...] = setting([], "conv widths and M pools for --model=vgg, e.g. 16,16,M,32,32,M,64,64")
+    weight_init: str = settings.row(WEIGHT_INIT)
+    optimizer: str = setting("sgd", "optimizer", train.OPTIMIZERS)
+    lr: float = setting(0.1, "base learning rate")
+    momentum: float = setting(0.9, "momentum for momentum/nesterov")
+    weight_decay: float = setting(0.0, "L2 weight decay (decoupled for adamw)")
+    schedule: str = setting("constant", "learning-rate schedule", train.SCHEDULES)
+    milestones: tuple[str, ...] = setting([], "step-schedule milestones, in steps ('500') or epochs ('15ep')")
+    gamma: float = setting(0.1, "step-schedule factor")
+    training_steps: str = setting("16ep", "training length, steps ('2000') or epochs ('16ep')")
+    batch_size: int = setting(128, "training batch size")
+    augment: str = settings.row(AUGMENT)
+    loop: str = setting("auto", "epoch as lax.scan or a Python loop of jitted steps", ("auto", "scan", "python"))
+
+
+TRAIN_SPEC = settings.spec(TrainSettings)
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -874,15 +884,24 @@ def check_stored(path: str | Path, settings: dict, what: str, *, added_later: Ma
     return True
 
 
-def optim_config(c: Mapping[str, Any], spe: int) -> train.OptimConfig:
-    """The optimizer of a config, built here for every experiment that trains with a schedule (``spe``: steps per
-    epoch, for milestones and warm-up in epochs): :data:`TRAIN_SPEC`'s optimizer flags, and ``--warmup`` and
-    ``--clip_grad_norm`` where the experiment has them (experiments.imp; absent: off)."""
-    return train.OptimConfig(optimizer=c["optimizer"], lr=c["lr"], momentum=c["momentum"],
-                             weight_decay=c["weight_decay"], schedule=c["schedule"],
-                             milestones=tuple(train.parse_duration(m, spe, "milestones") for m in c["milestones"]),
-                             gamma=c["gamma"], warmup_steps=train.parse_duration(c.get("warmup", "0"), spe, "warmup"),
-                             clip_grad_norm=c.get("clip_grad_norm", 0.0))
+def optim_config(c: Mapping[str, Any], spe: int = 1, *, finetune: bool = False) -> train.OptimConfig:
+    """The optimizer of a config, built here for every experiment (``spe``: steps per epoch, for milestones and
+    warm-up given in epochs): :class:`TrainSettings`' optimizer flags; ``--warmup`` and ``--clip_grad_norm`` where
+    the experiment has them (experiments.imp; absent: off), and so for any optimizer flag an experiment lacks
+    (absent: :class:`jaxprune.train.OptimConfig`'s default, i.e. off / constant).
+
+    ``finetune=True``: the fine-tuning optimizer of the pruning experiments: the same optimizer, momentum, weight
+    decay and clipping at the constant ``--finetune_lr`` (no schedule, no warm-up)."""
+    base = train.OptimConfig()
+    get = lambda name: c.get(name, getattr(base, name))  # noqa: E731
+    if finetune:
+        return train.OptimConfig(optimizer=c["optimizer"], lr=float(c["finetune_lr"]), momentum=get("momentum"),
+                                 weight_decay=get("weight_decay"), clip_grad_norm=get("clip_grad_norm"))
+    return train.OptimConfig(optimizer=c["optimizer"], lr=c["lr"], momentum=get("momentum"),
+                             weight_decay=get("weight_decay"), schedule=get("schedule"),
+                             milestones=tuple(train.parse_duration(m, spe, "milestones") for m in get("milestones")),
+                             gamma=get("gamma"), warmup_steps=train.parse_duration(c.get("warmup", "0"), spe, "warmup"),
+                             clip_grad_norm=get("clip_grad_norm"))
 
 
 def train_network(c: dict, model, x_train, y_train, seed: int, out: Path, *,

@@ -357,8 +357,7 @@ def _prune_round(s: _Seed, r: int, model, variables, base: dict) -> tuple | None
                                                 num_batches=c["bn_recalibration_batches"],
                                                 key=jax.random.fold_in(key, 2))
         before["accuracy"] = common.accuracy(model, variables, xt, yt)
-    optim = train.OptimConfig(optimizer=c["optimizer"], lr=float(c["finetune_lr"]), momentum=c["momentum"],
-                              weight_decay=c["weight_decay"])
+    optim = common.optim_config(c, finetune=True)
     tx = train.make_optimizer(optim, float(c["finetune_lr"]))
     res = train.run(train.make_trainer(model, tx, augment=augment.by_name(c["augment"])),
                     train.create_state(variables, tx), x, y,

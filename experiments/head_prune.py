@@ -243,8 +243,7 @@ def _finetune(c: dict, model, variables: dict, t: Task, key) -> dict:
         return _finetune_lm(c, model, variables, t, key)
     x, y = t.data[:2]
     steps = _finetune_steps(c, len(y))
-    optim = train.OptimConfig(optimizer=c["optimizer"], lr=float(c["finetune_lr"]), momentum=c["momentum"],
-                              weight_decay=c["weight_decay"])
+    optim = common.optim_config(c, finetune=True)
     tx, trainer = _finetuner(model, optim)
     res = train.run(trainer, train.create_state(variables, tx), x, y, batch_size=c["batch_size"], num_steps=steps,
                     data_key=key, loop=c["loop"])

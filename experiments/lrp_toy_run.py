@@ -156,7 +156,7 @@ def train_model(c: dict, model, x: np.ndarray, y: np.ndarray, workdir: Path, nam
         shutil.rmtree(ckpt)
     spe = train.steps_per_epoch(len(y), c["batch_size"])
     steps = train.parse_duration(c["training_steps"], spe, "training_steps")
-    optim = train.OptimConfig(optimizer=c["optimizer"], lr=c["lr"], momentum=c["momentum"])
+    optim = common.optim_config(c, spe)
     tx = train.make_optimizer(optim, train.make_schedule(optim, steps))
     xs, ys = train.to_device(x, y)
     res = train.run(train.make_trainer(model, tx), train.create_state(variables, tx), xs, ys,

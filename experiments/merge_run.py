@@ -18,41 +18,11 @@ from experiments import common, settings
 from experiments.settings import setting
 from jaxprune import checkpoint, conventions, merging, models, plots, train, unit_criteria
 
-_TRAIN = {row[0]: row for row in common.TRAIN_SPEC}  # the shared training flags (their defaults), by name
-
 
 @dataclasses.dataclass(frozen=True)
-class TrainSettings:
-    """The training flags shared by the experiments that train one network per seed (``common.TRAIN_SPEC``, in its
-    order; merge, sparse_train): the first fields of their settings."""
-
-    dataset: str = settings.row(_TRAIN["dataset"])
-    data_dir: str = settings.row(_TRAIN["data_dir"])
-    normalize: str = settings.row(_TRAIN["normalize"])
-    max_train_examples: int = settings.row(_TRAIN["max_train_examples"])
-    max_test_examples: int = settings.row(_TRAIN["max_test_examples"])
-    model: str = settings.row(_TRAIN["model"])
-    model_kwargs: str = settings.row(_TRAIN["model_kwargs"])
-    hidden: tuple[str, ...] = settings.row(_TRAIN["hidden"])
-    vgg_cfg: tuple[str, ...] = settings.row(_TRAIN["vgg_cfg"])
-    weight_init: str = settings.row(_TRAIN["weight_init"])
-    optimizer: str = settings.row(_TRAIN["optimizer"])
-    lr: float = settings.row(_TRAIN["lr"])
-    momentum: float = settings.row(_TRAIN["momentum"])
-    weight_decay: float = settings.row(_TRAIN["weight_decay"])
-    schedule: str = settings.row(_TRAIN["schedule"])
-    milestones: tuple[str, ...] = settings.row(_TRAIN["milestones"])
-    gamma: float = settings.row(_TRAIN["gamma"])
-    training_steps: str = settings.row(_TRAIN["training_steps"])
-    batch_size: int = settings.row(_TRAIN["batch_size"])
-    augment: str = settings.row(_TRAIN["augment"])
-    loop: str = settings.row(_TRAIN["loop"])
-
-
-@dataclasses.dataclass(frozen=True)
-class MergeSettings(TrainSettings):
+class MergeSettings(common.TrainSettings):
     """Every flag of ``experiments.merge``, in flag order (:func:`experiments.settings.spec`): the shared training
-    flags (:class:`TrainSettings`), then merging's own."""
+    flags (:class:`experiments.common.TrainSettings`), then merging's own."""
 
     seeds: tuple[str, ...] = setting(["0", "1", "2"], "one trained network per seed (initialisation and data order)")
     source_workdir: str = setting("", "load the trained networks instead of training: an experiments.imp workdir "

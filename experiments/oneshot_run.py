@@ -164,7 +164,7 @@ def run_seed(c: dict, seed: int, tr, te, model, sparsities: list[float], num_ste
     init_key, data_key, prune_key = jax.random.split(key, 3)
     x, y, xt, yt = train.to_device(tr.images, tr.labels, te.images, te.labels)
     variables = models.init(model, init_key, x.shape)
-    optim = train.OptimConfig(optimizer=c["optimizer"], lr=c["lr"], momentum=c["momentum"])
+    optim = common.optim_config(c)
     tx = train.make_optimizer(optim, train.make_schedule(optim, num_steps))
     trainer = train.make_trainer(model, tx)
     result = train.run(trainer, train.create_state(variables, tx), x, y, batch_size=c["batch_size"],

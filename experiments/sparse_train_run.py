@@ -14,7 +14,6 @@ import jax
 from absl import logging
 
 from experiments import common, settings
-from experiments.merge_run import TrainSettings
 from experiments.settings import setting
 from jaxprune import augment, checkpoint, conventions, masks, models, patterns, plots, sparse_training, train
 
@@ -22,9 +21,9 @@ METHODS = ("gradual", "rigl", "set", "static")
 
 
 @dataclasses.dataclass(frozen=True)
-class SparseTrainSettings(TrainSettings):
+class SparseTrainSettings(common.TrainSettings):
     """Every flag of ``experiments.sparse_train``, in flag order (:func:`experiments.settings.spec`): the shared
-    training flags (:class:`experiments.merge_run.TrainSettings`), then sparse training's own."""
+    training flags (:class:`experiments.common.TrainSettings`), then sparse training's own."""
 
     prune_output: bool = setting(False, "also prune the output layer (default: it stays dense, as in IMP)")
     exclude: tuple[str, ...] = setting([], "regexes of parameter paths never pruned, re.search-ed against paths like "
