@@ -96,7 +96,7 @@ def dense_model(c: dict, workdir: str | Path) -> tuple[dict, dict]:
     init_key, data_key = jax.random.split(jax.random.PRNGKey(c["train_seed"]))
     template = model.init(init_key, jnp.zeros((1, c["context"]), jnp.int32))["params"]
     if common.check_stored(out / "trained.json", settings, "the trained GPT"):
-        rec = checkpoint.read_json(out / "trained.json")
+        rec = checkpoint.read_record(out / "trained.json", hint=f"; delete {out} to retrain")
         return checkpoint.restore(out / "checkpoint", template, rec["sha256"], hint=f"; delete {out} to retrain"), rec
     if out.exists():  # a partial run: start over
         shutil.rmtree(out)
@@ -117,7 +117,7 @@ def dense_model(c: dict, workdir: str | Path) -> tuple[dict, dict]:
            "val_windows": c["val_windows"]}
     out.mkdir(parents=True)
     rec["sha256"] = checkpoint.save(out / "checkpoint", params)
-    checkpoint.write_json(out / "trained.json", rec)  # the finished marker, written last
+    checkpoint.write_record(out / "trained.json", rec)  # the finished marker (with its checksum), written last
     logging.info("trained in %.0f s: val loss %.4f nats/char", rec["seconds"], rec["val_loss"])
     return params, rec
 

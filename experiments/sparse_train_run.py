@@ -244,10 +244,10 @@ def train_and_evaluate(config: SparseTrainSettings | Mapping[str, Any], workdir:
                                    added_later=ADDED_LATER):
             rec = {**train_sparse(cfg, model, data, m, s, seed), "settings": run_settings(cfg, m, s, seed)}
             d.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_json(d / "run.json", rec)
+            checkpoint.write_record(d / "run.json", rec)  # with its checksum: a changed record is refused
             logging.info("%s at sparsity %s, seed %d: accuracy %.4f, density %.4f", m, s, seed,
                          rec[cfg.metric], rec["density"])
-        records[(m, s, seed)] = checkpoint.read_json(d / "run.json")
+        records[(m, s, seed)] = checkpoint.read_record(d / "run.json", hint=f"; delete {d} to train it again")
     return _write(cfg, workdir, dense, records)
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxprune import data, lm, models
+from jaxprune import checkpoint, data, lm, models
 
 TEXT = "to be, or not to be: that is the question.\nwhether 'tis nobler in the mind to suffer\n" * 8
 
@@ -100,6 +100,11 @@ def test_lm_prune_end_to_end_tiny(tmp_path, monkeypatch):
     assert res["training"]["seconds"] == rec["seconds"]
     with pytest.raises(ValueError, match="steps: 3 -> 4"):
         lm_prune.run({**cfg, "steps": 4}, tmp_path / "wd")
+    # the record carries its checksum: a changed trained.json is refused
+    trained = tmp_path / "wd" / "dense" / "trained.json"
+    trained.write_text(json.dumps({**json.loads(trained.read_text()), "val_loss": 0.5}))
+    with pytest.raises(checkpoint.RecordError, match="trained.json"):
+        lm_prune.dense_model(cfg, tmp_path / "wd")
 
 
 def test_lm_prune_wanda_group_flag(tmp_path):

@@ -2,6 +2,7 @@
 over seeds, a rerun reusing finished runs, and the config refusals."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -42,6 +43,11 @@ def test_end_to_end_schema_densities_and_rerun(tmp_path):
     assert run.stat().st_mtime_ns == stamp  # reused, not retrained
     assert again["methods"]["rigl"]["0.9"] == res["methods"]["rigl"]["0.9"]
     assert checkpoint.read_json(tmp_path / "results.json")["methods"].keys() == {"rigl"}
+    # a finished run's record carries its checksum: a changed number is refused, not reported
+    doc = json.loads(run.read_text())
+    run.write_text(json.dumps({**doc, "test_accuracy": doc["test_accuracy"] + 0.01}))
+    with pytest.raises(checkpoint.RecordError, match="run.json"):
+        sparse_train.train_and_evaluate({**BASE, "methods": ["rigl"], "sparsity": ["0.9"]}, tmp_path)
 
 
 def test_refusals(tmp_path):
