@@ -67,23 +67,21 @@ def test_one_optimizer_builder_reads_warmup_and_clipping_where_an_experiment_has
         common.optim_config({**c, "warmup": "soon"}, 10)
 
 
-def test_oneshot_flags_are_the_rows_of_the_tuple_spec_they_replace():
-    """The flag table of experiments.oneshot as its tuple SPEC wrote it (names, defaults, help, choices, order); the
-    unit criterion's choices stay the live registry names (a criterion registered later is a valid choice)."""
+def test_oneshot_flags_are_the_shared_training_rows_then_its_own():
+    """The flag table of experiments.oneshot: common.TrainSettings' rows (issue 30: one default per flag; the old
+    bare recipe, the bias-free 1000-1000-500-200 MLP with Adam 1e-3, is oneshot_mnist.cfg's), the shared pruning rows
+    (use_bias, scope: imp's defaults), then its own; the unit criterion's choices stay the live registry names (a
+    criterion registered later is a valid choice)."""
+    n = len(common.TRAIN_SPEC)
     rows = [(r[0], r[1], r[2]) + ((list(r[3]),) if len(r) > 3 else ()) for r in oneshot.SPEC]
-    assert [r[:2] for r in rows] == [
-        ("dataset", "digits"), ("data_dir", ""), ("normalize", "unit"), ("max_train_examples", 0),
-        ("max_test_examples", 0), ("model", "mlp"), common.MODEL_KWARGS[:2], ("hidden", ["1000", "1000", "500", "200"]),
-        ("use_bias", False), common.WEIGHT_INIT[:2], ("optimizer", "adam"), ("lr", 0.001), ("momentum", 0.9),
-        ("training_steps", "3ep"), ("batch_size", 100),
-        ("sparsity", ["0", "0.25", "0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "0.97", "0.99"]),
-        ("methods", ["weight", "unit"]), ("scope", "layerwise"), ("unit_criterion", "l2"), ("seeds", ["0"]),
-        ("workdir", "runs/oneshot"), ("loop", "auto")]
-    choices = {r[0]: r[3] for r in rows if len(r) > 3}
-    assert choices == {"normalize": list(common.NORMALIZATIONS), "weight_init": list(common.WEIGHT_INIT[3]),
-                       "optimizer": ["sgd", "momentum", "nesterov", "adam", "adamw"], "scope": ["global", "layerwise"],
-                       "unit_criterion": list(oneshot.SPEC[18][3]), "loop": ["auto", "scan", "python"]}
-    assert isinstance(oneshot.SPEC[18][3], unit_criteria.Choices)
+    assert rows[:n] == [(r[0], r[1], r[2]) + ((list(r[3]),) if len(r) > 3 else ()) for r in common.TRAIN_SPEC]
+    assert [r[:2] for r in rows[n:]] == [
+        common.USE_BIAS[:2], ("sparsity", ["0", "0.25", "0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "0.97", "0.99"]),
+        ("methods", ["weight", "unit"]), common.SCOPE[:2], ("unit_criterion", "l2"), ("seeds", ["0"]),
+        ("workdir", "runs/oneshot")]
+    assert (common.USE_BIAS[:2], common.SCOPE[:2]) == (("use_bias", True), ("scope", "global"))  # imp's defaults
+    unit = oneshot.SPEC[[r[0] for r in rows].index("unit_criterion")]
+    assert isinstance(unit[3], unit_criteria.Choices)
     assert [r[:3] + tuple(tuple(x) for x in r[3:]) for r in oneshot.SPEC] == settings.spec(oneshot.OneshotSettings)
 
 
