@@ -82,24 +82,6 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_an_imp_workdir_from_before_the_shared_training_flags_resumes(imp_run, tmp_path):
-    """Issue 30: imp took vgg_cfg with common.TrainSettings; a config.json written before it (without the key, so
-    with its own checksum) ran with its ADDED_LATER value and resumes with the same command, another value is
-    refused, and an old workdir is read back (load_levels) with it."""
-    wd = _copy(imp_run, tmp_path / "old")
-    record = checkpoint.read_record(wd / "config.json")
-    assert record["vgg_cfg"] == [] == imp_exp.ADDED_LATER["vgg_cfg"]
-    checkpoint.write_record(wd / "config.json", {k: v for k, v in record.items() if k != "vgg_cfg"})
-    before = json.loads((wd / "results.json").read_text())["levels"]
-    after = imp_exp.train_and_evaluate({**SMALL, "levels": 2}, wd)["levels"]  # resumes: nothing is retrained
-    assert [r["test_accuracy"] for r in after] == [r["test_accuracy"] for r in before]
-    assert "vgg_cfg" not in checkpoint.read_record(wd / "config.json")  # the record is kept as written
-    vgg = {**{k: v for k, v in SMALL.items() if k != "hidden"}, "levels": 2, "model": "vgg", "vgg_cfg": ["4"]}
-    with pytest.raises(ValueError, match=r"different config .*vgg_cfg: \[\] -> \['4'\]"):
-        imp_exp.train_and_evaluate(vgg, wd)
-    assert len(imp_exp.load_levels(wd)[1]) == 3
-
-
 def test_imp_levels_carry_identity_and_checksum(imp_run):
     for k in range(3):
         doc = json.loads((imp_run / f"level_{k}" / "level.json").read_text())
