@@ -10,7 +10,8 @@ Entries: logits of structured removal, masking and neuron merging (both modes, b
 ``count_flops`` on an MLP, a VGG, LeNet5 and a ResNet; the unit scores of the four criteria (weight, grad, taylor,
 lrp); and every number in the results of ``experiments.imp`` (two levels with a random-mask control),
 ``oneshot``, ``filter_prune``, ``merge`` and ``sparse_train`` (gradual, rigl, static) on the embedded digits with a
-few training steps and of ``lrp_toy`` on moons (a 16-16 net, 3 epochs; timings and paths left out), and of an IMP run of two replicas with every per-level analysis followed by ``experiments.similarity``
+few training steps and of ``lrp_toy`` on moons (a 16-16 net, 3 epochs; timings and paths left out), and of an IMP
+run of two replicas with every per-level analysis followed by ``experiments.similarity``
 (``imp-analyses``). ``--compare`` prints max |old − new| per entry and names entries only one side has.
 
 Each experiment's config starts from its defaults as they were at a30cbbb (``same_numbers_defaults.json``), so an

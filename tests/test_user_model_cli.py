@@ -292,7 +292,8 @@ def test_merge_on_a_user_model(mymodels, tmp_path):
 @pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_lrp_toy_on_a_user_model(mymodels, tmp_path):
     cfg = {"datasets": ["moons"], **USER, "model_kwargs": '{"hidden": [10, 6]}', "num_train": 128,
-           "optimizer": "adam", "lr": 1e-3, "training_steps": "3ep", "batch_size": 32, "samples_per_class": ["2"], "seeds": ["0:2"], "n_prune": 4,
+           "optimizer": "adam", "lr": 1e-3, "training_steps": "3ep", "batch_size": 32, "samples_per_class": ["2"],
+           "seeds": ["0:2"], "n_prune": 4,
            "criteria": ["weight", "lrp"], "plot_n": 2}
     res = lrp_toy.run(cfg, tmp_path)
     d = res["datasets"]["moons"]
