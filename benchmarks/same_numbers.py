@@ -9,8 +9,9 @@ them: run it once from each source tree (same venv) and compare the two JSON fil
 Entries: logits of structured removal, masking and neuron merging (both modes, both BN scales) and the MACs of
 ``count_flops`` on an MLP, a VGG, LeNet5 and a ResNet; the unit scores of the four criteria (weight, grad, taylor,
 lrp); and every number in the results of ``experiments.imp`` (two levels with a random-mask control),
-``oneshot``, ``filter_prune`` and ``merge`` on the embedded digits with a few training steps (timings and paths
-left out), and of an IMP run of two replicas with every per-level analysis followed by ``experiments.similarity``
+``oneshot``, ``filter_prune``, ``merge`` and ``sparse_train`` (gradual, rigl, static) on the embedded digits with a
+few training steps and of ``lrp_toy`` on moons (a 16-16 net, 3 epochs; timings and paths left out), and of an IMP
+run of two replicas with every per-level analysis followed by ``experiments.similarity``
 (``imp-analyses``). ``--compare`` prints max |old − new| per entry and names entries only one side has.
 
 Each experiment's config starts from its defaults as they were at a30cbbb (``same_numbers_defaults.json``), so an
@@ -143,8 +144,8 @@ ONESHOT = ("dataset", "model", "hidden", "normalize", "optimizer", "lr", "batch_
 
 
 def experiment_numbers() -> dict:
-    """Every number of the four experiments' results at tiny settings (one entry per experiment)."""
-    from experiments import filter_prune, imp, merge, oneshot
+    """Every number of the experiments' results at tiny settings (one entry per experiment)."""
+    from experiments import filter_prune, imp, lrp_toy, merge, oneshot, sparse_train
     runs = {
         "imp": lambda w: imp.train_and_evaluate({**PINNED["imp"], **DIGITS, "training_steps": "40", "levels": 2,
                                                  "prune_fraction": 0.5, "rewind": "init", "branch": "random_mask"}, w),
@@ -159,6 +160,14 @@ def experiment_numbers() -> dict:
                                                     "max_pruned_fraction": 0.8, "max_rounds": 2}, w),
         "merge": lambda w: merge.run({**PINNED["merge"], **DIGITS, "training_steps": "60", "sparsity": ["0.5"],
                                       "criteria": ["l1", "l2"]}, w),
+        "sparse_train": lambda w: sparse_train.train_and_evaluate(
+            {**PINNED["sparse_train"], **DIGITS, "training_steps": "40", "methods": ["gradual", "rigl", "static"],
+             "sparsity": ["0.8"], "prune_begin": "0", "prune_end": "20", "prune_frequency": "10",
+             "update_interval": "10", "update_end": "30"}, w),
+        "lrp_toy": lambda w: lrp_toy.run({**PINNED["lrp_toy"], "datasets": ["moons"], "num_train": 128,
+                                          "hidden": ["16", "16"], "training_steps": "3ep", "batch_size": 32,
+                                          "samples_per_class": ["1", "3"], "seeds": ["0:2"], "n_prune": 8,
+                                          "plot_n": 0}, w),
     }
     runs["imp-analyses"] = _imp_analyses
     out = {}

@@ -21,7 +21,7 @@ from flax.core import FrozenDict
 
 from experiments import settings
 from experiments.settings import setting
-from jaxprune import augment, checkpoint, data, graph, models, runs, train
+from jaxprune import augment, checkpoint, data, graph, masks, models, runs, train
 
 NORMALIZATIONS = ("none", "standardize", "unit")
 
@@ -441,6 +441,14 @@ MODEL_KWARGS = ("model_kwargs", "", "for --model=module.path:ClassName: a JSON o
                                     "arguments, e.g. '{\"hidden\": [300, 100]}' (JSON arrays become tuples)")
 # Flags added after workdirs were first written: an older config.json ran with their defaults.
 ADDED_LATER = {row[0]: row[1] for row in (WEIGHT_INIT, AUGMENT, POOL, PADDING, MODEL_KWARGS)}
+# Pruning flags of several experiments that are not training flags, each declared once (one default, one help;
+# the default is experiments.imp's): used through settings.row.
+USE_BIAS = ("use_bias", True, "dense layers with biases (mlp/lenet300)")
+SCOPE = ("scope", "global", "rank magnitudes across all pruned layers (global) or within each layer (layerwise)",
+         masks.SCOPES)
+PRUNE_OUTPUT = ("prune_output", False, "also prune the output layer's kernel (default: it stays dense)")
+EXCLUDE = ("exclude", [], "regexes of parameter paths never pruned, re.search-ed against paths like 'dense_0/kernel' "
+                          "('^dense_' prunes only the convolutions)")
 # The classifier-training flags, declared once with one default each: every experiment that trains an image
 # classifier (imp, oneshot, merge, sparse_train, filter_prune, head_prune; lrp_toy reuses the rows it has) takes
 # them from here and never redeclares them. The defaults are the front door's (experiments.imp: the embedded
@@ -449,7 +457,8 @@ ADDED_LATER = {row[0]: row[1] for row in (WEIGHT_INIT, AUGMENT, POOL, PADDING, M
 class TrainSettings:
     """The shared training flags, in flag order: the first fields of the classifier experiments' settings."""
 
-    dataset: str = setting("digits", "digits (embedded), mnist, fashion_mnist, or a TFDS name (e.g. cifar10)")
+    dataset: str = setting("digits", "digits (embedded), mnist, fashion_mnist, moons, circles, spiral (2-D toys), "
+                                     "or a TFDS name (e.g. cifar10)")
     data_dir: str = setting("", "data directory (default: $JAXPRUNE_DATA_DIR, else ~/tensorflow_datasets)")
     normalize: str = setting("none", "input scaling: [0,1] as loaded, train mean/std, or [-1,1]", NORMALIZATIONS)
     max_train_examples: int = setting(0, "keep only the first N training examples (0: all)")
@@ -474,6 +483,16 @@ class TrainSettings:
 
 
 TRAIN_SPEC = settings.spec(TrainSettings)
+
+
+def train_row(name: str) -> tuple:
+    """The flag row ``(name, default, help[, choices])`` of the :class:`TrainSettings` field ``name``, for an
+    experiment that takes some training flags without inheriting them all (``settings.row(train_row("lr"))``:
+    the same default and help)."""
+    rows = {row[0]: row for row in TRAIN_SPEC}
+    if name not in rows:
+        raise ValueError(f"{name!r}: not a TrainSettings flag (expected one of {', '.join(rows)})")
+    return rows[name]
 
 
 # ----------------------------------------------------------------------------------------------- models

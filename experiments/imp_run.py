@@ -14,52 +14,30 @@ import jax
 
 from experiments import common, settings
 from experiments.settings import setting
-from jaxprune import analysis, checkpoint, distributed, imp, masks, models, plots, replicas, runs, train
+from jaxprune import analysis, checkpoint, distributed, imp, models, plots, replicas, runs, train
 from jaxprune.runs import ANALYSES, instability_data_key, plot_analyses, replica_record  # noqa: F401 (their home)
 
 
 @dataclasses.dataclass(frozen=True)
-class ImpSettings:
-    """Every flag of ``experiments.imp``, in flag order (:func:`experiments.settings.spec`); the IMP settings, then
-    the per-level analyses (:data:`ANALYSIS_FLAGS`: not IMP settings, never in ``config.json``)."""
+class ImpSettings(common.TrainSettings):
+    """Every flag of ``experiments.imp``, in flag order (:func:`experiments.settings.spec`): the shared training
+    flags (:class:`experiments.common.TrainSettings`, never redeclared here), IMP's model and optimizer extras, the
+    IMP settings, then the per-level analyses (:data:`ANALYSIS_FLAGS`: not IMP settings, never in ``config.json``)."""
 
-    dataset: str = setting('digits', 'digits (embedded), mnist, fashion_mnist, moons, circles, spiral, or a TFDS name')
-    data_dir: str = setting('', 'data directory (default: $JAXPRUNE_DATA_DIR, else ~/tensorflow_datasets)')
-    normalize: str = setting('none', 'input scaling: [0,1] as loaded, train mean/std, or [-1,1]', common.NORMALIZATIONS)
-    max_train_examples: int = setting(0, 'keep only the first N training examples (0: all)')
-    max_test_examples: int = setting(0, 'keep only the first N test examples (0: all)')
-    model: str = setting('lenet300', 'mlp, lenet300, lenet5, conv2, conv4, conv6, vgg11, vgg16, '
-                                     'resnet20, resnet56, or module.path:ClassName (a model of your '
-                                     'own; see --model_kwargs)')
-    model_kwargs: str = settings.row(common.MODEL_KWARGS)
-    hidden: tuple[str, ...] = setting(['300', '100'], 'hidden widths for --model=mlp')
-    use_bias: bool = setting(True, 'dense layers with biases (mlp/lenet300)')
-    weight_init: str = settings.row(common.WEIGHT_INIT)
+    use_bias: bool = settings.row(common.USE_BIAS)
     pool: str = settings.row(common.POOL)
     padding: str = settings.row(common.PADDING)
-    optimizer: str = setting('sgd', 'optimizer', train.OPTIMIZERS)
-    lr: float = setting(0.1, 'base learning rate')
-    momentum: float = setting(0.9, 'momentum for momentum/nesterov')
-    weight_decay: float = setting(0.0, 'L2 weight decay (decoupled for adamw)')
     clip_grad_norm: float = setting(0.0, "clip the gradients' global L2 norm to this before each step (0: off)")
-    schedule: str = setting('constant', 'learning-rate schedule', train.SCHEDULES)
-    milestones: tuple[str, ...] = setting([], "step-schedule milestones, in steps ('500') or epochs ('80ep')")
-    gamma: float = setting(0.1, 'step-schedule factor')
     warmup: str = setting('0', "linear warm-up length, steps or epochs ('1ep')")
-    training_steps: str = setting('16ep', "training length per level, steps ('2000') or epochs ('16ep')")
-    batch_size: int = setting(128, 'training batch size')
-    augment: str = settings.row(common.AUGMENT)
     levels: int = setting(3, 'pruned levels after the dense level 0')
     prune_fraction: float = setting(0.2, 'fraction of the remaining prunable weights removed per level')
-    scope: str = setting('global', 'rank magnitudes across all layers or per layer', masks.SCOPES)
-    prune_output: bool = setting(False, "also prune the output layer's kernel")
+    scope: str = settings.row(common.SCOPE)
+    prune_output: bool = settings.row(common.PRUNE_OUTPUT)
     prune_biases: bool = setting(False, 'also prune the biases of the pruned layers, ranked with their weights')
     prune_embeddings: bool = setting(False, 'also prune embedding tables (weights are chosen by their '
                                             'role in the model: the kernels of dense, conv and '
                                             'attention projections)')
-    exclude: tuple[str, ...] = setting([], 'regexes of parameter paths never pruned, re.search-ed '
-                                           "against paths like 'dense_0/kernel' ('^dense_' prunes "
-                                           'only the convolutions)')
+    exclude: tuple[str, ...] = settings.row(common.EXCLUDE)
     rewind: str = setting('init', 'where each pruned level starts training', imp.REWINDS)
     rewind_step: str = setting('0', "for --rewind=step: steps ('500') or epochs ('1ep') into the dense run")
     finetune_lr: float | None = setting(None, 'for --rewind=finetune: the constant learning rate '
@@ -70,7 +48,6 @@ class ImpSettings:
                                             'control branches; several consecutive ones (0,1,2,3 or '
                                             '0:4) train as replicas of one vmapped program')
     workdir: str = setting('runs/imp', 'output directory (resumable)')
-    loop: str = setting('auto', 'epoch as lax.scan or a Python loop of jitted steps', ('auto', 'scan', 'python'))
     eval_every_epoch: bool = setting(False, 'evaluate on the test set after every epoch')
     replica_layout: str = setting('vmap', 'how replicas share the program (see jaxprune.replicas)', replicas.LAYOUTS)
     coordinator_address: str = settings.row(common.DISTRIBUTED_FLAGS[0])
@@ -95,7 +72,7 @@ VOLATILE = ("workdir", "levels", "eval_every_epoch", "replica_layout", "coordina
 DEFAULTS = common.defaults(SPEC)
 # older config.json files ran with these values
 ADDED_LATER = {**common.ADDED_LATER, "exclude": [], "clip_grad_norm": 0.0, "prune_biases": False, "finetune_lr": None,
-                "prune_embeddings": False}
+                "prune_embeddings": False, "vgg_cfg": []}  # vgg_cfg: from common.TrainSettings (issue 30)
 # Flag names of earlier releases (accepted with a deprecation warning until the next one): --seed=S
 # --num_replicas=K is --seeds=S,…,S+K-1.
 RENAMED = (common.Renamed((("seed", 0, "seed for initialisation, data order, dropout and control branches"),

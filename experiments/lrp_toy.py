@@ -1,9 +1,10 @@
 """Yeom et al.'s 2-D toy pruning experiment: ``python -m experiments.lrp_toy --flagfile=experiments/configs/X.cfg``.
 
-A 2-1000-1000-1000-C ReLU net (dropout 0.5 after the first layer) is trained once per dataset; then, for every
-number ``n`` of reference samples per class and every seed, ``n·C`` fresh samples are drawn, each criterion
-(weight, grad, taylor, lrp; :mod:`jaxprune.criteria`) scores the hidden units on them, the ``n_prune`` globally
-lowest-scoring units are physically removed (:func:`jaxprune.structured.remove_many`) and the network is
+A ReLU MLP (the configs': 2-1000-1000-1000-C, dropout 0.5 after the first layer, Adam 1e-3 for 30 epochs of
+batch 64; the bare training defaults are :class:`experiments.common.TrainSettings`') is trained once per dataset;
+then, for every number ``n`` of reference samples per class and every seed, ``n·C`` fresh samples are drawn, each
+criterion (weight, grad, taylor, lrp; :mod:`jaxprune.criteria`) scores the hidden units on them, the ``n_prune``
+globally lowest-scoring units are physically removed (:func:`jaxprune.structured.remove_many`) and the network is
 evaluated, without fine-tuning, on the training set and on a held-out set with extra Gaussian input noise.
 ``--model=module.path:ClassName`` (with ``--model_kwargs``) runs the same on a model of your own (2-D inputs,
 C logits; see :func:`experiments.common.build_user_model`). Networks are evaluated by their own ``apply``.

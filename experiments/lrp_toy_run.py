@@ -25,23 +25,26 @@ from jaxprune import (checkpoint, conventions, criteria, data, graph, lrp, model
 
 @dataclasses.dataclass(frozen=True)
 class LrpToySettings:
-    """Every flag of ``experiments.lrp_toy``, in flag order (:func:`experiments.settings.spec`)."""
+    """Every flag of ``experiments.lrp_toy``, in flag order (:func:`experiments.settings.spec`). Its training flags
+    are :class:`experiments.common.TrainSettings`' rows (one default and help each; the toy recipe, 2-1000-1000-1000
+    with Adam 1e-3 for 30 epochs of batch 64, is in ``configs/lrp_toy_*.cfg``); ``--model`` keeps its own vocabulary
+    (``mlp`` or a user model on 2-D inputs: no library image model applies), a documented exception."""
 
     datasets: tuple[str, ...] = setting(["moons", "circles", "spiral"], "toy datasets (moons, circles, spiral)")
     num_train: int = setting(0, "training points per dataset (0: 2000 moons/circles, 4000 spiral)")
     model: str = setting("mlp", "mlp (the ReLU net of --hidden, --dropout, --weight_init, --reference_bug), or "
                                 "module.path:ClassName (a model of your own on 2-D inputs; see --model_kwargs)")
     model_kwargs: str = settings.row(common.MODEL_KWARGS)
-    hidden: tuple[str, ...] = setting(["1000", "1000", "1000"], "hidden widths")
+    hidden: tuple[str, ...] = settings.row(common.train_row("hidden"))
     dropout: float = setting(0.5, "dropout rate after the first hidden layer")
     weight_init: str = settings.row(common.WEIGHT_INIT)
     reference_bug: bool = setting(False, "leave out the ReLU after the last hidden layer, as the reference network "
                                          "does")
-    optimizer: str = setting("adam", "optimizer", train.OPTIMIZERS)
-    lr: float = setting(1e-3, "learning rate")
-    momentum: float = setting(0.9, "momentum for momentum/nesterov")
-    training_steps: str = setting("30ep", "training length, steps ('2000') or epochs ('30ep')")
-    batch_size: int = setting(64, "training batch size")
+    optimizer: str = settings.row(common.train_row("optimizer"))
+    lr: float = settings.row(common.train_row("lr"))
+    momentum: float = settings.row(common.train_row("momentum"))
+    training_steps: str = settings.row(common.train_row("training_steps"))
+    batch_size: int = settings.row(common.train_row("batch_size"))
     model_seed: int = setting(0, "seed for the training data, initialisation, data order and dropout")
     criteria: tuple[str, ...] = setting(list(criteria.YEOM), "pruning criteria (names of jaxprune.criteria.CRITERIA "
                                                              "with scores)")

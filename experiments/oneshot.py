@@ -1,7 +1,8 @@
 """One-shot weight vs unit pruning without retraining.
 
-Train a network once per seed (default: the bias-free MLP 784-1000-1000-500-200-10 on MNIST, inputs in [-1, 1],
-Adam 1e-3, 3 epochs, batch 100), then evaluate the test accuracy at each sparsity ``k`` for
+Train a network once per seed (``configs/oneshot_mnist.cfg``: the bias-free MLP 784-1000-1000-500-200-10 on MNIST,
+inputs in [-1, 1], Adam 1e-3, 3 epochs, batch 100, layerwise ranking; the bare training defaults are
+:class:`experiments.common.TrainSettings`'), then evaluate the test accuracy at each sparsity ``k`` for
 
 * **weight** pruning: zero the ``ceil(k·n)`` smallest-|w| weights of every hidden kernel (layerwise), or of all
   hidden kernels ranked together (``--scope=global``);

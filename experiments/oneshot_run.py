@@ -16,41 +16,27 @@ from absl import logging
 
 from experiments import common, settings
 from experiments.settings import setting
-from jaxprune import checkpoint, conventions, criteria, masks, models, plots, structured, train, unit_criteria
+from jaxprune import augment, checkpoint, conventions, criteria, masks, models, plots, structured, train, unit_criteria
 
 METHODS = ("weight", "unit")
 _ON_KERNELS = ("vectors", "selection")  # criteria kinds scored from a layer's kernel (unit_criteria)
 
 
 @dataclasses.dataclass(frozen=True)
-class OneshotSettings:
-    """Every flag of ``experiments.oneshot``, in flag order (:func:`experiments.settings.spec`)."""
+class OneshotSettings(common.TrainSettings):
+    """Every flag of ``experiments.oneshot``, in flag order (:func:`experiments.settings.spec`): the shared training
+    flags (:class:`experiments.common.TrainSettings`, never redeclared here; the published recipe is
+    ``configs/oneshot_mnist.cfg``), then one-shot pruning's own."""
 
-    dataset: str = setting("digits", "digits (embedded), mnist, fashion_mnist, or a TFDS name")
-    data_dir: str = setting("", "data directory (default: $JAXPRUNE_DATA_DIR, else ~/tensorflow_datasets)")
-    normalize: str = setting("unit", "input scaling: [0,1] as loaded, train mean/std, or [-1,1]", common.NORMALIZATIONS)
-    max_train_examples: int = setting(0, "keep only the first N training examples (0: all)")
-    max_test_examples: int = setting(0, "keep only the first N test examples (0: all)")
-    model: str = setting("mlp", "mlp, lenet300, lenet5, conv2, conv4, conv6, vgg11, vgg16, resnet20, or "
-                                "module.path:ClassName (a model of your own; see --model_kwargs)")
-    model_kwargs: str = settings.row(common.MODEL_KWARGS)
-    hidden: tuple[str, ...] = setting(["1000", "1000", "500", "200"], "hidden widths for --model=mlp")
-    use_bias: bool = setting(False, "dense layers with biases (mlp/lenet300)")
-    weight_init: str = settings.row(common.WEIGHT_INIT)
-    optimizer: str = setting("adam", "optimizer", train.OPTIMIZERS)
-    lr: float = setting(0.001, "learning rate (constant)")
-    momentum: float = setting(0.9, "momentum for momentum/nesterov")
-    training_steps: str = setting("3ep", "training length, steps ('2000') or epochs ('3ep')")
-    batch_size: int = setting(100, "training batch size")
+    use_bias: bool = settings.row(common.USE_BIAS)
     sparsity: tuple[str, ...] = setting(["0", "0.25", "0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "0.97", "0.99"],
                                         "sparsities swept: fractions of each pruned layer's weights (or units) "
                                         "removed, in [0, 1]")
     methods: tuple[str, ...] = setting(["weight", "unit"], "pruning methods to evaluate: weight, unit")
-    scope: str = setting("layerwise", "rank within each layer or across all pruned layers", masks.SCOPES)
+    scope: str = settings.row(common.SCOPE)
     unit_criterion: str = setting("l2", "unit score for unit pruning", unit_criteria.Choices(_ON_KERNELS))
     seeds: tuple[str, ...] = setting(["0"], "seeds (initialisation and data order); several give mean ± std")
     workdir: str = setting("runs/oneshot", "output directory (finished seeds are skipped on rerun)")
-    loop: str = setting("auto", "epoch as lax.scan or a Python loop of jitted steps", ("auto", "scan", "python"))
 
 
 def live_spec(cls: type) -> list[tuple]:
@@ -62,6 +48,9 @@ def live_spec(cls: type) -> list[tuple]:
 
 SPEC = live_spec(OneshotSettings)
 DEFAULTS = common.defaults(SPEC)
+# Settings a seed's record (seed_<s>.json) made before oneshot took all of common.TrainSettings (issue 30) ran with.
+ADDED_LATER = {**common.ADDED_LATER, "vgg_cfg": [], "weight_decay": 0.0, "schedule": "constant", "milestones": [],
+               "gamma": 0.1}
 # Flag names of earlier releases (accepted with a deprecation warning until the next one).
 RENAMED = (common.Renamed((("sparsities", [], "sparsities in percent"),), "sparsity",
                           lambda v: [f"{float(p) / 100:g}" for p in v["sparsities"]], "fractions, not percent"),)
@@ -134,11 +123,11 @@ def _build(c: dict):
         if c["scope"] == "global":
             _check_global(c["unit_criterion"])
     _preflight(c, model, tr.images.shape, max(sparsities))
-    num_steps = train.parse_duration(c["training_steps"], train.steps_per_epoch(len(tr.labels), c["batch_size"]),
-                                     "training_steps")
+    spe = train.steps_per_epoch(len(tr.labels), c["batch_size"])
+    num_steps = train.parse_duration(c["training_steps"], spe, "training_steps")
     if num_steps < 1:
         raise ValueError(f"training_steps={c['training_steps']!r}: expected at least one step")
-    common.check_unused(c, common.training_unused(c, DEFAULTS, num_steps, 1))  # --momentum, --hidden
+    common.check_unused(c, common.training_unused(c, DEFAULTS, num_steps, spe))  # --momentum, --hidden, ...
     return tr, te, model, sparsities, seeds, num_steps
 
 
@@ -164,9 +153,9 @@ def run_seed(c: dict, seed: int, tr, te, model, sparsities: list[float], num_ste
     init_key, data_key, prune_key = jax.random.split(key, 3)
     x, y, xt, yt = train.to_device(tr.images, tr.labels, te.images, te.labels)
     variables = models.init(model, init_key, x.shape)
-    optim = common.optim_config(c)
+    optim = common.optim_config(c, train.steps_per_epoch(len(tr.labels), c["batch_size"]))
     tx = train.make_optimizer(optim, train.make_schedule(optim, num_steps))
-    trainer = train.make_trainer(model, tx)
+    trainer = train.make_trainer(model, tx, augment=augment.by_name(c["augment"]))
     result = train.run(trainer, train.create_state(variables, tx), x, y, batch_size=c["batch_size"],
                        num_steps=num_steps, data_key=data_key, loop=c["loop"], log_prefix=f"seed {seed}: ")
     trained = train.variables_of(result.state)
@@ -223,7 +212,7 @@ def run(config: OneshotSettings | dict, workdir: str | Path) -> dict:
                 done = {}
             have = set(done.get("accuracy", {})) >= set(c["methods"]) and all(
                 set(map(_key, sparsities)) <= set(done["accuracy"][m]) for m in c["methods"])
-            current, diff = common.stored_matches(done, same, legacy="config")  # "config": its older name
+            current, diff = common.stored_matches(done, same, ADDED_LATER, legacy="config")  # "config": older name
             if current and have:
                 logging.info("seed %d: finished earlier, skipped", seed)
                 per_seed.append(done)

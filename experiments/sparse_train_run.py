@@ -25,9 +25,8 @@ class SparseTrainSettings(common.TrainSettings):
     """Every flag of ``experiments.sparse_train``, in flag order (:func:`experiments.settings.spec`): the shared
     training flags (:class:`experiments.common.TrainSettings`), then sparse training's own."""
 
-    prune_output: bool = setting(False, "also prune the output layer (default: it stays dense, as in IMP)")
-    exclude: tuple[str, ...] = setting([], "regexes of parameter paths never pruned, re.search-ed against paths like "
-                                           "'conv_0/kernel'")
+    prune_output: bool = settings.row(common.PRUNE_OUTPUT)
+    exclude: tuple[str, ...] = settings.row(common.EXCLUDE)
     methods: tuple[str, ...] = setting(list(METHODS), f"any of {', '.join(METHODS)}")
     sparsity: tuple[str, ...] = setting(["0.9", "0.95", "0.98"], "target sparsities swept (fractions of the prunable "
                                                                  "weights removed)")

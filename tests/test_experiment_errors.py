@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MLP = dict(dataset="digits", model="mlp", hidden=["8"], training_steps="2", batch_size=32)
 VGG = dict(dataset="digits", model="vgg", vgg_cfg=["4", "M", "6"], normalize="none", training_steps="2",
            batch_size=32, max_rounds=1)
-TOY = dict(datasets=["moons"], hidden=["8", "8"], training_steps="2", n_prune=4, seeds=["0"],
-           samples_per_class=["1"], plot_n=1, criteria=["weight"])
+TOY = dict(datasets=["moons"], hidden=["8", "8"], optimizer="adam", lr=1e-3, training_steps="2", n_prune=4,
+           seeds=["0"], samples_per_class=["1"], plot_n=1, criteria=["weight"])
 
 
 @pytest.mark.parametrize("run,config,match", [
@@ -81,7 +81,8 @@ def test_negative_or_non_finite_durations_are_refused(spec):
 from experiments import oneshot  # noqa: E402
 from jaxprune import checkpoint, train  # noqa: E402
 
-ONESHOT = dict(dataset="digits", hidden=["8"], training_steps="2", batch_size=32, sparsity=["0.5"])
+ONESHOT = dict(dataset="digits", model="mlp", hidden=["8"], optimizer="adam", lr=1e-3, training_steps="2",
+               batch_size=32, sparsity=["0.5"])
 
 
 @pytest.mark.parametrize("run,config,match", [

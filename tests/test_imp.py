@@ -281,13 +281,14 @@ def test_other_settings_in_an_existing_workdir_are_refused(tmp_path, lottery):
 
 
 def test_workdirs_written_before_later_flags_still_resume(tmp_path, lottery):
-    """A config.json lacking settings added later (weight_init, augment, pool, exclude, finetune_lr) resumes with
-    their defaults; one written under the earlier flag names (seed, num_replicas) is read in the current ones."""
+    """A config.json lacking settings added later (weight_init, augment, pool, exclude, finetune_lr; vgg_cfg, which
+    imp took with common.TrainSettings in issue 30) resumes with their defaults; one written under the earlier flag
+    names (seed, num_replicas) is read in the current ones."""
     _, wd, *_ = lottery
     old = tmp_path / "old"
     shutil.copytree(wd, old)
     cfg = json.loads((old / "config.json").read_text())
-    for k in ("weight_init", "augment", "pool", "exclude", "finetune_lr", checkpoint.RECORD_SHA):
+    for k in ("weight_init", "augment", "pool", "exclude", "finetune_lr", "vgg_cfg", checkpoint.RECORD_SHA):
         cfg.pop(k)  # (an earlier release wrote no record checksum either)
     assert cfg.pop("seeds") == [3]
     cfg["seed"] = 3  # the earlier release's spelling (num_replicas absent: its default 1)

@@ -8,8 +8,10 @@ import pytest
 from experiments import common, lrp_toy, lrp_toy_run, settings
 from jaxprune import checkpoint, criteria, data, lrp, models, train
 
-TINY = {"datasets": ["moons", "spiral"], "num_train": 256, "hidden": ["24", "24", "24"], "training_steps": "4ep",
-        "batch_size": 32, "samples_per_class": ["1", "3"], "seeds": ["0:3"], "n_prune": 30, "plot_n": 3}
+# The training recipe is explicit (the configs' Adam 1e-3): the bare training defaults are common.TrainSettings'.
+TINY = {"datasets": ["moons", "spiral"], "num_train": 256, "hidden": ["24", "24", "24"], "optimizer": "adam",
+        "lr": 1e-3, "training_steps": "4ep", "batch_size": 32, "samples_per_class": ["1", "3"], "seeds": ["0:3"],
+        "n_prune": 30, "plot_n": 3}
 
 
 @pytest.mark.parametrize("bug", [False, True])
@@ -129,17 +131,20 @@ def test_config_is_validated(tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
-def test_the_flags_are_the_typed_config_with_the_old_names_defaults_and_choices(tmp_path):
-    """``LrpToySettings`` is the flag table: the names, order and defaults of the tuple SPEC it replaced (frozen
-    here), the shared rows' choices, and a typed config is refused or run exactly as its dict."""
+def test_the_flags_are_the_typed_config_with_the_old_names_and_the_shared_training_defaults(tmp_path):
+    """``LrpToySettings`` is the flag table: the names and order of the tuple SPEC it replaced (frozen here), its
+    training flags the rows of ``common.TrainSettings`` (issue 30: one default per flag; the toy recipe is in the
+    configs), the shared rows' choices, and a typed config is refused or run exactly as its dict."""
     old = {"datasets": ["moons", "circles", "spiral"], "num_train": 0, "model": "mlp", "model_kwargs": "",
-           "hidden": ["1000", "1000", "1000"], "dropout": 0.5, "weight_init": "he_normal", "reference_bug": False,
-           "optimizer": "adam", "lr": 1e-3, "momentum": 0.9, "training_steps": "30ep", "batch_size": 64,
+           "hidden": ["300", "100"], "dropout": 0.5, "weight_init": "he_normal", "reference_bug": False,
+           "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "training_steps": "16ep", "batch_size": 128,
            "model_seed": 0, "criteria": ["weight", "grad", "taylor", "lrp"], "composite": "zplus",
            "samples_per_class": ["1", "2", "5", "10", "20", "50", "100", "200"], "seeds": ["0:10"], "n_prune": 1000,
            "noise": 0.3, "plot_n": 5, "workdir": "runs/lrp_toy"}
     typed = settings.to_dict(lrp_toy.LrpToySettings())
     assert list(lrp_toy.DEFAULTS.items()) == list(old.items()) == list(typed.items())
+    shared = {"hidden", "optimizer", "lr", "momentum", "training_steps", "batch_size"}
+    assert [row for row in lrp_toy.SPEC if row[0] in shared] == [row for row in common.TRAIN_SPEC if row[0] in shared]
     choices = {row[0]: row[3] for row in lrp_toy.SPEC if len(row) > 3}
     assert choices == {"weight_init": common.WEIGHT_INIT[3], "optimizer": train.OPTIMIZERS,
                        "composite": tuple(lrp.composites.PRESETS)}

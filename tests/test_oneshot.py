@@ -11,8 +11,10 @@ from experiments import common, oneshot, oneshot_run
 from jaxprune import checkpoint, models
 
 MODEL = models.MLP((20, 12, 10), use_bias=False)
-BASE = dict(dataset="digits", model="mlp", hidden=["24", "12"], normalize="unit", training_steps="10ep",
-            batch_size=50, sparsity=["0", "0.5", "0.9"], seeds=["0"])
+# The recipe is explicit (oneshot_mnist.cfg's, smaller): the bare training defaults are common.TrainSettings'.
+BASE = dict(dataset="digits", model="mlp", hidden=["24", "12"], use_bias=False, normalize="unit", optimizer="adam",
+            lr=0.001, training_steps="10ep", batch_size=50, scope="layerwise", sparsity=["0", "0.5", "0.9"],
+            seeds=["0"])
 
 
 def _vars(seed=0):
@@ -96,6 +98,17 @@ def test_run_on_digits_and_skip_finished_seeds(tmp_path, monkeypatch):
     again = oneshot.run(BASE, tmp_path)
     assert checkpoint.read_json(tmp_path / "seed_0.json") == before and again["accuracy"] == res["accuracy"]
     assert len(seen) == 3  # the finished seed was not retrained nor re-pruned
+    # a seed record written before oneshot took every TrainSettings flag (issue 30) lacks them: it ran with their
+    # ADDED_LATER values, so it is still reused ...
+    old = checkpoint.read_record(tmp_path / "seed_0.json")
+    added = {"vgg_cfg", "weight_decay", "schedule", "milestones", "gamma", "augment"}
+    assert added <= set(old["settings"]) and added <= set(oneshot_run.ADDED_LATER)
+    old["settings"] = {k: v for k, v in old["settings"].items() if k not in added}
+    checkpoint.write_record(tmp_path / "seed_0.json", old, {"seed": 0})
+    assert oneshot.run(BASE, tmp_path)["accuracy"] == res["accuracy"] and len(seen) == 3
+    # ... unless the run asks for another value of one of them (then the seed is retrained)
+    oneshot.run({**BASE, "weight_decay": 1e-4, "sparsity": ["0.5"]}, tmp_path)
+    assert len(seen) == 4
 
 
 def test_bad_sparsity_is_refused(tmp_path):

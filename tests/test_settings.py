@@ -67,23 +67,21 @@ def test_one_optimizer_builder_reads_warmup_and_clipping_where_an_experiment_has
         common.optim_config({**c, "warmup": "soon"}, 10)
 
 
-def test_oneshot_flags_are_the_rows_of_the_tuple_spec_they_replace():
-    """The flag table of experiments.oneshot as its tuple SPEC wrote it (names, defaults, help, choices, order); the
-    unit criterion's choices stay the live registry names (a criterion registered later is a valid choice)."""
+def test_oneshot_flags_are_the_shared_training_rows_then_its_own():
+    """The flag table of experiments.oneshot: common.TrainSettings' rows (issue 30: one default per flag; the old
+    bare recipe, the bias-free 1000-1000-500-200 MLP with Adam 1e-3, is oneshot_mnist.cfg's), the shared pruning rows
+    (use_bias, scope: imp's defaults), then its own; the unit criterion's choices stay the live registry names (a
+    criterion registered later is a valid choice)."""
+    n = len(common.TRAIN_SPEC)
     rows = [(r[0], r[1], r[2]) + ((list(r[3]),) if len(r) > 3 else ()) for r in oneshot.SPEC]
-    assert [r[:2] for r in rows] == [
-        ("dataset", "digits"), ("data_dir", ""), ("normalize", "unit"), ("max_train_examples", 0),
-        ("max_test_examples", 0), ("model", "mlp"), common.MODEL_KWARGS[:2], ("hidden", ["1000", "1000", "500", "200"]),
-        ("use_bias", False), common.WEIGHT_INIT[:2], ("optimizer", "adam"), ("lr", 0.001), ("momentum", 0.9),
-        ("training_steps", "3ep"), ("batch_size", 100),
-        ("sparsity", ["0", "0.25", "0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "0.97", "0.99"]),
-        ("methods", ["weight", "unit"]), ("scope", "layerwise"), ("unit_criterion", "l2"), ("seeds", ["0"]),
-        ("workdir", "runs/oneshot"), ("loop", "auto")]
-    choices = {r[0]: r[3] for r in rows if len(r) > 3}
-    assert choices == {"normalize": list(common.NORMALIZATIONS), "weight_init": list(common.WEIGHT_INIT[3]),
-                       "optimizer": ["sgd", "momentum", "nesterov", "adam", "adamw"], "scope": ["global", "layerwise"],
-                       "unit_criterion": list(oneshot.SPEC[18][3]), "loop": ["auto", "scan", "python"]}
-    assert isinstance(oneshot.SPEC[18][3], unit_criteria.Choices)
+    assert rows[:n] == [(r[0], r[1], r[2]) + ((list(r[3]),) if len(r) > 3 else ()) for r in common.TRAIN_SPEC]
+    assert [r[:2] for r in rows[n:]] == [
+        common.USE_BIAS[:2], ("sparsity", ["0", "0.25", "0.5", "0.6", "0.7", "0.8", "0.9", "0.95", "0.97", "0.99"]),
+        ("methods", ["weight", "unit"]), common.SCOPE[:2], ("unit_criterion", "l2"), ("seeds", ["0"]),
+        ("workdir", "runs/oneshot")]
+    assert (common.USE_BIAS[:2], common.SCOPE[:2]) == (("use_bias", True), ("scope", "global"))  # imp's defaults
+    unit = oneshot.SPEC[[r[0] for r in rows].index("unit_criterion")]
+    assert isinstance(unit[3], unit_criteria.Choices)
     assert [r[:3] + tuple(tuple(x) for x in r[3:]) for r in oneshot.SPEC] == settings.spec(oneshot.OneshotSettings)
 
 
@@ -97,3 +95,87 @@ def test_lm_prune_flags_are_the_rows_of_the_tuple_spec_they_replace():
         ("wanda_group", "output"), ("seeds", ["0", "1", "2"]), ("sample_chars", 200), ("workdir", "runs/lm_prune")]
     assert {r[0]: r[3] for r in lm_prune.SPEC if len(r) > 3} == {"dataset": tuple(data.TEXTS),
                                                                  "wanda_group": ("output", "layer")}
+
+
+# ----------------------------------------------------------------------------------------------- one default per flag
+# Issue 30: a flag that means the same in several experiments is declared once (common.TrainSettings, a shared row of
+# common used through settings.row) and has ONE default and ONE help text everywhere; an experiment's own recipe
+# lives in its configs (experiments/configs/*.cfg). The experiments checked pairwise; filter_prune and head_prune
+# join once they inherit common.TrainSettings without overrides (the lead extends this tuple then).
+CHECKED = ("imp", "similarity", "oneshot", "lm_prune", "merge", "sparse_train", "lrp_toy")
+ALL = None  # an exception for every experiment
+# flag -> (the experiments whose row may differ from the others' (ALL: any), why). Nothing else may differ.
+EXCEPTIONS = {
+    "workdir": (ALL, "names the experiment: each writes to its own runs/<experiment> (similarity: beside its IMP run)"),
+    "seeds": (ALL, "experiment vocabularies: replicas of one program (imp), networks compared (merge, similarity), "
+                   "calibration draws (lm_prune), reference-sample draws (lrp_toy); defaults sized to each"),
+    "methods": (ALL, "experiment vocabularies: weight/unit, gradual/rigl/set/static, magnitude/wanda/sparsegpt"),
+    "criteria": (ALL, "experiment vocabularies: unit criteria on weights (merge) or with data (lrp_toy)"),
+    "sparsity": (ALL, "experiment vocabularies: the sweep each experiment plots (units or weights removed)"),
+    "dataset": (("lm_prune",), "the language model trains on a text corpus (data.TEXTS), not an image dataset"),
+    "lr": (("lm_prune",), "the GPT's AdamW recipe: peak learning rate of warm-up + cosine"),
+    "batch_size": (("lm_prune",), "the GPT's AdamW recipe: training windows per step"),
+    "weight_decay": (("lm_prune",), "the GPT's AdamW recipe: decoupled weight decay 0.1"),
+    "layers": (("similarity",), "representation names compared (similarity), not the layers merge merges"),
+    "model": (("lrp_toy",), "mlp or a user model on 2-D inputs: no library image model applies to the toys"),
+}
+
+
+def _rows(names=CHECKED) -> dict[str, dict[str, tuple]]:
+    import importlib
+
+    return {n: {row[0]: row for row in importlib.import_module(f"experiments.{n}").SPEC} for n in names}
+
+
+def _conflicts(rows: dict[str, dict[str, tuple]], exceptions: dict) -> list[str]:
+    """``"a/b flag: what differs"`` for every pair of experiments whose rows of a shared flag differ in default or
+    help and that no exception covers."""
+    import itertools
+
+    out = []
+    for a, b in itertools.combinations(sorted(rows), 2):
+        for name in sorted(set(rows[a]) & set(rows[b])):
+            ra, rb = rows[a][name], rows[b][name]
+            what = [w for w, i in (("default", 1), ("help", 2)) if ra[i] != rb[i]]
+            who = exceptions.get(name, ((),))[0]
+            if what and not (name in exceptions and (who is ALL or a in who or b in who)):
+                out.append(f"{a}/{b} {name}: {' and '.join(what)} differ ({ra[1]!r} vs {rb[1]!r})")
+    return out
+
+
+def test_a_flag_shared_by_two_experiments_has_one_default_and_help():
+    assert _conflicts(_rows(), EXCEPTIONS) == []
+
+
+def test_every_exception_is_needed():
+    """An exception that no pair of checked experiments uses any more is stale: remove it."""
+    rows = _rows()
+    stale = [name for name in EXCEPTIONS if not _conflicts(rows, {k: v for k, v in EXCEPTIONS.items() if k != name})]
+    assert stale == []
+
+
+def test_the_check_catches_a_redeclared_default_and_help():
+    @dataclasses.dataclass(frozen=True)
+    class Redeclares(common.TrainSettings):
+        pass
+
+    @dataclasses.dataclass(frozen=True)
+    class Other:
+        lr: float = setting(0.001, "learning rate")
+        hidden: tuple[str, ...] = setting(["300", "100"], "widths")
+
+    rows = {"a": {r[0]: r for r in settings.spec(Redeclares)}, "b": {r[0]: r for r in settings.spec(Other)}}
+    assert _conflicts(rows, EXCEPTIONS) == ["a/b hidden: help differ (['300', '100'] vs ['300', '100'])",
+                                            "a/b lr: default and help differ (0.1 vs 0.001)"]
+    assert _conflicts(rows, {**EXCEPTIONS, "lr": (("b",), "probe"), "hidden": (("b",), "probe")}) == []
+
+
+@pytest.mark.parametrize("name", ["imp", "oneshot", "merge", "sparse_train"])
+def test_the_classifier_experiments_inherit_the_training_settings_unchanged(name):
+    import importlib
+
+    cls = {"imp": imp.ImpSettings, "oneshot": oneshot.OneshotSettings}.get(name) or getattr(
+        importlib.import_module(f"experiments.{name}_run"), f"{''.join(p.title() for p in name.split('_'))}Settings")
+    assert issubclass(cls, common.TrainSettings)
+    spec = importlib.import_module(f"experiments.{name}").SPEC
+    assert [r[:3] for r in spec[:len(common.TRAIN_SPEC)]] == [r[:3] for r in common.TRAIN_SPEC]

@@ -197,8 +197,8 @@ def test_oneshot_prunes_units_and_weights_of_a_user_model(mymodels, tmp_path, mo
         return out
 
     monkeypatch.setattr(oneshot_run, "unit_pruned", spy)  # its home: run_seed calls it there
-    cfg = {"dataset": "digits", **USER, "normalize": "unit", "training_steps": "8ep", "batch_size": 50,
-           "sparsity": ["0", "0.5"], "seeds": ["0"]}
+    cfg = {"dataset": "digits", **USER, "normalize": "unit", "optimizer": "adam", "lr": 1e-3, "training_steps": "8ep",
+           "batch_size": 50, "scope": "layerwise", "sparsity": ["0", "0.5"], "seeds": ["0"]}
     res = oneshot.run(cfg, tmp_path)
     assert res["config"]["model"] == "mymodels:MyMLP" and res["config"]["model_kwargs"] == KWARGS
     _, te = _digits("unit")
@@ -292,7 +292,8 @@ def test_merge_on_a_user_model(mymodels, tmp_path):
 @pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_lrp_toy_on_a_user_model(mymodels, tmp_path):
     cfg = {"datasets": ["moons"], **USER, "model_kwargs": '{"hidden": [10, 6]}', "num_train": 128,
-           "training_steps": "3ep", "batch_size": 32, "samples_per_class": ["2"], "seeds": ["0:2"], "n_prune": 4,
+           "optimizer": "adam", "lr": 1e-3, "training_steps": "3ep", "batch_size": 32, "samples_per_class": ["2"],
+           "seeds": ["0:2"], "n_prune": 4,
            "criteria": ["weight", "lrp"], "plot_n": 2}
     res = lrp_toy.run(cfg, tmp_path)
     d = res["datasets"]["moons"]
