@@ -9,7 +9,7 @@ import shutil
 import jax
 import pytest
 
-from experiments import common, filter_prune
+from experiments import common, filter_prune, merge
 from jaxprune import checkpoint, models, runs, structured, train
 
 CFG = dict(dataset="digits", normalize="none", model="mlp", hidden=["12", "8"], layer_kind="dense",
@@ -98,3 +98,18 @@ def test_missing_moved_and_unfinished_rounds_are_named(run, tmp_path):
         runs.load_round(moved, 2, _model(), INPUT)
     with pytest.raises(ValueError, match=r"^seed_dir=.*elsewhere: expected a seed_<s> folder"):
         runs.load_round(tmp_path / "elsewhere", 1, _model(), INPUT)
+
+
+def test_merge_reads_a_merge_seed_folder_through_the_library(tmp_path):
+    """``--source_workdir`` = a merge seed folder: the network read back (:func:`jaxprune.runs.load_trained`) gives
+    the same evaluation as the run that trained it; a tampered checkpoint there is refused, naming it."""
+    cfg = dict(dataset="digits", model="mlp", hidden=["8"], optimizer="momentum", lr=0.05, training_steps="3",
+               batch_size=32, max_test_examples=100, sparsity=["0.5"], criteria=["l2"], seeds=["0"])
+    first = merge.run(cfg, tmp_path / "a")
+    again = merge.run({**cfg, "source_workdir": str(tmp_path / "a" / "seed_{seed}")}, tmp_path / "b")
+    assert again["summary"] == first["summary"]
+    model = common.build_model(merge._config(cfg), 10)
+    _tamper(tmp_path / "a" / "seed_0" / "checkpoint", models.init(model, jax.random.PRNGKey(0), INPUT))
+    ckpt = re.escape(str((tmp_path / "a" / "seed_0" / "checkpoint").absolute()))
+    with pytest.raises(ValueError, match=rf"^checkpoint {ckpt}: its contents do not match .*; retrain it"):
+        merge.run({**cfg, "source_workdir": str(tmp_path / "a" / "seed_{seed}")}, tmp_path / "c")
