@@ -185,8 +185,7 @@ def test_filter_prune_old_single_seed_workdir_is_adopted(tmp_path):
     into seed_<s>/ and resumed, not retrained."""
     base = dict(dataset="digits", model="vgg", vgg_cfg=["4", "M", "6"], normalize="none", optimizer="momentum",
                 lr=0.05, weight_decay=0.0, schedule="constant", milestones=[], training_steps="3", batch_size=64,
-                finetune_steps="2",
-                max_rounds=1, max_train_examples=256, max_test_examples=64)
+                finetune_steps="2", max_rounds=1, max_train_examples=256, max_test_examples=64)
     res = filter_prune.run({**base, "prune_fraction": 0.25, "seeds": ["1"]}, tmp_path)
     old = json.loads((tmp_path / "config.json").read_text())  # rewrite it as the earlier release wrote it
     old["fraction"] = old.pop("prune_fraction")
