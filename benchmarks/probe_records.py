@@ -33,9 +33,9 @@ IMP = dict(dataset="digits", model="mlp", hidden=["12"], optimizer="momentum", l
 MERGE = dict(dataset="digits", model="mlp", hidden=["16", "8"], normalize="none", lr=0.05, weight_decay=0.0,
              schedule="constant", milestones=[], training_steps="5", batch_size=32, sparsity=["0.5"],
              criteria=["l2"], seeds=["0", "1"])
-FILTER = dict(dataset="digits", model="vgg", vgg_cfg=["4", "M", "6"], normalize="none", lr=0.05, weight_decay=0.0,
-              schedule="constant", milestones=[], training_steps="3", batch_size=64, finetune_steps="2",
-              prune_fraction=0.25, max_rounds=1, max_train_examples=256, max_test_examples=64)
+FILTER = dict(dataset="digits", model="vgg", vgg_cfg=["4", "M", "6"], normalize="none", optimizer="momentum",
+              lr=0.05, weight_decay=0.0, schedule="constant", milestones=[], training_steps="3", batch_size=64,
+              finetune_steps="2", prune_fraction=0.25, max_rounds=1, max_train_examples=256, max_test_examples=64)
 LRP = {"datasets": ["moons"], "num_train": 64, "hidden": ["8", "8"], "training_steps": "3", "batch_size": 32,
        "samples_per_class": ["1"], "seeds": ["0"], "n_prune": 4, "plot_n": 1, "criteria": ["weight"]}
 ONESHOT = dict(dataset="digits", model="mlp", hidden=["12"], training_steps="3", batch_size=64,

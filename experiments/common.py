@@ -936,9 +936,7 @@ def train_network(c: dict, model, x_train, y_train, seed: int, out: Path, *,
     init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
     template = models.init(model, init_key, x_train.shape)
     if check_stored(out / "trained.json", settings, "a trained network", legacy_ok=legacy_ok):
-        hint = f"; delete {out} to train it again"
-        rec = checkpoint.read_record(out / "trained.json", expect={"seed": int(seed)}, hint=hint)
-        return checkpoint.restore_recorded(out / "checkpoint", template, rec, "sha256", hint=hint), rec
+        return runs.load_trained(out, template, seed=seed)
     if out.exists():  # a partial run: start over
         shutil.rmtree(out)
     spe = train.steps_per_epoch(len(y_train), c["batch_size"])

@@ -16,7 +16,7 @@ from absl import logging
 
 from experiments import common, settings
 from experiments.settings import setting
-from jaxprune import checkpoint, conventions, merging, models, plots, train, unit_criteria
+from jaxprune import checkpoint, conventions, merging, models, plots, runs, train, unit_criteria
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,9 +101,8 @@ def _load_source(c: dict, path: str, seed: int = 0) -> tuple[object, dict, objec
         x_train, x_test, y_test = train.to_device(tr.images, te.images, te.labels)
         template = models.init(model, jax.random.PRNGKey(0), x_test.shape)
         hint = f"; retrain it (delete {path} and run experiments.merge there again)"
-        rec = checkpoint.read_record(Path(path) / "trained.json", hint=hint)
-        return (model, checkpoint.restore_recorded(Path(path) / "checkpoint", template, rec, "sha256", hint),
-                x_train, x_test, y_test, {"source_workdir": path, **rec})
+        variables, rec = runs.load_trained(path, template, hint=hint)
+        return model, variables, x_train, x_test, y_test, {"source_workdir": path, **rec}
     built, variables, records = imp_experiment.load_levels(path, replica=_imp_source_replica(path, seed))
     return (built.model, variables[0], built.task.x_train, built.task.x_test, built.task.y_test,
             {"source_workdir": path, "seed": seed, "level_0": records[0]})

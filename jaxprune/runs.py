@@ -1,4 +1,5 @@
-"""IMP workdirs read back, and the per-level analyses of one (``analysis.json``), as library code.
+"""Experiment workdirs read back (IMP levels, filter-pruning rounds, trained networks), and the per-level analyses
+of an IMP workdir (``analysis.json``), as library code.
 
 An IMP workdir (:func:`jaxprune.imp.run`; ``experiments.imp`` writes one per run) holds ``level_k/`` checkpoints and
 records. Given the :class:`jaxprune.imp.Task` and :class:`jaxprune.imp.ImpConfig` it was trained with:
@@ -13,6 +14,18 @@ records. Given the :class:`jaxprune.imp.Task` and :class:`jaxprune.imp.ImpConfig
 * :func:`plot_analyses` — the ``analysis_*.png`` plots of an ``analysis.json`` dict;
 * :func:`representations` — a model's named representations ``{name: (n, …)}``, read from the model itself.
 
+A network trained once per seed (``experiments.common.train_network``, used by merge, filter_prune and sparse_train)
+is a folder of ``checkpoint/`` and ``trained.json`` (its record, written last, with the checkpoint's ``sha256``):
+
+* :func:`load_trained` — ``(variables, record)`` given a template tree, the checkpoint verified.
+
+A filter-pruning seed folder (``experiments.filter_prune``: ``seed_<s>/round_<r>/``, each a checkpoint and
+``round.json``, written last, with the round's ``widths``, ``heads`` and ``checkpoint_sha256``):
+
+* :func:`finished_rounds` — the rounds whose ``round.json`` exists;
+* :func:`load_round` — ``(shrunk model, variables, round record)`` of one round, given the unpruned model: the
+  shapes follow from the recorded widths, the values are the checkpoint's (verified).
+
 Replicas: the analyses read every tree stacked (a leading replica axis; one replica is a stack of one) and compute
 each replica on its own slice; ``analysis.json`` keeps its layout (for one replica the per-replica record itself).
 """
@@ -25,10 +38,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxprune import analysis, checkpoint, conventions, graph, imp, plots, replicas, train
+from jaxprune import analysis, checkpoint, conventions, graph, imp, models, plots, replicas, structured, train
 
 ANALYSES = ("similarity", "overlap", "instability")
 INSTABILITY_STREAM = 0x494E5354  # fold_in tag of the instability copies' data order ("INST")
@@ -62,6 +76,75 @@ def load_levels(workdir: str | Path, task: imp.Task, replica: int | None = None)
     if not variables:
         raise FileNotFoundError(f"workdir={workdir}: no finished level yet")
     return variables, records
+
+
+def load_trained(folder: str | Path, template: Any, *, seed: int | None = None,
+                 hint: str | None = None) -> tuple[Any, dict]:
+    """``(variables, record)`` of the network trained into ``folder`` (``trained.json`` + ``checkpoint/``).
+
+    ``template``: a tree of the variables' structure, shapes and dtypes (``models.init`` of the model). The
+    checkpoint must match the ``sha256`` its record holds (a changed checkpoint, or a record without one, is a
+    ValueError naming the file; a changed ``trained.json`` a :class:`jaxprune.checkpoint.RecordError`). ``seed``:
+    the record must be that seed's. ``hint``: appended to the errors (default: delete ``folder`` to retrain)."""
+    folder = Path(folder)
+    hint = f"; delete {folder} to train it again" if hint is None else hint
+    expect = None if seed is None else {"seed": int(seed)}
+    record = checkpoint.read_record(folder / "trained.json", expect=expect, hint=hint)
+    return checkpoint.restore_recorded(folder / "checkpoint", template, record, "sha256", hint=hint), record
+
+
+def round_hint(folder: str | Path) -> str:
+    """What to do about a damaged ``round_<r>/`` folder (appended to the errors of :func:`load_round`)."""
+    return f"; delete {folder} to redo that round (later rounds are then redone too)"
+
+
+def finished_rounds(seed_dir: str | Path) -> list[int]:
+    """The rounds ``r`` of a filter-pruning seed folder whose ``round_<r>/round.json`` (written last) exists,
+    ascending (an interrupted round, with no ``round.json``, is not listed)."""
+    folders = Path(seed_dir).glob("round_*")
+    return sorted(int(d.name[6:]) for d in folders if d.name[6:].isdigit() and (d / "round.json").is_file())
+
+
+def _folder_seed(seed_dir: Path) -> int:
+    """``s`` of a ``seed_<s>`` folder; a ValueError naming ``seed_dir`` otherwise."""
+    if not (seed_dir.name.startswith("seed_") and seed_dir.name[5:].lstrip("-").isdigit()):
+        raise ValueError(f"seed_dir={seed_dir}: expected a seed_<s> folder of a filter_prune workdir")
+    return int(seed_dir.name[5:])
+
+
+def shrunk_template(model: Any, record: Mapping, input_shape: tuple) -> tuple[Any, Any]:
+    """``(model, variables)`` of the widths a round record holds (``widths``: ``{layer: units}``, and ``heads``:
+    ``{group's first layer: heads}``), shrunk from ``model`` (unpruned, or any of its rounds: only the widths
+    count). Only the shapes matter: the values are the untrained ``models.init``'s (which heads are kept: l1's)."""
+    template = models.init(model, jax.random.PRNGKey(0), input_shape)
+    example = (1,) + tuple(input_shape[1:])
+    current = structured.widths(model, template, x=example)
+    keep = {layer: jnp.arange(w) for layer, w in record["widths"].items() if w != current[layer]}
+    heads = record.get("heads", {})
+    if heads:
+        now = structured.group_widths(model, template, [(first,) for first in heads], x=example)
+        shrink = {first: n for first, n in heads.items() if n != now[first]}
+        if shrink:
+            keep.update(structured.select_groups(model, template, shrink, "l1", x=example))
+    return structured.remove_many(model, template, keep, x=example)
+
+
+def load_round(seed_dir: str | Path, r: int, model: Any, input_shape: tuple) -> tuple[Any, Any, dict]:
+    """``(shrunk model, variables, record)`` of round ``r`` of a filter-pruning seed folder ``seed_<s>/``.
+
+    ``model``: the unpruned network (or any of its rounds'); ``input_shape``: ``(n, …)`` of its inputs. The record
+    is ``round_<r>/round.json`` as stored (``seed`` and ``checkpoint_sha256`` included); the variables are the
+    checkpoint's, verified against that sha256 (a record without one is refused: never restored unverified). A
+    missing, changed or foreign round is an error naming the file."""
+    seed_dir = Path(seed_dir)
+    d = seed_dir / f"round_{r}"
+    seed = _folder_seed(seed_dir)
+    if not (d / "round.json").is_file():
+        raise FileNotFoundError(f"round={r}: {d / 'round.json'} does not exist (finished rounds of {seed_dir}: "
+                                f"{finished_rounds(seed_dir)})")
+    record = checkpoint.read_record(d / "round.json", expect={"round": r, "seed": seed}, hint=round_hint(d))
+    model, template = shrunk_template(model, record, input_shape)
+    return model, checkpoint.restore_recorded(d / "checkpoint", template, record, hint=round_hint(d)), record
 
 
 def representations(model, variables: dict, x) -> dict:

@@ -183,9 +183,9 @@ def test_cli_old_seed_flags_warn_and_record_the_new_name(tmp_path):
 def test_filter_prune_old_single_seed_workdir_is_adopted(tmp_path):
     """A filter_prune workdir of the earlier release (config.json with seed/fraction, trained/ at the top) is moved
     into seed_<s>/ and resumed, not retrained."""
-    base = dict(dataset="digits", model="vgg", vgg_cfg=["4", "M", "6"], normalize="none", lr=0.05, weight_decay=0.0,
-                schedule="constant", milestones=[], training_steps="3", batch_size=64, finetune_steps="2",
-                max_rounds=1, max_train_examples=256, max_test_examples=64)
+    base = dict(dataset="digits", model="vgg", vgg_cfg=["4", "M", "6"], normalize="none", optimizer="momentum",
+                lr=0.05, weight_decay=0.0, schedule="constant", milestones=[], training_steps="3", batch_size=64,
+                finetune_steps="2", max_rounds=1, max_train_examples=256, max_test_examples=64)
     res = filter_prune.run({**base, "prune_fraction": 0.25, "seeds": ["1"]}, tmp_path)
     old = json.loads((tmp_path / "config.json").read_text())  # rewrite it as the earlier release wrote it
     old["fraction"] = old.pop("prune_fraction")
@@ -203,8 +203,9 @@ def test_filter_prune_old_single_seed_workdir_is_adopted(tmp_path):
 
 
 def test_filter_prune_two_seeds_mean_and_std(tmp_path):
-    base = dict(dataset="digits", model="vgg", vgg_cfg=["4", "M", "6"], normalize="none", lr=0.05, weight_decay=0.0,
-                schedule="constant", milestones=[], training_steps="3", batch_size=64, finetune_steps="2",
+    base = dict(dataset="digits", model="vgg", vgg_cfg=["4", "M", "6"], normalize="none", optimizer="momentum",
+                lr=0.05, weight_decay=0.0, schedule="constant", milestones=[], training_steps="3", batch_size=64,
+                finetune_steps="2",
                 max_rounds=1, max_train_examples=256, max_test_examples=64, prune_fraction=0.25)
     res = filter_prune.run({**base, "seeds": ["0", "1"]}, tmp_path)
     per = [json.loads((tmp_path / f"seed_{s}" / "results.json").read_text())["rounds"] for s in (0, 1)]

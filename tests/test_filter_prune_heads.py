@@ -12,6 +12,7 @@ import pytest
 
 from experiments import common, filter_prune
 from jaxprune import checkpoint, criteria, models, structured, train
+from jaxprune import runs as jaxprune_runs
 
 
 class Glimpse(nn.Module):
@@ -109,10 +110,8 @@ def test_heads_and_units_are_removed_per_round_with_closed_form_counts(tmp_path,
     runs, real_run = [], train.run
     monkeypatch.setattr(train, "run", lambda *a, **k: (runs.append(1), real_run(*a, **k))[1])
     assert filter_prune.run(cfg, tmp_path)["rounds"] == rounds and not runs
-    d = tmp_path / "seed_0" / "round_2"
-    rec = checkpoint.read_json(d / "round.json")
-    pruned = filter_prune.Pruned(("ffn_a",), (QKV,))
-    small, sv = filter_prune._restore_shrunk(model, rec, pruned, d, x.shape, rec["checkpoint_sha256"])
+    small, sv, rec = jaxprune_runs.load_round(tmp_path / "seed_0", 2, model, x.shape)
+    assert all(rec[k] == rounds[2][k] for k in ("round", "widths", "heads", "params", "accuracy_after_finetune"))
     assert (small.heads, small.ffn) == (1, 3) and sv["params"]["mix"]["out"]["kernel"].shape == (1, 2, 8)
     _, te = common.load_data("digits", "", "none", max_test=200)
     assert common.accuracy(small, sv, jnp.asarray(te.images), jnp.asarray(te.labels)) == rec["accuracy_after_finetune"]

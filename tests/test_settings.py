@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from experiments import common, imp, lm_prune, oneshot, settings, similarity
+from experiments import common, filter_prune, imp, lm_prune, oneshot, settings, similarity
 from experiments.settings import setting
 from jaxprune import data, unit_criteria
 
@@ -43,12 +43,29 @@ def test_unknown_settings_are_named():
 
 
 @pytest.mark.parametrize("exp,cls", [(imp, imp.ImpSettings), (similarity, similarity.SimilaritySettings),
-                                     (oneshot, oneshot.OneshotSettings), (lm_prune, lm_prune.LmPruneSettings)])
+                                     (oneshot, oneshot.OneshotSettings), (lm_prune, lm_prune.LmPruneSettings),
+                                     (filter_prune, filter_prune.FilterPruneSettings)])
 def test_the_experiments_defaults_are_their_typed_configs(exp, cls):
     assert settings.to_dict(cls()) == exp.DEFAULTS == common.defaults(exp.SPEC)
     assert [row[0] for row in exp.SPEC] == [f.name for f in dataclasses.fields(cls)]
     with pytest.raises(dataclasses.FrozenInstanceError):
         cls().workdir = "elsewhere"
+
+
+def test_filter_prune_inherits_the_shared_training_settings_and_keeps_its_own():
+    shared = [f.name for f in dataclasses.fields(common.TrainSettings)]
+    assert filter_prune.SPEC[:len(shared)] == common.TRAIN_SPEC  # inherited: neither redeclared nor overridden
+    assert [row[0] for row in filter_prune.SPEC[len(shared):]] == [
+        "finetune_steps", "finetune_lr", "criterion", "reference_examples", "prune_fraction", "max_pruned_fraction",
+        "max_rounds", "layer_kind", "prune_heads", "bn_recalibration_batches", "seeds", "workdir"]
+    own = {row[0]: row[1] for row in filter_prune.SPEC[len(shared):]}
+    assert (own["finetune_lr"], own["prune_fraction"], own["max_rounds"], own["seeds"]) == (0.01, 0.2, 4, ["0"])
+    choices = dict((row[0], row) for row in filter_prune.SPEC)["criterion"][3]
+    assert isinstance(choices, unit_criteria.Choices)  # live: a criterion registered later is a valid choice
+    assert isinstance(settings.spec(filter_prune.FilterPruneSettings)[len(shared) + 2][3], tuple)  # read once
+    typed = filter_prune.FilterPruneSettings(max_rounds=1, seeds=("2", "3"), hidden=("12",))
+    assert filter_prune._config(settings.as_config(typed)) == filter_prune._config(
+        {"max_rounds": 1, "seeds": ["2", "3"], "hidden": ["12"]})
 
 
 def test_a_typed_imp_config_is_stored_as_its_dict():

@@ -20,7 +20,7 @@ from conftest import REPO
 from experiments import common, filter_prune, lrp_toy, oneshot, oneshot_run
 from experiments import imp as imp_experiment
 from experiments import merge as merge_experiment
-from jaxprune import checkpoint, structured, train
+from jaxprune import checkpoint, runs, structured, train
 
 MODULE = '''
 from typing import Sequence
@@ -246,10 +246,7 @@ def test_filter_prune_physically_shrinks_a_user_model_through_its_width_field(my
     # and the plain class of those widths scores the recorded accuracy on the saved variables.
     _, te = _digits("unit")
     model = common.build_model(filter_prune._config(FILTER), 10)
-    r2 = tmp_path / "seed_0" / "round_2"
-    rec2 = checkpoint.read_record(r2 / "round.json")
-    small, v = filter_prune._restore_shrunk(model, rec2, filter_prune.Pruned(("fc1", "fc2")), r2, (1, 8, 8, 1),
-                                            rec2["checkpoint_sha256"])
+    small, v, _ = runs.load_round(tmp_path / "seed_0", 2, model, (1, 8, 8, 1))
     assert type(small).__name__ == "MyMLP" and small.hidden == (6, 4) and small.num_classes == 10
     assert _shapes(v) == {"fc1": (64, 6), "fc2": (6, 4), "head": (4, 10)}
     assert structured.widths(small, v) == {"fc1": 6, "fc2": 4}
