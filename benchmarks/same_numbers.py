@@ -9,9 +9,9 @@ them: run it once from each source tree (same venv) and compare the two JSON fil
 Entries: logits of structured removal, masking and neuron merging (both modes, both BN scales) and the MACs of
 ``count_flops`` on an MLP, a VGG, LeNet5 and a ResNet; the unit scores of the four criteria (weight, grad, taylor,
 lrp); and every number in the results of ``experiments.imp`` (two levels with a random-mask control),
-``oneshot``, ``filter_prune``, ``merge`` and ``sparse_train`` (gradual, rigl, static) on the embedded digits with a
-few training steps and of ``lrp_toy`` on moons (a 16-16 net, 3 epochs; timings and paths left out), and of an IMP
-run of two replicas with every per-level analysis followed by ``experiments.similarity``
+``oneshot``, ``filter_prune``, ``merge``, ``sparse_train`` (gradual, rigl, static) and ``head_prune`` (a tiny ViT)
+on the embedded digits with a few training steps and of ``lrp_toy`` on moons (a 16-16 net, 3 epochs; timings and
+paths left out), and of an IMP run of two replicas with every per-level analysis followed by ``experiments.similarity``
 (``imp-analyses``). ``--compare`` prints max |old − new| per entry and names entries only one side has.
 
 Each experiment's config starts from its defaults as they were at a30cbbb (``same_numbers_defaults.json``), so an
@@ -169,6 +169,7 @@ def experiment_numbers() -> dict:
                                           "samples_per_class": ["1", "3"], "seeds": ["0:2"], "n_prune": 8,
                                           "plot_n": 0}, w),
     }
+    runs["head_prune"] = _head_prune
     runs["imp-analyses"] = _imp_analyses
     out = {}
     for name, fn in runs.items():
@@ -179,6 +180,19 @@ def experiment_numbers() -> dict:
                 out[f"exp-{name}-refused"] = [zlib.crc32(str(e).splitlines()[0].encode())]
                 print(f"{name}: {str(e).splitlines()[0]}", file=sys.stderr)
     return out
+
+
+def _head_prune(w: str) -> dict:
+    """``experiments.head_prune`` on a ViT of 2 heads (4×4 patches of the 8×8 digits; 60 Adam steps: 43 % test
+    accuracy, so criteria differ): taylor (with its reference-size check) and weight at one fraction, with a 5-step
+    fine-tuning round."""
+    from experiments import head_prune
+    vit = '{"patch": 4, "width": 16, "depth": 1, "heads": 2, "mlp": 16}'
+    return head_prune.run({**PINNED["head_prune"], "dataset": "digits", "normalize": "none", "model":
+                           "jaxprune.models:ViT", "model_kwargs": vit, "lr": 0.01, "training_steps": "60",
+                           "batch_size": 32, "criteria": ["taylor", "weight"], "fractions": ["0.5"],
+                           "reference_examples": 8, "reference_sizes": ["2", "8"], "finetune_steps": "5",
+                           "seeds": ["0"]}, w)
 
 
 def _imp_analyses(w: str) -> dict:

@@ -53,6 +53,13 @@ class LMConfig:
                                 clip_grad_norm=self.clip_grad_norm)
         return train.make_optimizer(cfg, train.make_schedule(cfg, self.steps))
 
+    def finetune_optimizer(self, lr: float) -> optax.GradientTransformation:
+        """The fine-tuning round after pruning: AdamW at the constant ``lr`` (no warm-up, no decay) with this
+        recipe's weight decay and gradient clipping."""
+        cfg = train.OptimConfig(optimizer="adamw", lr=lr, weight_decay=self.weight_decay,
+                                clip_grad_norm=self.clip_grad_norm)
+        return train.make_optimizer(cfg, cfg.lr)
+
 
 def random_windows(ids: Array, key: Array, batch_size: int, context: int) -> tuple[Array, Array]:
     """``batch_size`` windows at uniform random starts: inputs ``(b, context)`` and targets (shifted by one)."""

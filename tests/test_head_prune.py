@@ -18,7 +18,8 @@ from jaxprune import structured, train
 
 KWARGS = '{"depth": 1, "heads": 2, "mlp": 8, "width": 8}'  # 7×7 patches: 16 + 1 tokens, 2 heads of 4 channels
 TINY = dict(dataset="mnist", max_train_examples=256, max_test_examples=128, model="jaxprune.models:ViT",
-            model_kwargs=KWARGS, training_steps="4", batch_size=32, finetune_steps="1", reference_examples=4,
+            model_kwargs=KWARGS, normalize="unit", optimizer="adam", lr=1e-3, schedule="cosine",  # the ViT recipe
+            training_steps="4", batch_size=32, finetune_steps="1", reference_examples=4,
             reference_sizes=["4"], fractions=["0.5"], seeds=["3"])  # size 4 shares the compiled scorers
 
 
@@ -202,3 +203,62 @@ def test_language_model_task_prunes_the_lm_prune_gpt(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=f"^{message}"):
             head_prune.run({**c, **change}, tmp_path / "refused")
         assert not (tmp_path / "refused").exists()
+
+
+def test_the_typed_config_inherits_the_shared_training_flags_unchanged():
+    """HeadPruneSettings = common.TrainSettings' fields (names and defaults, first, in order) + its own; a typed
+    config and its dict are the same run."""
+    import dataclasses
+
+    from experiments import common
+
+    shared = dataclasses.fields(common.TrainSettings)
+    fields = dataclasses.fields(head_prune.HeadPruneSettings)
+    assert [(f.name, f.default) for f in fields[:len(shared)]] == [(f.name, f.default) for f in shared]
+    assert head_prune.SPEC[:len(shared)] == common.TRAIN_SPEC
+    typed = head_prune.HeadPruneSettings(model="vit", fractions=("0.5",), seeds=("4", "5"))
+    assert head_prune._config(typed) == head_prune._config({"model": "vit", "fractions": ["0.5"], "seeds": ["4", "5"]})
+
+
+def test_the_bare_defaults_are_refused_in_one_line_naming_the_model(tmp_path):
+    """No flags: the shared defaults train LeNet-300-100 on digits, which has no attention heads to remove."""
+    with pytest.raises(ValueError, match=r"^model='lenet300' \(MLP\) has no attention heads to remove") as e:
+        head_prune.run({}, tmp_path / "w")
+    assert "\n" not in str(e.value) and "head_prune_vit_mnist.cfg" in str(e.value)
+    assert not (tmp_path / "w").exists()
+
+
+def test_the_lm_task_refuses_the_training_flags_it_does_not_read():
+    from experiments import common
+
+    for change in ({"lr": 0.5}, {"model": "vit"}, {"normalize": "unit"}, {"training_steps": "9"}):
+        with pytest.raises(common.UnusedFlag, match=rf"^{next(iter(change))}=.*: does nothing with --task=lm"):
+            head_prune._config({"task": "lm", **change})
+    assert head_prune._config({"task": "lm", "data_dir": "/texts"})["data_dir"] == "/texts"
+
+
+# the image-training settings of a --task=lm config.json as a30cbbb wrote them (head_prune's defaults then, unread)
+OLD_LM_TRAINING = dict(normalize="unit", max_train_examples=0, max_test_examples=0, model_kwargs="",
+                       hidden=["300", "100"], vgg_cfg=[], weight_init="he_normal", optimizer="adam", lr=0.001,
+                       momentum=0.9, weight_decay=0.0, schedule="cosine", milestones=[], gamma=0.1,
+                       training_steps="1000", batch_size=128, augment="none", loop="auto")
+
+
+def test_an_lm_run_identity_holds_only_what_it_reads_and_an_earlier_config_json_is_the_same_run(tmp_path):
+    from jaxprune import checkpoint
+
+    gpt = {"dataset": "tiny", "width": 8, "depth": 1, "heads": 2, "context": 8, "batch_size": 4}
+    c = head_prune._config({"task": "lm", "lm_workdir": "lm", "fractions": ["0.5"], "finetune_steps": "1"})
+    new = head_prune.lm_identity(c, gpt)
+    assert set(new) & set(head_prune.IMAGE_TRAINING) == {"dataset", "model"}
+    assert (new["dataset"], new["model"], new["lm_settings"]) == ("tiny", "gpt", gpt)
+    old = checkpoint.as_stored({k: v for k, v in {**new, **OLD_LM_TRAINING}.items() if k not in head_prune._VOLATILE})
+    checkpoint.write_record(tmp_path / "config.json", old)
+    assert head_prune.check_lm_run_config(tmp_path, c, gpt) == new  # accepted; the stored file is left as it was
+    assert checkpoint.read_record(tmp_path / "config.json") == old
+    for change, gpt_change, name in (({"finetune_lr": 1e-3}, {}, "finetune_lr"), ({}, {"width": 16}, "lm_settings")):
+        with pytest.raises(ValueError, match=f"holds a run with a different config.*{name}"):
+            head_prune.check_lm_run_config(tmp_path, {**c, **change}, {**gpt, **gpt_change})
+    fresh = tmp_path / "fresh"
+    head_prune.check_lm_run_config(fresh, c, gpt)
+    assert not set(checkpoint.read_record(fresh / "config.json")) & set(OLD_LM_TRAINING)

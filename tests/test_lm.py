@@ -54,6 +54,25 @@ def test_windows_targets_are_the_next_characters():
     np.testing.assert_array_equal(yv, xv + 1)
 
 
+def test_the_fine_tuning_optimizer_is_adamw_at_a_constant_rate_with_the_recipes_decay_and_clipping():
+    """Two steps against AdamW written out in float64 (Loshchilov & Hutter; Kingma & Ba's bias correction): the
+    first gradient's global norm 5 is clipped to the recipe's 1, the second (0.5) is not; the rate is the same at
+    both steps (no warm-up, no decay); the weight decay is decoupled (times the rate, not through the moments)."""
+    import optax
+
+    lr, wd, b1, b2, eps = 0.01, 0.25, 0.9, 0.999, 1e-8
+    tx = lm.LMConfig(weight_decay=wd, clip_grad_norm=1.0).finetune_optimizer(lr)
+    params = jnp.asarray([3.0, -1.0])
+    state, ref, m, v = tx.init(params), np.array([3.0, -1.0]), np.zeros(2), np.zeros(2)
+    for t, g in enumerate((np.array([3.0, 4.0]), np.array([0.3, -0.4])), 1):
+        updates, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
+        params = optax.apply_updates(params, updates)
+        g = g * min(1.0, 1.0 / np.linalg.norm(g))
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g ** 2
+        ref = ref - lr * (m / (1 - b1 ** t) / (np.sqrt(v / (1 - b2 ** t)) + eps) + wd * ref)
+        np.testing.assert_allclose(np.asarray(params, np.float64), ref, rtol=1e-6)
+
+
 @pytest.mark.slow  # >= 10 s on the 3.11 leg (BUILD-notes, "Session of 2026-12-06 (fourth)")
 def test_gpt_is_causal_and_generate_is_reproducible():
     model = models.GPT(11, context=8, width=16, depth=2, heads=4)

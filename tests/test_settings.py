@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from experiments import common, filter_prune, imp, lm_prune, oneshot, settings, similarity
+from experiments import common, filter_prune, head_prune, imp, lm_prune, oneshot, settings, similarity
 from experiments.settings import setting
 from jaxprune import data, unit_criteria
 
@@ -44,7 +44,8 @@ def test_unknown_settings_are_named():
 
 @pytest.mark.parametrize("exp,cls", [(imp, imp.ImpSettings), (similarity, similarity.SimilaritySettings),
                                      (oneshot, oneshot.OneshotSettings), (lm_prune, lm_prune.LmPruneSettings),
-                                     (filter_prune, filter_prune.FilterPruneSettings)])
+                                     (filter_prune, filter_prune.FilterPruneSettings),
+                                     (head_prune, head_prune.HeadPruneSettings)])
 def test_the_experiments_defaults_are_their_typed_configs(exp, cls):
     assert settings.to_dict(cls()) == exp.DEFAULTS == common.defaults(exp.SPEC)
     assert [row[0] for row in exp.SPEC] == [f.name for f in dataclasses.fields(cls)]
