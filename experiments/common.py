@@ -449,6 +449,18 @@ SCOPE = ("scope", "global", "rank magnitudes across all pruned layers (global) o
 PRUNE_OUTPUT = ("prune_output", False, "also prune the output layer's kernel (default: it stays dense)")
 EXCLUDE = ("exclude", [], "regexes of parameter paths never pruned, re.search-ed against paths like 'dense_0/kernel' "
                           "('^dense_' prunes only the convolutions)")
+PRUNE_FRACTION = ("prune_fraction", 0.2, "fraction of what remains removed per step: of the prunable weights per "
+                                         "level (imp), of each layer's filters per round (filter_prune)")
+FINETUNE_STEPS = ("finetune_steps", "1ep", "fine-tuning after each removal, steps ('200') or epochs ('1ep'); 0: none")
+FINETUNE_LR = ("finetune_lr", None, "constant learning rate of fine-tuning (imp: --rewind=finetune; filter_prune, "
+                                    "head_prune: after each removal); unset: the training schedule's final one, "
+                                    "refused when that is 0 (the end of --schedule=cosine)")
+REFERENCE_EXAMPLES = ("reference_examples", 256, "training examples the data-driven criteria (grad, taylor, lrp) are "
+                                                 "computed on")
+BN_RECALIBRATION = ("bn_recalibration_batches", 0, "re-estimate the BatchNorm statistics of every pruned network on "
+                                                   "this many training batches before it is tested or fine-tuned (0: "
+                                                   "keep the stale ones, as the reference code and merging's "
+                                                   "data-free setting)")
 # The classifier-training flags, declared once with one default each: every experiment that trains an image
 # classifier (imp, oneshot, merge, sparse_train, filter_prune, head_prune; lrp_toy reuses the rows it has) takes
 # them from here and never redeclares them. The defaults are the front door's (experiments.imp: the embedded
@@ -903,24 +915,53 @@ def check_stored(path: str | Path, settings: dict, what: str, *, added_later: Ma
     return True
 
 
-def optim_config(c: Mapping[str, Any], spe: int = 1, *, finetune: bool = False) -> train.OptimConfig:
+def optim_config(c: Mapping[str, Any], spe: int = 1, *, finetune: bool = False, steps: int = 0
+                 ) -> train.OptimConfig:
     """The optimizer of a config, built here for every experiment (``spe``: steps per epoch, for milestones and
     warm-up given in epochs): :class:`TrainSettings`' optimizer flags; ``--warmup`` and ``--clip_grad_norm`` where
     the experiment has them (experiments.imp; absent: off), and so for any optimizer flag an experiment lacks
     (absent: :class:`jaxprune.train.OptimConfig`'s default, i.e. off / constant).
 
     ``finetune=True``: the fine-tuning optimizer of the pruning experiments: the same optimizer, momentum, weight
-    decay and clipping at the constant ``--finetune_lr`` (no schedule, no warm-up)."""
+    decay and clipping at the constant ``--finetune_lr`` (no schedule, no warm-up); unset (None), the training
+    schedule's learning rate after its ``steps`` steps, as :class:`jaxprune.imp.ImpConfig` does (a ValueError naming
+    the flag when that is 0)."""
     base = train.OptimConfig()
     get = lambda name: c.get(name, getattr(base, name))  # noqa: E731
     if finetune:
-        return train.OptimConfig(optimizer=c["optimizer"], lr=float(c["finetune_lr"]), momentum=get("momentum"),
+        lr = c["finetune_lr"]
+        if lr is None:
+            lr = float(train.make_schedule(optim_config(c, spe), steps)(steps))
+            if lr <= 0:
+                raise ValueError(f"finetune_lr unset: fine-tuning would run at the final learning rate of "
+                                 f"--schedule={c.get('schedule', base.schedule)}, which is {lr}: no weight would "
+                                 "change; set --finetune_lr to a positive learning rate")
+        return train.OptimConfig(optimizer=c["optimizer"], lr=float(lr), momentum=get("momentum"),
                                  weight_decay=get("weight_decay"), clip_grad_norm=get("clip_grad_norm"))
     return train.OptimConfig(optimizer=c["optimizer"], lr=c["lr"], momentum=get("momentum"),
                              weight_decay=get("weight_decay"), schedule=get("schedule"),
                              milestones=tuple(train.parse_duration(m, spe, "milestones") for m in get("milestones")),
                              gamma=get("gamma"), warmup_steps=train.parse_duration(c.get("warmup", "0"), spe, "warmup"),
                              clip_grad_norm=get("clip_grad_norm"))
+
+
+def finetune_steps(c: Mapping[str, Any], num_train: int) -> int:
+    """``--finetune_steps`` in steps (epochs of ``num_train`` examples at ``--batch_size``; 0: no fine-tuning)."""
+    return train.parse_duration(c["finetune_steps"], train.steps_per_epoch(num_train, c["batch_size"]),
+                                "finetune_steps")
+
+
+def finetune_optim(c: Mapping[str, Any], num_train: int) -> train.OptimConfig:
+    """The fine-tuning optimizer of a network :func:`train_network` trained on ``num_train`` examples:
+    :func:`optim_config` ``(finetune=True)`` at the length of its training schedule."""
+    spe = train.steps_per_epoch(num_train, c["batch_size"])
+    return optim_config(c, spe, finetune=True, steps=train.parse_duration(c["training_steps"], spe, "training_steps"))
+
+
+def check_finetune_lr(value: Any) -> None:
+    """``--finetune_lr``: unset (None) or a positive finite learning rate (a ValueError naming the flag)."""
+    if value is not None:
+        check_range("finetune_lr", value, 0, low_open=True)
 
 
 def train_network(c: dict, model, x_train, y_train, seed: int, out: Path, *,

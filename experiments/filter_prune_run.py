@@ -27,20 +27,17 @@ class FilterPruneSettings(common.TrainSettings):
     """Every flag of ``experiments.filter_prune``, in flag order (:func:`experiments.settings.spec`): the shared
     training flags (:class:`experiments.common.TrainSettings`), then filter pruning's own."""
 
-    finetune_steps: str = setting("1ep", "fine-tuning per round, steps ('200') or epochs ('1ep')")
-    finetune_lr: float = setting(0.01, "constant learning rate of the fine-tuning optimizer")
+    finetune_steps: str = settings.row(common.FINETUNE_STEPS)
+    finetune_lr: float | None = settings.row(common.FINETUNE_LR)
     criterion: str = setting("l1", "filter score (a name of jaxprune.criteria.CRITERIA)", unit_criteria.Choices())
-    reference_examples: int = setting(256, "training examples the data-driven criteria (grad, taylor, lrp) are "
-                                           "computed on")
-    prune_fraction: float = setting(0.2, "fraction of each layer's current filters removed per round")
+    reference_examples: int = settings.row(common.REFERENCE_EXAMPLES)
+    prune_fraction: float = settings.row(common.PRUNE_FRACTION)
     max_pruned_fraction: float = setting(0.9, "no layer is pruned below (1 - this) of its original filters")
     max_rounds: int = setting(4, "number of prune → fine-tune rounds")
     layer_kind: str = setting("conv", "which layers are pruned", ("conv", "dense", "all"))
     prune_heads: bool = setting(False, "also remove attention heads: per attention, ceil(prune_fraction · current "
                                        "heads) a round, each head scored once across its query/key/value projections")
-    bn_recalibration_batches: int = setting(0, "after each removal, re-estimate BatchNorm statistics on this many "
-                                               "training batches before fine-tuning (0: keep the stale ones, as the "
-                                               "reference loop)")
+    bn_recalibration_batches: int = settings.row(common.BN_RECALIBRATION)
     seeds: tuple[str, ...] = setting(["0"], "one network per seed (initialisation, data order, random criterion); "
                                             "several give mean ± std")
     workdir: str = setting("runs/filter_prune", "output directory (resumable)")
@@ -66,7 +63,7 @@ def _config(config: dict) -> dict:
     entry = unit_criteria.get(c["criterion"])  # the one criterion table (a ValueError naming the flag)
     if not 0.0 < float(c["prune_fraction"]) < 1.0:
         raise ValueError(f"prune_fraction={c['prune_fraction']}: expected a fraction of filters per round in (0, 1)")
-    common.check_range("finetune_lr", c["finetune_lr"], 0, low_open=True)
+    common.check_finetune_lr(c["finetune_lr"])
     if not 0.0 < float(c["max_pruned_fraction"]) < 1.0:
         raise ValueError(f"max_pruned_fraction={c['max_pruned_fraction']}: expected a value in (0, 1)")
     if not (isinstance(c["max_rounds"], int) and c["max_rounds"] >= 0):
@@ -177,7 +174,8 @@ def run(config: FilterPruneSettings | dict, workdir: str | Path) -> dict:
                               c["max_test_examples"])
     model = common.build_model(c, tr.num_classes, input_shape=tr.images.shape, defaults=DEFAULTS)
     pruned = _pruned(c, model, (1,) + tuple(tr.images.shape[1:]))
-    _finetune_steps(c, len(tr.labels))
+    if common.finetune_steps(c, len(tr.labels)) > 0:  # an unset --finetune_lr after a schedule ending at 0: now
+        common.finetune_optim(c, len(tr.labels))
     common.check_training_unused(c, DEFAULTS, len(tr.labels))
     _preflight(c, model, pruned, tr.images, tr.labels)
     workdir.mkdir(parents=True, exist_ok=True)  # a refused model or flag leaves no workdir
@@ -193,12 +191,6 @@ def run(config: FilterPruneSettings | dict, workdir: str | Path) -> dict:
     for seed in c["seeds"]:
         per_seed[seed] = _run_seed(c, seed, model, pruned, data, workdir / f"seed_{seed}")
     return _write(workdir, {**c, "workdir": str(workdir)}, per_seed, f"{len(per_seed)} seed(s)")
-
-
-def _finetune_steps(c: dict, num_train: int) -> int:
-    """``--finetune_steps`` in steps (epochs of ``num_train`` examples; 0: no fine-tuning)."""
-    return train.parse_duration(c["finetune_steps"], train.steps_per_epoch(num_train, c["batch_size"]),
-                                "finetune_steps")
 
 
 def _stored_seed(workdir: Path) -> int | None:
@@ -249,7 +241,7 @@ def _run_seed(c: dict, seed: int, model, pruned: Pruned, data, workdir: Path) ->
     variables, trained = common.train_network(c, model, x, y, seed, workdir / "trained", legacy_ok=True)
     ref = np.random.default_rng(seed).permutation(len(y))[:c["reference_examples"]]
     s = _Seed(c, seed, pruned, data, (x[ref], y[ref]), pruned.widths(model, variables, example),
-              _finetune_steps(c, len(y)))
+              common.finetune_steps(c, len(y)))
     first = _measure(model, variables, xt, yt, x.shape)
     heads = pruned.head_counts(model, variables, example)
     rounds = [{"round": 0, **first, **({"heads": heads} if heads else {}), "accuracy_before_finetune":
@@ -319,8 +311,8 @@ def _prune_round(s: _Seed, r: int, model, variables, base: dict) -> tuple | None
                                                 num_batches=c["bn_recalibration_batches"],
                                                 key=jax.random.fold_in(key, 2))
         before["accuracy"] = common.accuracy(model, variables, xt, yt)
-    optim = common.optim_config(c, finetune=True)
-    tx = train.make_optimizer(optim, float(c["finetune_lr"]))
+    optim = common.finetune_optim(c, len(y))
+    tx = train.make_optimizer(optim, optim.lr)
     res = train.run(train.make_trainer(model, tx, augment=augment.by_name(c["augment"])),
                     train.create_state(variables, tx), x, y,
                     batch_size=c["batch_size"], num_steps=s.ft_steps, data_key=jax.random.fold_in(key, 1),

@@ -41,11 +41,9 @@ class HeadPruneSettings(common.TrainSettings):
                                ("l1", "l2"))
     fractions: tuple[str, ...] = setting(["0.25", "0.5", "0.75"], "fractions of the heads AND of the MLP units "
                                                                   "removed in every layer, in (0, 1)")
-    reference_examples: int = setting(256, "training examples the data-driven criteria (lrp, taylor, grad) are "
-                                           "computed on")
-    finetune_steps: str = setting("100", "one fine-tuning round after each removal, steps ('100') or epochs ('1ep'); "
-                                         "0: none")
-    finetune_lr: float = setting(3e-4, "constant learning rate of the fine-tuning round (the training --optimizer)")
+    reference_examples: int = settings.row(common.REFERENCE_EXAMPLES)
+    finetune_steps: str = settings.row(common.FINETUNE_STEPS)
+    finetune_lr: float | None = settings.row(common.FINETUNE_LR)
     reference_sizes: tuple[str, ...] = setting(["1", "4", "16", "64", "256"], "reference set sizes of the "
                                                "few-samples check (data-driven criteria, one shot, no fine-tuning); "
                                                "empty: skip it")
@@ -98,7 +96,7 @@ def _config(config: dict) -> dict:
         raise ValueError(f"lrp_composite={c['lrp_composite']!r}: expected one of {', '.join(COMPOSITES)}")
     if c["weight_norm"] not in ("l1", "l2"):
         raise ValueError(f"weight_norm={c['weight_norm']!r}: expected l1 or l2")
-    common.check_range("finetune_lr", c["finetune_lr"], 0, low_open=True)
+    common.check_finetune_lr(c["finetune_lr"])
     if c["task"] not in TASKS:
         raise ValueError(f"task={c['task']!r}: expected one of {', '.join(TASKS)}")
     if c["task"] == "classify":
@@ -109,6 +107,9 @@ def _config(config: dict) -> dict:
     if not str(c["finetune_steps"]).isdigit():
         raise ValueError(f"finetune_steps={c['finetune_steps']!r}: expected a number of steps with --task=lm (the "
                          "text has no epochs)")
+    if c["finetune_lr"] is None and int(c["finetune_steps"]) > 0:
+        raise ValueError("finetune_lr unset with --task=lm: the GPT's cosine schedule ends at 0, so fine-tuning at "
+                         "its final learning rate would change no weight; set --finetune_lr (e.g. 0.0005)")
     return c
 
 
@@ -230,8 +231,8 @@ def _finetune(c: dict, model, variables: dict, t: Task, key) -> dict:
     if t.lm is not None:
         return _finetune_lm(c, model, variables, t, key)
     x, y = t.data[:2]
-    steps = _finetune_steps(c, len(y))
-    optim = common.optim_config(c, finetune=True)
+    steps = common.finetune_steps(c, len(y))
+    optim = common.finetune_optim(c, len(y))
     tx, trainer = _finetuner(model, optim)
     res = train.run(trainer, train.create_state(variables, tx), x, y, batch_size=c["batch_size"], num_steps=steps,
                     data_key=key, loop=c["loop"])
@@ -252,12 +253,7 @@ def _finetune_lm(c: dict, model, variables: dict, t: Task, key) -> dict:
 
 
 def _cell_finetune_steps(c: dict, t: Task) -> int:
-    return int(c["finetune_steps"]) if t.lm is not None else _finetune_steps(c, len(t.data[1]))
-
-
-def _finetune_steps(c: dict, num_train: int) -> int:
-    return train.parse_duration(c["finetune_steps"], train.steps_per_epoch(num_train, c["batch_size"]),
-                                "finetune_steps")
+    return int(c["finetune_steps"]) if t.lm is not None else common.finetune_steps(c, len(t.data[1]))
 
 
 def oneshot_cell(c: dict, t: Task, crit: str, fraction: float, ref: tuple) -> dict:
@@ -359,7 +355,8 @@ def run(config: dict, workdir: str | Path) -> dict:
         raise ValueError(f"reference_examples/reference_sizes={largest}: expected at most the {len(tr.labels)} "
                          "training examples")
     model = common.build_model(c, tr.num_classes, input_shape=tr.images.shape, defaults=DEFAULTS)
-    _finetune_steps(c, len(tr.labels))
+    if common.finetune_steps(c, len(tr.labels)) > 0:  # an unset --finetune_lr after a schedule ending at 0: now
+        common.finetune_optim(c, len(tr.labels))
     common.check_training_unused(c, DEFAULTS, len(tr.labels))
     common.check_trained(c, c["seeds"], lambda s: workdir / f"seed_{s}" / "trained")
     _preflight(c, model, tr.images, tr.labels, _pending(c, workdir))

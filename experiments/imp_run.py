@@ -30,7 +30,7 @@ class ImpSettings(common.TrainSettings):
     clip_grad_norm: float = setting(0.0, "clip the gradients' global L2 norm to this before each step (0: off)")
     warmup: str = setting('0', "linear warm-up length, steps or epochs ('1ep')")
     levels: int = setting(3, 'pruned levels after the dense level 0')
-    prune_fraction: float = setting(0.2, 'fraction of the remaining prunable weights removed per level')
+    prune_fraction: float = settings.row(common.PRUNE_FRACTION)
     scope: str = settings.row(common.SCOPE)
     prune_output: bool = settings.row(common.PRUNE_OUTPUT)
     prune_biases: bool = setting(False, 'also prune the biases of the pruned layers, ranked with their weights')
@@ -40,9 +40,7 @@ class ImpSettings(common.TrainSettings):
     exclude: tuple[str, ...] = settings.row(common.EXCLUDE)
     rewind: str = setting('init', 'where each pruned level starts training', imp.REWINDS)
     rewind_step: str = setting('0', "for --rewind=step: steps ('500') or epochs ('1ep') into the dense run")
-    finetune_lr: float | None = setting(None, 'for --rewind=finetune: the constant learning rate '
-                                              "(unset: the schedule's final one, refused when 0 as at "
-                                              'the end of --schedule=cosine)')
+    finetune_lr: float | None = settings.row(common.FINETUNE_LR)
     branch: str = setting('none', 'control branch trained beside every pruned level', imp.BRANCHES)
     seeds: tuple[str, ...] = setting(['0'], 'seeds for initialisation, data order, dropout and '
                                             'control branches; several consecutive ones (0,1,2,3 or '

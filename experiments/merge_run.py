@@ -42,9 +42,7 @@ class MergeSettings(common.TrainSettings):
                             merging.BN_SCALES)
     scale: str = setting("norm", "merge scale: the paper's norm ratio, or the least-squares projection (cos × ratio)",
                          merging.SCALES)
-    bn_recalibration_batches: int = setting(0, "re-estimate the BatchNorm statistics of every pruned/merged network "
-                                               "on this many training batches before testing (0: off — the paper's "
-                                               "data-free setting)")
+    bn_recalibration_batches: int = settings.row(common.BN_RECALIBRATION)
     workdir: str = setting("runs/merge", "output directory (trained networks are reused on re-runs)")
 
 

@@ -19,7 +19,7 @@ from jaxprune import structured, train
 KWARGS = '{"depth": 1, "heads": 2, "mlp": 8, "width": 8}'  # 7×7 patches: 16 + 1 tokens, 2 heads of 4 channels
 TINY = dict(dataset="mnist", max_train_examples=256, max_test_examples=128, model="jaxprune.models:ViT",
             model_kwargs=KWARGS, normalize="unit", optimizer="adam", lr=1e-3, schedule="cosine",  # the ViT recipe
-            training_steps="4", batch_size=32, finetune_steps="1", reference_examples=4,
+            training_steps="4", batch_size=32, finetune_steps="1", finetune_lr=3e-4, reference_examples=4,
             reference_sizes=["4"], fractions=["0.5"], seeds=["3"])  # size 4 shares the compiled scorers
 
 
@@ -187,7 +187,7 @@ def test_language_model_task_prunes_the_lm_prune_gpt(tmp_path, monkeypatch):
     _, rec = lm_prune.dense_model(lm_cfg, tmp_path / "lm")
     c = {"task": "lm", "lm_workdir": str(tmp_path / "lm"), "data_dir": str(tmp_path), "criteria": ["lrp", "weight"],
          "fractions": ["0.5"], "reference_examples": 2, "reference_sizes": [], "finetune_steps": "1",
-         "seeds": ["0", "1"]}
+         "finetune_lr": 3e-4, "seeds": ["0", "1"]}
     res = head_prune.run(c, tmp_path / "w")
     assert res["groups"] == [["block_0_attn/q", "block_0_attn/k", "block_0_attn/v"], ["block_0_fc"]]
     assert res["dense"]["val_loss"]["mean"] == pytest.approx(rec["val_loss"], rel=1e-6)
@@ -228,13 +228,21 @@ def test_the_bare_defaults_are_refused_in_one_line_naming_the_model(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+LM_ROUND = {"finetune_steps": "25", "finetune_lr": 5e-4}  # the LM's fine-tuning round (the config's)
+
+
 def test_the_lm_task_refuses_the_training_flags_it_does_not_read():
     from experiments import common
 
     for change in ({"lr": 0.5}, {"model": "vit"}, {"normalize": "unit"}, {"training_steps": "9"}):
         with pytest.raises(common.UnusedFlag, match=rf"^{next(iter(change))}=.*: does nothing with --task=lm"):
-            head_prune._config({"task": "lm", **change})
-    assert head_prune._config({"task": "lm", "data_dir": "/texts"})["data_dir"] == "/texts"
+            head_prune._config({"task": "lm", **LM_ROUND, **change})
+    assert head_prune._config({"task": "lm", **LM_ROUND, "data_dir": "/texts"})["data_dir"] == "/texts"
+    # the LM round is counted in steps and has no schedule to end at: both named when left at the shared defaults
+    with pytest.raises(ValueError, match="finetune_steps='1ep': expected a number of steps"):
+        head_prune._config({"task": "lm", "finetune_lr": 3e-4})
+    with pytest.raises(ValueError, match="finetune_lr unset with --task=lm"):
+        head_prune._config({"task": "lm", "finetune_steps": "25"})
 
 
 # the image-training settings of a --task=lm config.json as a30cbbb wrote them (head_prune's defaults then, unread)
@@ -248,7 +256,8 @@ def test_an_lm_run_identity_holds_only_what_it_reads_and_an_earlier_config_json_
     from jaxprune import checkpoint
 
     gpt = {"dataset": "tiny", "width": 8, "depth": 1, "heads": 2, "context": 8, "batch_size": 4}
-    c = head_prune._config({"task": "lm", "lm_workdir": "lm", "fractions": ["0.5"], "finetune_steps": "1"})
+    c = head_prune._config({"task": "lm", "lm_workdir": "lm", "fractions": ["0.5"], "finetune_steps": "1",
+                            "finetune_lr": 3e-4})
     new = head_prune.lm_identity(c, gpt)
     assert set(new) & set(head_prune.IMAGE_TRAINING) == {"dataset", "model"}
     assert (new["dataset"], new["model"], new["lm_settings"]) == ("tiny", "gpt", gpt)

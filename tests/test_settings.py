@@ -7,7 +7,7 @@ import pytest
 
 from experiments import common, filter_prune, head_prune, imp, lm_prune, oneshot, settings, similarity
 from experiments.settings import setting
-from jaxprune import data, unit_criteria
+from jaxprune import data, train, unit_criteria
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +60,7 @@ def test_filter_prune_inherits_the_shared_training_settings_and_keeps_its_own():
         "finetune_steps", "finetune_lr", "criterion", "reference_examples", "prune_fraction", "max_pruned_fraction",
         "max_rounds", "layer_kind", "prune_heads", "bn_recalibration_batches", "seeds", "workdir"]
     own = {row[0]: row[1] for row in filter_prune.SPEC[len(shared):]}
-    assert (own["finetune_lr"], own["prune_fraction"], own["max_rounds"], own["seeds"]) == (0.01, 0.2, 4, ["0"])
+    assert (own["finetune_lr"], own["prune_fraction"], own["max_rounds"], own["seeds"]) == (None, 0.2, 4, ["0"])
     choices = dict((row[0], row) for row in filter_prune.SPEC)["criterion"][3]
     assert isinstance(choices, unit_criteria.Choices)  # live: a criterion registered later is a valid choice
     assert isinstance(settings.spec(filter_prune.FilterPruneSettings)[len(shared) + 2][3], tuple)  # read once
@@ -83,6 +83,21 @@ def test_one_optimizer_builder_reads_warmup_and_clipping_where_an_experiment_has
     assert common.optim_config(train_only, 10) == dataclasses.replace(optim, warmup_steps=0, clip_grad_norm=0.0)
     with pytest.raises(ValueError, match="warmup"):
         common.optim_config({**c, "warmup": "soon"}, 10)
+
+
+def test_an_unset_finetune_lr_is_the_training_schedules_final_one_as_in_imp():
+    """filter_prune/head_prune fine-tune at --finetune_lr; unset (the shared default, imp's), at the learning rate
+    the training schedule ends with: lr · gamma^(milestones passed) for a step schedule, refused at the end of a
+    cosine schedule (0: no weight would change)."""
+    c = {**imp.DEFAULTS, "optimizer": "momentum", "lr": 0.1, "schedule": "step", "milestones": ["2ep", "3ep"],
+         "gamma": 0.5, "training_steps": "4ep", "batch_size": 10, "weight_decay": 1e-4}
+    ft = common.finetune_optim(c, 100)  # 10 steps an epoch, 40 steps: both milestones passed
+    assert ft.lr == pytest.approx(0.1 * 0.5 ** 2)
+    assert ft == train.OptimConfig(optimizer="momentum", lr=ft.lr, momentum=0.9, weight_decay=1e-4)  # constant
+    assert common.finetune_optim({**c, "finetune_lr": 0.003}, 100).lr == 0.003
+    with pytest.raises(ValueError, match="finetune_lr unset.*cosine"):
+        common.finetune_optim({**c, "schedule": "cosine"}, 100)
+    assert common.finetune_steps({**c, "finetune_steps": "2ep"}, 100) == 20
 
 
 def test_oneshot_flags_are_the_shared_training_rows_then_its_own():
@@ -120,7 +135,7 @@ def test_lm_prune_flags_are_the_rows_of_the_tuple_spec_they_replace():
 # common used through settings.row) and has ONE default and ONE help text everywhere; an experiment's own recipe
 # lives in its configs (experiments/configs/*.cfg). The experiments checked pairwise; filter_prune and head_prune
 # join once they inherit common.TrainSettings without overrides (the lead extends this tuple then).
-CHECKED = ("imp", "similarity", "oneshot", "lm_prune", "merge", "sparse_train", "lrp_toy")
+CHECKED = ("imp", "similarity", "oneshot", "lm_prune", "merge", "sparse_train", "lrp_toy", "filter_prune", "head_prune")
 ALL = None  # an exception for every experiment
 # flag -> (the experiments whose row may differ from the others' (ALL: any), why). Nothing else may differ.
 EXCEPTIONS = {
