@@ -43,7 +43,7 @@ class FilterPruneSettings(common.TrainSettings):
     workdir: str = setting("runs/filter_prune", "output directory (resumable)")
 
 
-SPEC = settings.spec(FilterPruneSettings, live=True)
+SPEC = settings.spec(FilterPruneSettings)
 DEFAULTS = common.defaults(SPEC)
 # a finished run can be extended by more rounds or seeds (each seed_<s>/trained.json records its own seed)
 _VOLATILE = ("workdir", "max_rounds", "seeds")

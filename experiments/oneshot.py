@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from experiments import common
 from experiments.oneshot_run import (  # noqa: F401 (the experiment's API, importable from here as before)
-    DEFAULTS, METHODS, RENAMED, SPEC, OneshotSettings, format_table, live_spec, report, run, run_seed, summarize,
+    DEFAULTS, METHODS, RENAMED, SPEC, OneshotSettings, format_table, report, run, run_seed, summarize,
     unit_pruned, weight_pruned, _check_global, _key)
 
 

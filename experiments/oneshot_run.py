@@ -39,14 +39,7 @@ class OneshotSettings(common.TrainSettings):
     workdir: str = setting("runs/oneshot", "output directory (finished seeds are skipped on rerun)")
 
 
-def live_spec(cls: type) -> list[tuple]:
-    """:func:`experiments.settings.spec` of ``cls``, a field's :class:`jaxprune.unit_criteria.Choices` kept as
-    given (``settings.spec`` makes a tuple of it at import): a criterion registered later is still a valid choice."""
-    return [row[:3] + (f.metadata["choices"],) if isinstance(f.metadata["choices"], unit_criteria.Choices) else row
-            for row, f in zip(settings.spec(cls), dataclasses.fields(cls))]
-
-
-SPEC = live_spec(OneshotSettings)
+SPEC = settings.spec(OneshotSettings)
 DEFAULTS = common.defaults(SPEC)
 # Settings a seed's record (seed_<s>.json) made before oneshot took all of common.TrainSettings (issue 30) ran with.
 ADDED_LATER = {**common.ADDED_LATER, "vgg_cfg": [], "weight_decay": 0.0, "schedule": "constant", "milestones": [],

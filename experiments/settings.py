@@ -36,18 +36,18 @@ def row(flag: tuple) -> Any:
     return setting(*flag[1:], name=flag[0])
 
 
-def spec(cls: type, *, live: bool = False) -> list[tuple]:
+def spec(cls: type) -> list[tuple]:
     """The flag table of the config dataclass ``cls``: ``(name, default, help[, choices])`` per field, in order
-    (tuple defaults as lists, as the flags hold them). Choices become a tuple, read once; ``live=True`` keeps
-    choices that are not a list or tuple as given (e.g. :class:`jaxprune.unit_criteria.Choices`, read at each use:
-    a criterion registered later is still a valid choice)."""
+    (tuple defaults as lists, as the flags hold them). Listed choices become a tuple; other choices are kept as
+    given (e.g. :class:`jaxprune.unit_criteria.Choices`, read at each use: a criterion registered later is still a
+    valid choice)."""
     rows = []
     for f in dataclasses.fields(cls):
         if f.metadata.get("name", f.name) != f.name:
             raise ValueError(f"{cls.__name__}.{f.name}: declared from the flag row {f.metadata['name']!r}")
         default = list(f.default) if isinstance(f.default, tuple) else f.default
         choices = f.metadata.get("choices")
-        if choices is not None and not (live and not isinstance(choices, (list, tuple))):
+        if isinstance(choices, (list, tuple)):
             choices = tuple(choices)
         rows.append((f.name, default, f.metadata["help"]) + (() if choices is None else (choices,)))
     return rows

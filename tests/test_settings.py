@@ -63,7 +63,6 @@ def test_filter_prune_inherits_the_shared_training_settings_and_keeps_its_own():
     assert (own["finetune_lr"], own["prune_fraction"], own["max_rounds"], own["seeds"]) == (None, 0.2, 4, ["0"])
     choices = dict((row[0], row) for row in filter_prune.SPEC)["criterion"][3]
     assert isinstance(choices, unit_criteria.Choices)  # live: a criterion registered later is a valid choice
-    assert isinstance(settings.spec(filter_prune.FilterPruneSettings)[len(shared) + 2][3], tuple)  # read once
     typed = filter_prune.FilterPruneSettings(max_rounds=1, seeds=("2", "3"), hidden=("12",))
     assert filter_prune._config(settings.as_config(typed)) == filter_prune._config(
         {"max_rounds": 1, "seeds": ["2", "3"], "hidden": ["12"]})
@@ -115,7 +114,7 @@ def test_oneshot_flags_are_the_shared_training_rows_then_its_own():
     assert (common.USE_BIAS[:2], common.SCOPE[:2]) == (("use_bias", True), ("scope", "global"))  # imp's defaults
     unit = oneshot.SPEC[[r[0] for r in rows].index("unit_criterion")]
     assert isinstance(unit[3], unit_criteria.Choices)
-    assert [r[:3] + tuple(tuple(x) for x in r[3:]) for r in oneshot.SPEC] == settings.spec(oneshot.OneshotSettings)
+    assert oneshot.SPEC == settings.spec(oneshot.OneshotSettings)  # listed choices as tuples, the registry's live
 
 
 def test_lm_prune_flags_are_the_rows_of_the_tuple_spec_they_replace():
